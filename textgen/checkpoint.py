@@ -1,0 +1,211 @@
+"""All checkpoint I/O: the one module that calls torch.save and torch.load.
+
+A checkpoint is one file holding a plain dict of tensors, numbers, strings,
+lists and dicts (so it loads with ``torch.load(weights_only=True)``, which
+never runs code from the file):
+
+    format, version          "textgen", FORMAT_VERSION
+    model_config             asdict(ModelConfig): the only description of the architecture
+    train_config             asdict(TrainConfig)
+    vocab                    {"chars": the vocabulary in id order}
+    model, optimizer         state dicts
+    step, plan               steps done; total steps the schedule is planned over
+    loader                   {"train": {...}, "val": {...}} positions
+    carried_state            [[h, c], ...] per layer, the state each training stream ended in
+    rng                      torch (cpu and cuda), numpy and Python generator states
+    history                  logged metrics, one dict per log line
+    best_val_loss, elapsed, corpus, created
+
+A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
+``step-0001234.pt`` (hard links to what latest.pt was when written, so
+keeping them costs no extra disk) and ``best.pt``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import zipfile
+from dataclasses import fields
+
+import torch
+
+from .errors import UsageError
+from .model import CharLSTM, ModelConfig
+from .tokenizer import CharTokenizer
+
+FORMAT = "textgen"
+FORMAT_VERSION = 1
+LATEST, BEST = "latest.pt", "best.pt"
+
+
+class DiskFullError(OSError):
+    """Writing a checkpoint ran out of space; the previous checkpoint is intact."""
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_save(payload: dict, path: str) -> None:
+    """Write payload to path so that a crash at any moment leaves the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f"disk full while writing {path}; the previous checkpoint is intact") from None
+        raise
+    _fsync_dir(folder)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Make dst the same file as src, replacing dst atomically."""
+    tmp = dst + ".link-tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links on this filesystem: copy instead
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def step_filename(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def save_run_checkpoint(payload: dict, run_dir: str, keep: int, is_best: bool) -> str:
+    """Write latest.pt, keep the last `keep` step files and, if is_best, best.pt."""
+    latest = os.path.join(run_dir, LATEST)
+    atomic_save(payload, latest)
+    if keep > 0:
+        _link_or_copy(latest, os.path.join(run_dir, step_filename(payload["step"])))
+        steps = sorted(f for f in os.listdir(run_dir) if f.startswith("step-") and f.endswith(".pt"))
+        for old in steps[:-keep]:
+            os.unlink(os.path.join(run_dir, old))
+    if is_best:
+        _link_or_copy(latest, os.path.join(run_dir, BEST))
+    _fsync_dir(run_dir)
+    return latest
+
+
+def resolve(path: str, prefer_best: bool) -> str:
+    """A checkpoint file from a file or a run folder (best.pt or latest.pt first, as asked)."""
+    if os.path.isdir(path):
+        order = (BEST, LATEST) if prefer_best else (LATEST, BEST)
+        for name in order:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise UsageError(f"{path} holds no {LATEST} or {BEST}; is it a textgen run folder?")
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def latest_run(root: str = "checkpoints") -> str:
+    """The most recently written run folder under root."""
+    runs = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            for ckpt in (LATEST, BEST):
+                p = os.path.join(root, name, ckpt)
+                if os.path.isfile(p):
+                    runs.append((os.path.getmtime(p), os.path.join(root, name)))
+    if not runs:
+        raise UsageError(f"no trained run found under {root}/; train one with `python train.py` or pass --checkpoint")
+    return max(runs)[1]
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Load and check a checkpoint file; every way it can be wrong is a UsageError."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder; pass a checkpoint file or use resolve()")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            raise UsageError(
+                f"{path} was refused: it contains Python objects that could run code when loaded, "
+                f"which textgen checkpoints never do"
+            ) from None
+        raise UsageError(f"{path} is corrupt or not a textgen checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic.startswith(b"PK"):
+            raise UsageError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+        raise UsageError(f"{path} is not a textgen checkpoint (not a PyTorch file)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"{path} is a PyTorch file but not a textgen checkpoint")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UsageError(
+            f"{path} was written by a newer textgen (checkpoint format {version}; this version reads "
+            f"up to {FORMAT_VERSION}); upgrade textgen to use it"
+        )
+    for key in ("model_config", "vocab", "model", "step"):
+        if key not in ckpt:
+            raise UsageError(f"{path} is an incomplete textgen checkpoint (no {key!r})")
+    return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def model_config_of(ckpt: dict) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    # Unknown keys (from a later minor version) are ignored so old code reads new files;
+    # missing keys fall back to the dataclass defaults so new code reads old files.
+    return ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+
+
+def build_model(ckpt: dict, path: str = "checkpoint") -> tuple[CharLSTM, CharTokenizer]:
+    """The model and tokenizer a checkpoint describes, weights loaded (on the CPU)."""
+    try:
+        config = model_config_of(ckpt)
+        tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
+        model = CharLSTM(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"{path} has an invalid model configuration: {_first_line(e)}") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UsageError(f"{path}: its vocabulary has {tokenizer.vocab_size} characters but its config says {config.vocab_size}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: its tensors do not match its model config ({_first_line(e)})") from None
+    return model, tokenizer
+
+
+def load_model(path: str, prefer_best: bool = True, device="cpu") -> tuple[CharLSTM, CharTokenizer, dict]:
+    """Resolve, load and build in one call: what generate, evaluate and the API use."""
+    file = resolve(path, prefer_best=prefer_best)
+    ckpt = load(file)
+    model, tokenizer = build_model(ckpt, file)
+    model.to(device).eval()
+    return model, tokenizer, ckpt

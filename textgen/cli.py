@@ -1,0 +1,297 @@
+"""Command-line entry points: parse flags, check them, call the package.
+
+Every user mistake ends as one sentence on stderr and exit code 2
+(``UsageError``); a run stopped for a reason (divergence, full disk) exits 1.
+The same flag names mean the same thing in every command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import fields
+
+from . import __version__
+from .errors import UsageError
+from .tokenizer import UnknownCharactersError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '1h30m' or plain seconds -> seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or not parts or not any(parts.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 90s, 15m, 2h or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations the user actually set on the command line (not left at their default)."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"textgen {__version__}")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+
+
+def run_main(main, argv) -> int:
+    """Run a command; turn user errors into one sentence and an exit code."""
+    from .training import StopTraining
+    try:
+        return main(argv) or 0
+    except (UsageError, UnknownCharactersError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StopTraining as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+
+def train_parser() -> argparse.ArgumentParser:
+    from .model import ModelConfig
+    from .training import TrainConfig
+    m, t = ModelConfig(vocab_size=1), TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=_Formatter,
+        description="Train a character-level LSTM on a UTF-8 text file.",
+        epilog="examples:\n  python train.py                      # the embedded default corpus\n"
+               "  python train.py my.txt --time 15m     # your file, for 15 minutes\n"
+               "  python train.py --resume checkpoints/my-20260101-120000")
+    p.add_argument("text", nargs="?", default=None, metavar="TEXT_FILE",
+                   help="UTF-8 text to train on (default: the embedded corpus in corpora/)")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden-size", type=int, default=m.hidden_size, help="LSTM units per layer")
+    g.add_argument("--layers", type=int, default=m.layers, help="stacked LSTM layers")
+    g.add_argument("--embed-size", type=int, default=m.embed_size, help="character embedding size")
+    g.add_argument("--dropout", type=float, default=m.dropout, help="dropout between layers and before the output")
+    g = p.add_argument_group("data")
+    g.add_argument("--batch-size", type=int, default=t.batch_size, help="parallel streams read side by side")
+    g.add_argument("--seq-len", type=int, default=t.seq_len, help="chunk length in characters (backprop window)")
+    g.add_argument("--val-fraction", type=float, default=t.val_fraction, help="tail of the file kept for validation")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=t.lr, help="peak AdamW learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio, help="final lr as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="clip the gradient norm to this")
+    g.add_argument("--steps", type=int, default=t.steps, help="optimizer steps (ignored with --time)")
+    g.add_argument("--time", type=parse_duration, default=None, dest="time_budget",
+                   help="train for this long (90s, 15m, 2h) with the schedule planned over it")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=t.eval_every, help="validate and print a sample every N steps")
+    g.add_argument("--save-every", type=int, default=t.save_every, help="write latest.pt every N steps")
+    g.add_argument("--log-every", type=int, default=t.log_every, help="log a metrics line every N steps")
+    g.add_argument("--sample-length", type=int, default=t.sample_length, help="characters sampled at each validation (0: none)")
+    g.add_argument("--keep", type=int, default=t.keep, help="step checkpoints kept besides latest.pt and best.pt")
+    g.add_argument("--out", default=None, help="run folder (default: checkpoints/<corpus>-<date>-<time>)")
+    g.add_argument("--name", default=None, help="run name: the run folder becomes checkpoints/NAME")
+    g.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and dropout")
+    g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
+    g.add_argument("--allow-new-text", action="store_true",
+                   help="when resuming, continue on a different text with the old vocabulary")
+    add_common(p)
+    return p
+
+
+def train_main(argv=None) -> int:
+    return run_main(_train, argv)
+
+
+def _train(argv) -> int:
+    from .model import ModelConfig
+    from .training import Trainer, TrainConfig
+    from . import distributed
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    values = vars(args)
+    model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
+                                               if f.name != "vocab_size"})
+    train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
+    if args.resume is None:
+        try:
+            model_config.validate()
+        except ValueError as e:
+            raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    explicit = {"time_budget" if name == "time_budget" else name for name in explicit}
+    log = _logger(args.quiet)
+    try:
+        trainer = Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=log)
+        result = trainer.run()
+    finally:
+        distributed.shutdown()
+    return 0 if result is not None else 1
+
+
+def _logger(quiet: bool):
+    def log(message: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+    return log
+
+
+# ---------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------
+
+def generate_parser() -> argparse.ArgumentParser:
+    from .sampling import SampleConfig
+    s = SampleConfig()
+    p = argparse.ArgumentParser(
+        prog="generate.py", formatter_class=_Formatter,
+        description="Generate text from a trained textgen model. The prompt and the generated text go to "
+                    "stdout (or --output); messages go to stderr.",
+        epilog="examples:\n  python generate.py --prompt 'ROMEO:' --length 300\n"
+               "  python generate.py --checkpoint checkpoints/my-run --paragraphs 3 --seed 7\n"
+               "  python generate.py --interactive")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_FOLDER_OR_FILE",
+                   help="a run folder (uses best.pt, else latest.pt) or a checkpoint file "
+                        "(default: the most recent run under checkpoints/)")
+    p.add_argument("--prompt", default="", help="text the output starts from; it is fed into the model first")
+    p.add_argument("--length", type=int, default=s.length, help="characters to generate (per paragraph or turn)")
+    p.add_argument("--temperature", type=float, default=s.temperature, help="0 = always the most likely character")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of this probability mass")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same checkpoint, same text (default: random, printed)")
+    p.add_argument("--num-samples", type=int, default=s.num_samples, help="independent samples, drawn as a batch")
+    p.add_argument("--stop", default=None, help="end the output once it ends with this string")
+    p.add_argument("--paragraphs", type=int, default=None,
+                   help="generate N paragraphs (each ends at a blank line or --length), each continuing the state")
+    p.add_argument("--interactive", action="store_true",
+                   help="read a line, reply, keep the state between turns; /reset starts afresh, empty line quits")
+    p.add_argument("--unknown", choices=("error", "skip"), default="error",
+                   help="prompt characters the model never saw: stop with an error, or skip them with a warning")
+    p.add_argument("--output", default=None, help="write the text to this file instead of stdout")
+    add_common(p)
+    return p
+
+
+def generate_main(argv=None) -> int:
+    return run_main(_generate, argv)
+
+
+def _generate(argv) -> int:
+    from .checkpoint import latest_run, load_model
+    from .sampling import Generator, SampleConfig
+    from .training import resolve_device
+    args = generate_parser().parse_args(argv)
+    config = SampleConfig(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, num_samples=args.num_samples, stop=args.stop)
+    config.validate()
+    if args.paragraphs is not None and args.paragraphs < 1:
+        raise UsageError(f"--paragraphs must be at least 1, got {args.paragraphs}")
+    if args.interactive and (args.num_samples != 1 or args.paragraphs):
+        raise UsageError("--interactive works with one sample and no --paragraphs")
+    if args.paragraphs and args.num_samples != 1:
+        raise UsageError("--paragraphs works with one sample; use --num-samples without it")
+    device = resolve_device(args.device)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    path = args.checkpoint or latest_run()
+    model, tokenizer, ckpt = load_model(path, prefer_best=True, device=device)
+    gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn)
+    say(f"checkpoint {path} (step {ckpt['step']}), seed {gen.seed}")
+    if args.output:
+        try:
+            out = open(args.output, "w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
+    else:
+        out = sys.stdout
+    try:
+        if args.interactive:
+            _interactive(gen, config, out, args.prompt)
+        elif args.paragraphs:
+            _paragraphs(gen, config, out, args.prompt, args.paragraphs)
+        elif args.num_samples > 1:
+            gen.feed(args.prompt)
+            texts = gen.generate(config)
+            out.write("\n---\n".join(args.prompt + t for t in texts) + "\n")
+        else:
+            gen.feed(args.prompt)
+            _write(out, args.prompt)
+            _stream_one(gen, config, out)
+            _write(out, "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _write(out, text: str) -> None:
+    out.write(text)
+    out.flush()
+
+
+def _stream_one(gen, config, out) -> str:
+    produced = []
+    for chars in gen.stream(config):
+        produced.append(chars[0])
+        _write(out, chars[0])        # flushed per character: output shows at once
+    return "".join(produced)
+
+
+def _paragraphs(gen, config, out, prompt: str, count: int) -> None:
+    from dataclasses import replace
+    per_paragraph = replace(config, stop=config.stop or "\n\n")
+    gen.feed(prompt)
+    _write(out, prompt)
+    for _ in range(count):
+        text = _stream_one(gen, per_paragraph, out)
+        if not text.endswith("\n\n"):
+            # Cut at --length: close the paragraph in the text and in the state alike.
+            separator = "\n\n" if not text.endswith("\n") else "\n"
+            gen.feed(separator)
+            _write(out, separator)
+
+
+def _interactive(gen, config, out, prompt: str) -> None:
+    from dataclasses import replace
+    per_turn = replace(config, stop=config.stop or "\n\n")
+    if prompt:
+        gen.feed(prompt)
+    tty = sys.stdin.isatty()
+    print("interactive: type a line and press Enter; /reset forgets the conversation; "
+          "an empty line or Ctrl-D quits", file=sys.stderr, flush=True)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            gen.reset()
+            print("(state reset)", file=sys.stderr, flush=True)
+            continue
+        gen.feed(line + "\n")
+        text = _stream_one(gen, per_turn, out)
+        if not text.endswith("\n"):
+            gen.feed("\n")
+            _write(out, "\n")

@@ -1,0 +1,306 @@
+"""Our own stacked LSTM and the character language model built on it.
+
+Design, from the inside out:
+
+* ``lstm_cell`` is the classic LSTM cell written gate by gate. It is the
+  reference and the documentation: every faster path is tested against it.
+* ``lstm_layer`` runs one layer over a whole chunk. Training uses
+  ``FusedLSTMLayer``, an autograd Function in the style of torch-rnn: the input
+  projection of all time steps is one matrix product, the per-step work is one
+  small recurrent product plus in-place pointwise gates, and the backward pass
+  sums the weight gradients in one large product at the end instead of one per
+  step. It computes exactly the same function as the cell.
+* ``StackedLSTM`` owns the parameters, named and shaped exactly like
+  ``torch.nn.LSTM`` (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+  ``bias_hh_l{k}``, gate order i, f, g, o), so ``nn.LSTM.load_state_dict`` takes
+  our state dict as it is. Dropout sits between layers, not after the last.
+* ``CharLSTM`` is embedding -> stacked LSTM -> linear to the vocabulary.
+
+State is explicit: a tuple with one ``(h, c)`` pair per layer, each ``(B, H)``,
+goes into ``forward`` and comes out of it. Nothing is hidden on the module, so
+the caller decides when a state carries on (across chunks, prompts, turns) and
+when it is detached (``detach_state``) or reset (``None``).
+
+Internally the stack runs time-major, ``(T, B, ...)``, so that the slice for one
+time step is contiguous memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    embed_size: int = 64
+    hidden_size: int = 512
+    layers: int = 2
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "embed_size", "hidden_size", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# ---------------------------------------------------------------------------
+# The cell: the reference
+# ---------------------------------------------------------------------------
+
+def lstm_cell(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One LSTM step. x (B, I), h and c (B, H); returns the new (h, c)."""
+    gates = x @ weight_ih.t() + bias_ih + h @ weight_hh.t() + bias_hh  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=1)
+    input_gate = torch.sigmoid(i)     # how much of the candidate to write
+    forget_gate = torch.sigmoid(f)    # how much of the old cell to keep
+    candidate = torch.tanh(g)         # what to write
+    output_gate = torch.sigmoid(o)    # how much of the cell to expose
+    c = forget_gate * c + input_gate * candidate
+    h = output_gate * torch.tanh(c)
+    return h, c
+
+
+def lstm_layer_reference(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One layer over a chunk, one cell call per step. x (T, B, I) -> (T, B, H)."""
+    outputs = []
+    for x_t in x:
+        h, c = lstm_cell(x_t, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+# ---------------------------------------------------------------------------
+# The fused layer: same function, fast
+# ---------------------------------------------------------------------------
+
+def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward):
+    """The time loop shared by training and inference.
+
+    x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Its rows are turned in
+    place into gate activations, so no new (B, 4H) tensor is made per step.
+    Returns h for every step (T, B, H), the final c, and c for every step when
+    the backward pass will need it.
+    """
+    T, B, four_h = x_proj.shape
+    H = four_h // 4
+    hs = x_proj.new_empty(T, B, H)
+    cs = x_proj.new_empty(T, B, H) if keep_for_backward else None
+    w_hh_t = weight_hh.t()
+    for t in range(T):
+        gates = x_proj[t].addmm_(h, w_hh_t)                 # (B, 4H)
+        torch.sigmoid_(gates[:, : 2 * H])                   # i, f
+        torch.tanh_(gates[:, 2 * H : 3 * H])                # g
+        torch.sigmoid_(gates[:, 3 * H :])                   # o
+        i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
+        c = torch.addcmul(f * c, i, g)                      # c = f*c + i*g
+        if cs is not None:
+            cs[t] = c
+        h = torch.mul(o, torch.tanh(c), out=hs[t])          # h = o*tanh(c)
+    return hs, c, cs
+
+
+class FusedLSTMLayer(torch.autograd.Function):
+    """One LSTM layer over a chunk with a hand-written backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+        T, B, I = x.shape
+        x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t())
+        gates = x_proj.view(T, B, -1)                       # becomes activations in place
+        hs, c_last, cs = _recurrent_forward(gates, h0, c0, weight_hh, keep_for_backward=True)
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, gates, hs, cs)
+        # h_last is a copy, not a view of hs: autograd Functions must not return
+        # one output as a view of another.
+        return hs, hs[-1].clone(), c_last
+
+    @staticmethod
+    def backward(ctx, grad_hs, grad_h_last, grad_c_last):
+        x, h0, c0, weight_ih, weight_hh, gates, hs, cs = ctx.saved_tensors
+        T, B, I = x.shape
+        H = hs.shape[2]
+        grad_gates = torch.empty_like(gates)                # (T, B, 4H), pre-activation grads
+        grad_h = grad_h_last if grad_h_last is not None else torch.zeros_like(h0)
+        grad_c = grad_c_last if grad_c_last is not None else torch.zeros_like(c0)
+        if grad_hs is None:
+            grad_hs = torch.zeros_like(hs)
+        for t in range(T - 1, -1, -1):
+            i, f, g, o = gates[t].unflatten(1, (4, H)).unbind(1)
+            c_prev = cs[t - 1] if t > 0 else c0
+            tanh_c = torch.tanh(cs[t])
+            grad_h = grad_h + grad_hs[t]
+            d_i, d_f, d_g, d_o = grad_gates[t].unflatten(1, (4, H)).unbind(1)
+            # through h = o * tanh(c)
+            torch.mul(grad_h, tanh_c, out=d_o)
+            grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)
+            # through c = f * c_prev + i * g
+            torch.mul(grad_c, g, out=d_i)
+            torch.mul(grad_c, c_prev, out=d_f)
+            torch.mul(grad_c, i, out=d_g)
+            grad_c = grad_c * f
+            # through the nonlinearities: sigmoid' = s(1-s), tanh' = 1-t^2
+            d_i.mul_(i * (1 - i))
+            d_f.mul_(f * (1 - f))
+            d_g.mul_(1 - g * g)
+            d_o.mul_(o * (1 - o))
+            grad_h = grad_gates[t] @ weight_hh                  # (B, H)
+        flat = grad_gates.view(T * B, 4 * H)
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
+        # the weight gradients of all steps in one product each
+        grad_weight_hh = flat.t() @ h_prev
+        grad_weight_ih = flat.t() @ x.reshape(T * B, I)
+        grad_bias = flat.sum(0)
+        grad_x = (flat @ weight_ih).view(T, B, I)
+        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias
+
+
+def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+    """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c."""
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    ):
+        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    T, B, I = x.shape
+    x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t()).view(T, B, -1)
+    hs, c, _ = _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward=False)
+    return hs, hs[-1], c
+
+
+# ---------------------------------------------------------------------------
+# The stack and the language model
+# ---------------------------------------------------------------------------
+
+class StackedLSTM(nn.Module):
+    """Layers of LSTM with dropout between them; parameters named like nn.LSTM."""
+
+    def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0):
+        super().__init__()
+        self.input_size, self.hidden_size, self.layers, self.dropout = input_size, hidden_size, layers, dropout
+        for k in range(layers):
+            in_size = input_size if k == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size, in_size)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size, hidden_size)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * hidden_size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.LSTM's own initialisation
+        H = self.hidden_size
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+            for k in range(self.layers):
+                # Forget-gate bias 1 (split over the two bias vectors) so that the
+                # cell starts out remembering instead of forgetting (Jozefowicz et al. 2015).
+                getattr(self, f"bias_ih_l{k}")[H : 2 * H].fill_(0.5)
+                getattr(self, f"bias_hh_l{k}")[H : 2 * H].fill_(0.5)
+
+    def layer_weights(self, k: int):
+        return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
+        zeros = lambda: torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)  # noqa: E731
+        return tuple((zeros(), zeros()) for _ in range(self.layers))
+
+    def forward(self, x: torch.Tensor, state: State | None = None, reference: bool = False):
+        """x (T, B, I) time-major -> outputs (T, B, H) and the new state."""
+        if state is None:
+            state = self.initial_state(x.shape[1], device=x.device, dtype=x.dtype)
+        run_layer = lstm_layer_reference if reference else lstm_layer
+        new_state = []
+        for k in range(self.layers):
+            if k > 0 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            h, c = state[k]
+            x, h, c = run_layer(x, h, c, *self.layer_weights(k))
+            new_state.append((h, c))
+        return x, tuple(new_state)
+
+
+class CharLSTM(nn.Module):
+    """Character language model: embedding -> stacked LSTM -> linear to the vocabulary."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
+        self.lstm = StackedLSTM(config.embed_size, config.hidden_size, config.layers, config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.dropout = config.dropout
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False):
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state."""
+        x = self.embedding(tokens.t())                                   # (T, B, E)
+        out, state = self.lstm(x, state, reference=reference)           # (T, B, H)
+        out = F.dropout(out, self.dropout, self.training)
+        logits = self.head(out)                                          # (T, B, V)
+        return logits.transpose(0, 1), state
+
+    def initial_state(self, batch_size: int, device=None) -> State:
+        p = self.head.weight
+        return self.lstm.initial_state(batch_size, device=device or p.device, dtype=p.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph between chunks while keeping the values: truncated BPTT."""
+    if state is None:
+        return None
+    return tuple((h.detach(), c.detach()) for h, c in state)
+
+
+class Stepper:
+    """One character at a time, for generation: the same function as CharLSTM.forward.
+
+    Weights are prepared once: the embedding is folded into layer 0's input
+    projection (a one-hot input times E times W_ih0^T is one row of E W_ih0^T),
+    so layer 0 costs a row lookup and one recurrent product per character. The
+    stepper copies nothing from the model's later weight updates: make a new one
+    after training further.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: CharLSTM):
+        lstm = model.lstm
+        self.hidden_size = lstm.hidden_size
+        w_ih0, _, b_ih0, b_hh0 = lstm.layer_weights(0)
+        self.token_gates = torch.addmm(b_ih0 + b_hh0, model.embedding.weight, w_ih0.t())  # (V, 4H)
+        self.layers = []
+        for k in range(lstm.layers):
+            w_ih, w_hh, b_ih, b_hh = lstm.layer_weights(k)
+            self.layers.append((w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih + b_hh))
+        self.head_weight_t = model.head.weight.t().contiguous()
+        self.head_bias = model.head.bias.detach().clone()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (N,) int64 -> logits (N, V) and the new state."""
+        H = self.hidden_size
+        new_state = []
+        x = None
+        for k, (w_ih_t, w_hh_t, bias) in enumerate(self.layers):
+            h, c = state[k]
+            if k == 0:
+                gates = self.token_gates[tokens].addmm_(h, w_hh_t)       # (N, 4H)
+            else:
+                gates = torch.addmm(bias, x, w_ih_t).addmm_(h, w_hh_t)
+            torch.sigmoid_(gates[:, : 2 * H])
+            torch.tanh_(gates[:, 2 * H : 3 * H])
+            torch.sigmoid_(gates[:, 3 * H :])
+            i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
+            c = torch.addcmul(f * c, i, g)
+            x = o * torch.tanh(c)
+            new_state.append((x, c))
+        return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

@@ -1,0 +1,163 @@
+"""Generating text: prime the model with a prompt once, then one character per step.
+
+``Generator`` holds the carried ``(h, c)`` and the logits for the next
+character, so a prompt, the text generated from it, a following paragraph and
+the next interactive turn all continue one state; nothing already read is ever
+run again, and each new character costs one step of the model.
+
+Sampling draws with an explicit ``torch.Generator`` seeded by the user, by
+inverse-CDF on the CPU, so the same seed and checkpoint give the same text on
+every run and every device.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .errors import UsageError
+from .model import CharLSTM, Stepper, State
+from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
+
+
+@dataclass
+class SampleConfig:
+    length: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    num_samples: int = 1
+    stop: str | None = None
+
+    def validate(self) -> None:
+        if self.length < 1:
+            raise UsageError(f"--length must be a positive number of characters, got {self.length}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise UsageError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.stop == "":
+            raise UsageError("--stop must not be empty")
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The distribution to draw the next token from, (N, V) logits -> (N, V) probabilities.
+
+    temperature 0 puts all mass on the argmax; top_k keeps the k most likely
+    tokens; top_p keeps the nucleus: the fewest most-likely tokens whose
+    probability sums to at least top_p.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_k is not None and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep_sorted = mass_before < top_p * sorted_probs.sum(-1, keepdim=True)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row by inverse CDF: deterministic given the generator's state."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    cdf = cdf / cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
+class Generator:
+    """A model, its vocabulary and a carried state: feed text in, stream characters out."""
+
+    def __init__(self, model: CharLSTM, tokenizer: CharTokenizer, num_samples: int = 1,
+                 seed: int | None = None, unknown: str = "error", warn=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.num_samples, self.unknown = num_samples, unknown
+        self.warn = warn or (lambda message: None)
+        self.device = next(model.parameters()).device
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.stepper = Stepper(model)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything read so far."""
+        self.state: State = self.model.initial_state(self.num_samples, device=self.device)
+        self.logits: torch.Tensor | None = None
+
+    def _encode(self, text: str) -> torch.Tensor:
+        unknown = self.tokenizer.unknown_chars(text)
+        if unknown:
+            if self.unknown != "skip":
+                raise UsageError(str(UnknownCharactersError(unknown, self.tokenizer.vocab_size))
+                                 + "; pass --unknown skip to leave them out")
+            self.warn("leaving out character(s) the model never saw: "
+                      + " ".join(escape_char(ch) for ch in unknown))
+            text = "".join(ch for ch in text if ch not in set(unknown))
+        return torch.from_numpy(self.tokenizer.encode(text).astype("int64"))
+
+    @torch.no_grad()
+    def feed(self, text: str) -> None:
+        """Read text into the carried state (all samples read the same text)."""
+        ids = self._encode(text)
+        if len(ids) == 0:
+            return
+        tokens = ids.to(self.device).unsqueeze(0).expand(self.num_samples, -1)
+        logits, self.state = self.model(tokens, self.state)          # the whole text in one pass
+        self.logits = logits[:, -1]
+
+    @torch.no_grad()
+    def stream(self, config: SampleConfig) -> Iterator[list[str]]:
+        """Yield one list of num_samples characters per step, carrying the state on.
+
+        Stops after config.length steps or, with one sample, once the output ends
+        with config.stop (the stop string is the last thing yielded).
+        """
+        if self.logits is None:
+            # Nothing read yet: start from a newline if the model knows one, as text does.
+            self.feed("\n" if "\n" in self.tokenizer.chars else self.tokenizer.chars[0])
+        tail = ""
+        for _ in range(config.length):
+            probs = next_token_probs(self.logits, config.temperature, config.top_k, config.top_p)
+            ids = draw(probs, self.rng)
+            self.logits, self.state = self.stepper(ids.to(self.device), self.state)
+            chars = [self.tokenizer.chars[i] for i in ids.tolist()]
+            yield chars
+            if config.stop and self.num_samples == 1:
+                tail = (tail + chars[0])[-len(config.stop):]
+                if tail == config.stop:
+                    return
+
+    def generate(self, config: SampleConfig) -> list[str]:
+        """The generated continuations (without the text fed), one string per sample."""
+        pieces = [[] for _ in range(self.num_samples)]
+        for chars in self.stream(config):
+            for piece, ch in zip(pieces, chars):
+                piece.append(ch)
+        texts = ["".join(p) for p in pieces]
+        if config.stop:
+            texts = [t[: t.index(config.stop) + len(config.stop)] if config.stop in t else t for t in texts]
+        return texts
+
+
+def sample(model: CharLSTM, tokenizer: CharTokenizer, prompt: str = "", config: SampleConfig | None = None,
+           unknown: str = "error") -> list[str]:
+    """Prompt in, continuations out: the one-call form used by training and the API."""
+    config = config or SampleConfig()
+    gen = Generator(model, tokenizer, num_samples=config.num_samples, seed=config.seed, unknown=unknown)
+    if prompt:
+        gen.feed(prompt)
+    return gen.generate(config)

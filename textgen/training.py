@@ -1,0 +1,567 @@
+"""The training loop: AdamW, clipping, warm-up + cosine schedule, validation, checkpoints, resume.
+
+Read ``Trainer.run`` top to bottom: each step takes the next chunk of every
+stream, runs the model from the state the previous chunk ended in, steps the
+optimizer and detaches the state, which then carries on to the next chunk for
+the whole run (validation has its own state and leaves this one alone).
+
+Exact resume: everything that shapes the future is in the checkpoint
+(parameters, optimizer moments, the step and the schedule plan, loader
+positions, the carried state of every stream, every RNG, the partial sums of
+the current log interval), so on the CPU a run stopped and resumed ends with
+the same parameters, bit for bit, as one that never stopped. On a GPU it is
+exact up to the nondeterminism of its kernels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from . import distributed as dist_util
+from .data import StreamLoader, check_trainable, encode_corpus, read_corpus, split_tokens
+from .errors import UsageError
+from .evaluate import LN2, cross_entropy
+from .model import CharLSTM, ModelConfig, detach_state
+from .sampling import SampleConfig, sample
+from .tokenizer import CharTokenizer
+
+DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "corpora", "the_lighthouse_keepers.txt")
+
+
+@dataclass
+class TrainConfig:
+    text: str | None = None          # corpus path; None = the embedded default corpus
+    batch_size: int = 32             # parallel streams
+    seq_len: int = 128               # chunk length (truncated BPTT)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    steps: int = 1500
+    time_budget: float | None = None # seconds; when set, the schedule is planned over it
+    eval_every: int = 250
+    save_every: int = 250
+    log_every: int = 25
+    val_fraction: float = 0.1
+    sample_length: int = 200
+    keep: int = 3                    # step checkpoints kept besides latest.pt and best.pt
+    out: str | None = None           # run folder; default checkpoints/<corpus>-<time>
+    name: str | None = None
+    seed: int = 1337
+    device: str = "auto"
+    quiet: bool = False
+    allow_new_text: bool = False
+
+    def validate(self) -> None:
+        positive = ("batch_size", "seq_len", "steps", "eval_every", "save_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not self.grad_clip > 0:
+            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.warmup_steps < 0 or self.keep < 0 or self.sample_length < 0:
+            raise UsageError("--warmup-steps, --keep and --sample-length must be 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
+
+
+# Settings that may change when resuming; changing any other is refused.
+RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_every", "lr", "min_lr_ratio",
+                     "warmup_steps", "grad_clip", "weight_decay", "sample_length", "keep", "device", "quiet",
+                     "allow_new_text", "text", "out", "name"}
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at `total`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_dir(text_path: str | None, name: str | None, root: str = "checkpoints") -> str:
+    if name:
+        return os.path.join(root, name)
+    stem = os.path.splitext(os.path.basename(text_path or DEFAULT_CORPUS))[0]
+    return os.path.join(root, f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+class StopTraining(Exception):
+    """Training ended early for a reason the user must hear (divergence, disk full)."""
+
+
+@dataclass
+class IntervalSums:
+    """Partial sums of the current log interval; saved so a resumed run logs the same numbers."""
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+    chars: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    best_val_loss: float | None
+    history: list = field(default_factory=list)
+    stopped_by: str | None = None
+
+
+class Trainer:
+    """One training run: builds or restores everything, then `run()` trains it."""
+
+    def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: str | None = None,
+                 explicit: set[str] = frozenset(), log=print):
+        self.log = log
+        self.dist = dist_util.context()
+        ckpt = None
+        if resume is not None:
+            ckpt = checkpoint.load(checkpoint.resolve(resume, prefer_best=False))
+            config = self._merge_resumed_config(ckpt, config, explicit)
+            model_config = self._check_architecture(ckpt, model_config, explicit)
+        config.validate()
+        self.config = config
+        self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+
+        corpus = read_corpus(config.text or DEFAULT_CORPUS)
+        if ckpt is not None:
+            self._check_corpus(ckpt, corpus)
+            tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
+            tokens, tokenizer = self._encode_known(corpus, tokenizer)
+        else:
+            tokens, tokenizer = encode_corpus(corpus)
+        self.corpus, self.tokenizer = corpus, tokenizer
+        self.train_tokens, self.val_tokens = split_tokens(tokens, config.val_fraction)
+        check_trainable(len(self.train_tokens), len(self.val_tokens), config.batch_size, config.seq_len,
+                        config.val_fraction)
+
+        if ckpt is None:
+            seed_everything(config.seed)
+            model_config = model_config or ModelConfig(vocab_size=tokenizer.vocab_size)
+            model_config.vocab_size = tokenizer.vocab_size
+            try:
+                model_config.validate()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            self.model = CharLSTM(model_config)
+        else:
+            self.model, _ = checkpoint.build_model(ckpt)
+        self.model.to(self.device)
+        self.model_config = self.model.config
+        self.optimizer = self._make_optimizer()
+        first, count = self.dist.stream_share(config.batch_size)
+        self.loader = StreamLoader(self.train_tokens, config.batch_size, config.seq_len,
+                                   first_stream=first, num_streams=count)
+        self.train_model = self.dist.wrap(self.model)
+
+        self.step, self.plan, self.elapsed = 0, config.steps, 0.0
+        self.best_val_loss: float | None = None
+        self.history: list[dict] = []
+        self.sums = IntervalSums()
+        self.state = None
+        self.first_loss: float | None = None
+        self.planned = config.time_budget is None
+        self.run_dir = config.out or default_run_dir(config.text, config.name)
+        if ckpt is not None:
+            self._restore(ckpt, resume)
+        self.stop_signal: int | None = None
+
+    # -- resume checks -------------------------------------------------------------
+
+    def _merge_resumed_config(self, ckpt: dict, config: TrainConfig, explicit: set[str]) -> TrainConfig:
+        saved = ckpt.get("train_config", {})
+        known = {f.name for f in fields(TrainConfig)}
+        merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        refused, changed = [], []
+        for name in explicit & known:
+            new, old = getattr(config, name), getattr(merged, name)
+            if new == old:
+                continue
+            if name in RESUMABLE_CHANGES:
+                changed.append(f"{name} {old} -> {new}")
+                setattr(merged, name, new)
+            else:
+                refused.append(f"{name} (checkpoint {old}, now {new})")
+        if refused:
+            raise UsageError("cannot change these settings when resuming: " + ", ".join(refused)
+                             + "; drop those flags or start a new run")
+        if changed:
+            self.log("resuming with changed settings: " + ", ".join(changed))
+        return merged
+
+    def _check_architecture(self, ckpt: dict, model_config: ModelConfig | None, explicit: set[str]) -> None:
+        saved = checkpoint.model_config_of(ckpt)
+        if model_config is not None:
+            diffs = [f"{name} (checkpoint {getattr(saved, name)}, now {getattr(model_config, name)})"
+                     for name in ("embed_size", "hidden_size", "layers", "dropout")
+                     if name in explicit and getattr(saved, name) != getattr(model_config, name)]
+            if diffs:
+                raise UsageError("cannot change the architecture when resuming: " + ", ".join(diffs)
+                                 + "; drop those flags or start a new run")
+        return saved
+
+    def _check_corpus(self, ckpt: dict, corpus) -> None:
+        old = ckpt.get("corpus", {})
+        if old.get("sha256") == corpus.sha256 or self.config.allow_new_text:
+            if old.get("sha256") != corpus.sha256:
+                self.log(f"continuing on new text {corpus.path} with the checkpoint's vocabulary")
+            return
+        raise UsageError(
+            f"{corpus.path} is not the text this run was trained on ({old.get('path', 'unknown')}, "
+            f"sha256 {old.get('sha256', '?')[:12]}); pass that file, or --allow-new-text to continue on this one"
+        )
+
+    def _encode_known(self, corpus, tokenizer: CharTokenizer):
+        unknown = tokenizer.unknown_chars(corpus.text)
+        if unknown:
+            from .tokenizer import UnknownCharactersError
+            raise UsageError(f"{corpus.path}: " + str(UnknownCharactersError(unknown, tokenizer.vocab_size))
+                             + "; a resumed run cannot learn new characters, start a new run instead")
+        return encode_corpus(corpus, tokenizer)
+
+    # -- setup ---------------------------------------------------------------------
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on biases and the embedding: decaying them only hurts.
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and not n.startswith("embedding")]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or n.startswith("embedding")]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.99),
+                                 foreach=self.device.type != "cpu" or None)
+
+    def _restore(self, ckpt: dict, resume: str) -> None:
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"{resume}: its optimizer state does not match the model ({e})") from None
+        self.step = int(ckpt["step"])
+        self.plan = int(ckpt.get("plan", self.config.steps))
+        self.planned = bool(ckpt.get("planned", True))
+        if self.config.time_budget is None:
+            self.plan = self.config.steps   # the saved --steps, or a new one given on resume
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
+        self.best_val_loss = ckpt.get("best_val_loss")
+        self.history = list(ckpt.get("history", []))
+        self.first_loss = ckpt.get("first_loss")
+        self.sums = IntervalSums(**ckpt.get("interval_sums", {}))
+        self.loader.load_state_dict(ckpt["loader"]["train"])
+        carried = ckpt.get("carried_state")
+        if carried:
+            first, count = self.dist.stream_share(self.config.batch_size)
+            self.state = tuple((h[first:first + count].to(self.device), c[first:first + count].to(self.device))
+                               for h, c in carried)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        if self.config.out is None:
+            self.run_dir = os.path.dirname(os.path.abspath(checkpoint.resolve(resume, prefer_best=False)))
+
+    # -- one step, one evaluation, one save ------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        x, y = self.loader.next_batch()
+        x = torch.from_numpy(x).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y).to(self.device, non_blocking=True)
+        lr = lr_at(self.step, self.plan, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logits, state = self.train_model(x, self.state)                    # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        loss_value = self.dist.mean(loss.detach())
+        self._guard(loss_value, float(grad_norm))
+        self.optimizer.step()
+        self.state = detach_state(state)
+        self.step += 1
+        return loss_value, float(grad_norm)
+
+    def _guard(self, loss: float, grad_norm: float) -> None:
+        """Stop before a diverged step can reach the parameters or a checkpoint."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise StopTraining(f"training diverged at step {self.step + 1}: the loss is {loss} "
+                               f"(gradient norm {grad_norm}); latest.pt still holds the last good state. "
+                               f"Try a lower --lr or --grad-clip")
+        if loss > 3 * self.first_loss + 1:
+            raise StopTraining(f"training diverged at step {self.step + 1}: the loss {loss:.3f} is far above "
+                               f"its starting value {self.first_loss:.3f}; latest.pt still holds the last good "
+                               f"state. Try a lower --lr")
+
+    def validate(self) -> float | None:
+        if len(self.val_tokens) <= self.config.seq_len:
+            return None
+        total, count = cross_entropy(self.model, self.val_tokens, self.config.batch_size, self.config.seq_len,
+                                     self.device, shard=self.dist.shard_for_eval())
+        total, count = self.dist.sum_pair(total, count)
+        return total / count
+
+    def payload(self) -> dict:
+        return {
+            "format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
+            "model_config": asdict(self.model_config), "train_config": asdict(self.config),
+            "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "plan": self.plan, "planned": self.planned, "elapsed": self.elapsed,
+            "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
+            "carried_state": self.dist.gather_state(self.state),
+            "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
+            "first_loss": self.first_loss, "interval_sums": asdict(self.sums),
+            "created": datetime.now().isoformat(timespec="seconds"), "torch_version": str(torch.__version__),
+        }
+
+    def save(self, is_best: bool = False) -> None:
+        payload = self.payload()                       # every rank joins the state gather
+        if not self.dist.is_main:
+            return
+        try:
+            checkpoint.save_run_checkpoint(payload, self.run_dir, self.config.keep, is_best)
+        except checkpoint.DiskFullError as e:
+            raise StopTraining(f"{e}; free some space and resume with --resume {self.run_dir}") from None
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        main = self.dist.is_main
+        if main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            self._write_config()
+            self._rewrite_metrics()
+        n_params = self.model.num_parameters()
+        self.log(f"run folder {self.run_dir}: {n_params / 1e6:.2f}M parameters, vocabulary "
+                 f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
+                 f"{len(self.val_tokens):,} validation characters, device {self.device}"
+                 + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
+        if self.step > 0:
+            self.log(f"resuming at step {self.step} of {self.plan}")
+        bar = self._progress_bar()
+        stopped_by = None
+        self._install_signal_handlers()
+        run_start, last = time.perf_counter(), time.perf_counter()
+        elapsed_at_start = self.elapsed
+        try:
+            while self.step < self.plan:
+                loss, grad_norm = self.train_step()
+                now = time.perf_counter()
+                self.elapsed = elapsed_at_start + (now - run_start)
+                self.sums.loss += loss
+                self.sums.grad_norm += grad_norm
+                self.sums.steps += 1
+                self.sums.chars += cfg.batch_size * cfg.seq_len
+                self.sums.seconds += now - last
+                last = now
+                if not self.planned:
+                    self._plan_budget()
+                out_of_time = cfg.time_budget is not None and self.elapsed >= cfg.time_budget
+                last_step = self.step >= self.plan or out_of_time
+                val_loss = None
+                if self.step % cfg.eval_every == 0 or last_step:
+                    val_loss = self._evaluate_and_sample()
+                if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
+                    self._log_interval(val_loss, bar)
+                is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
+                if is_best:
+                    self.best_val_loss = val_loss
+                if self.step % cfg.save_every == 0 or last_step or is_best or self.stop_signal is not None:
+                    self.save(is_best)
+                    if is_best and main:
+                        self.log(f"step {self.step}: new best val loss {val_loss:.4f} "
+                                 f"({val_loss / LN2:.3f} bits/char), saved best.pt")
+                if bar is not None:
+                    bar.update(1)
+                last = time.perf_counter()
+                if self.stop_signal is not None:
+                    stopped_by = signal.Signals(self.stop_signal).name
+                    self.log(f"stopped by {stopped_by} at step {self.step}; checkpoint saved. "
+                             f"Resume with: python train.py --resume {self.run_dir}")
+                    break
+                if out_of_time:
+                    self.log(f"time budget of {cfg.time_budget:.0f}s spent at step {self.step}")
+                    break
+        finally:
+            self._restore_signal_handlers()
+            if bar is not None:
+                bar.close()
+        if stopped_by is None:
+            self.log(f"done: step {self.step}, {self.elapsed:.0f}s"
+                     + (f", best val loss {self.best_val_loss:.4f} ({self.best_val_loss / LN2:.3f} bits/char)"
+                        if self.best_val_loss is not None else "")
+                     + f"; checkpoints in {self.run_dir}")
+        return TrainResult(self.run_dir, self.step, self.best_val_loss, self.history, stopped_by)
+
+    def _plan_budget(self) -> None:
+        """After a warm-up, plan the step count that fits the time budget (fixed from then on)."""
+        cfg = self.config
+        measure_from = min(10, max(2, cfg.warmup_steps // 5))
+        if self.step < measure_from + 20:
+            if self.step == measure_from:
+                self._budget_mark = (self.step, self.elapsed)
+            return
+        steps0, t0 = self._budget_mark
+        seconds_per_step = (self.elapsed - t0) / (self.step - steps0)
+        _, eval_seconds = self._timed_validation()
+        remaining = cfg.time_budget - self.elapsed
+        per_step = seconds_per_step + eval_seconds / cfg.eval_every
+        self.plan = self.step + max(1, int(0.97 * remaining / per_step))
+        self.planned = True
+        self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
+                 f"validation {eval_seconds:.1f}s; planning {self.plan} steps")
+
+    def _timed_validation(self):
+        start = time.perf_counter()
+        value = self.validate()
+        return value, time.perf_counter() - start
+
+    def _evaluate_and_sample(self) -> float | None:
+        val_loss = self.validate()
+        if self.dist.is_main and self.config.sample_length > 0:
+            prompt = "\n" if "\n" in self.tokenizer.chars else ""
+            text = sample(self.model, self.tokenizer, prompt,
+                          SampleConfig(length=self.config.sample_length, temperature=0.8,
+                                       seed=self.config.seed + self.step))[0]
+            self.log(f"--- sample at step {self.step} ---\n{text.strip()}\n---")
+        return val_loss
+
+    def _log_interval(self, val_loss: float | None, bar) -> None:
+        s = self.sums
+        if s.steps == 0:
+            return
+        entry = {
+            "step": self.step, "time": round(self.elapsed, 3), "train_loss": s.loss / s.steps,
+            "val_loss": val_loss, "lr": lr_at(self.step - 1, self.plan, self.config),
+            "grad_norm": s.grad_norm / s.steps,
+            "chars_per_sec": round(s.chars * self.dist.world_size / max(s.seconds, 1e-9)),
+            "epoch": round(self.loader.epoch, 4),
+        }
+        self.history.append(entry)
+        self.sums = IntervalSums()
+        if not self.dist.is_main:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        val = f"{val_loss:.4f}" if val_loss is not None else "-"
+        if bar is not None:
+            bar.set_postfix_str(f"loss {entry['train_loss']:.4f} val {val} lr {entry['lr']:.2e} "
+                                f"{entry['chars_per_sec']:,} chars/s", refresh=False)
+        if bar is None or val_loss is not None:
+            if not self.config.quiet or val_loss is not None:
+                self.log(f"step {self.step}/{self.plan} loss {entry['train_loss']:.4f} val {val} "
+                         f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
+
+    def _write_config(self) -> None:
+        doc = {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info(),
+               "parameters": self.model.num_parameters(), "torch_version": str(torch.__version__)}
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+
+    def _rewrite_metrics(self) -> None:
+        # A resumed run replays any steps logged after its checkpoint: drop those lines first.
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:
+            for entry in self.history:
+                f.write(json.dumps(entry) + "\n")
+
+    def _progress_bar(self):
+        if self.config.quiet or not self.dist.is_main or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.plan, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+        if not hasattr(signal, "SIGTERM") or not _in_main_thread():
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now; checkpoints are written atomically
+            self.stop_signal = signum
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                             f"(Ctrl-C again to quit at once)\n")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, request_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
