@@ -100,6 +100,9 @@ def step_filename(step: int) -> str:
 def save_run_checkpoint(payload: dict, run_dir: str, keep: int, is_best: bool) -> str:
     """Write latest.pt, keep the last `keep` step files and, if is_best, best.pt."""
     latest = os.path.join(run_dir, LATEST)
+    for name in os.listdir(run_dir):
+        if name.startswith(f".{LATEST}.tmp-"):
+            os.unlink(os.path.join(run_dir, name))   # left by a run killed mid-save
     atomic_save(payload, latest)
     if keep > 0:
         _link_or_copy(latest, os.path.join(run_dir, step_filename(payload["step"])))
@@ -145,6 +148,12 @@ def load(path: str, map_location="cpu") -> dict:
         raise UsageError(f"{path} is a folder; pass a checkpoint file or use resolve()")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        # torch.save writes a zip archive; anything else (random bytes, a bare or legacy
+        # pickle) is not ours, and is never handed to the unpickler at all.
+        raise UsageError(f"{path} is not a textgen checkpoint (not a PyTorch checkpoint file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -153,13 +162,9 @@ def load(path: str, map_location="cpu") -> dict:
                 f"{path} was refused: it contains Python objects that could run code when loaded, "
                 f"which textgen checkpoints never do"
             ) from None
-        raise UsageError(f"{path} is corrupt or not a textgen checkpoint ({_first_line(e)})") from None
+        raise UsageError(f"{path} is corrupt ({_first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic.startswith(b"PK"):
-            raise UsageError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
-        raise UsageError(f"{path} is not a textgen checkpoint (not a PyTorch file)") from None
+        raise UsageError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UsageError(f"{path} is a PyTorch file but not a textgen checkpoint")
     version = ckpt.get("version")

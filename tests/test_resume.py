@@ -1,0 +1,129 @@
+"""Stop training any way at all; resuming gives exactly the run that never stopped (CPU)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run
+from textgen import checkpoint
+
+FLAGS = ["--hidden-size", "48", "--embed-size", "16", "--layers", "2", "--dropout", "0.2", "--batch-size", "8",
+         "--seq-len", "32", "--steps", "160", "--eval-every", "40", "--save-every", "10", "--log-every", "5",
+         "--sample-length", "10", "--warmup-steps", "10", "-q"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run that never stopped."""
+    from conftest import small_text
+    folder = tmp_path_factory.mktemp("ref")
+    text = folder / "corpus.txt"
+    text.write_text(small_text(600), encoding="utf-8")
+    result = run("train.py", str(text), *FLAGS, "--out", str(folder / "run"))
+    assert result.returncode == 0, result.stderr
+    return str(text), checkpoint.load(str(folder / "run" / "latest.pt"))
+
+
+def assert_same_run(ckpt, ref):
+    assert ckpt["step"] == ref["step"]
+    for name, tensor in ref["model"].items():
+        assert torch.equal(ckpt["model"][name], tensor), name
+    losses = lambda c: [(h["step"], h["train_loss"], h["val_loss"]) for h in c["history"]]  # noqa: E731
+    assert losses(ckpt) == losses(ref)
+    for (h, c), (rh, rc) in zip(ckpt["carried_state"], ref["carried_state"]):
+        assert torch.equal(h, rh) and torch.equal(c, rc)
+
+
+def start_training(text, out):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), text, *FLAGS, "--out", out,
+                             "--log-every", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+
+
+def wait_for_checkpoint(out, proc, step_at_least=20):
+    deadline = time.time() + 120
+    latest = os.path.join(out, "latest.pt")
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be stopped: " + proc.stderr.read())
+        if os.path.exists(os.path.join(out, checkpoint.step_filename(step_at_least))):
+            return
+        time.sleep(0.02)
+    pytest.fail("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_exact_resume_after_a_stop(reference, tmp_path, how):
+    text, ref = reference
+    out = str(tmp_path / "run")
+    proc = start_training(text, out)
+    wait_for_checkpoint(out, proc)
+    proc.send_signal(getattr(signal, how))
+    stdout, stderr = proc.communicate(timeout=120)
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0, stderr
+        assert f"stopped by {how}" in stdout and f"--resume {out}" in stdout
+    stopped_at = checkpoint.load(os.path.join(out, "latest.pt"))["step"]
+    assert 20 <= stopped_at < 160
+    resumed = run("train.py", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import textgen.checkpoint as ck
+real_replace, saves = os.replace, []
+def replace(src, dst):
+    if dst.endswith("latest.pt"):
+        saves.append(dst)
+        if len(saves) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)   # the new file is written, not yet renamed
+    return real_replace(src, dst)
+ck.os.replace = replace
+from textgen.cli import train_main
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_write_and_rename_leaves_a_loadable_latest(reference, tmp_path):
+    text, ref = reference
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, text, *FLAGS, "--out", out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [n for n in os.listdir(out) if ".tmp-" in n]
+    assert leftovers, "the kill should have left the unrenamed temporary file"
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 20
+    resumed = run("train.py", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, tmp_path, monkeypatch, capsys):
+    import torch.nn.functional as F
+    from textgen.cli import train_main
+    real, calls = F.cross_entropy, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 25 else loss
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    out = str(tmp_path / "run")
+    code = train_main([text_file, "--hidden-size", "32", "--batch-size", "4", "--seq-len", "16", "--steps", "100",
+                       "--eval-every", "1000", "--save-every", "10", "--sample-length", "0", "--out", out, "-q"])
+    assert code == 1
+    assert "diverged at step 25" in capsys.readouterr().err
+    ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert ckpt["step"] == 20
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
