@@ -82,30 +82,61 @@ def lstm_layer_reference(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
 # The fused layer: same function, fast
 # ---------------------------------------------------------------------------
 
+def _has_packed_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PACKED_LINEAR = _has_packed_linear()
+
+
+def _recurrent_product(weight: torch.Tensor, batch: int):
+    """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
+
+    The per-step products are small and the same weight is used T times, so on
+    the CPU the weight is packed once per chunk into oneDNN's blocked layout
+    (about 1.7x faster per product here than a plain matmul, which repacks the
+    weight on every call). float64 and other devices use a plain addmm.
+    """
+    if _PACKED_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
+        linear = torch.ops.mkldnn._linear_pointwise
+
+        def product(x, add=None):
+            if add is None:
+                return linear(x, packed, None, "none", [], "")
+            return linear.binary(x, add, packed, None, "add")
+        return product
+    weight_t = weight.detach().t()
+    return lambda x, add=None: torch.mm(x, weight_t) if add is None else torch.addmm(add, x, weight_t)
+
+
 def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward):
     """The time loop shared by training and inference.
 
-    x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Its rows are turned in
-    place into gate activations, so no new (B, 4H) tensor is made per step.
-    Returns h for every step (T, B, H), the final c, and c for every step when
-    the backward pass will need it.
+    x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Returns h for every
+    step (T, B, H), the final c, and, when the backward pass will need them,
+    each step's (gate activations, c, tanh(c)).
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
-    cs = x_proj.new_empty(T, B, H) if keep_for_backward else None
-    w_hh_t = weight_hh.t()
+    saved = [] if keep_for_backward else None
+    recurrent = _recurrent_product(weight_hh, B)
     for t in range(T):
-        gates = x_proj[t].addmm_(h, w_hh_t)                 # (B, 4H)
+        gates = recurrent(h, x_proj[t])                     # (B, 4H) pre-activations
         torch.sigmoid_(gates[:, : 2 * H])                   # i, f
         torch.tanh_(gates[:, 2 * H : 3 * H])                # g
         torch.sigmoid_(gates[:, 3 * H :])                   # o
         i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
         c = torch.addcmul(f * c, i, g)                      # c = f*c + i*g
-        if cs is not None:
-            cs[t] = c
-        h = torch.mul(o, torch.tanh(c), out=hs[t])          # h = o*tanh(c)
-    return hs, c, cs
+        tanh_c = torch.tanh(c)
+        h = torch.mul(o, tanh_c, out=hs[t])                 # h = o*tanh(c)
+        if saved is not None:
+            saved.append((gates, c, tanh_c))
+    return hs, c, saved
 
 
 class FusedLSTMLayer(torch.autograd.Function):
@@ -114,44 +145,48 @@ class FusedLSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
         T, B, I = x.shape
-        x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t())
-        gates = x_proj.view(T, B, -1)                       # becomes activations in place
-        hs, c_last, cs = _recurrent_forward(gates, h0, c0, weight_hh, keep_for_backward=True)
-        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, gates, hs, cs)
+        x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t()).view(T, B, -1)
+        hs, c_last, saved = _recurrent_forward(x_proj, h0, c0, weight_hh, keep_for_backward=True)
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
+        ctx.steps = saved                                   # intermediates, not inputs or outputs
         # h_last is a copy, not a view of hs: autograd Functions must not return
         # one output as a view of another.
         return hs, hs[-1].clone(), c_last
 
     @staticmethod
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):
-        x, h0, c0, weight_ih, weight_hh, gates, hs, cs = ctx.saved_tensors
+        x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
+        steps = ctx.steps
         T, B, I = x.shape
         H = hs.shape[2]
-        grad_gates = torch.empty_like(gates)                # (T, B, 4H), pre-activation grads
-        grad_h = grad_h_last if grad_h_last is not None else torch.zeros_like(h0)
-        grad_c = grad_c_last if grad_c_last is not None else torch.zeros_like(c0)
+        grad_gates = hs.new_empty(T, B, 4 * H)              # pre-activation gradients
         if grad_hs is None:
             grad_hs = torch.zeros_like(hs)
+        grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
+        grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
+        recurrent_t = _recurrent_product(weight_hh.t(), B)  # dh_prev = dgates @ W_hh
         for t in range(T - 1, -1, -1):
-            i, f, g, o = gates[t].unflatten(1, (4, H)).unbind(1)
-            c_prev = cs[t - 1] if t > 0 else c0
-            tanh_c = torch.tanh(cs[t])
-            grad_h = grad_h + grad_hs[t]
+            gates, _, tanh_c = steps[t]
+            c_prev = steps[t - 1][1] if t > 0 else c0
+            i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
             d_i, d_f, d_g, d_o = grad_gates[t].unflatten(1, (4, H)).unbind(1)
             # through h = o * tanh(c)
             torch.mul(grad_h, tanh_c, out=d_o)
-            grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)
+            grad_c = torch.addcmul(grad_c, grad_h * o, 1 - tanh_c * tanh_c)
             # through c = f * c_prev + i * g
             torch.mul(grad_c, g, out=d_i)
             torch.mul(grad_c, c_prev, out=d_f)
             torch.mul(grad_c, i, out=d_g)
             grad_c = grad_c * f
             # through the nonlinearities: sigmoid' = s(1-s), tanh' = 1-t^2
-            d_i.mul_(i * (1 - i))
-            d_f.mul_(f * (1 - f))
+            d_i.mul_(i - i * i)
+            d_f.mul_(f - f * f)
             d_g.mul_(1 - g * g)
-            d_o.mul_(o * (1 - o))
-            grad_h = grad_gates[t] @ weight_hh                  # (B, H)
+            d_o.mul_(o - o * o)
+            if t > 0:
+                grad_h = recurrent_t(grad_gates[t], grad_hs[t - 1])
+            else:
+                grad_h = recurrent_t(grad_gates[t])
         flat = grad_gates.view(T * B, 4 * H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
         # the weight gradients of all steps in one product each
