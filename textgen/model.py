@@ -328,13 +328,13 @@ class Stepper:
         for k, (w_ih_t, w_hh_t, bias) in enumerate(self.layers):
             h, c = state[k]
             if k == 0:
-                gates = self.token_gates[tokens].addmm_(h, w_hh_t)       # (N, 4H)
+                gates = torch.index_select(self.token_gates, 0, tokens).addmm_(h, w_hh_t)  # (N, 4H)
             else:
                 gates = torch.addmm(bias, x, w_ih_t).addmm_(h, w_hh_t)
             torch.sigmoid_(gates[:, : 2 * H])
             torch.tanh_(gates[:, 2 * H : 3 * H])
             torch.sigmoid_(gates[:, 3 * H :])
-            i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
+            i, f, g, o = gates.chunk(4, dim=1)
             c = torch.addcmul(f * c, i, g)
             x = o * torch.tanh(c)
             new_state.append((x, c))

@@ -5,8 +5,8 @@ character, so a prompt, the text generated from it, a following paragraph and
 the next interactive turn all continue one state; nothing already read is ever
 run again, and each new character costs one step of the model.
 
-Sampling draws with an explicit ``torch.Generator`` seeded by the user, by
-inverse-CDF on the CPU, so the same seed and checkpoint give the same text on
+Sampling draws with an explicit ``torch.Generator`` seeded by the user, on
+the CPU, so the same seed and checkpoint give the same text on
 every run and every device.
 """
 from __future__ import annotations
@@ -72,11 +72,8 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row by inverse CDF: deterministic given the generator's state."""
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
-    cdf = probs.double().cumsum(-1)
-    cdf = cdf / cdf[:, -1:]
-    return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+    """One token per row, drawn on the CPU with the given generator: deterministic on any device."""
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
 
 
 class Generator:

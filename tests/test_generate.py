@@ -1,0 +1,195 @@
+"""Generation: sampling controls, the carried state, and generate.py as a user runs it."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, assert_user_error, run
+from textgen.checkpoint import load_model
+from textgen.cli import train_main
+from textgen.sampling import Generator, SampleConfig, draw, next_token_probs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import small_text
+    folder = tmp_path_factory.mktemp("gen")
+    text = folder / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = str(folder / "run")
+    assert train_main([str(text), *TINY, "--steps", "150", "--eval-every", "150", "--out", out, "-q",
+                       "--sample-length", "0", "--lr", "1e-2"]) == 0
+    return out
+
+
+def generator(run_dir, **kwargs):
+    model, tok, _ = load_model(run_dir)
+    return Generator(model, tok, **kwargs)
+
+
+def test_same_seed_same_text_and_other_seed_other_text(trained):
+    config = SampleConfig(length=200, temperature=1.0)
+    texts = []
+    for seed in (7, 7, 8):
+        gen = generator(trained, seed=seed)
+        gen.feed("ANNA:\n")
+        texts.append(gen.generate(config)[0])
+    assert texts[0] == texts[1] and texts[0] != texts[2] and len(texts[0]) == 200
+
+
+def test_temperature_zero_follows_the_argmax_path(trained):
+    model, tok, _ = load_model(trained)
+    gen = Generator(model, tok, seed=1)
+    gen.feed("The ")
+    greedy = gen.generate(SampleConfig(length=30, temperature=0))[0]
+    text = "The "
+    for _ in range(30):                                     # re-run the whole context: the slow reference
+        logits, _ = model(torch.from_numpy(tok.encode(text).astype("int64"))[None])
+        text += tok.chars[int(logits[0, -1].argmax())]
+    assert greedy == text[4:]
+
+
+def test_top_k_one_equals_argmax(trained):
+    gen_k, gen_0 = generator(trained, seed=3), generator(trained, seed=4)
+    for gen in (gen_k, gen_0):
+        gen.feed("BORIS:\n")
+    assert gen_k.generate(SampleConfig(length=50, temperature=1.5, top_k=1)) == \
+        gen_0.generate(SampleConfig(length=50, temperature=0))
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    kept = next_token_probs(logits, 1.0, top_p=0.8)          # 0.5 + 0.3 reaches 0.8
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    kept = next_token_probs(logits, 1.0, top_p=0.81)         # needs the 0.15 too
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.5, 0.15, 0.3]]) / 0.95)
+    kept = next_token_probs(logits, 1.0, top_k=2)
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    draws = torch.stack([draw(kept, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert set(draws.flatten().tolist()) == {1, 3}
+
+
+def test_carried_state_equals_feeding_everything_as_one_sequence(trained):
+    gen = generator(trained, seed=11)
+    gen.feed("CLÉO:\n")
+    first = gen.generate(SampleConfig(length=60, temperature=1.0))[0]
+    rng_after_first = gen.rng.get_state()
+    second = gen.generate(SampleConfig(length=60, temperature=1.0))[0]
+
+    fresh = generator(trained, seed=0)
+    fresh.feed("CLÉO:\n" + first)                            # prompt and first paragraph, one pass
+    fresh.rng.set_state(rng_after_first)
+    assert fresh.generate(SampleConfig(length=60, temperature=1.0))[0] == second
+
+
+def test_stop_string_ends_the_output(trained):
+    gen = generator(trained, seed=5)
+    gen.feed("ANNA:\n")
+    text = gen.generate(SampleConfig(length=2000, temperature=1.0, stop="\n\n"))[0]
+    assert text.endswith("\n\n") and text.count("\n\n") == 1
+
+
+def test_num_samples_are_drawn_as_a_batch_and_differ(trained):
+    gen = generator(trained, seed=2, num_samples=3)
+    gen.feed("DMITRI:\n")
+    texts = gen.generate(SampleConfig(length=80, temperature=1.0, num_samples=3))
+    assert len(texts) == 3 and len(set(texts)) == 3
+
+
+def test_cli_prints_prompt_then_text_only_and_is_reproducible(trained):
+    args = ["--checkpoint", trained, "--prompt", "ANNA:\n", "--length", "100", "--seed", "9"]
+    a, b = run("generate.py", *args), run("generate.py", *args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("ANNA:\n") and len(a.stdout) == len("ANNA:\n") + 101
+    assert "seed 9" in a.stderr
+
+
+def test_cli_streams_before_it_ends(trained):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", trained,
+                             "--length", "10000000", "--seed", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        first = proc.stdout.read(20)
+        assert len(first) == 20
+        assert proc.poll() is None, "the output should appear while generation is still running"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_output_file_and_paragraphs_continue_the_state(trained, tmp_path):
+    out = tmp_path / "out.txt"
+    result = run("generate.py", "--checkpoint", trained, "--paragraphs", "3", "--length", "300", "--seed", "4",
+                 "--output", str(out))
+    assert result.returncode == 0 and result.stdout == ""
+    text = out.read_text(encoding="utf-8")
+    gen = generator(trained, seed=4)
+    expected = ""
+    for _ in range(3):
+        piece = gen.generate(SampleConfig(length=300, stop="\n\n"))[0]
+        expected += piece
+        if not piece.endswith("\n\n"):
+            sep = "\n\n" if not piece.endswith("\n") else "\n"
+            gen.feed(sep)
+            expected += sep
+    assert text == expected
+
+
+def test_interactive_keeps_state_across_turns_and_reset_forgets(trained):
+    config = SampleConfig(length=40, temperature=1.0, stop="\n\n")
+
+    def replies(turns, reset_before_second=False):
+        gen, out = generator(trained, seed=3), []
+        for k, turn in enumerate(turns):
+            if k == 1 and reset_before_second:
+                gen.reset()
+            gen.feed(turn + "\n")
+            text = gen.generate(config)[0]
+            if not text.endswith("\n"):
+                gen.feed("\n")
+                text += "\n"
+            out.append(text)
+        return "".join(out)
+
+    carried = run("generate.py", "--checkpoint", trained, "--interactive", "--temperature", "1", "--seed", "3",
+                  "--length", "40", input="ANNA:\nBORIS:\n\n")
+    assert carried.returncode == 0, carried.stderr
+    assert carried.stdout == replies(["ANNA:", "BORIS:"])
+    reset = run("generate.py", "--checkpoint", trained, "--interactive", "--temperature", "1", "--seed", "3",
+                "--length", "40", input="ANNA:\n/reset\nBORIS:\n")
+    assert reset.stdout == replies(["ANNA:", "BORIS:"], reset_before_second=True)
+    assert carried.stdout != reset.stdout
+
+
+def test_unknown_prompt_characters(trained):
+    result = run("generate.py", "--checkpoint", trained, "--prompt", "ANNA Ωλ", "--length", "5")
+    assert_user_error(result, "not in the model's vocabulary", "Ω", "λ", "--unknown skip")
+    skipped = run("generate.py", "--checkpoint", trained, "--prompt", "ANNA Ω", "--length", "5", "--unknown", "skip",
+                  "--seed", "1")
+    assert skipped.returncode == 0 and "warning" in skipped.stderr and "Ω" in skipped.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-0.5"], "--temperature must be 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--length", "0"], "--length must be a positive"),
+])
+def test_bad_sampling_flags(trained, flags, message, capsys):
+    from textgen.cli import generate_main
+    assert generate_main(["--checkpoint", trained, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_checkpoints_from_the_command_line(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    assert_user_error(run("generate.py", "--checkpoint", str(junk)), "not a textgen checkpoint")
+    assert_user_error(run("generate.py", "--checkpoint", str(tmp_path / "none")), "no such checkpoint")
+    assert_user_error(run("generate.py", cwd=str(tmp_path)), "no trained run found")
