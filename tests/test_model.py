@@ -130,3 +130,26 @@ def test_overfitting_one_batch_drives_the_loss_near_zero():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, loss.item()
+
+
+def test_fused_layer_frees_its_graph_after_backward():
+    """Intermediates kept for backward die with the graph by reference counting alone.
+
+    A cycle through the autograd node (output -> grad_fn -> ctx -> output) would only
+    be freed by Python's cyclic GC, which rarely runs in a training loop: memory grew
+    by ~40 MB per step before this was fixed.
+    """
+    import gc
+    import weakref
+    stack = StackedLSTM(4, 8, layers=1)
+    gc.disable()
+    try:
+        out, state = stack(torch.randn(5, 2, 4))
+        kept = weakref.ref(state[0][1].grad_fn.steps[-1][1])   # the last c the backward pass needs
+        (out.sum() + state[0][1].sum()).backward()
+        carried = tuple((h.detach(), c.detach()) for h, c in state)   # what training keeps
+        del out, state
+        assert kept() is None
+    finally:
+        gc.enable()
+    assert carried[0][1].shape == (2, 8)

@@ -1,2 +1,13 @@
-"""textgen: a character-level LSTM text generator."""
+"""textgen: a character-level LSTM text generator.
+
+    import textgen
+    model = textgen.train("my.txt", steps=1000)          # or textgen.load("checkpoints/<run>")
+    print(model.generate("ROMEO:", length=200, temperature=0.8))
+"""
 __version__ = "0.1.0"
+
+from .api import TextModel, generate, load, train  # noqa: E402
+from .model import CharLSTM, ModelConfig  # noqa: E402
+from .tokenizer import CharTokenizer  # noqa: E402
+
+__all__ = ["CharLSTM", "CharTokenizer", "ModelConfig", "TextModel", "generate", "load", "train", "__version__"]

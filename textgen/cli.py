@@ -295,3 +295,120 @@ def _interactive(gen, config, out, prompt: str) -> None:
         if not text.endswith("\n"):
             gen.feed("\n")
             _write(out, "\n")
+
+
+# ---------------------------------------------------------------------------
+# eval, info, plot, and the umbrella `textgen` command
+# ---------------------------------------------------------------------------
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="textgen-eval", formatter_class=_Formatter,
+        description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
+                    "The file is read as a few parallel streams with the state carried from start to end; each "
+                    "stream starts from a zero state, a small upward bias that shrinks as the file grows.")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_FOLDER_OR_FILE",
+                   help="a run folder (best.pt, else latest.pt) or a checkpoint file (default: the most recent run)")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    p.add_argument("--unknown", choices=("error", "skip"), default="error",
+                   help="characters the model never saw: stop with an error, or leave them out and count them")
+    p.add_argument("--batch-size", type=int, default=16, help="parallel streams the file is read as")
+    p.add_argument("--seq-len", type=int, default=256, help="characters per chunk")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_common(p)
+    return p
+
+
+def eval_main(argv=None) -> int:
+    return run_main(_eval, argv)
+
+
+def _eval(argv) -> int:
+    import json
+
+    from .checkpoint import latest_run
+    from .evaluate import evaluate_file
+    from .training import resolve_device
+    args = eval_parser().parse_args(argv)
+    if args.batch_size < 1 or args.seq_len < 1:
+        raise UsageError("--batch-size and --seq-len must be positive integers")
+    report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size, args.seq_len,
+                           resolve_device(args.device), progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted "
+          f"in {report['streams']} streams")
+    if report["skipped_unknown"]:
+        print(f"left out {report['skipped_unknown']:,} characters the model never saw")
+    print(f"cross-entropy {report['nats_per_char']:.4f} nats/char = {report['bits_per_char']:.4f} bits/char "
+          f"({report['seconds']:.1f}s)")
+    return 0
+
+
+def info_main(argv=None) -> int:
+    return run_main(_info, argv)
+
+
+def _info(argv) -> int:
+    from .checkpoint import load, model_config_of, resolve
+    from .evaluate import LN2
+    from .tokenizer import escape_char
+    p = argparse.ArgumentParser(prog="textgen info", formatter_class=_Formatter,
+                                description="Describe a checkpoint without putting its weights on a device.")
+    p.add_argument("checkpoint", metavar="RUN_FOLDER_OR_FILE")
+    p.add_argument("--version", action="version", version=f"textgen {__version__}")
+    args = p.parse_args(argv)
+    path = resolve(args.checkpoint, prefer_best=False)
+    ckpt = load(path, map_location="cpu")
+    config = model_config_of(ckpt)
+    params = sum(t.numel() for t in ckpt["model"].values())
+    vocab = ckpt["vocab"]["chars"]
+    corpus = ckpt.get("corpus", {})
+    best = ckpt.get("best_val_loss")
+    print(f"checkpoint   {path} (format {ckpt['version']}, written {ckpt.get('created', '?')})")
+    print(f"model        {config.layers} x LSTM {config.hidden_size}, embedding {config.embed_size}, "
+          f"dropout {config.dropout}")
+    print(f"parameters   {params:,}")
+    print(f"vocabulary   {len(vocab)} characters: {' '.join(escape_char(ch) for ch in vocab)}")
+    if corpus:
+        print(f"corpus       {corpus.get('path')} ({corpus.get('size_bytes', 0):,} bytes, "
+              f"{corpus.get('characters', 0):,} characters, sha256 {corpus.get('sha256', '')[:16]})")
+    print(f"steps        {ckpt['step']:,} of {ckpt.get('plan', '?')}")
+    if best is not None:
+        print(f"best val     {best:.4f} nats/char = {best / LN2:.4f} bits/char")
+    print(f"train time   {ckpt.get('elapsed', 0.0):.0f}s")
+    return 0
+
+
+def plot_main(argv=None) -> int:
+    return run_main(_plot, argv)
+
+
+def _plot(argv) -> int:
+    from .plot import plot_runs
+    p = argparse.ArgumentParser(prog="textgen plot", formatter_class=_Formatter,
+                                description="Plot training and validation loss of one or more runs into a PNG.")
+    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
+    p.add_argument("--output", default=None, help="PNG to write (default: loss.png in the first run folder)")
+    p.add_argument("--version", action="version", version=f"textgen {__version__}")
+    args = p.parse_args(argv)
+    out = plot_runs(args.runs, args.output)
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": train_main, "generate": generate_main, "eval": eval_main, "info": info_main,
+            "plot": plot_main}
+
+
+def textgen_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"textgen {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: textgen {{{names}}} [flags]   (textgen COMMAND --help for each)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -22,12 +22,9 @@ LN2 = math.log(2)
 
 @torch.no_grad()
 def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = 16, seq_len: int = 256,
-                  device="cpu", counted: np.ndarray | None = None, progress=None,
-                  shard: tuple[int, int] | None = None) -> tuple[float, int]:
+                  device="cpu", progress=None, shard: tuple[int, int] | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of characters it covers.
 
-    counted, a boolean array as long as tokens, leaves the characters where it
-    is False out of the sum (they are still read, so the state stays whole).
     shard (rank, world_size) reads only that rank's share of the streams.
     """
     was_training = model.training
@@ -41,14 +38,60 @@ def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = 16, seq
                     continue
             window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             logits, state = model(window[:, :-1], state)
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="none")
-            if counted is not None:
-                keep = torch.from_numpy(counted[idx[:, 1:]].ravel()).to(device)
-                nll = nll[keep]
-            total += float(nll.sum())
-            count += nll.numel()
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="sum")
+            total += float(nll)
+            count += window[:, 1:].numel()
             if progress is not None:
                 progress(idx.shape[0] * (idx.shape[1] - 1))
     finally:
         model.train(was_training)
     return total, count
+
+
+def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", batch_size: int = 16,
+                  seq_len: int = 256, device="cpu", progress: bool = False) -> dict:
+    """Cross-entropy of a checkpoint over a whole text file, as a report dict."""
+    import time
+
+    from .checkpoint import load_model
+    from .data import eval_streams, read_corpus
+    from .errors import UsageError
+    from .tokenizer import UnknownCharactersError, codepoints
+
+    model, tokenizer, _ = load_model(checkpoint_path, prefer_best=True, device=device)
+    corpus = read_corpus(text_path)
+    cps = codepoints(corpus.text)
+    missing = tokenizer.unknown_chars(corpus.text)
+    skipped = 0
+    if missing:
+        if unknown != "skip":
+            raise UsageError(f"{text_path}: {UnknownCharactersError(missing, tokenizer.vocab_size)}; "
+                             f"pass --unknown skip to leave them out of the average")
+        known = np.isin(cps, codepoints(missing), invert=True)
+        skipped = int((~known).sum())
+        cps = cps[known]            # the model reads the text without them
+    tokens = tokenizer.encode_codepoints(cps)
+    if len(tokens) < 2:
+        raise UsageError(f"{text_path} has fewer than two characters the model knows; nothing to evaluate")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tokens) - 1, unit="char", unit_scale=True, file=__import__("sys").stderr)
+    start = time.perf_counter()
+    try:
+        total, count = cross_entropy(model, tokens, batch_size, seq_len, device,
+                                     progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    nats = total / count
+    return {"checkpoint": checkpoint_path, "text": text_path, "characters": int(len(cps) + skipped),
+            "predicted": count, "skipped_unknown": skipped, "nats_per_char": nats, "bits_per_char": nats / LN2,
+            "streams": eval_streams(len(tokens), batch_size, seq_len), "seconds": time.perf_counter() - start}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import eval_main
+    sys.exit(eval_main())

@@ -149,9 +149,10 @@ class FusedLSTMLayer(torch.autograd.Function):
         hs, c_last, saved = _recurrent_forward(x_proj, h0, c0, weight_hh, keep_for_backward=True)
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
         ctx.steps = saved                                   # intermediates, not inputs or outputs
-        # h_last is a copy, not a view of hs: autograd Functions must not return
-        # one output as a view of another.
-        return hs, hs[-1].clone(), c_last
+        # Outputs are copies: h_last must not be a view of another output, and c_last
+        # must not be the tensor ctx.steps holds, or output -> grad_fn -> ctx.steps ->
+        # output is a cycle that keeps every chunk's graph alive (a memory leak).
+        return hs, hs[-1].clone(), c_last.clone()
 
     @staticmethod
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):

@@ -433,6 +433,8 @@ class Trainer:
                     val_loss = self._evaluate_and_sample()
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
+                if val_loss is not None and main:
+                    self._plot()
                 is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
                 if is_best:
                     self.best_val_loss = val_loss
@@ -521,6 +523,11 @@ class Trainer:
             if not self.config.quiet or val_loss is not None:
                 self.log(f"step {self.step}/{self.plan} loss {entry['train_loss']:.4f} val {val} "
                          f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
+
+    def _plot(self) -> None:
+        from .plot import matplotlib_available, plot_runs
+        if matplotlib_available():
+            plot_runs([self.run_dir])
 
     def _write_config(self) -> None:
         doc = {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info(),

@@ -1,0 +1,60 @@
+"""Train with the defaults for a wall-clock budget and print the validation curve beside the n-gram baseline.
+
+    python benchmarks/quality.py ../shared/corpora/tinyshakespeare.txt --time 15m
+    python benchmarks/quality.py some.txt --time 5m -- --hidden-size 256   # extra train.py flags after --
+
+The split is train.py's (last --val-fraction of the file for validation); the
+baseline is an interpolated Witten-Bell 5-gram counted on the same head.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ngram import WittenBell, split  # noqa: E402
+from textgen.cli import parse_duration, train_main  # noqa: E402
+from textgen.checkpoint import load  # noqa: E402
+
+LN2 = math.log(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text")
+    parser.add_argument("--time", default="15m", help="training budget (90s, 15m, 2h)")
+    parser.add_argument("--order", type=int, default=5, help="n-gram order of the baseline")
+    parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
+    parser.add_argument("extra", nargs="*", help="further train.py flags, after --")
+    args = parser.parse_args()
+    parse_duration(args.time)
+    out = args.out or tempfile.mkdtemp(prefix="textgen-quality-")
+    code = train_main([args.text, "--time", args.time, "--out", out, "-q", "--sample-length", "0", *args.extra])
+    if code != 0:
+        sys.exit(code)
+    ckpt = load(os.path.join(out, "latest.pt"))
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    head, tail = split(text, ckpt["train_config"]["val_fraction"])
+    baseline = WittenBell(head, args.order, set(text)).cross_entropy(tail, context=head)
+    print(f"\n{'step':>6} {'seconds':>8} {'train':>7} {'val nats':>9} {'val bits':>9}")
+    for row in ckpt["history"]:
+        if row["val_loss"] is not None:
+            print(f"{row['step']:>6} {row['time']:>8.0f} {row['train_loss']:>7.4f} {row['val_loss']:>9.4f} "
+                  f"{row['val_loss'] / LN2:>9.4f}")
+    final = ckpt["history"][-1]["val_loss"]
+    best = ckpt["best_val_loss"]
+    c = ckpt["model_config"]
+    print(f"\n{os.path.basename(args.text)}: {c['layers']}x{c['hidden_size']} LSTM, {ckpt['step']} steps in "
+          f"{ckpt['elapsed']:.0f}s")
+    print(f"final val {final:.4f} nats/char ({final / LN2:.3f} bits), best {best:.4f} ({best / LN2:.3f} bits)")
+    print(f"Witten-Bell {args.order}-gram baseline {baseline:.4f} nats/char ({baseline / LN2:.3f} bits); "
+          f"model / baseline = {best / baseline:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from .cli import textgen_main
+
+sys.exit(textgen_main())

@@ -1,0 +1,79 @@
+"""The Python API: load a model, generate from it, train one.
+
+    import textgen
+    model = textgen.load("checkpoints/my-run")
+    print(model.generate("ROMEO:", length=200, temperature=0.8, seed=1))
+    textgen.train("my.txt", steps=1000)
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from .checkpoint import load_model
+from .errors import UsageError
+from .model import ModelConfig
+from .sampling import Generator, SampleConfig
+
+
+class TextModel:
+    """A trained model with its vocabulary, ready to generate."""
+
+    def __init__(self, model, tokenizer, checkpoint: dict, path: str):
+        self.model, self.tokenizer, self.checkpoint, self.path = model, tokenizer, checkpoint, path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def generator(self, seed: int | None = None, num_samples: int = 1, unknown: str = "error") -> Generator:
+        """A Generator whose state carries from one feed/generate call to the next."""
+        return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown)
+
+    def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
+                 stop: str | None = None, unknown: str = "error"):
+        """The continuation of prompt (without the prompt); a list of strings when num_samples > 1."""
+        config = SampleConfig(length, temperature, top_k, top_p, seed, num_samples, stop)
+        config.validate()
+        gen = self.generator(seed, num_samples, unknown)
+        gen.feed(prompt)
+        texts = gen.generate(config)
+        return texts[0] if num_samples == 1 else texts
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"TextModel({self.path!r}, {c.layers}x{c.hidden_size}, vocabulary {c.vocab_size}, "
+                f"step {self.checkpoint['step']})")
+
+
+def load(path: str, device: str = "cpu", prefer_best: bool = True) -> TextModel:
+    """A run folder (best.pt, else latest.pt) or a checkpoint file, on any device."""
+    from .training import resolve_device
+    model, tokenizer, ckpt = load_model(path, prefer_best=prefer_best, device=resolve_device(device))
+    return TextModel(model, tokenizer, ckpt, path)
+
+
+def train(text: str | None = None, resume: str | None = None, log=print, **settings) -> TextModel:
+    """Train on a text file (None: the embedded corpus) and return the best model.
+
+    settings are ModelConfig and TrainConfig fields, e.g. hidden_size=256,
+    steps=1000, time_budget=60, out="checkpoints/mine".
+    """
+    from .training import TrainConfig, Trainer
+    model_fields = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
+    train_fields = {f.name for f in fields(TrainConfig)} - {"text"}
+    unknown = set(settings) - model_fields - train_fields
+    if unknown:
+        raise UsageError(f"unknown training settings: {', '.join(sorted(unknown))}")
+    model_config = ModelConfig(vocab_size=1, **{k: v for k, v in settings.items() if k in model_fields})
+    train_config = TrainConfig(text=text, **{k: v for k, v in settings.items() if k in train_fields})
+    trainer = Trainer(model_config, train_config, resume=resume, explicit=set(settings) | ({"text"} if text else set()),
+                      log=log)
+    result = trainer.run()
+    return load(result.run_dir)
+
+
+def generate(model_or_path, prompt: str = "", **kwargs):
+    """One call: generate(\"checkpoints/run\", \"ROMEO:\", length=200)."""
+    model = model_or_path if isinstance(model_or_path, TextModel) else load(model_or_path)
+    return model.generate(prompt, **kwargs)

@@ -1,0 +1,64 @@
+"""Loss curves of one or more runs, against steps and against wall time, into a PNG.
+
+matplotlib is an optional extra (`pip install -e ".[plot]"`); without it the
+command says so and training simply skips its plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import UsageError
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir} has no metrics.jsonl; is it a textgen run folder?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+    output = output or os.path.join(run_dirs[0], "loss.png")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run_dir in run_dirs:
+        rows = read_metrics(run_dir)
+        name = os.path.basename(os.path.normpath(run_dir))
+        val = [r for r in rows if r.get("val_loss") is not None]
+        for ax, x in zip(axes, ("step", "time")):
+            line, = ax.plot([r[x] for r in rows], [r["train_loss"] for r in rows], alpha=0.6, label=f"{name} train")
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(),
+                    label=f"{name} val")
+    for ax, label in zip(axes, ("step", "seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/char)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = output + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import plot_main
+    sys.exit(plot_main())
