@@ -4,7 +4,8 @@ A training step is forward + cross-entropy + backward + gradient clipping +
 AdamW, on a character model (embedding 64, vocabulary 65) whose LSTM is ours
 or nn.LSTM with the same weights. The two are timed side by side in one run,
 alternating rounds so that machine noise hits both alike, and the median
-round is reported. Peak memory is measured in a fresh subprocess per
+round is reported. A third column runs ours with bf16 matrix products
+(--dtype bfloat16 in train.py), which is faster but not exact. Peak memory is measured in a fresh subprocess per
 implementation: the growth of peak resident memory over the steps, beyond
 the model itself. Achieved GFLOP/s is set against a measured matmul peak.
 
@@ -55,9 +56,11 @@ class TorchLSTMModel(nn.Module):
 
 
 def build(impl: str, layers: int, hidden: int, dropout: float = 0.0):
+    """impl: "ours" (float32, exact), "ours-bf16" (bf16 matrix products) or "nn.LSTM"."""
     torch.manual_seed(0)
     ours = CharLSTM(ModelConfig(VOCAB, EMBED, hidden, layers, dropout))
-    model = ours if impl == "ours" else TorchLSTMModel(ours)
+    ours.lstm.matmul_dtype = torch.bfloat16 if impl == "ours-bf16" else None
+    model = ours if impl.startswith("ours") else TorchLSTMModel(ours)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return model, opt
 
@@ -100,7 +103,7 @@ def matmul_peak() -> float:
 
 
 def time_side_by_side(layers, hidden, streams, chunk, rounds, steps_per_round):
-    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk) for impl in ("ours", "nn.LSTM")}
+    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk) for impl in ("ours", "nn.LSTM", "ours-bf16")}
     for step in steps.values():
         step(), step()                       # warm-up: allocator, oneDNN primitives
     times = {impl: [] for impl in steps}
@@ -162,15 +165,16 @@ def main() -> None:
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s")
     print(f"{'config':<22} {'ours chars/s':>13} {'nn.LSTM chars/s':>16} {'ratio':>6} "
-          f"{'ours GFLOP/s':>13} {'ours peak MB':>13} {'nn.LSTM peak MB':>16}")
+          f"{'ours GFLOP/s':>13} {'ours peak MB':>13} {'nn.LSTM peak MB':>16} {'ours bf16 chars/s':>18} {'ratio':>6}")
     for name, (layers, hidden, streams, chunk) in configs.items():
         times = time_side_by_side(layers, hidden, streams, chunk, rounds, per_round)
         chars = streams * chunk
         ours, ref = chars / times["ours"], chars / times["nn.LSTM"]
         gflops = train_flops(layers, hidden, streams, chunk) / times["ours"] / 1e9
         mem = {impl: peak_memory(impl, layers, hidden, streams, chunk) for impl in ("ours", "nn.LSTM")}
+        bf16 = chars / times["ours-bf16"]
         print(f"{name:<22} {ours:>13,.0f} {ref:>16,.0f} {ours / ref:>6.2f} {gflops:>8.0f} ({gflops / peak:4.0%})"
-              f" {mem['ours']:>13.0f} {mem['nn.LSTM']:>16.0f}", flush=True)
+              f" {mem['ours']:>13.0f} {mem['nn.LSTM']:>16.0f} {bf16:>18,.0f} {bf16 / ref:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

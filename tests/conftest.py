@@ -1,11 +1,17 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
+
+def pytest_configure(config):
+    # Prepared corpora go to a cache of the test session's own, never the user's (subprocesses inherit it).
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="textgen-test-cache-")
+
 
 # Small and fast: a few seconds of training on two cores.
 TINY = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--batch-size", "4", "--seq-len", "16",

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from textgen.data import StreamLoader, check_trainable, eval_chunks, read_corpus, split_tokens
+from textgen.corpus import read_text
+from textgen.data import StreamLoader, check_trainable, eval_chunks, split_tokens
 from textgen.errors import UsageError
 
 
@@ -64,11 +65,11 @@ def test_bad_files(tmp_path, content, message):
     path = tmp_path / "f.txt"
     path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
-        read_corpus(str(path))
+        read_text(str(path))
 
 
 def test_missing_and_directory(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        read_corpus(str(tmp_path / "nope.txt"))
+        read_text(str(tmp_path / "nope.txt"))
     with pytest.raises(UsageError, match="directory"):
-        read_corpus(str(tmp_path))
+        read_text(str(tmp_path))

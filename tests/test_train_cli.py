@@ -55,7 +55,7 @@ def test_resume_on_a_different_text_is_refused_unless_asked(text_file, tmp_path,
 
 @pytest.mark.parametrize("content, flags, message", [
     (None, [], "no such file"),
-    ("DIR", [], "is a directory"),
+    ("DIR", [], "is a folder with no files in it"),
     (b"", [], "is empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", [], "binary"),
     (b"abc \xe9t\xe9 latin-1", [], "not valid UTF-8 (bad byte at offset 4)"),

@@ -66,7 +66,10 @@ def train(text: str | None = None, resume: str | None = None, log=print, **setti
     if unknown:
         raise UsageError(f"unknown training settings: {', '.join(sorted(unknown))}")
     model_config = ModelConfig(vocab_size=1, **{k: v for k, v in settings.items() if k in model_fields})
-    train_config = TrainConfig(text=text, **{k: v for k, v in settings.items() if k in train_fields})
+    train_settings = {k: v for k, v in settings.items() if k in train_fields}
+    if "steps" in train_settings:
+        train_settings.setdefault("time_budget", None)      # a step count replaces the default budget
+    train_config = TrainConfig(text=text, **train_settings)
     trainer = Trainer(model_config, train_config, resume=resume, explicit=set(settings) | ({"text"} if text else set()),
                       log=log)
     result = trainer.run()

@@ -30,6 +30,11 @@ def parse_duration(text: str) -> float:
     return h * 3600 + m * 60 + s
 
 
+def _unescape(text: str) -> str:
+    """'\\n\\n' typed on a command line -> two newlines."""
+    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+
+
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
     """The destinations the user actually set on the command line (not left at their default)."""
     defaults = {action.dest: action.default for action in parser._actions}
@@ -82,8 +87,9 @@ def train_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python train.py                      # the embedded default corpus\n"
                "  python train.py my.txt --time 15m     # your file, for 15 minutes\n"
                "  python train.py --resume checkpoints/my-20260101-120000")
-    p.add_argument("text", nargs="?", default=None, metavar="TEXT_FILE",
-                   help="UTF-8 text to train on (default: the embedded corpus in corpora/)")
+    p.add_argument("text", nargs="?", default=None, metavar="TEXT",
+                   help="UTF-8 text to train on: a file, a folder of files or a quoted glob "
+                        "(default: the embedded corpus in corpora/)")
     g = p.add_argument_group("model")
     g.add_argument("--hidden-size", type=int, default=m.hidden_size, help="LSTM units per layer")
     g.add_argument("--layers", type=int, default=m.layers, help="stacked LSTM layers")
@@ -93,17 +99,25 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=t.batch_size, help="parallel streams read side by side")
     g.add_argument("--seq-len", type=int, default=t.seq_len, help="chunk length in characters (backprop window)")
     g.add_argument("--val-fraction", type=float, default=t.val_fraction, help="tail of the file kept for validation")
+    g.add_argument("--separator", type=_unescape, default=t.separator,
+                   help="text put between the files of a folder or glob corpus (escapes like \\n work)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where prepared corpora are cached (default: $XDG_CACHE_HOME/textgen or ~/.cache/textgen)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=t.lr, help="peak AdamW learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio, help="final lr as a fraction of --lr")
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="clip the gradient norm to this")
-    g.add_argument("--steps", type=int, default=t.steps, help="optimizer steps (ignored with --time)")
-    g.add_argument("--time", type=parse_duration, default=None, dest="time_budget",
-                   help="train for this long (90s, 15m, 2h) with the schedule planned over it")
+    g.add_argument("--steps", type=int, default=None,
+                   help="train exactly this many steps (replaces the default time budget; reproducible)")
+    g.add_argument("--time", type=parse_duration, default="3m", dest="time_budget",
+                   help="train for this long (90s, 15m, 2h; seconds by default) with the schedule planned over it")
     g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=t.eval_every, help="validate and print a sample every N steps")
+    g.add_argument("--eval-every", type=int, default=t.eval_every,
+                   help="validate and print a sample every N steps (0: about 10 times over the run)")
+    g.add_argument("--eval-chars", type=int, default=t.eval_chars,
+                   help="characters of the validation tail read at each validation (0: all)")
     g.add_argument("--save-every", type=int, default=t.save_every, help="write latest.pt every N steps")
     g.add_argument("--log-every", type=int, default=t.log_every, help="log a metrics line every N steps")
     g.add_argument("--sample-length", type=int, default=t.sample_length, help="characters sampled at each validation (0: none)")
@@ -111,6 +125,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run folder (default: checkpoints/<corpus>-<date>-<time>)")
     g.add_argument("--name", default=None, help="run name: the run folder becomes checkpoints/NAME")
     g.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and dropout")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=t.dtype,
+                   help="bfloat16 runs the LSTM's matrix products in bf16 (the cell state stays float32): faster "
+                        "on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is native")
     g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
     g.add_argument("--allow-new-text", action="store_true",
                    help="when resuming, continue on a different text with the old vocabulary")
@@ -129,6 +146,11 @@ def _train(argv) -> int:
     parser = train_parser()
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
+    if args.steps is None:
+        args.steps = TrainConfig.steps
+    elif "time_budget" not in explicit:
+        args.time_budget = None          # a step count replaces the default time budget
+        explicit.add("time_budget")
     values = vars(args)
     model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
                                                if f.name != "vocab_size"})
@@ -138,22 +160,26 @@ def _train(argv) -> int:
             model_config.validate()
         except ValueError as e:
             raise UsageError(f"--{str(e).replace('_', '-')}") from None
-    explicit = {"time_budget" if name == "time_budget" else name for name in explicit}
-    log = _logger(args.quiet)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts > 0 and args.resume is None:
+        # torchrun restarted the job after a failure: carry on from the run folder's latest.pt.
+        folder = args.out or (os.path.join("checkpoints", args.name) if args.name else None)
+        if folder is None:
+            raise UsageError("an elastic restart needs a fixed run folder: pass --out or --name to train.py")
+        if os.path.isfile(os.path.join(folder, "latest.pt")):
+            args.resume = folder
     try:
-        trainer = Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=log)
-        result = trainer.run()
+        Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=_log).run()
     finally:
         distributed.shutdown()
-    return 0 if result is not None else 1
+    return 0
 
 
-def _logger(quiet: bool):
-    def log(message: str) -> None:
-        from tqdm import tqdm
-        tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
-    return log
+def _log(message: str) -> None:
+    """Training messages on stdout, above the progress bar when there is one."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Reading a corpus and laying it out as parallel streams of consecutive chunks.
+"""Laying a corpus out as parallel streams of consecutive chunks (reading files is corpus.py's job).
 
 Training text is a ring of N tokens read by B heads spaced N // B apart. Every
 step each head reads the next chunk of T characters, so chunk k+1 of a stream
@@ -12,56 +12,14 @@ state is reset, because every stream stays contiguous text; the one seam is
 the end of the corpus joined to its start, which the model sees as one more
 document boundary.
 
-Validation is the contiguous tail of the file, read by ``eval_chunks`` as a few
-streams from their starts with the state carried from chunk to chunk.
+Validation is the contiguous tail of the text, read by ``eval_windows`` as a
+few streams from their starts with the state carried from chunk to chunk.
 """
 from __future__ import annotations
-
-import hashlib
-import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import UsageError
-from .tokenizer import CharTokenizer, codepoints
-
-
-@dataclass
-class Corpus:
-    path: str
-    text: str
-    size_bytes: int
-    sha256: str
-
-    def info(self) -> dict:
-        return {"path": self.path, "size_bytes": self.size_bytes, "sha256": self.sha256,
-                "characters": len(self.text)}
-
-
-def read_corpus(path: str) -> Corpus:
-    """Read a UTF-8 text file, refusing anything that is not one with a clear message."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory; give a text file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if not raw:
-        raise UsageError(f"{path} is empty; give a file with some text in it")
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise UsageError(f"{path} looks like a binary file (a NUL byte at offset {nul}); give a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); convert it to UTF-8 first") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a byte-order mark is not part of the text
-    return Corpus(os.path.abspath(path), text, len(raw), hashlib.sha256(raw).hexdigest())
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -141,9 +99,3 @@ def eval_chunks(tokens: np.ndarray, batch_size: int, seq_len: int):
     for idx in eval_windows(len(tokens), batch_size, seq_len):
         window = tokens[idx].astype(np.int64)
         yield window[:, :-1], window[:, 1:]
-
-
-def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer | None = None) -> tuple[np.ndarray, CharTokenizer]:
-    cps = codepoints(corpus.text)
-    tokenizer = tokenizer or CharTokenizer.from_codepoints(cps)
-    return tokenizer.encode_codepoints(cps), tokenizer

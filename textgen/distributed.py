@@ -60,6 +60,26 @@ class DistContext:
         dist.all_reduce(t)
         return float(t[0]), int(t[1])
 
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true if it is true on any rank: every rank then takes the same branch."""
+        if not self.enabled:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def shard_for_eval(self) -> tuple[int, int] | None:
         return (self.rank, self.world_size) if self.enabled else None
 

@@ -54,14 +54,15 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
     import time
 
     from .checkpoint import load_model
-    from .data import eval_streams, read_corpus
+    from .corpus import read_text
+    from .data import eval_streams
     from .errors import UsageError
     from .tokenizer import UnknownCharactersError, codepoints
 
     model, tokenizer, _ = load_model(checkpoint_path, prefer_best=True, device=device)
-    corpus = read_corpus(text_path)
-    cps = codepoints(corpus.text)
-    missing = tokenizer.unknown_chars(corpus.text)
+    text = read_text(text_path)
+    cps = codepoints(text)
+    missing = tokenizer.unknown_chars(text)
     skipped = 0
     if missing:
         if unknown != "skip":

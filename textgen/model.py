@@ -9,11 +9,17 @@ Design, from the inside out:
   projection of all time steps is one matrix product, the per-step work is one
   small recurrent product plus in-place pointwise gates, and the backward pass
   sums the weight gradients in one large product at the end instead of one per
-  step. It computes exactly the same function as the cell.
+  step. It computes exactly the same function as the cell. On the CPU the
+  recurrent weight is packed once per chunk for oneDNN; optionally
+  (``StackedLSTM.matmul_dtype = torch.bfloat16``) the matrix products run in
+  bf16 while the cell state and all pointwise work stay float32.
+* ``Stepper`` runs one character at a time for generation, with the embedding
+  folded into layer 0's input weights.
 * ``StackedLSTM`` owns the parameters, named and shaped exactly like
   ``torch.nn.LSTM`` (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
   ``bias_hh_l{k}``, gate order i, f, g, o), so ``nn.LSTM.load_state_dict`` takes
-  our state dict as it is. Dropout sits between layers, not after the last.
+  our state dict as it is. Dropout sits between layers (CharLSTM adds one
+  before the output layer).
 * ``CharLSTM`` is embedding -> stacked LSTM -> linear to the vocabulary.
 
 State is explicit: a tuple with one ``(h, c)`` pair per layer, each ``(B, H)``,
@@ -42,7 +48,7 @@ class ModelConfig:
     embed_size: int = 64
     hidden_size: int = 512
     layers: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.2
 
     def validate(self) -> None:
         for name in ("vocab_size", "embed_size", "hidden_size", "layers"):
@@ -92,28 +98,59 @@ def _has_packed_linear() -> bool:
 _PACKED_LINEAR = _has_packed_linear()
 
 
-def _recurrent_product(weight: torch.Tensor, batch: int):
+def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None):
     """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
 
     The per-step products are small and the same weight is used T times, so on
     the CPU the weight is packed once per chunk into oneDNN's blocked layout
     (about 1.7x faster per product here than a plain matmul, which repacks the
-    weight on every call). float64 and other devices use a plain addmm.
+    weight on every call). float64 and other devices use a plain addmm. With
+    low_precision (bfloat16) the product runs in that dtype and its result is
+    added to `add` in float32.
     """
-    if _PACKED_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
+    weight = weight.detach()
+    if low_precision is not None:
+        weight = weight.to(low_precision)
+    if _PACKED_LINEAR and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
         linear = torch.ops.mkldnn._linear_pointwise
+        if low_precision is not None:
+            def product(x, add=None):
+                out = linear(x.to(low_precision), packed, None, "none", [], "").float()
+                return out if add is None else out.add_(add)
+            return product
 
         def product(x, add=None):
             if add is None:
                 return linear(x, packed, None, "none", [], "")
             return linear.binary(x, add, packed, None, "add")
         return product
-    weight_t = weight.detach().t()
+    weight_t = weight.t()
+    if low_precision is not None:
+        def product(x, add=None):
+            out = torch.mm(x.to(low_precision), weight_t).float()
+            return out if add is None else out.add_(add)
+        return product
     return lambda x, add=None: torch.mm(x, weight_t) if add is None else torch.addmm(add, x, weight_t)
 
 
-def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward):
+def _mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as dtype, computed in low_precision when given."""
+    if low_precision is None:
+        return a @ b
+    return (a.to(low_precision) @ b.to(low_precision)).to(dtype)
+
+
+def _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision):
+    """x @ W_ih^T + biases for every step at once: (T, B, I) -> (T, B, 4H)."""
+    T, B, I = x.shape
+    bias = bias_ih + bias_hh
+    if low_precision is None:
+        return torch.addmm(bias, x.reshape(T * B, I), weight_ih.t()).view(T, B, -1)
+    return _mm(x.reshape(T * B, I), weight_ih.t(), low_precision, x.dtype).add_(bias).view(T, B, -1)
+
+
+def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
     """The time loop shared by training and inference.
 
     x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Returns h for every
@@ -124,7 +161,7 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward):
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
     saved = [] if keep_for_backward else None
-    recurrent = _recurrent_product(weight_hh, B)
+    recurrent = _recurrent_product(weight_hh, B, low_precision)
     for t in range(T):
         gates = recurrent(h, x_proj[t])                     # (B, 4H) pre-activations
         torch.sigmoid_(gates[:, : 2 * H])                   # i, f
@@ -143,12 +180,12 @@ class FusedLSTMLayer(torch.autograd.Function):
     """One LSTM layer over a chunk with a hand-written backward pass."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
-        T, B, I = x.shape
-        x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t()).view(T, B, -1)
-        hs, c_last, saved = _recurrent_forward(x_proj, h0, c0, weight_hh, keep_for_backward=True)
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+        x_proj = _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+        hs, c_last, saved = _recurrent_forward(x_proj, h0, c0, weight_hh, True, low_precision)
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
         ctx.steps = saved                                   # intermediates, not inputs or outputs
+        ctx.low_precision = low_precision
         # Outputs are copies: h_last must not be a view of another output, and c_last
         # must not be the tensor ctx.steps holds, or output -> grad_fn -> ctx.steps ->
         # output is a cycle that keeps every chunk's graph alive (a memory leak).
@@ -165,7 +202,8 @@ class FusedLSTMLayer(torch.autograd.Function):
             grad_hs = torch.zeros_like(hs)
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
-        recurrent_t = _recurrent_product(weight_hh.t(), B)  # dh_prev = dgates @ W_hh
+        low = ctx.low_precision
+        recurrent_t = _recurrent_product(weight_hh.t(), B, low)  # dh_prev = dgates @ W_hh
         for t in range(T - 1, -1, -1):
             gates, _, tanh_c = steps[t]
             c_prev = steps[t - 1][1] if t > 0 else c0
@@ -190,23 +228,29 @@ class FusedLSTMLayer(torch.autograd.Function):
                 grad_h = recurrent_t(grad_gates[t])
         flat = grad_gates.view(T * B, 4 * H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
-        # the weight gradients of all steps in one product each
-        grad_weight_hh = flat.t() @ h_prev
-        grad_weight_ih = flat.t() @ x.reshape(T * B, I)
         grad_bias = flat.sum(0)
-        grad_x = (flat @ weight_ih).view(T, B, I)
-        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias
+        if low is not None:
+            flat = flat.to(low)                             # cast once for the three products
+        # the weight gradients of all steps in one product each
+        dtype = hs.dtype
+        grad_weight_hh = _mm(flat.t(), h_prev, low, dtype)
+        grad_weight_ih = _mm(flat.t(), x.reshape(T * B, I), low, dtype)
+        grad_x = _mm(flat, weight_ih, low, dtype).view(T, B, I)
+        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
 
 
-def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
-    """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c."""
+def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+    """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c.
+
+    low_precision (torch.bfloat16 or None) runs the matrix products in that
+    dtype; the cell state and every pointwise operation stay in float32.
+    """
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
     ):
-        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-    T, B, I = x.shape
-    x_proj = torch.addmm(bias_ih + bias_hh, x.reshape(T * B, I), weight_ih.t()).view(T, B, -1)
-    hs, c, _ = _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward=False)
+        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision)
+    x_proj = _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+    hs, c, _ = _recurrent_forward(x_proj, h, c, weight_hh, False, low_precision)
     return hs, hs[-1], c
 
 
@@ -220,6 +264,9 @@ class StackedLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0):
         super().__init__()
         self.input_size, self.hidden_size, self.layers, self.dropout = input_size, hidden_size, layers, dropout
+        # A run-time choice, not architecture: torch.bfloat16 runs the matrix products
+        # in bf16 (faster on CPUs with avx512_bf16 and on recent GPUs); None is float32.
+        self.matmul_dtype: torch.dtype | None = None
         for k in range(layers):
             in_size = input_size if k == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size, in_size)))
@@ -251,13 +298,15 @@ class StackedLSTM(nn.Module):
         """x (T, B, I) time-major -> outputs (T, B, H) and the new state."""
         if state is None:
             state = self.initial_state(x.shape[1], device=x.device, dtype=x.dtype)
-        run_layer = lstm_layer_reference if reference else lstm_layer
         new_state = []
         for k in range(self.layers):
             if k > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
             h, c = state[k]
-            x, h, c = run_layer(x, h, c, *self.layer_weights(k))
+            if reference:
+                x, h, c = lstm_layer_reference(x, h, c, *self.layer_weights(k))
+            else:
+                x, h, c = lstm_layer(x, h, c, *self.layer_weights(k), low_precision=self.matmul_dtype)
             new_state.append((h, c))
         return x, tuple(new_state)
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -30,12 +31,13 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from . import distributed as dist_util
-from .data import StreamLoader, check_trainable, encode_corpus, read_corpus, split_tokens
+from .corpus import PreparedCorpus, prepare
+from .data import StreamLoader, check_trainable, split_tokens
 from .errors import UsageError
 from .evaluate import LN2, cross_entropy
 from .model import CharLSTM, ModelConfig, detach_state
 from .sampling import SampleConfig, sample
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, UnknownCharactersError
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "corpora", "the_lighthouse_keepers.txt")
@@ -44,30 +46,34 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 @dataclass
 class TrainConfig:
     text: str | None = None          # corpus path; None = the embedded default corpus
-    batch_size: int = 32             # parallel streams
-    seq_len: int = 128               # chunk length (truncated BPTT)
+    batch_size: int = 128            # parallel streams (more streams: larger, faster matrix products)
+    seq_len: int = 50                # chunk length (truncated BPTT; the state carries on regardless)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    steps: int = 1500
-    time_budget: float | None = None # seconds; when set, the schedule is planned over it
-    eval_every: int = 250
-    save_every: int = 250
+    steps: int = 1_000_000           # with a time budget, an upper bound; giving steps drops the default budget
+    time_budget: float | None = 180.0  # seconds; the schedule is planned over it (None: run `steps`)
+    eval_every: int = 0              # 0: about EVALS_PER_RUN validations over the planned run
+    save_every: int = 200
     log_every: int = 25
     val_fraction: float = 0.1
+    eval_chars: int = 1_000_000      # validation reads this much of the tail (0: all of it)
     sample_length: int = 200
     keep: int = 3                    # step checkpoints kept besides latest.pt and best.pt
     out: str | None = None           # run folder; default checkpoints/<corpus>-<time>
     name: str | None = None
     seed: int = 1337
     device: str = "auto"
+    dtype: str = "auto"              # float32, bfloat16 (LSTM products in bf16), auto: bf16 where native
     quiet: bool = False
     allow_new_text: bool = False
+    cache_dir: str | None = None     # token cache; default $XDG_CACHE_HOME/textgen or ~/.cache/textgen
+    separator: str = "\n\n"          # between the files of a folder or glob corpus
 
     def validate(self) -> None:
-        positive = ("batch_size", "seq_len", "steps", "eval_every", "save_every", "log_every")
+        positive = ("batch_size", "seq_len", "steps", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -79,18 +85,26 @@ class TrainConfig:
             raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.warmup_steps < 0 or self.keep < 0 or self.sample_length < 0:
-            raise UsageError("--warmup-steps, --keep and --sample-length must be 0 or more")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must be 0 (about {EVALS_PER_RUN} per run) or a number of steps, "
+                             f"got {self.eval_every}")
+        if self.warmup_steps < 0 or self.keep < 0 or self.sample_length < 0 or self.eval_chars < 0:
+            raise UsageError("--warmup-steps, --keep, --sample-length and --eval-chars must be 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UsageError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
 
 
+EVALS_PER_RUN = 10
+
 # Settings that may change when resuming; changing any other is refused.
 RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_every", "lr", "min_lr_ratio",
                      "warmup_steps", "grad_clip", "weight_decay", "sample_length", "keep", "device", "quiet",
-                     "allow_new_text", "text", "out", "name"}
+                     "allow_new_text", "text", "out", "name", "cache_dir", "eval_chars",
+                     "dtype"}
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -118,6 +132,27 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("--device mps was asked for but MPS is not available")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (faster than float32) on this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    # Without these, oneDNN emulates bf16 with float32 instructions: slower, not faster.
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return name
 
 
 def rng_state() -> dict:
@@ -151,7 +186,8 @@ def seed_everything(seed: int) -> None:
 def default_run_dir(text_path: str | None, name: str | None, root: str = "checkpoints") -> str:
     if name:
         return os.path.join(root, name)
-    stem = os.path.splitext(os.path.basename(text_path or DEFAULT_CORPUS))[0]
+    stem = os.path.splitext(os.path.basename(os.path.normpath(text_path or DEFAULT_CORPUS)))[0]
+    stem = re.sub(r"[^\w .-]+", "_", stem).strip("_ ") or "corpus"      # a folder or glob makes a tidy name
     return os.path.join(root, f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -183,8 +219,8 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: str | None = None,
                  explicit: set[str] = frozenset(), log=print):
-        self.log = log
         self.dist = dist_util.context()
+        self.log = log if self.dist.is_main else (lambda message: None)   # only rank 0 speaks
         ckpt = None
         if resume is not None:
             ckpt = checkpoint.load(checkpoint.resolve(resume, prefer_best=False))
@@ -193,16 +229,15 @@ class Trainer:
         config.validate()
         self.config = config
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+        config.dtype = resolve_dtype(config.dtype, self.device)     # recorded as resolved, so resume keeps it
 
-        corpus = read_corpus(config.text or DEFAULT_CORPUS)
-        if ckpt is not None:
-            self._check_corpus(ckpt, corpus)
-            tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
-            tokens, tokenizer = self._encode_known(corpus, tokenizer)
-        else:
-            tokens, tokenizer = encode_corpus(corpus)
-        self.corpus, self.tokenizer = corpus, tokenizer
+        self.corpus = self._prepare_corpus(ckpt)
+        self.tokenizer = tokenizer = self.corpus.tokenizer
+        tokens = self.corpus.tokens                                   # a read-only memory map
         self.train_tokens, self.val_tokens = split_tokens(tokens, config.val_fraction)
+        if config.eval_chars:
+            # The same leading stretch of the tail every time, so evaluations stay comparable.
+            self.val_tokens = self.val_tokens[: config.eval_chars + 1]
         check_trainable(len(self.train_tokens), len(self.val_tokens), config.batch_size, config.seq_len,
                         config.val_fraction)
 
@@ -218,6 +253,7 @@ class Trainer:
         else:
             self.model, _ = checkpoint.build_model(ckpt)
         self.model.to(self.device)
+        self.model.lstm.matmul_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.model_config = self.model.config
         self.optimizer = self._make_optimizer()
         first, count = self.dist.stream_share(config.batch_size)
@@ -232,7 +268,9 @@ class Trainer:
         self.state = None
         self.first_loss: float | None = None
         self.planned = config.time_budget is None
-        self.run_dir = config.out or default_run_dir(config.text, config.name)
+        self._budget_mark: tuple[int, float] | None = None
+        # Every rank must write to (and resume from) the folder rank 0 chose.
+        self.run_dir = self.dist.broadcast(config.out or default_run_dir(config.text, config.name))
         if ckpt is not None:
             self._restore(ckpt, resume)
         self.stop_signal: int | None = None
@@ -260,7 +298,7 @@ class Trainer:
             self.log("resuming with changed settings: " + ", ".join(changed))
         return merged
 
-    def _check_architecture(self, ckpt: dict, model_config: ModelConfig | None, explicit: set[str]) -> None:
+    def _check_architecture(self, ckpt: dict, model_config: ModelConfig | None, explicit: set[str]) -> ModelConfig:
         saved = checkpoint.model_config_of(ckpt)
         if model_config is not None:
             diffs = [f"{name} (checkpoint {getattr(saved, name)}, now {getattr(model_config, name)})"
@@ -271,24 +309,46 @@ class Trainer:
                                  + "; drop those flags or start a new run")
         return saved
 
-    def _check_corpus(self, ckpt: dict, corpus) -> None:
+    def _prepare_corpus(self, ckpt: dict | None) -> PreparedCorpus:
+        cfg = self.config
+        spec = cfg.text or DEFAULT_CORPUS
+        imposed = CharTokenizer.from_dict(ckpt["vocab"]) if ckpt is not None else None
+
+        def attempt() -> PreparedCorpus:
+            try:
+                return prepare(spec, cfg.cache_dir, cfg.separator, tokenizer=imposed,
+                               progress=self.dist.is_main and not cfg.quiet and sys.stderr.isatty())
+            except UnknownCharactersError as e:
+                if not cfg.allow_new_text:
+                    raise UsageError(f"{spec} is not the text this run was trained on (it has characters the "
+                                     f"run never saw); pass that text, or start a new run") from None
+                raise UsageError(f"{spec}: {e}; a resumed run cannot learn new characters, "
+                                 f"start a new run instead") from None
+
+        # Rank 0 prepares the cache; the other ranks then find it ready.
+        if self.dist.is_main:
+            try:
+                corpus = attempt()
+            finally:
+                self.dist.barrier()
+        else:
+            self.dist.barrier()
+            corpus = attempt()
+        if ckpt is not None:
+            self._check_corpus(ckpt, corpus)
+        return corpus
+
+    def _check_corpus(self, ckpt: dict, corpus: PreparedCorpus) -> None:
         old = ckpt.get("corpus", {})
-        if old.get("sha256") == corpus.sha256 or self.config.allow_new_text:
-            if old.get("sha256") != corpus.sha256:
-                self.log(f"continuing on new text {corpus.path} with the checkpoint's vocabulary")
+        if old.get("sha256") == corpus.sha256:
+            return
+        if self.config.allow_new_text:
+            self.log(f"continuing on new text {corpus.info['path']} with the checkpoint's vocabulary")
             return
         raise UsageError(
-            f"{corpus.path} is not the text this run was trained on ({old.get('path', 'unknown')}, "
-            f"sha256 {old.get('sha256', '?')[:12]}); pass that file, or --allow-new-text to continue on this one"
+            f"{corpus.info['path']} is not the text this run was trained on ({old.get('path', 'unknown')}, "
+            f"sha256 {old.get('sha256', '?')[:12]}); pass that text, or --allow-new-text to continue on this one"
         )
-
-    def _encode_known(self, corpus, tokenizer: CharTokenizer):
-        unknown = tokenizer.unknown_chars(corpus.text)
-        if unknown:
-            from .tokenizer import UnknownCharactersError
-            raise UsageError(f"{corpus.path}: " + str(UnknownCharactersError(unknown, tokenizer.vocab_size))
-                             + "; a resumed run cannot learn new characters, start a new run instead")
-        return encode_corpus(corpus, tokenizer)
 
     # -- setup ---------------------------------------------------------------------
 
@@ -364,8 +424,13 @@ class Trainer:
     def validate(self) -> float | None:
         if len(self.val_tokens) <= self.config.seq_len:
             return None
-        total, count = cross_entropy(self.model, self.val_tokens, self.config.batch_size, self.config.seq_len,
-                                     self.device, shard=self.dist.shard_for_eval())
+        # Validation is float32 whatever --dtype says, so its figures compare across runs and with textgen-eval.
+        matmul_dtype, self.model.lstm.matmul_dtype = self.model.lstm.matmul_dtype, None
+        try:
+            total, count = cross_entropy(self.model, self.val_tokens, self.config.batch_size, self.config.seq_len,
+                                         self.device, shard=self.dist.shard_for_eval())
+        finally:
+            self.model.lstm.matmul_dtype = matmul_dtype
         total, count = self.dist.sum_pair(total, count)
         return total / count
 
@@ -373,7 +438,7 @@ class Trainer:
         return {
             "format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
             "model_config": asdict(self.model_config), "train_config": asdict(self.config),
-            "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info(),
+            "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "plan": self.plan, "planned": self.planned, "elapsed": self.elapsed,
             "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
@@ -404,7 +469,7 @@ class Trainer:
         n_params = self.model.num_parameters()
         self.log(f"run folder {self.run_dir}: {n_params / 1e6:.2f}M parameters, vocabulary "
                  f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
-                 f"{len(self.val_tokens):,} validation characters, device {self.device}"
+                 f"{len(self.val_tokens):,} validation characters, device {self.device} ({cfg.dtype})"
                  + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
         if self.step > 0:
             self.log(f"resuming at step {self.step} of {self.plan}")
@@ -426,10 +491,17 @@ class Trainer:
                 last = now
                 if not self.planned:
                     self._plan_budget()
-                out_of_time = cfg.time_budget is not None and self.elapsed >= cfg.time_budget
+                    if self.planned and bar is not None:
+                        bar.total = self.plan
+                        bar.refresh()
+                # Decided together: a signal or the clock on one rank stops every rank at the same step.
+                out_of_time, stop_requested = self.dist.any(
+                    cfg.time_budget is not None and self.elapsed >= cfg.time_budget, self.stop_signal is not None)
+                if stop_requested and self.stop_signal is None:
+                    self.stop_signal = signal.SIGTERM
                 last_step = self.step >= self.plan or out_of_time
                 val_loss = None
-                if self.step % cfg.eval_every == 0 or last_step:
+                if self.step % self.eval_interval() == 0 or last_step:
                     val_loss = self._evaluate_and_sample()
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
@@ -438,7 +510,7 @@ class Trainer:
                 is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
                 if is_best:
                     self.best_val_loss = val_loss
-                if self.step % cfg.save_every == 0 or last_step or is_best or self.stop_signal is not None:
+                if self.step % cfg.save_every == 0 or last_step or is_best or stop_requested:
                     self.save(is_best)
                     if is_best and main:
                         self.log(f"step {self.step}: new best val loss {val_loss:.4f} "
@@ -446,7 +518,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 last = time.perf_counter()
-                if self.stop_signal is not None:
+                if stop_requested:
                     stopped_by = signal.Signals(self.stop_signal).name
                     self.log(f"stopped by {stopped_by} at step {self.step}; checkpoint saved. "
                              f"Resume with: python train.py --resume {self.run_dir}")
@@ -468,20 +540,36 @@ class Trainer:
     def _plan_budget(self) -> None:
         """After a warm-up, plan the step count that fits the time budget (fixed from then on)."""
         cfg = self.config
-        measure_from = min(10, max(2, cfg.warmup_steps // 5))
-        if self.step < measure_from + 20:
-            if self.step == measure_from:
+        # Time 20 steps once the first few (allocator, oneDNN primitives) are behind us. A run
+        # resumed before its plan was made simply starts measuring again where it stands.
+        if self._budget_mark is None:
+            if self.step >= min(10, max(2, cfg.warmup_steps // 5)):
                 self._budget_mark = (self.step, self.elapsed)
             return
         steps0, t0 = self._budget_mark
+        if self.step < steps0 + 20:
+            return
         seconds_per_step = (self.elapsed - t0) / (self.step - steps0)
         _, eval_seconds = self._timed_validation()
         remaining = cfg.time_budget - self.elapsed
-        per_step = seconds_per_step + eval_seconds / cfg.eval_every
-        self.plan = self.step + max(1, int(0.97 * remaining / per_step))
+        if cfg.eval_every:
+            evals = remaining / seconds_per_step / cfg.eval_every
+        else:
+            evals = EVALS_PER_RUN
+        # 3% spare for samples, checkpoints and noise, so the schedule completes within the budget.
+        training_seconds = 0.97 * remaining - evals * eval_seconds
+        self.plan = self.dist.broadcast(self.step + max(1, int(training_seconds / seconds_per_step)))
         self.planned = True
         self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
                  f"validation {eval_seconds:.1f}s; planning {self.plan} steps")
+
+    def eval_interval(self) -> int:
+        """Steps between validations: --eval-every, or a tenth of the plan once it is known."""
+        if self.config.eval_every:
+            return self.config.eval_every
+        if not self.planned:
+            return self.plan + 1                # not before the time budget is planned
+        return max(1, self.plan // EVALS_PER_RUN)
 
     def _timed_validation(self):
         start = time.perf_counter()
@@ -530,7 +618,7 @@ class Trainer:
             plot_runs([self.run_dir])
 
     def _write_config(self) -> None:
-        doc = {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info(),
+        doc = {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info,
                "parameters": self.model.num_parameters(), "torch_version": str(torch.__version__)}
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump(doc, f, indent=2)

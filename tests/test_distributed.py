@@ -1,0 +1,104 @@
+"""Data-parallel training under torchrun on CPU/gloo: same result as one process over the same streams."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run, small_text
+from textgen import checkpoint
+
+# float32 and no dropout: one process and two then compute the same thing.
+FLAGS = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--dropout", "0", "--dtype", "float32",
+         "--batch-size", "4", "--seq-len", "16", "--steps", "20", "--eval-every", "10", "--save-every", "10", "--log-every", "5",
+         "--sample-length", "0", "--warmup-steps", "5", "-q"]
+
+
+def torchrun(*args, nproc=2, timeout=240, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TEXTGEN_DIST_TIMEOUT="30", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp") / "corpus.txt"
+    path.write_text(small_text(), encoding="utf-8")
+    return str(path)
+
+
+def assert_close_models(a, b, rtol=1e-5):
+    for name, tensor in a["model"].items():
+        other = b["model"][name]
+        scale = tensor.abs().max().clamp_min(1e-12)
+        assert ((tensor - other).abs().max() / scale) <= rtol, name
+
+
+def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path):
+    single = run("train.py", text, *FLAGS, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr + ddp.stdout
+    assert ddp.stdout.count("run folder") == 1                    # only rank 0 speaks
+    a = checkpoint.load(str(tmp_path / "single" / "latest.pt"))
+    b = checkpoint.load(str(tmp_path / "ddp" / "latest.pt"))
+    assert a["step"] == b["step"] == 20
+    assert_close_models(a, b)
+    for (h, c), (h2, c2) in zip(a["carried_state"], b["carried_state"]):
+        assert h.shape == h2.shape == (4, 32)                    # the state of all global streams
+        torch.testing.assert_close(h, h2, rtol=1e-4, atol=1e-5)
+    val = [r["val_loss"] for r in a["history"] if r["val_loss"]], [r["val_loss"] for r in b["history"] if r["val_loss"]]
+    assert val[0] == pytest.approx(val[1], rel=1e-5)
+
+
+def test_a_distributed_checkpoint_resumes_in_one_process(text, tmp_path):
+    ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "run"))
+    assert ddp.returncode == 0, ddp.stderr
+    # Resume the distributed run's step-10 checkpoint in one process and train to step 20.
+    resumed = run("train.py", "--resume", str(tmp_path / "run" / "step-0000010.pt"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 10 of 20" in resumed.stdout
+    straight = run("train.py", text, *FLAGS, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0
+    assert_close_models(checkpoint.load(str(tmp_path / "run" / "latest.pt")),
+                        checkpoint.load(str(tmp_path / "straight" / "latest.pt")))
+
+
+FAILING_RANK = """
+import os, sys
+import textgen.training as training
+real = training.Trainer.train_step
+def train_step(self):
+    if self.dist.rank == 1 and self.step == 5:
+        raise RuntimeError("injected failure on rank 1")
+    return real(self)
+training.Trainer.train_step = train_step
+from textgen.cli import train_main
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_ends_the_job(text, tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    start = time.time()
+    result = torchrun(str(script), text, *FLAGS, "--out", str(tmp_path / "run"),
+                      env_extra={"PYTHONPATH": ROOT})
+    assert result.returncode != 0
+    assert time.time() - start < 120
+    assert "injected failure on rank 1" in result.stderr + result.stdout
+
+
+def test_an_elastic_restart_resumes_from_the_run_folder(text, tmp_path):
+    out = str(tmp_path / "run")
+    first = run("train.py", text, *FLAGS, "--steps", "10", "--out", out)
+    assert first.returncode == 0
+    # What torchrun --max-restarts sets when it restarts a failed job with the same arguments.
+    again = run("train.py", text, *FLAGS, "--out", out, env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert again.returncode == 0, again.stderr
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 20
+    history = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
+    assert [h["step"] for h in history] == [5, 10, 15, 20]

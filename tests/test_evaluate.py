@@ -1,0 +1,145 @@
+"""Evaluation in nats and bits per character, the time budget, and the n-gram baseline."""
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TINY, run, small_text
+from textgen import checkpoint
+from textgen.checkpoint import load_model
+from textgen.cli import parse_duration, train_main
+from textgen.errors import UsageError
+from textgen.evaluate import evaluate_file
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    text = folder / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = str(folder / "run")
+    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0"]) == 0
+    return out, str(text)
+
+
+def direct_loss(run_dir, text):
+    model, tok, _ = load_model(run_dir)
+    ids = torch.from_numpy(tok.encode(text).astype(np.int64))[None]
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1])
+    return F.cross_entropy(logits[0], ids[0, 1:]).item()
+
+
+def test_evaluation_matches_a_direct_computation(trained, tmp_path):
+    run_dir, _ = trained
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(small_text(60)[::-1], encoding="utf-8")
+    text = held_out.read_text(encoding="utf-8")
+    report = evaluate_file(run_dir, str(held_out), batch_size=1, seq_len=37)   # one stream, state carried
+    assert report["predicted"] == len(text) - 1
+    assert report["nats_per_char"] == pytest.approx(direct_loss(run_dir, text), abs=1e-5)
+    assert report["bits_per_char"] == pytest.approx(report["nats_per_char"] / math.log(2))
+    several = evaluate_file(run_dir, str(held_out), batch_size=4, seq_len=37)
+    assert several["streams"] == 4 and abs(several["nats_per_char"] - report["nats_per_char"]) < 0.05
+
+
+def test_unknown_characters_error_or_skip(trained, tmp_path):
+    run_dir, _ = trained
+    path = tmp_path / "odd.txt"
+    clean = small_text(40)
+    path.write_text(clean[:200] + "Ωλ" + clean[200:] + "Ω", encoding="utf-8")
+    with pytest.raises(UsageError, match="Ω λ"):
+        evaluate_file(run_dir, str(path))
+    report = evaluate_file(run_dir, str(path), unknown="skip", batch_size=1, seq_len=50)
+    assert report["skipped_unknown"] == 3 and report["characters"] == len(clean) + 3
+    assert report["nats_per_char"] == pytest.approx(direct_loss(run_dir, clean), abs=1e-5)
+
+
+def test_eval_command_line(trained):
+    run_dir, text = trained
+    result = run("-m textgen.evaluate", "--checkpoint", run_dir, "--text", text)
+    assert result.returncode == 0, result.stderr
+    assert "nats/char" in result.stdout and "bits/char" in result.stdout
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("15m") == 900 and parse_duration("2h") == 7200
+    assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
+    with pytest.raises(Exception):
+        parse_duration("soon")
+
+
+def test_time_budget_stops_near_its_limit_and_saves(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run("train.py", str(text), *TINY, "--time", "4s", "--out", out, "--eval-every", "50")
+    assert result.returncode == 0, result.stderr
+    assert "time budget 4s:" in result.stdout and "planning" in result.stdout
+    ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert 3.0 <= ckpt["elapsed"] < 7.0                       # the plan keeps a small margin
+    assert ckpt["planned"] and ckpt["best_val_loss"] is not None
+    assert ckpt["history"][-1]["val_loss"] is not None        # validated at the end
+
+
+def load_ngram():
+    spec = importlib.util.spec_from_file_location("ngram", os.path.join(ROOT, "benchmarks", "ngram.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ngram_gives_the_exact_entropy_of_toy_texts():
+    ngram = load_ngram()
+    unigram = ngram.WittenBell("aaab", 1, {"a", "b"})
+    # P(a) = (3 + 2 * 1/2) / (4 + 2) = 2/3, P(b) = (1 + 1) / 6 = 1/3
+    assert unigram.cross_entropy("ab") == pytest.approx(-(math.log(2 / 3) + math.log(1 / 3)) / 2, abs=1e-12)
+    bigram = ngram.WittenBell("abcabcabc", 2, {"a", "b", "c"})
+    # P1(b) = (3 + 3/3) / (9 + 3) = 1/3; P(b|a) = (3 + 1 * 1/3) / (3 + 1) = 5/6
+    assert bigram.prob("a", "b") == pytest.approx(5 / 6, abs=1e-12)
+    assert bigram.cross_entropy("b", context="a") == pytest.approx(-math.log(5 / 6), abs=1e-12)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(ROOT), "shared", "corpora",
+                                                    "tinyshakespeare.txt")), reason="../shared/corpora absent")
+def test_ngram_baseline_on_tinyshakespeare_is_the_known_figure():
+    ngram = load_ngram()
+    with open(os.path.join(os.path.dirname(ROOT), "shared", "corpora", "tinyshakespeare.txt"), encoding="utf-8") as f:
+        text = f.read()
+    head, tail = ngram.split(text, 0.1)
+    nats = ngram.WittenBell(head, 5, set(text)).cross_entropy(tail, context=head)
+    assert nats == pytest.approx(1.67, abs=0.01)
+
+
+def test_a_budgeted_run_stopped_before_its_plan_resumes_and_plans(text_file, tmp_path, monkeypatch):
+    import signal
+
+    from textgen.model import ModelConfig
+    from textgen.training import Trainer, TrainConfig
+    out = str(tmp_path / "run")
+    model = ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=1, dropout=0.0)
+    config = TrainConfig(text=text_file, batch_size=4, seq_len=16, time_budget=3.0, eval_every=25, save_every=5,
+                         sample_length=0, out=out, quiet=True)
+    first = Trainer(model, config, log=lambda m: None)
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        result = real_step(self)
+        if self.step == 12:
+            self.stop_signal = signal.SIGTERM            # as the handler would on a real SIGTERM
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert first.run().stopped_by == "SIGTERM"
+    saved = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert saved["step"] == 12 and not saved["planned"]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    messages = []
+    resumed = Trainer(None, TrainConfig(), resume=out, log=messages.append)
+    result = resumed.run()
+    assert result.stopped_by is None and result.step > 32
+    assert any("planning" in m for m in messages)

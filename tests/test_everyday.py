@@ -1,0 +1,111 @@
+"""Run folders, inspection, plots, the Python API and CLI conventions."""
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, run, small_text
+from textgen.cli import info_main, plot_main, train_main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("everyday")
+    text = folder / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = str(folder / "run")
+    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0"]) == 0
+    return out
+
+
+def test_run_folder_holds_config_metrics_and_checkpoints(run_dir):
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["model"]["hidden_size"] == 32 and config["train"]["batch_size"] == 4
+    assert config["corpus"]["sha256"] and config["parameters"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    for row in rows:
+        assert {"step", "time", "train_loss", "val_loss", "lr", "grad_norm", "chars_per_sec"} <= set(row)
+        assert row["chars_per_sec"] > 0 and row["lr"] > 0
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [10, 20, 30]
+    assert {"latest.pt", "best.pt"} <= set(os.listdir(run_dir))
+
+
+def test_default_run_folder_and_name(tmp_path):
+    text = tmp_path / "my story.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    assert run("train.py", str(text), *TINY, "--steps", "5", "-q", cwd=str(tmp_path)).returncode == 0
+    (folder,) = os.listdir(tmp_path / "checkpoints")
+    assert re.fullmatch(r"my story-\d{8}-\d{6}", folder)
+    assert run("train.py", str(text), *TINY, "--steps", "5", "-q", "--name", "mine", cwd=str(tmp_path)).returncode == 0
+    assert os.path.exists(tmp_path / "checkpoints" / "mine" / "latest.pt")
+    again = run("generate.py", "--length", "10", "--seed", "1", cwd=str(tmp_path))   # the most recent run
+    assert again.returncode == 0 and "checkpoints/mine" in again.stderr
+
+
+def test_info_names_the_right_numbers(run_dir, capsys):
+    from textgen.checkpoint import load, load_model
+    assert info_main([run_dir]) == 0
+    out = capsys.readouterr().out
+    model, tok, _ = load_model(run_dir)
+    ckpt = load(os.path.join(run_dir, "latest.pt"))
+    assert f"parameters   {model.num_parameters():,}" in out
+    assert "2 x LSTM 32, embedding 16" in out
+    assert f"vocabulary   {tok.vocab_size} characters" in out and "É" in out and "\\n" in out
+    assert "steps        30 of 30" in out
+    assert f"{ckpt['best_val_loss']:.4f} nats/char" in out
+
+
+def test_plot_writes_a_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "loss.png"
+    assert plot_main([run_dir, run_dir, "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(run_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    assert plot_main([run_dir]) == 2
+    assert 'pip install -e ".[plot]"' in capsys.readouterr().err
+
+
+def readme_python_example() -> str:
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_python_example(), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert os.path.exists(tmp_path / "checkpoints" / "api-demo" / "best.pt")
+    assert len(printed) > 100
+
+
+def test_a_moved_checkpoint_generates_the_same_text(run_dir, tmp_path):
+    import textgen
+    here = textgen.load(run_dir).generate("ANNA:\n", length=80, seed=12)
+    moved = tmp_path / "elsewhere" / "model.pt"
+    moved.parent.mkdir()
+    shutil.copy(os.path.join(run_dir, "best.pt"), moved)
+    assert textgen.load(str(moved)).generate("ANNA:\n", length=80, seed=12) == here
+    assert textgen.generate(str(moved), "ANNA:\n", length=80, seed=12) == here
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "-m textgen.evaluate"])
+def test_version_and_help_show_defaults(script):
+    from textgen import __version__
+    version = run(script, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"textgen {__version__}"
+    help_text = run(script, "--help").stdout
+    assert "(default:" in help_text and "--device" in help_text and "--quiet" in help_text
+
+
+def test_api_rejects_unknown_settings():
+    import textgen
+    from textgen.errors import UsageError
+    with pytest.raises(UsageError, match="hiden_size"):
+        textgen.train(None, hiden_size=10)
