@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from textgen.model import CharLSTM, ModelConfig  # noqa: E402
+from textgen.model import CharLSTM, ModelConfig, detach_state  # noqa: E402
 
 VOCAB, EMBED = 65, 64
 CONFIGS = {  # name: (layers, hidden, streams, chunk)
@@ -65,6 +65,12 @@ def build(impl: str, layers: int, hidden: int, dropout: float = 0.0):
     return model, opt
 
 
+def detached(state):
+    if isinstance(state[0], torch.Tensor):               # nn.LSTM: (h, c) stacked over layers
+        return tuple(t.detach() for t in state)
+    return detach_state(state)                           # ours: ((h, c) per layer)
+
+
 def make_step(model, opt, streams: int, chunk: int):
     x = torch.randint(0, VOCAB, (streams, chunk))
     y = torch.randint(0, VOCAB, (streams, chunk))
@@ -77,8 +83,7 @@ def make_step(model, opt, streams: int, chunk: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        carried[0] = tuple(t.detach() for t in state) if isinstance(state, tuple) and isinstance(state[0], torch.Tensor) \
-            else tuple((h.detach(), c.detach()) for h, c in state)
+        carried[0] = detached(state)
     return step
 
 

@@ -12,8 +12,8 @@ from textgen import checkpoint
 
 # float32 and no dropout: one process and two then compute the same thing.
 FLAGS = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--dropout", "0", "--dtype", "float32",
-         "--batch-size", "4", "--seq-len", "16", "--steps", "20", "--eval-every", "10", "--save-every", "10", "--log-every", "5",
-         "--sample-length", "0", "--warmup-steps", "5", "-q"]
+         "--batch-size", "4", "--seq-len", "16", "--steps", "20", "--eval-every", "10", "--save-every", "10",
+         "--log-every", "5", "--sample-length", "0", "--warmup-steps", "5", "-q"]
 
 
 def torchrun(*args, nproc=2, timeout=240, env_extra=None):

@@ -109,3 +109,15 @@ def test_api_rejects_unknown_settings():
     from textgen.errors import UsageError
     with pytest.raises(UsageError, match="hiden_size"):
         textgen.train(None, hiden_size=10)
+
+
+def test_compile_flag_trains_with_torch_compile(text_file, tmp_path):
+    """--compile goes through torch.compile and still learns (compilation is slow: a short run)."""
+    out = tmp_path / "run"
+    result = run("train.py", text_file, *TINY, "--steps", "12", "--eval-every", "12", "--compile",
+                 "--dtype", "float32", "--out", str(out), "-q", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.load(open(out / "config.json"))
+    assert config["train"]["compile"] is True
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -193,3 +192,14 @@ def test_bad_checkpoints_from_the_command_line(tmp_path):
     assert_user_error(run("generate.py", "--checkpoint", str(junk)), "not a textgen checkpoint")
     assert_user_error(run("generate.py", "--checkpoint", str(tmp_path / "none")), "no such checkpoint")
     assert_user_error(run("generate.py", cwd=str(tmp_path)), "no trained run found")
+
+
+def test_sampling_mid_training_ignores_dropout_and_keeps_the_mode(trained):
+    from textgen.sampling import sample
+    model, tok, _ = load_model(trained)
+    model.eval()
+    expected = sample(model, tok, "ANNA:\n", SampleConfig(length=50, seed=1))
+    model.train()                                           # as during training, dropout on
+    model.lstm.dropout = model.dropout = 0.9
+    assert sample(model, tok, "ANNA:\n", SampleConfig(length=50, seed=1)) == expected
+    assert model.training

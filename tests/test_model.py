@@ -169,7 +169,7 @@ def test_bfloat16_matmuls_stay_close_to_float32():
         F.cross_entropy(logits.reshape(-1, 30), target.reshape(-1)).backward()
         results[dtype] = logits.detach(), [p.grad.clone() for p in model.parameters()], state
     model.lstm.matmul_dtype = None
-    (l32, g32, s32), (l16, g16, s16) = results[None], results[torch.bfloat16]
+    (l32, g32, _), (l16, g16, s16) = results[None], results[torch.bfloat16]
     assert l16.dtype == torch.float32 and s16[1][1].dtype == torch.float32
     assert not torch.equal(l32, l16)                                   # it really ran in bf16
     torch.testing.assert_close(l16, l32, atol=3e-2, rtol=3e-2)

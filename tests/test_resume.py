@@ -47,7 +47,6 @@ def start_training(text, out):
 
 def wait_for_checkpoint(out, proc, step_at_least=20):
     deadline = time.time() + 120
-    latest = os.path.join(out, "latest.pt")
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail("training ended before it could be stopped: " + proc.stderr.read())

@@ -88,3 +88,21 @@ def test_bad_input_from_the_real_command_line(tmp_path):
     path = tmp_path / "bin.dat"
     path.write_bytes(bytes(range(256)) * 10)
     assert_user_error(run("train.py", str(path)), "binary")
+
+
+def test_each_step_restarts_exactly_one_stream_in_turn(text_file, tmp_path):
+    import torch
+    from textgen.model import ModelConfig
+    from textgen.training import Trainer, TrainConfig
+    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2),
+                      TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=10, sample_length=0,
+                                  out=str(tmp_path / "run"), quiet=True), log=lambda m: None)
+    for _ in range(6):
+        trainer.train_step()
+    state = trainer.state
+    restarted = trainer.restart_one_stream(state)              # step 6: stream 6 % 4 == 2
+    for (h, c), (rh, rc) in zip(state, restarted):
+        assert torch.equal(rh[2], torch.zeros(16)) and torch.equal(rc[2], torch.zeros(16))
+        keep = [0, 1, 3]
+        assert torch.equal(rh[keep], h[keep]) and torch.equal(rc[keep], c[keep])
+        assert h[2].abs().sum() > 0                             # the carried state itself is untouched

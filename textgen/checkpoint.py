@@ -199,7 +199,8 @@ def build_model(ckpt: dict, path: str = "checkpoint") -> tuple[CharLSTM, CharTok
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{path} has an invalid model configuration: {_first_line(e)}") from None
     if tokenizer.vocab_size != config.vocab_size:
-        raise UsageError(f"{path}: its vocabulary has {tokenizer.vocab_size} characters but its config says {config.vocab_size}")
+        raise UsageError(f"{path}: its vocabulary has {tokenizer.vocab_size} characters but its config says "
+                         f"{config.vocab_size}")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:

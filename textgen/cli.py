@@ -120,7 +120,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="characters of the validation tail read at each validation (0: all)")
     g.add_argument("--save-every", type=int, default=t.save_every, help="write latest.pt every N steps")
     g.add_argument("--log-every", type=int, default=t.log_every, help="log a metrics line every N steps")
-    g.add_argument("--sample-length", type=int, default=t.sample_length, help="characters sampled at each validation (0: none)")
+    g.add_argument("--sample-length", type=int, default=t.sample_length,
+                   help="characters sampled at each validation (0: none)")
     g.add_argument("--keep", type=int, default=t.keep, help="step checkpoints kept besides latest.pt and best.pt")
     g.add_argument("--out", default=None, help="run folder (default: checkpoints/<corpus>-<date>-<time>)")
     g.add_argument("--name", default=None, help="run name: the run folder becomes checkpoints/NAME")
@@ -128,6 +129,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=t.dtype,
                    help="bfloat16 runs the LSTM's matrix products in bf16 (the cell state stays float32): faster "
                         "on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is native")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training model: a slower start for faster steps where it pays "
+                        "(GPUs above all; see benchmarks/README.md for the CPU)")
     g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
     g.add_argument("--allow-new-text", action="store_true",
                    help="when resuming, continue on a different text with the old vocabulary")
@@ -204,7 +208,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=s.temperature, help="0 = always the most likely character")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
     p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of this probability mass")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same checkpoint, same text (default: random, printed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="same seed, same checkpoint, same text (default: random, printed)")
     p.add_argument("--num-samples", type=int, default=s.num_samples, help="independent samples, drawn as a batch")
     p.add_argument("--stop", default=None, help="end the output once it ends with this string")
     p.add_argument("--paragraphs", type=int, default=None,

@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +193,9 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
         if entry is not None:
             return _open_entry(entry, stats, separator)
 
+    log = log or (lambda message: None)
+    log(f"preparing {spec}: {len(paths)} file(s), {total / 2**20:,.1f} MB, cached in {cache_dir}")
+    started = time.perf_counter()
     bar = _bar(progress, 2 * total, "preparing")
     try:
         sha, present, characters = _scan(paths, separator, bar.update)
@@ -206,8 +210,14 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
             entry = os.path.join(cache_dir, f"{sha[:32]}-{_vocab_key(tokenizer)}")
             os.makedirs(entry, exist_ok=True)
             tmp = os.path.join(entry, f".tokens.tmp-{os.getpid()}")
-            count = _encode_into(paths, separator, tokenizer, tmp, bar.update)
-            os.replace(tmp, os.path.join(entry, "tokens.bin"))
+            try:
+                count = _encode_into(paths, separator, tokenizer, tmp, bar.update)
+                os.replace(tmp, os.path.join(entry, "tokens.bin"))
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise UsageError(f"cannot write the token cache in {entry} ({e.strerror}); "
+                                 f"free some space or pass --cache-dir") from None
             meta = {"format": CACHE_FORMAT, "sha256": sha, "vocab": tokenizer.chars, "dtype": tokenizer.dtype.str,
                     "tokens": count, "characters": characters, "size_bytes": total,
                     "own_vocabulary": tokenizer == own}
@@ -215,6 +225,8 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
     finally:
         bar.close()
     _write_json(pointer, {"sha256": sha, "files": stats, "separator": separator})
+    seconds = time.perf_counter() - started
+    log(f"prepared in {seconds:.1f}s ({total / 2**20 / max(seconds, 1e-9):,.0f} MB/s)")
     return _open_entry(entry, stats, separator)
 
 

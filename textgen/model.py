@@ -155,7 +155,7 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision
 
     x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Returns h for every
     step (T, B, H), the final c, and, when the backward pass will need them,
-    each step's (gate activations, c, tanh(c)).
+    each step's (gate activations, c).
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
@@ -169,10 +169,9 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision
         torch.sigmoid_(gates[:, 3 * H :])                   # o
         i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
         c = torch.addcmul(f * c, i, g)                      # c = f*c + i*g
-        tanh_c = torch.tanh(c)
-        h = torch.mul(o, tanh_c, out=hs[t])                 # h = o*tanh(c)
+        h = torch.mul(o, torch.tanh(c), out=hs[t])          # h = o*tanh(c)
         if saved is not None:
-            saved.append((gates, c, tanh_c))
+            saved.append((gates, c))        # tanh(c) is recomputed in backward: less memory
     return hs, c, saved
 
 
@@ -205,7 +204,8 @@ class FusedLSTMLayer(torch.autograd.Function):
         low = ctx.low_precision
         recurrent_t = _recurrent_product(weight_hh.t(), B, low)  # dh_prev = dgates @ W_hh
         for t in range(T - 1, -1, -1):
-            gates, _, tanh_c = steps[t]
+            gates, c = steps[t]
+            tanh_c = torch.tanh(c)
             c_prev = steps[t - 1][1] if t > 0 else c0
             i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
             d_i, d_f, d_g, d_o = grad_gates[t].unflatten(1, (4, H)).unbind(1)

@@ -113,7 +113,12 @@ class Generator:
         if len(ids) == 0:
             return
         tokens = ids.to(self.device).unsqueeze(0).expand(self.num_samples, -1)
-        logits, self.state = self.model(tokens, self.state)          # the whole text in one pass
+        was_training = self.model.training
+        self.model.eval()                    # no dropout when reading, even mid-training
+        try:
+            logits, self.state = self.model(tokens, self.state)      # the whole text in one pass
+        finally:
+            self.model.train(was_training)
         self.logits = logits[:, -1]
 
     @torch.no_grad()

@@ -3,7 +3,9 @@
 Read ``Trainer.run`` top to bottom: each step takes the next chunk of every
 stream, runs the model from the state the previous chunk ended in, steps the
 optimizer and detaches the state, which then carries on to the next chunk for
-the whole run (validation has its own state and leaves this one alone).
+the whole run (validation has its own state and leaves this one alone). The
+one deliberate exception: each step one stream, in turn, starts from a zero
+state (``restart_one_stream`` says why).
 
 Exact resume: everything that shapes the future is in the checkpoint
 (parameters, optimizer moments, the step and the schedule plan, loader
@@ -67,6 +69,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"              # float32, bfloat16 (LSTM products in bf16), auto: bf16 where native
+    compile: bool = False            # torch.compile the training model
     quiet: bool = False
     allow_new_text: bool = False
     cache_dir: str | None = None     # token cache; default $XDG_CACHE_HOME/textgen or ~/.cache/textgen
@@ -104,7 +107,7 @@ EVALS_PER_RUN = 10
 RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_every", "lr", "min_lr_ratio",
                      "warmup_steps", "grad_clip", "weight_decay", "sample_length", "keep", "device", "quiet",
                      "allow_new_text", "text", "out", "name", "cache_dir", "eval_chars",
-                     "dtype"}
+                     "dtype", "compile"}
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -260,6 +263,9 @@ class Trainer:
         self.loader = StreamLoader(self.train_tokens, config.batch_size, config.seq_len,
                                    first_stream=first, num_streams=count)
         self.train_model = self.dist.wrap(self.model)
+        if config.compile:
+            # Compiles on the first steps (a slow start); the checkpoint keeps the plain model's state.
+            self.train_model = torch.compile(self.train_model)
 
         self.step, self.plan, self.elapsed = 0, config.steps, 0.0
         self.best_val_loss: float | None = None
@@ -317,7 +323,8 @@ class Trainer:
         def attempt() -> PreparedCorpus:
             try:
                 return prepare(spec, cfg.cache_dir, cfg.separator, tokenizer=imposed,
-                               progress=self.dist.is_main and not cfg.quiet and sys.stderr.isatty())
+                               progress=self.dist.is_main and not cfg.quiet and sys.stderr.isatty(),
+                               log=None if cfg.quiet else self.log)
             except UnknownCharactersError as e:
                 if not cfg.allow_new_text:
                     raise UsageError(f"{spec} is not the text this run was trained on (it has characters the "
@@ -396,7 +403,7 @@ class Trainer:
         lr = lr_at(self.step, self.plan, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits, state = self.train_model(x, self.state)                    # (B, T, V)
+        logits, state = self.train_model(x, self.restart_one_stream(self.state))   # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -407,6 +414,30 @@ class Trainer:
         self.state = detach_state(state)
         self.step += 1
         return loss_value, float(grad_norm)
+
+    def restart_one_stream(self, state):
+        """Zero the carried state of one stream per step, each stream in turn.
+
+        The state otherwise carries across chunks for the whole run, so without
+        this the model would meet a zero state only at step 1, while generation
+        always starts from one: samples from a short prompt could derail into
+        noise it never learned to leave. Resetting stream (step mod B) keeps every
+        stream's text contiguous and its context long (B chunks between resets).
+        The index is global, so a distributed run resets the same stream.
+        """
+        if state is None:
+            return None
+        first, count = self.dist.stream_share(self.config.batch_size)
+        stream = self.step % self.config.batch_size - first
+        if not 0 <= stream < count:
+            return state
+        restarted = []
+        for h, c in state:
+            h, c = h.clone(), c.clone()
+            h[stream] = 0
+            c[stream] = 0
+            restarted.append((h, c))
+        return tuple(restarted)
 
     def _guard(self, loss: float, grad_norm: float) -> None:
         """Stop before a diverged step can reach the parameters or a checkpoint."""
