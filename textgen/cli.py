@@ -174,8 +174,10 @@ def _train(argv) -> int:
             args.resume = folder
     try:
         Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=_log).run()
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
     return 0
 
 

@@ -125,8 +125,16 @@ def context() -> DistContext:
     return _context
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down; after a clean run, together, so that no rank leaves while
+    another is still in a collective. After a failure, at once: the others may never arrive."""
     global _context
     if _context is not None and _context.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        import gc
+        gc.collect()                     # drop the DDP wrapper (and its reducer) before its group
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
     _context = None
