@@ -11,19 +11,14 @@ import torch.nn.functional as F
 from conftest import ROOT, TINY, run, small_text
 from textgen import checkpoint
 from textgen.checkpoint import load_model
-from textgen.cli import parse_duration, train_main
+from textgen.cli import parse_duration
 from textgen.errors import UsageError
 from textgen.evaluate import evaluate_file
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eval")
-    text = folder / "corpus.txt"
-    text.write_text(small_text(), encoding="utf-8")
-    out = str(folder / "run")
-    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0"]) == 0
-    return out, str(text)
+def trained(tiny_run):
+    return tiny_run
 
 
 def direct_loss(run_dir, text):

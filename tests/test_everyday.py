@@ -8,17 +8,12 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, run, small_text
-from textgen.cli import info_main, plot_main, train_main
+from textgen.cli import info_main, plot_main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("everyday")
-    text = folder / "corpus.txt"
-    text.write_text(small_text(), encoding="utf-8")
-    out = str(folder / "run")
-    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0"]) == 0
-    return out
+def run_dir(tiny_run):
+    return tiny_run[0]
 
 
 def test_run_folder_holds_config_metrics_and_checkpoints(run_dir):
