@@ -102,3 +102,20 @@ def test_an_elastic_restart_resumes_from_the_run_folder(text, tmp_path):
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 20
     history = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
     assert [h["step"] for h in history] == [5, 10, 15, 20]
+
+
+def test_a_distributed_run_resumes_exactly_with_the_same_world_size(text, tmp_path):
+    import shutil
+    full = tmp_path / "full"
+    assert torchrun("train.py", text, *FLAGS, "--out", str(full)).returncode == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "step-0000010.pt", resumed / "step-0000010.pt")
+    again = torchrun("train.py", "--resume", str(resumed / "step-0000010.pt"))
+    assert again.returncode == 0, again.stderr
+    a, b = checkpoint.load(str(full / "latest.pt")), checkpoint.load(str(resumed / "latest.pt"))
+    assert a["step"] == b["step"] == 20
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for (h, c), (h2, c2) in zip(a["carried_state"], b["carried_state"]):
+        assert torch.equal(h, h2) and torch.equal(c, c2)

@@ -287,6 +287,9 @@ class Trainer:
         saved = ckpt.get("train_config", {})
         known = {f.name for f in fields(TrainConfig)}
         merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        # Where the run lives is where its checkpoint is now (it may have been moved), unless
+        # --out or --name says otherwise on this command line.
+        merged.out, merged.name = None, None
         refused, changed = [], []
         for name in explicit & known:
             new, old = getattr(config, name), getattr(merged, name)
