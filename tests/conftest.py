@@ -58,13 +58,17 @@ def assert_user_error(result, *fragments, code=2):
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A run folder trained for 30 tiny steps on small_text(), and the text's path."""
+def train_tiny(folder, *flags):
+    """Train a TINY model on small_text() in folder; returns (run folder, text path). Later flags win."""
     from textgen.cli import train_main
-    folder = tmp_path_factory.mktemp("tiny")
     text = folder / "corpus.txt"
     text.write_text(small_text(), encoding="utf-8")
     out = str(folder / "run")
-    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0"]) == 0
+    assert train_main([str(text), *TINY, "--steps", "30", "--out", out, "-q", "--sample-length", "0", *flags]) == 0
     return out, str(text)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder trained for 30 tiny steps on small_text(), and the text's path."""
+    return train_tiny(tmp_path_factory.mktemp("tiny"))

@@ -6,21 +6,16 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_user_error, run
+from conftest import ROOT, assert_user_error, run, train_tiny
 from textgen.checkpoint import load_model
-from textgen.cli import train_main
 from textgen.sampling import Generator, SampleConfig, draw, next_token_probs
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import small_text
-    folder = tmp_path_factory.mktemp("gen")
-    text = folder / "corpus.txt"
-    text.write_text(small_text(), encoding="utf-8")
-    out = str(folder / "run")
-    assert train_main([str(text), *TINY, "--steps", "150", "--eval-every", "150", "--out", out, "-q",
-                       "--sample-length", "0", "--lr", "1e-2", "--dtype", "float32"]) == 0
+    # Longer and in float32, so that the carried state visibly shapes what is sampled.
+    out, _ = train_tiny(tmp_path_factory.mktemp("gen"), "--steps", "150", "--eval-every", "150", "--lr", "1e-2",
+                        "--dtype", "float32")
     return out
 
 
