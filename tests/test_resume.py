@@ -126,3 +126,66 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, tm
     ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
     assert ckpt["step"] == 20
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+# -- float16: loss scaling is part of the exact state ------------------------------------------
+
+FP16 = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--batch-size", "4", "--seq-len", "16",
+        "--steps", "40", "--eval-every", "20", "--save-every", "10", "--log-every", "5", "--sample-length", "0",
+        "--warmup-steps", "5", "--dtype", "float16", "-q"]
+
+
+def eager_scaler(monkeypatch, **settings):
+    """Make GradScaler move fast enough to matter in a 40-step run."""
+    import functools
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, **settings))
+
+
+def scaled_history(ckpt):
+    return [(h["step"], h["train_loss"], h["val_loss"], h["loss_scale"], h["skipped_steps"]) for h in ckpt["history"]]
+
+
+def test_float16_overflows_skip_steps_and_resume_exactly(text_file, tmp_path, monkeypatch, capsys):
+    """An enormous starting scale overflows the fp16 gradients: those steps are skipped (not called
+    divergence) and the scale falls, then probes upwards every 5 clean steps; stopped and resumed, the
+    run (weights, losses, loss-scale history, scaler state) equals the one that never stopped."""
+    from textgen import training
+    from textgen.cli import train_main
+    eager_scaler(monkeypatch, init_scale=2.0 ** 30, growth_interval=5)
+    ref_dir = str(tmp_path / "ref")
+    assert train_main([text_file, *FP16, "--out", ref_dir]) == 0
+    assert "--dtype float16 is meant for GPUs" in capsys.readouterr().err
+    ref = checkpoint.load(os.path.join(ref_dir, "latest.pt"))
+    scales = [h["loss_scale"] for h in ref["history"]]
+    assert sum(h["skipped_steps"] for h in ref["history"]) > 0          # it overflowed ...
+    assert min(scales) < 2.0 ** 30 and ref["step"] == 40                # ... backed off and carried on
+    assert all(torch.isfinite(t).all() for t in ref["model"].values())
+
+    real_step = training.Trainer.train_step
+
+    def stop_at_17(self):
+        result = real_step(self)
+        if self.step == 17:
+            self.stop_signal = signal.SIGINT
+        return result
+
+    monkeypatch.setattr(training.Trainer, "train_step", stop_at_17)
+    out = str(tmp_path / "run")
+    assert train_main([text_file, *FP16, "--out", out]) == 0
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 17
+    monkeypatch.setattr(training.Trainer, "train_step", real_step)
+    assert train_main(["--resume", out, "-q"]) == 0
+    resumed = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert_same_run(resumed, ref)
+    assert scaled_history(resumed) == scaled_history(ref)
+    assert resumed["scaler"] == ref["scaler"]
+
+
+def test_float16_overflowing_at_every_scale_is_divergence(text_file, tmp_path, monkeypatch, capsys):
+    from textgen import training
+    from textgen.cli import train_main
+    eager_scaler(monkeypatch, init_scale=2.0 ** 40)
+    monkeypatch.setattr(training, "MIN_LOSS_SCALE", 2.0 ** 40)     # the first halving already counts
+    code = train_main([text_file, *FP16, "--out", str(tmp_path / "run")])
+    assert code == 1
+    assert "float16 gradients overflow at every loss scale" in capsys.readouterr().err

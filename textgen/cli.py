@@ -126,9 +126,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run folder (default: checkpoints/<corpus>-<date>-<time>)")
     g.add_argument("--name", default=None, help="run name: the run folder becomes checkpoints/NAME")
     g.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and dropout")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=t.dtype,
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=t.dtype,
                    help="bfloat16 runs the LSTM's matrix products in bf16 (the cell state stays float32): faster "
-                        "on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is native")
+                        "on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is native. "
+                        "float16 does the same in fp16 with loss scaling, for GPUs without bf16")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training model: a slower start for faster steps where it pays "
                         "(GPUs above all; see benchmarks/README.md for the CPU)")

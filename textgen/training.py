@@ -68,7 +68,7 @@ class TrainConfig:
     name: str | None = None
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"              # float32, bfloat16 (LSTM products in bf16), auto: bf16 where native
+    dtype: str = "auto"              # float32, bfloat16 or float16 LSTM products; auto: bf16 where native
     compile: bool = False            # torch.compile the training model
     quiet: bool = False
     allow_new_text: bool = False
@@ -95,13 +95,20 @@ class TrainConfig:
             raise UsageError("--warmup-steps, --keep, --sample-length and --eval-chars must be 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UsageError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype}")
+        if self.dtype not in ("auto", *LOW_PRECISION, "float32"):
+            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
 
 
 EVALS_PER_RUN = 10
+
+# --dtype names whose LSTM matrix products run in low precision (the rest stays float32).
+LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# float16 gradients underflow without loss scaling: when the scale has been halved
+# this far (from 65536) the gradients overflow whatever the scale, i.e. training diverged.
+MIN_LOSS_SCALE = 1.0
 
 # Settings that may change when resuming; changing any other is refused.
 RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_every", "lr", "min_lr_ratio",
@@ -206,6 +213,7 @@ class IntervalSums:
     steps: int = 0
     chars: int = 0
     seconds: float = 0.0
+    skipped: int = 0                 # float16 steps skipped because the gradients overflowed
 
 
 @dataclass
@@ -256,7 +264,14 @@ class Trainer:
         else:
             self.model, _ = checkpoint.build_model(ckpt)
         self.model.to(self.device)
-        self.model.lstm.matmul_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        self.model.lstm.matmul_dtype = LOW_PRECISION.get(config.dtype)
+        # float16's narrow range needs loss scaling: the scaler multiplies the loss before
+        # backward, skips a step whose gradients overflowed and adapts the scale. It is a
+        # no-op for float32 and bfloat16 (which has float32's range).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "float16")
+        if config.dtype == "float16" and self.device.type == "cpu" and self.dist.is_main:
+            print("warning: --dtype float16 is meant for GPUs; most CPUs emulate it, slower than float32 "
+                  "(use bfloat16 or float32 on a CPU)", file=sys.stderr)
         self.model_config = self.model.config
         self.optimizer = self._make_optimizer()
         first, count = self.dist.stream_share(config.batch_size)
@@ -394,12 +409,14 @@ class Trainer:
                                for h, c in carried)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
         if self.config.out is None:
             self.run_dir = os.path.dirname(os.path.abspath(checkpoint.resolve(resume, prefer_best=False)))
 
     # -- one step, one evaluation, one save ------------------------------------------
 
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float | None]:
         x, y = self.loader.next_batch()
         x = torch.from_numpy(x).to(self.device, non_blocking=True)
         y = torch.from_numpy(y).to(self.device, non_blocking=True)
@@ -409,14 +426,21 @@ class Trainer:
         logits, state = self.train_model(x, self.restart_one_stream(self.state))   # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)               # clip the true gradients, not the scaled ones
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         loss_value = self.dist.mean(loss.detach())
-        self._guard(loss_value, float(grad_norm))
-        self.optimizer.step()
+        overflow = self.scaler.is_enabled() and not math.isfinite(grad_norm)
+        self._guard(loss_value, 0.0 if overflow else grad_norm)
+        self.scaler.step(self.optimizer)                    # with float16, skipped if the gradients overflowed
+        self.scaler.update()
+        if overflow and self.scaler.get_scale() < MIN_LOSS_SCALE:
+            raise StopTraining(f"training diverged at step {self.step + 1}: the float16 gradients overflow at "
+                               f"every loss scale; latest.pt still holds the last good state. Try --dtype "
+                               f"bfloat16 or float32, or a lower --lr")
         self.state = detach_state(state)
         self.step += 1
-        return loss_value, float(grad_norm)
+        return loss_value, None if overflow else grad_norm
 
     def restart_one_stream(self, state):
         """Zero the carried state of one stream per step, each stream in turn.
@@ -479,6 +503,7 @@ class Trainer:
             "carried_state": self.dist.gather_state(self.state),
             "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
             "first_loss": self.first_loss, "interval_sums": asdict(self.sums),
+            "scaler": self.scaler.state_dict(),
             "created": datetime.now().isoformat(timespec="seconds"), "torch_version": str(torch.__version__),
         }
 
@@ -518,7 +543,10 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed = elapsed_at_start + (now - run_start)
                 self.sums.loss += loss
-                self.sums.grad_norm += grad_norm
+                if grad_norm is None:
+                    self.sums.skipped += 1                  # a float16 overflow: no update, no norm
+                else:
+                    self.sums.grad_norm += grad_norm
                 self.sums.steps += 1
                 self.sums.chars += cfg.batch_size * cfg.seq_len
                 self.sums.seconds += now - last
@@ -627,10 +655,12 @@ class Trainer:
         entry = {
             "step": self.step, "time": round(self.elapsed, 3), "train_loss": s.loss / s.steps,
             "val_loss": val_loss, "lr": lr_at(self.step - 1, self.plan, self.config),
-            "grad_norm": s.grad_norm / s.steps,
+            "grad_norm": s.grad_norm / max(1, s.steps - s.skipped),
             "chars_per_sec": round(s.chars * self.dist.world_size / max(s.seconds, 1e-9)),
             "epoch": round(self.loader.epoch, 4),
         }
+        if self.scaler.is_enabled():
+            entry["loss_scale"], entry["skipped_steps"] = self.scaler.get_scale(), s.skipped
         self.history.append(entry)
         self.sums = IntervalSums()
         if not self.dist.is_main:
