@@ -1,4 +1,5 @@
 """Our LSTM against references: torch.nn.LSTM with copied weights, the gate-by-gate cell, gradcheck."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -145,7 +146,7 @@ def test_fused_layer_frees_its_graph_after_backward():
     gc.disable()
     try:
         out, state = stack(torch.randn(5, 2, 4))
-        kept = weakref.ref(state[0][1].grad_fn.steps[-1][1])   # the last c the backward pass needs
+        kept = weakref.ref(state[0][1].grad_fn.cs)   # the cell states the backward pass needs
         (out.sum() + state[0][1].sum()).backward()
         carried = tuple((h.detach(), c.detach()) for h, c in state)   # what training keeps
         del out, state
@@ -155,23 +156,24 @@ def test_fused_layer_frees_its_graph_after_backward():
     assert carried[0][1].shape == (2, 8)
 
 
-def test_bfloat16_matmuls_stay_close_to_float32():
-    """bf16 products (8-bit mantissa) with float32 cell state: close, not equal."""
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_matmuls_stay_close_to_float32(low):
+    """bf16 (8-bit mantissa) or fp16 (11-bit) products with float32 cell state: close, not equal."""
     torch.manual_seed(8)
     model = CharLSTM(ModelConfig(vocab_size=30, embed_size=16, hidden_size=64, layers=2, dropout=0.0))
     tokens = torch.randint(0, 30, (8, 40))
     target = torch.randint(0, 30, (8, 40))
     results = {}
-    for dtype in (None, torch.bfloat16):
+    for dtype in (None, low):
         model.zero_grad()
         model.lstm.matmul_dtype = dtype
         logits, state = model(tokens)
         F.cross_entropy(logits.reshape(-1, 30), target.reshape(-1)).backward()
         results[dtype] = logits.detach(), [p.grad.clone() for p in model.parameters()], state
     model.lstm.matmul_dtype = None
-    (l32, g32, _), (l16, g16, s16) = results[None], results[torch.bfloat16]
+    (l32, g32, _), (l16, g16, s16) = results[None], results[low]
     assert l16.dtype == torch.float32 and s16[1][1].dtype == torch.float32
-    assert not torch.equal(l32, l16)                                   # it really ran in bf16
+    assert not torch.equal(l32, l16)                                   # it really ran in low precision
     torch.testing.assert_close(l16, l32, atol=3e-2, rtol=3e-2)
     for a, b in zip(g32, g16):
         cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0)

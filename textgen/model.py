@@ -8,11 +8,14 @@ Design, from the inside out:
   ``FusedLSTMLayer``, an autograd Function in the style of torch-rnn: the input
   projection of all time steps is one matrix product, the per-step work is one
   small recurrent product plus in-place pointwise gates, and the backward pass
-  sums the weight gradients in one large product at the end instead of one per
-  step. It computes exactly the same function as the cell. On the CPU the
+  computes the gates' local derivatives for all steps at once before its time
+  loop (which keeps only the truly sequential work, five operations a step)
+  and sums the weight gradients in one large product at the end instead of one
+  per step. It computes exactly the same function as the cell. On the CPU the
   recurrent weight is packed once per chunk for oneDNN; optionally
-  (``StackedLSTM.matmul_dtype = torch.bfloat16``) the matrix products run in
-  bf16 while the cell state and all pointwise work stay float32.
+  (``StackedLSTM.matmul_dtype = torch.bfloat16`` or ``torch.float16``) the
+  matrix products run in that dtype while the cell state and all pointwise
+  work stay float32.
 * ``Stepper`` runs one character at a time for generation, with the embedding
   folded into layer 0's input weights.
 * ``StackedLSTM`` owns the parameters, named and shaped exactly like
@@ -96,22 +99,34 @@ def _has_packed_linear() -> bool:
 
 
 _PACKED_LINEAR = _has_packed_linear()
+_SMALL_PRODUCT = 1 << 20
+# Constants as 0-dim tensors: a Python number is wrapped into a new tensor on every call.
+_MINUS_ONE, _TWO = torch.tensor(-1.0), torch.tensor(2.0)
 
 
 def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None):
     """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
 
+    The function may overwrite `add` with the result: callers pass a buffer they
+    no longer need.
+
     The per-step products are small and the same weight is used T times, so on
     the CPU the weight is packed once per chunk into oneDNN's blocked layout
     (about 1.7x faster per product here than a plain matmul, which repacks the
     weight on every call). float64 and other devices use a plain addmm. With
-    low_precision (bfloat16) the product runs in that dtype and its result is
+    low_precision (bfloat16 or float16) the product runs in that dtype and its result is
     added to `add` in float32.
     """
     weight = weight.detach()
+    # Below about a million multiply-adds MKL's plain float32 addmm is the fastest product on
+    # the CPU here (16x128 by 128x512: 23 us packed 31, bf16 30 with its casts); above it
+    # packing wins (32x256: 157 plain, 113 packed, 74 packed bf16).
+    small = weight.device.type == "cpu" and batch * weight.numel() <= _SMALL_PRODUCT
+    if small:
+        low_precision = None
     if low_precision is not None:
         weight = weight.to(low_precision)
-    if _PACKED_LINEAR and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+    if _PACKED_LINEAR and not small and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
         linear = torch.ops.mkldnn._linear_pointwise
         if low_precision is not None:
@@ -131,7 +146,11 @@ def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dt
             out = torch.mm(x.to(low_precision), weight_t).float()
             return out if add is None else out.add_(add)
         return product
-    return lambda x, add=None: torch.mm(x, weight_t) if add is None else torch.addmm(add, x, weight_t)
+
+    def product(x, add=None):
+        # add is always spent by the caller: accumulating into it saves a copy and an allocation.
+        return torch.mm(x, weight_t) if add is None else add.addmm_(x, weight_t)
+    return product
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
@@ -153,26 +172,60 @@ def _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision):
 def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
     """The time loop shared by training and inference.
 
-    x_proj (T, B, 4H) already holds x @ W_ih^T + biases. Returns h for every
-    step (T, B, H), the final c, and, when the backward pass will need them,
-    each step's (gate activations, c).
+    x_proj (T, B, 4H) holds x @ W_ih^T + biases on entry. Each step's gate
+    activations overwrite its slice, which is spent by then, so on return
+    x_proj holds the activations (i, f, g, o) of every step. Returns h for
+    every step (T, B, H), the final c, and, when the backward pass will need
+    it, c for every step (T, B, H).
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
-    saved = [] if keep_for_backward else None
+    cs = x_proj.new_empty(T, B, H) if keep_for_backward else None
+    # tanh(x) = 2 sigmoid(2x) - 1, and sigmoid runs about 3x faster per element than tanh on
+    # CPUs here: with the g pre-activations doubled (exact in floating point) one sigmoid over
+    # all four gates and a fix-up of g replace a sigmoid and a tanh.
+    x_proj[:, :, 2 * H : 3 * H].mul_(2)
+    weight_hh = weight_hh.detach().clone()
+    weight_hh[2 * H : 3 * H].mul_(2)
     recurrent = _recurrent_product(weight_hh, B, low_precision)
+    # Views made once for all steps: per-step indexing is Python overhead on small shapes.
+    gate_views = x_proj.unbind(0)
+    i_, f_, g_, o_ = (gate.unbind(0) for gate in x_proj.unflatten(2, (4, H)).unbind(2))
+    h_out, c_out = hs.unbind(0), (cs.unbind(0) if cs is not None else None)
     for t in range(T):
-        gates = recurrent(h, x_proj[t])                     # (B, 4H) pre-activations
-        torch.sigmoid_(gates[:, : 2 * H])                   # i, f
-        torch.tanh_(gates[:, 2 * H : 3 * H])                # g
-        torch.sigmoid_(gates[:, 3 * H :])                   # o
-        i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
-        c = torch.addcmul(f * c, i, g)                      # c = f*c + i*g
-        h = torch.mul(o, torch.tanh(c), out=hs[t])          # h = o*tanh(c)
-        if saved is not None:
-            saved.append((gates, c))        # tanh(c) is recomputed in backward: less memory
-    return hs, c, saved
+        gates, g_slot = gate_views[t], g_[t]
+        pre = recurrent(h, gates)                           # (B, 4H) pre-activations
+        torch.sigmoid(pre, out=gates)                       # i, f, o, and sigmoid(2 g_pre)
+        torch.addcmul(_MINUS_ONE, g_slot, _TWO, out=g_slot)  # g = 2 sigmoid(2 g_pre) - 1 = tanh(g_pre)
+        fc = f_[t] * c
+        c = torch.addcmul(fc, i_[t], g_slot, out=c_out[t]) if c_out is not None else fc.addcmul_(i_[t], g_slot)
+        h = torch.mul(o_[t], torch.tanh(c), out=h_out[t])   # h = o*tanh(c)
+    return hs, c, cs
+
+
+# Blocks of steps whose gate derivatives the backward pass computes together: large
+# enough to amortise per-operation overhead on small shapes, small enough to stay in cache.
+_CACHE_BYTES = 1 << 20
+
+
+def _local_derivatives(gates, c, c_prev, local):
+    """Gate derivatives for a block of steps, all (k, B, ...): fills local (k, B, 4H).
+
+    With c = f*c_prev + i*g and h = o*tanh(c), sigmoid' = s(1-s), tanh' = 1-t^2:
+    local = [g*i', c_prev*f', i*g', tanh(c)*o'] per gate, so that dL/dpre = local
+    times dL/dc (i, f, g) or dL/dh (o). Returns o*tanh'(c), which carries dL/dh
+    into dL/dc. Nothing saved is modified: backward may run more than once.
+    """
+    H = c.shape[-1]
+    i, f, g, o = gates.unflatten(-1, (4, H)).unbind(-2)
+    local_i, local_f, local_g, local_o = local.unflatten(-1, (4, H)).unbind(-2)
+    torch.mul(i, 1 - i, out=local_i).mul_(g)
+    torch.mul(f, 1 - f, out=local_f).mul_(c_prev)
+    torch.mul(g, g, out=local_g).neg_().add_(1).mul_(i)
+    tanh_c = torch.tanh(c)
+    torch.mul(o, 1 - o, out=local_o).mul_(tanh_c)
+    return tanh_c.square_().neg_().add_(1).mul_(o)
 
 
 class FusedLSTMLayer(torch.autograd.Function):
@@ -181,51 +234,54 @@ class FusedLSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
         x_proj = _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
-        hs, c_last, saved = _recurrent_forward(x_proj, h0, c0, weight_hh, True, low_precision)
+        hs, c_last, cs = _recurrent_forward(x_proj, h0, c0, weight_hh, True, low_precision)
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
-        ctx.steps = saved                                   # intermediates, not inputs or outputs
+        ctx.gates, ctx.cs = x_proj, cs                      # intermediates, not inputs or outputs
         ctx.low_precision = low_precision
         # Outputs are copies: h_last must not be a view of another output, and c_last
-        # must not be the tensor ctx.steps holds, or output -> grad_fn -> ctx.steps ->
+        # must not be a view of the tensor ctx.cs holds, or output -> grad_fn -> ctx.cs ->
         # output is a cycle that keeps every chunk's graph alive (a memory leak).
         return hs, hs[-1].clone(), c_last.clone()
 
     @staticmethod
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):
         x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
-        steps = ctx.steps
+        gates, cs = ctx.gates, ctx.cs                       # activations (T, B, 4H), cell states (T, B, H)
         T, B, I = x.shape
         H = hs.shape[2]
-        grad_gates = hs.new_empty(T, B, 4 * H)              # pre-activation gradients
         if grad_hs is None:
             grad_hs = torch.zeros_like(hs)
+        else:
+            grad_hs = grad_hs.clone()                       # the recurrent product accumulates into it
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
         recurrent_t = _recurrent_product(weight_hh.t(), B, low)  # dh_prev = dgates @ W_hh
-        for t in range(T - 1, -1, -1):
-            gates, c = steps[t]
-            tanh_c = torch.tanh(c)
-            c_prev = steps[t - 1][1] if t > 0 else c0
-            i, f, g, o = gates.unflatten(1, (4, H)).unbind(1)
-            d_i, d_f, d_g, d_o = grad_gates[t].unflatten(1, (4, H)).unbind(1)
-            # through h = o * tanh(c)
-            torch.mul(grad_h, tanh_c, out=d_o)
-            grad_c = torch.addcmul(grad_c, grad_h * o, 1 - tanh_c * tanh_c)
-            # through c = f * c_prev + i * g
-            torch.mul(grad_c, g, out=d_i)
-            torch.mul(grad_c, c_prev, out=d_f)
-            torch.mul(grad_c, i, out=d_g)
-            grad_c = grad_c * f
-            # through the nonlinearities: sigmoid' = s(1-s), tanh' = 1-t^2
-            d_i.mul_(i - i * i)
-            d_f.mul_(f - f * f)
-            d_g.mul_(1 - g * g)
-            d_o.mul_(o - o * o)
-            if t > 0:
-                grad_h = recurrent_t(grad_gates[t], grad_hs[t - 1])
-            else:
-                grad_h = recurrent_t(grad_gates[t])
+        # local[t] holds, gate by gate, the factor that turns dL/dc_t (for i, f, g) or
+        # dL/dh_t (for o) into the gradient of that gate's pre-activation. It does not depend
+        # on the incoming gradient, so it is computed for a block of steps at a time (sized
+        # to stay in cache), leaving the time loop only the truly sequential work; the loop
+        # multiplies it in place, so local ends as the pre-activation gradients of all steps.
+        local = torch.empty_like(gates)
+        f_steps, grad_hs_steps, local_steps = gates[:, :, H : 2 * H].unbind(0), grad_hs.unbind(0), local.unbind(0)
+        block = max(1, _CACHE_BYTES // (gates[0].numel() * gates.element_size()))
+        for end in range(T, 0, -block):
+            start = max(0, end - block)
+            c_prev = cs[start - 1 : end - 1] if start > 0 else torch.cat([c0.unsqueeze(0), cs[: end - 1]])
+            through_h = _local_derivatives(gates[start:end], cs[start:end], c_prev, local[start:end])
+            local_ifg = local[start:end].unflatten(2, (4, H))[:, :, :3].unbind(0)
+            local_o, through_h = local[start:end, :, 3 * H :].unbind(0), through_h.unbind(0)
+            for k in range(end - start - 1, -1, -1):
+                t = start + k
+                grad_c = torch.addcmul(grad_c, grad_h, through_h[k])    # dL/dc_t
+                local_ifg[k].mul_(grad_c.unsqueeze(1))                  # dL/d(pre-activation) of i, f, g
+                local_o[k].mul_(grad_h)                                 # ... and of o
+                grad_c = grad_c * f_steps[t]                            # on to c_{t-1}
+                if t > 0:
+                    grad_h = recurrent_t(local_steps[t], grad_hs_steps[t - 1])
+                else:
+                    grad_h = recurrent_t(local_steps[t])
+        grad_gates = local
         flat = grad_gates.view(T * B, 4 * H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
         grad_bias = flat.sum(0)
@@ -242,8 +298,9 @@ class FusedLSTMLayer(torch.autograd.Function):
 def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
     """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c.
 
-    low_precision (torch.bfloat16 or None) runs the matrix products in that
-    dtype; the cell state and every pointwise operation stay in float32.
+    low_precision (torch.bfloat16, torch.float16 or None) runs the matrix
+    products in that dtype; the cell state and every pointwise operation stay
+    in float32. float16 gradients need loss scaling (the trainer's GradScaler).
     """
     if torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
@@ -264,8 +321,8 @@ class StackedLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0):
         super().__init__()
         self.input_size, self.hidden_size, self.layers, self.dropout = input_size, hidden_size, layers, dropout
-        # A run-time choice, not architecture: torch.bfloat16 runs the matrix products
-        # in bf16 (faster on CPUs with avx512_bf16 and on recent GPUs); None is float32.
+        # A run-time choice, not architecture: torch.bfloat16 (or torch.float16) runs the
+        # matrix products in that dtype (faster on CPUs with avx512_bf16 and on GPUs); None is float32.
         self.matmul_dtype: torch.dtype | None = None
         for k in range(layers):
             in_size = input_size if k == 0 else hidden_size
