@@ -1,7 +1,7 @@
 """Train with the defaults for a wall-clock budget and print the validation curve beside the n-gram baseline.
 
     python benchmarks/quality.py ../shared/corpora/tinyshakespeare.txt --time 15m
-    python benchmarks/quality.py some.txt --time 5m -- --hidden-size 256   # extra train.py flags after --
+    python benchmarks/quality.py some.txt --time 5m -- --hidden-size 256   # train.py flags after --
 
 The split is train.py's (last --val-fraction of the file for validation); the
 baseline is an interpolated Witten-Bell 5-gram counted on the same head.
@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ngram import WittenBell, split  # noqa: E402
 from textgen.cli import parse_duration, train_main  # noqa: E402
-from textgen.checkpoint import load  # noqa: E402
+from textgen.checkpoint import load, load_model  # noqa: E402
+from textgen.evaluate import cross_entropy  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -29,8 +30,11 @@ def main() -> None:
     parser.add_argument("--time", default="15m", help="training budget (90s, 15m, 2h)")
     parser.add_argument("--order", type=int, default=5, help="n-gram order of the baseline")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
-    parser.add_argument("extra", nargs="*", help="further train.py flags, after --")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    # argparse cannot take flags meant for another program after "--" once a positional is filled.
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     parse_duration(args.time)
     out = args.out or tempfile.mkdtemp(prefix="textgen-quality-")
     code = train_main([args.text, "--time", args.time, "--out", out, "-q", "--sample-length", "0", *args.extra])
@@ -48,12 +52,20 @@ def main() -> None:
                   f"{row['val_loss'] / LN2:>9.4f}")
     final = ckpt["history"][-1]["val_loss"]
     best = ckpt["best_val_loss"]
+    # The figure set beside the baseline covers exactly the baseline's text, the whole tail, even
+    # where training validated on its first --eval-chars only.
+    model, tokenizer, _ = load_model(out, prefer_best=True)
+    train_cfg = ckpt["train_config"]
+    total, count = cross_entropy(model, tokenizer.encode(tail), train_cfg["batch_size"], train_cfg["seq_len"])
+    whole = total / count
     c = ckpt["model_config"]
     print(f"\n{os.path.basename(args.text)}: {c['layers']}x{c['hidden_size']} LSTM, {ckpt['step']} steps in "
           f"{ckpt['elapsed']:.0f}s")
     print(f"final val {final:.4f} nats/char ({final / LN2:.3f} bits), best {best:.4f} ({best / LN2:.3f} bits)")
+    print(f"best.pt over the whole validation tail ({count:,} characters): {whole:.4f} nats/char "
+          f"({whole / LN2:.3f} bits)")
     print(f"Witten-Bell {args.order}-gram baseline {baseline:.4f} nats/char ({baseline / LN2:.3f} bits); "
-          f"model / baseline = {best / baseline:.3f}")
+          f"model / baseline = {whole / baseline:.3f}")
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ class FusedLSTMLayer(torch.autograd.Function):
         if grad_hs is None:
             grad_hs = torch.zeros_like(hs)
         else:
-            grad_hs = grad_hs.clone()                       # the recurrent product accumulates into it
+            grad_hs = grad_hs.clone()                       # the recurrent product may accumulate into it
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision

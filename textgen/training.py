@@ -61,7 +61,7 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 25
     val_fraction: float = 0.1
-    eval_chars: int = 1_000_000      # validation reads this much of the tail (0: all of it)
+    eval_chars: int = 200_000        # validation reads this much of the tail (0: all of it)
     sample_length: int = 200
     keep: int = 3                    # step checkpoints kept besides latest.pt and best.pt
     out: str | None = None           # run folder; default checkpoints/<corpus>-<time>
