@@ -100,8 +100,6 @@ def _has_packed_linear() -> bool:
 
 _PACKED_LINEAR = _has_packed_linear()
 _SMALL_PRODUCT = 1 << 20
-# Constants as 0-dim tensors: a Python number is wrapped into a new tensor on every call.
-_MINUS_ONE, _TWO = torch.tensor(-1.0), torch.tensor(2.0)
 
 
 def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None):
@@ -189,6 +187,8 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision
     weight_hh = weight_hh.detach().clone()
     weight_hh[2 * H : 3 * H].mul_(2)
     recurrent = _recurrent_product(weight_hh, B, low_precision)
+    # 0-dim tensors made once: a Python number is wrapped into a new tensor at every call.
+    minus_one, two = (torch.tensor(v, dtype=x_proj.dtype, device=x_proj.device) for v in (-1.0, 2.0))
     # Views made once for all steps: per-step indexing is Python overhead on small shapes.
     gate_views = x_proj.unbind(0)
     i_, f_, g_, o_ = (gate.unbind(0) for gate in x_proj.unflatten(2, (4, H)).unbind(2))
@@ -197,7 +197,7 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision
         gates, g_slot = gate_views[t], g_[t]
         pre = recurrent(h, gates)                           # (B, 4H) pre-activations
         torch.sigmoid(pre, out=gates)                       # i, f, o, and sigmoid(2 g_pre)
-        torch.addcmul(_MINUS_ONE, g_slot, _TWO, out=g_slot)  # g = 2 sigmoid(2 g_pre) - 1 = tanh(g_pre)
+        torch.addcmul(minus_one, g_slot, two, out=g_slot)   # g = 2 sigmoid(2 g_pre) - 1 = tanh(g_pre)
         fc = f_[t] * c
         c = torch.addcmul(fc, i_[t], g_slot, out=c_out[t]) if c_out is not None else fc.addcmul_(i_[t], g_slot)
         h = torch.mul(o_[t], torch.tanh(c), out=h_out[t])   # h = o*tanh(c)
