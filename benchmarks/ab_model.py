@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from bench_lstm import EMBED, VOCAB, TorchLSTMModel, make_step  # noqa: E402
+from bench_lstm import EMBED, VOCAB, TorchLSTMModel, make_step, time_steps  # noqa: E402
 
 CONFIGS = ["2,128,16,64", "2,256,32,128", "3,512,64,128", "2,512,128,50"]   # layers, hidden, streams, chunk
 
@@ -58,16 +56,7 @@ def main() -> None:
             if module is None:
                 model = TorchLSTMModel(model)
             steps[name] = make_step(model, torch.optim.AdamW(model.parameters(), 1e-3), streams, chunk)
-        for step in steps.values():
-            step(), step()                   # warm-up: allocator, oneDNN primitives
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                for _ in range(3):
-                    step()
-                times[name].append((time.perf_counter() - start) / 3)
-        median = {name: statistics.median(t) for name, t in times.items()}
+        median = time_steps(steps, args.rounds, steps_per_round=3)
         chars = streams * chunk
         print(f"{layers}x{hidden} {streams}x{chunk}: " + "  ".join(
             f"{name} {chars / t:,.0f} ({median['nn.LSTM'] / t:.2f})" for name, t in median.items()), flush=True)

@@ -107,18 +107,23 @@ def matmul_peak() -> float:
     return 2 * 1024 ** 3 / min(runs) / 1e9
 
 
-def time_side_by_side(layers, hidden, streams, chunk, rounds, steps_per_round):
-    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk) for impl in ("ours", "nn.LSTM", "ours-bf16")}
+def time_steps(steps: dict, rounds: int, steps_per_round: int) -> dict:
+    """Median seconds per step of each named step function, timed in interleaved rounds."""
     for step in steps.values():
         step(), step()                       # warm-up: allocator, oneDNN primitives
-    times = {impl: [] for impl in steps}
+    times = {name: [] for name in steps}
     for _ in range(rounds):
-        for impl, step in steps.items():
+        for name, step in steps.items():
             t = time.perf_counter()
             for _ in range(steps_per_round):
                 step()
-            times[impl].append((time.perf_counter() - t) / steps_per_round)
-    return {impl: statistics.median(v) for impl, v in times.items()}
+            times[name].append((time.perf_counter() - t) / steps_per_round)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def time_side_by_side(layers, hidden, streams, chunk, rounds, steps_per_round):
+    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk) for impl in ("ours", "nn.LSTM", "ours-bf16")}
+    return time_steps(steps, rounds, steps_per_round)
 
 
 def peak_memory_child(impl, layers, hidden, streams, chunk) -> None:
