@@ -27,8 +27,10 @@ CONFIGS = ["2,128,16,64", "2,256,32,128", "3,512,64,128", "2,512,128,50"]   # la
 
 
 def load_module(label: str, path: str):
-    spec = importlib.util.spec_from_file_location(f"model_{label}", path)
+    # A module of the textgen package, so that model.py's relative imports (native_kernel) resolve.
+    spec = importlib.util.spec_from_file_location(f"textgen._ab_model_{label}", path)
     module = importlib.util.module_from_spec(spec)
+    module.__package__ = "textgen"
     sys.modules[spec.name] = module          # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module

@@ -1,9 +1,53 @@
 """Our LSTM against references: torch.nn.LSTM with copied weights, the gate-by-gate cell, gradcheck."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import textgen.model
+from textgen import native_kernel
 from textgen.model import CharLSTM, FusedLSTMLayer, ModelConfig, StackedLSTM, Stepper, detach_state
+
+
+class CountingKernel:
+    """The compiled kernel, counting its calls: proof that a test ran the C path."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def forward_step(self, *args):
+        self.calls += 1
+        self.kernel.forward_step(*args)
+
+    def backward_step(self, *args):
+        self.calls += 1
+        self.kernel.backward_step(*args)
+
+
+def c_kernel_or_skip():
+    """The compiled kernel; a skip only where there is no compiler (a failed build fails the test)."""
+    if native_kernel._compiler() is None or native_kernel._disabled():
+        pytest.skip("no C compiler here, or TEXTGEN_NATIVE=0: the C kernel is not built")
+    kernel = native_kernel.load()
+    assert kernel is not None, "a C compiler is here, but the kernel failed to build or its self-check"
+    return kernel
+
+
+@pytest.fixture(params=["torch-ops", "c-kernel"])
+def pointwise(request, monkeypatch):
+    """Runs a test once with each step's pointwise work in PyTorch ops and once in the C kernel."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(textgen.model, "pointwise_kernel", lambda: None)
+        return None
+    kernel = c_kernel_or_skip()
+    counting = CountingKernel(kernel)
+    monkeypatch.setattr(textgen.model, "pointwise_kernel", lambda: counting)
+    return counting
+
+
+def ran_the_chosen_path(pointwise) -> bool:
+    return pointwise is None or pointwise.calls > 0
 
 
 def random_state(layers, batch, hidden, dtype=torch.float32):
@@ -15,7 +59,7 @@ def as_nn_state(state):
     return torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
 
 
-def test_stack_equals_nn_lstm_outputs_final_state_and_gradients():
+def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise):
     torch.manual_seed(0)
     ours = StackedLSTM(12, 24, layers=3)
     ref = torch.nn.LSTM(12, 24, num_layers=3)
@@ -35,9 +79,10 @@ def test_stack_equals_nn_lstm_outputs_final_state_and_gradients():
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-5, rtol=1e-5)
+    assert ran_the_chosen_path(pointwise)
 
 
-def test_fused_layer_matches_gate_by_gate_reference():
+def test_fused_layer_matches_gate_by_gate_reference(pointwise):
     torch.manual_seed(1)
     model = CharLSTM(ModelConfig(vocab_size=11, embed_size=6, hidden_size=10, layers=2, dropout=0.0))
     tokens = torch.randint(0, 11, (3, 13))
@@ -50,6 +95,7 @@ def test_fused_layer_matches_gate_by_gate_reference():
     ref.square().sum().backward()
     for g, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+    assert ran_the_chosen_path(pointwise)
 
 
 def test_gradcheck_fused_layer_float64():
@@ -79,7 +125,7 @@ def test_gradcheck_stacked_model_float64():
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights), eps=1e-6, atol=1e-5)
 
 
-def test_three_chunks_with_carried_state_equal_the_whole_sequence():
+def test_three_chunks_with_carried_state_equal_the_whole_sequence(pointwise):
     torch.manual_seed(4)
     model = CharLSTM(ModelConfig(vocab_size=20, embed_size=8, hidden_size=16, layers=3, dropout=0.0)).eval()
     tokens = torch.randint(0, 20, (4, 30))
@@ -93,9 +139,10 @@ def test_three_chunks_with_carried_state_equal_the_whole_sequence():
     for (h, c), (wh, wc) in zip(state, whole_state):
         torch.testing.assert_close(h, wh, atol=1e-5, rtol=0)
         torch.testing.assert_close(c, wc, atol=1e-5, rtol=0)
+    assert ran_the_chosen_path(pointwise)
 
 
-def test_stepper_equals_forward_one_character_at_a_time():
+def test_stepper_equals_forward_one_character_at_a_time(pointwise):
     torch.manual_seed(5)
     model = CharLSTM(ModelConfig(vocab_size=17, embed_size=8, hidden_size=16, layers=2, dropout=0.3)).eval()
     tokens = torch.randint(0, 17, (3, 12))
@@ -106,6 +153,7 @@ def test_stepper_equals_forward_one_character_at_a_time():
         outs.append(out)
     torch.testing.assert_close(torch.stack(outs, 1), logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(state[-1][1], final[-1][1], atol=1e-5, rtol=0)
+    assert ran_the_chosen_path(pointwise)
 
 
 def test_forget_gate_bias_starts_at_one_and_shapes_match_config():
@@ -133,7 +181,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero():
     assert loss.item() < 0.05, loss.item()
 
 
-def test_fused_layer_frees_its_graph_after_backward():
+def test_fused_layer_frees_its_graph_after_backward(pointwise):
     """Intermediates kept for backward die with the graph by reference counting alone.
 
     A cycle through the autograd node (output -> grad_fn -> ctx -> output) would only
@@ -154,10 +202,11 @@ def test_fused_layer_frees_its_graph_after_backward():
     finally:
         gc.enable()
     assert carried[0][1].shape == (2, 8)
+    assert ran_the_chosen_path(pointwise)
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_low_precision_matmuls_stay_close_to_float32(low):
+def test_low_precision_matmuls_stay_close_to_float32(low, pointwise):
     """bf16 (8-bit mantissa) or fp16 (11-bit) products with float32 cell state: close, not equal."""
     torch.manual_seed(8)
     model = CharLSTM(ModelConfig(vocab_size=30, embed_size=16, hidden_size=64, layers=2, dropout=0.0))
@@ -178,3 +227,107 @@ def test_low_precision_matmuls_stay_close_to_float32(low):
     for a, b in zip(g32, g16):
         cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         assert cosine > 0.99, cosine
+    assert ran_the_chosen_path(pointwise)
+
+
+def test_c_kernel_and_torch_ops_train_to_the_same_weights(monkeypatch):
+    """Ten AdamW steps with carried state: both pointwise paths end at the same weights."""
+    c_kernel_or_skip()
+    weights = {}
+    for path in ("torch-ops", "c-kernel"):
+        monkeypatch.setattr(textgen.model, "pointwise_kernel", (lambda: None) if path == "torch-ops" else native_kernel.load)
+        torch.manual_seed(9)
+        model = CharLSTM(ModelConfig(vocab_size=25, embed_size=8, hidden_size=48, layers=2, dropout=0.0))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = torch.randint(0, 25, (6, 10 * 12 + 1))
+        state = None
+        for k in range(10):
+            x, y = data[:, k * 12 : (k + 1) * 12], data[:, k * 12 + 1 : (k + 1) * 12 + 1]
+            logits, state = model(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, 25), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            state = detach_state(state)
+        weights[path] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(weights["torch-ops"], weights["c-kernel"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_nan_in_the_weights_reaches_the_output_on_both_paths(pointwise):
+    """The C kernel's exp works on bit patterns; it must not turn NaN into a number (divergence must show)."""
+    model = CharLSTM(ModelConfig(vocab_size=12, embed_size=8, hidden_size=16, layers=1, dropout=0.0))
+    with torch.no_grad():
+        model.lstm.weight_ih_l0[3, 2] = float("nan")
+    logits, _ = model(torch.arange(12).view(2, 6))
+    assert torch.isnan(logits).any()
+    assert ran_the_chosen_path(pointwise)
+
+
+def test_c_kernel_keeps_every_nan_a_nan():
+    """NaNs with payload bits too: the exponent arithmetic in exp_approx could turn those into numbers."""
+    kernel = c_kernel_or_skip()
+    patterns = [0x7FC00000, 0x7FC00001, 0x7FC12345, 0xFFC00007, 0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF]
+    B, H = 1, len(patterns)
+    for gate in range(4):
+        pre = torch.zeros(B, 4 * H)
+        pre[0, gate * H : (gate + 1) * H] = torch.tensor(patterns, dtype=torch.int64).to(torch.int32).view(torch.float32)
+        gates, c, h = torch.empty(B, 4 * H), torch.empty(B, H), torch.empty(B, H)
+        c_prev = torch.zeros(B, H)
+        kernel.forward_step(B, H, pre.data_ptr(), gates.data_ptr(), c_prev.data_ptr(), c.data_ptr(), h.data_ptr())
+        assert torch.isnan(gates[0, gate * H : (gate + 1) * H]).all(), (gate, gates)
+        assert torch.isnan(h).all(), (gate, h)
+
+
+def test_c_kernel_saturates_like_torch_at_extreme_pre_activations(pointwise):
+    """Pre-activations of +-1e4 (and inf) give gates of exactly 0/1 and finite states, as in PyTorch."""
+    layer_in = torch.tensor([[[1e4], [-1e4], [float("inf")]]])             # (T=1, B=3, I=1)
+    stack = StackedLSTM(1, 4, layers=1)
+    with torch.no_grad():
+        stack.weight_ih_l0.fill_(1.0)
+        stack.weight_hh_l0.zero_()
+        stack.bias_ih_l0.zero_()
+        stack.bias_hh_l0.zero_()
+    out, ((h, c),) = stack(layer_in)
+    # i = f = o = sigmoid(x), g = tanh(x): +1e4 -> c = 1, h = tanh(1); -1e4 -> 0, 0; inf -> as +1e4
+    expected_c = torch.tensor([1.0, 0.0, 1.0]).unsqueeze(1).expand(3, 4)
+    torch.testing.assert_close(c, expected_c, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h, torch.tanh(expected_c), atol=1e-6, rtol=0)
+    assert ran_the_chosen_path(pointwise)
+
+
+def test_without_a_working_compiler_the_model_falls_back_to_torch_ops(monkeypatch, tmp_path):
+    failing_compiler = tmp_path / "cc"
+    failing_compiler.write_text("#!/bin/sh\nexit 1\n")
+    failing_compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing_compiler))
+    monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    native_kernel.load.cache_clear()
+    try:
+        assert native_kernel.load() is None
+        assert "no C compiler found or its build failed" in textgen.model.describe_step_path("cpu")
+        model = CharLSTM(ModelConfig(vocab_size=9, embed_size=4, hidden_size=8, layers=1, dropout=0.0))
+        logits, _ = model(torch.randint(0, 9, (2, 5)))
+        logits.sum().backward()
+        assert model.lstm.weight_hh_l0.grad is not None
+        monkeypatch.setenv("TEXTGEN_NATIVE", "0")
+        native_kernel.load.cache_clear()
+        assert "TEXTGEN_NATIVE=0" in textgen.model.describe_step_path("cpu")
+    finally:
+        native_kernel.load.cache_clear()
+
+
+def test_the_c_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):
+    if native_kernel._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path))
+    native_kernel.load.cache_clear()
+    try:
+        kernel = native_kernel.load()
+        assert kernel is not None and os.path.dirname(kernel.path) == str(tmp_path)
+        built = os.path.getmtime(kernel.path)
+        native_kernel.load.cache_clear()
+        assert native_kernel.load().path == kernel.path and os.path.getmtime(kernel.path) == built
+        assert [f for f in os.listdir(tmp_path) if not f.startswith("lstm_kernel-")] == []   # no leftovers
+    finally:
+        native_kernel.load.cache_clear()

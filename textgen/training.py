@@ -37,7 +37,7 @@ from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
 from .errors import UsageError
 from .evaluate import LN2, cross_entropy
-from .model import CharLSTM, ModelConfig, detach_state
+from .model import CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
 from .tokenizer import CharTokenizer, UnknownCharactersError
 
@@ -528,7 +528,8 @@ class Trainer:
         n_params = self.model.num_parameters()
         self.log(f"run folder {self.run_dir}: {n_params / 1e6:.2f}M parameters, vocabulary "
                  f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
-                 f"{len(self.val_tokens):,} validation characters, device {self.device} ({cfg.dtype})"
+                 f"{len(self.val_tokens):,} validation characters, device {self.device} ({cfg.dtype}, "
+                 f"{describe_step_path(self.device)})"
                  + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
         if self.step > 0:
             self.log(f"resuming at step {self.step} of {self.plan}")
