@@ -254,6 +254,27 @@ def test_c_kernel_and_torch_ops_train_to_the_same_weights(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_c_kernel_splits_large_steps_over_threads_correctly(monkeypatch):
+    """A step of 64 x 300 cells (over the kernel's threshold for threads; 300 is not a multiple of
+    the slice width) gives the same outputs and gradients as PyTorch ops."""
+    c_kernel_or_skip()
+    torch.manual_seed(10)
+    stack = StackedLSTM(7, 300, layers=1)
+    x, state = torch.randn(5, 64, 7), random_state(1, 64, 300)
+    results = {}
+    for path, kernel in (("torch-ops", lambda: None), ("c-kernel", native_kernel.load)):
+        monkeypatch.setattr(textgen.model, "pointwise_kernel", kernel)
+        stack.zero_grad()
+        out, ((h, c),) = stack(x, state)
+        (out.square().sum() + c.sum()).backward()
+        results[path] = out.detach(), c.detach(), [p.grad.clone() for p in stack.parameters()]
+    (out_t, c_t, grads_t), (out_c, c_c, grads_c) = results["torch-ops"], results["c-kernel"]
+    torch.testing.assert_close(out_c, out_t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c_c, c_t, atol=1e-5, rtol=0)
+    for a, b in zip(grads_c, grads_t):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
 def test_a_nan_in_the_weights_reaches_the_output_on_both_paths(pointwise):
     """The C kernel's exp works on bit patterns; it must not turn NaN into a number (divergence must show)."""
     model = CharLSTM(ModelConfig(vocab_size=12, embed_size=8, hidden_size=16, layers=1, dropout=0.0))

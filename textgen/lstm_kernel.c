@@ -14,6 +14,33 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Steps with fewer cells than this run on one thread: waking the others costs more. */
+#define PARALLEL_MIN_CELLS 4096
+
+/* The work is split by columns (hidden units), in slices of whole vectors, one per thread:
+ * each thread owns its slice of every row, and of grad_bias, so no two threads write the
+ * same memory. Built without OpenMP (see native_kernel.py) this is one slice, one thread. */
+static inline int64_t column_slices(int64_t B, int64_t H)
+{
+#ifdef _OPENMP
+    if (B * H >= PARALLEL_MIN_CELLS)
+        return omp_get_max_threads();
+#endif
+    (void)B;
+    (void)H;
+    return 1;
+}
+
+static inline int64_t slice_start(int64_t slice, int64_t slices, int64_t H)
+{
+    int64_t width = (H / slices + 15) / 16 * 16;    /* multiples of 16 floats: whole AVX-512 vectors */
+    int64_t start = slice * width;
+    return start < H ? start : H;
+}
 
 /* exp(x) for float32 within about 2 ulp: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
  * degree-7 polynomial (Cephes' coefficients), 2^n put into the exponent bits. Written
@@ -52,13 +79,17 @@ static inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0
 void lstm_forward_step(int64_t B, int64_t H, const float *pre, float *gates,
                        const float *c_prev, float *c, float *h)
 {
+    int64_t slices = column_slices(B, H);
+#pragma omp parallel for schedule(static) if (slices > 1)
+    for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++) {
         const float *p = pre + b * 4 * H;
         float *a = gates + b * 4 * H;
         const float *cp = c_prev + b * H;
         float *cb = c + b * H, *hb = h + b * H;
+        int64_t end = slice_start(slice + 1, slices, H);
 #pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
+        for (int64_t j = slice_start(slice, slices, H); j < end; j++) {
             float i = sigmoid(p[j]);               /* input gate: how much of the candidate to write */
             float f = sigmoid(p[H + j]);           /* forget gate: how much of the old cell to keep */
             float g = tanh_approx(p[2 * H + j]);   /* candidate: what to write */
@@ -81,24 +112,35 @@ void lstm_forward_step(int64_t B, int64_t H, const float *pre, float *gates,
  *   dc = grad_c + grad_h * o * (1 - tanh(c)^2)
  *   d pre_i = dc * g * i(1-i),   d pre_f = dc * c_prev * f(1-f)
  *   d pre_g = dc * i * (1-g^2),  d pre_o = grad_h * tanh(c) * o(1-o)
- *   grad_c  = dc * f */
+ *   grad_c  = dc * f
+ * and adds grad_pre's column sums to grad_bias (4H). */
 void lstm_backward_step(int64_t B, int64_t H, const float *gates, const float *c, const float *c_prev,
-                        const float *grad_h, float *grad_c, float *grad_pre)
+                        const float *grad_h, float *grad_c, float *grad_pre, float *grad_bias)
 {
+    int64_t slices = column_slices(B, H);
+#pragma omp parallel for schedule(static) if (slices > 1)
+    for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++) {
         const float *a = gates + b * 4 * H;
         float *d = grad_pre + b * 4 * H;
         const float *cb = c + b * H, *cp = c_prev + b * H, *gh = grad_h + b * H;
         float *gc = grad_c + b * H;
+        int64_t end = slice_start(slice + 1, slices, H);
 #pragma GCC ivdep
-        for (int64_t j = 0; j < H; j++) {
+        for (int64_t j = slice_start(slice, slices, H); j < end; j++) {
             float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
             float tc = tanh_approx(cb[j]);
             float dc = gc[j] + gh[j] * o * (1.0f - tc * tc);
-            d[j] = dc * g * i * (1.0f - i);
-            d[H + j] = dc * cp[j] * f * (1.0f - f);
-            d[2 * H + j] = dc * i * (1.0f - g * g);
-            d[3 * H + j] = gh[j] * tc * o * (1.0f - o);
+            float d_i = dc * g * i * (1.0f - i), d_f = dc * cp[j] * f * (1.0f - f);
+            float d_g = dc * i * (1.0f - g * g), d_o = gh[j] * tc * o * (1.0f - o);
+            d[j] = d_i;
+            d[H + j] = d_f;
+            d[2 * H + j] = d_g;
+            d[3 * H + j] = d_o;
+            grad_bias[j] += d_i;               /* the bias gradient is the sum over steps and rows */
+            grad_bias[H + j] += d_f;
+            grad_bias[2 * H + j] += d_g;
+            grad_bias[3 * H + j] += d_o;
             gc[j] = dc * f;
         }
     }

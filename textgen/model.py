@@ -315,14 +315,14 @@ def _recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
                 grad_h = recurrent_t(local_steps[t], grad_hs_steps[t - 1])
             else:
                 grad_h = recurrent_t(local_steps[t])
-    return local, grad_h, grad_c
+    return local, grad_h, grad_c, local.sum((0, 1))
 
 
 def _recurrent_backward_native(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
     """_recurrent_backward with each step's pointwise work done by the C kernel in one call."""
     T, B, four_h = gates.shape
     H = four_h // 4
-    grad_gates = torch.empty_like(gates)
+    grad_gates, grad_bias = torch.empty_like(gates), gates.new_zeros(four_h)   # the kernel sums into grad_bias
     grad_c = grad_c.clone(memory_format=torch.contiguous_format)   # the kernel updates it in place
     grad_h, c0 = grad_h.contiguous(), c0.contiguous()
     grad_gates_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
@@ -332,12 +332,12 @@ def _recurrent_backward_native(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, r
     for t in range(T - 1, -1, -1):
         c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0.data_ptr()
         backward_step(B, H, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at, grad_h.data_ptr(),
-                      grad_c_at, grad_gates_at + t * gate_bytes)
+                      grad_c_at, grad_gates_at + t * gate_bytes, grad_bias.data_ptr())
         if t > 0:
             grad_h = recurrent_t(grad_gates_steps[t], grad_hs_steps[t - 1])
         else:
             grad_h = recurrent_t(grad_gates_steps[t])
-    return grad_gates, grad_h, grad_c
+    return grad_gates, grad_h, grad_c, grad_bias
 
 
 class FusedLSTMLayer(torch.autograd.Function):
@@ -369,13 +369,13 @@ class FusedLSTMLayer(torch.autograd.Function):
         recurrent_t = _recurrent_product(weight_hh.t(), B, low)  # dh_prev = dgates @ W_hh
         kernel = pointwise_kernel()
         if native_kernel.usable(kernel, gates, grad_h, grad_c):
-            grad_gates, grad_h, grad_c = _recurrent_backward_native(
+            grad_gates, grad_h, grad_c, grad_bias = _recurrent_backward_native(
                 kernel, gates, cs, c0, grad_hs.contiguous(), grad_h, grad_c, recurrent_t)
         else:
-            grad_gates, grad_h, grad_c = _recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t)
+            grad_gates, grad_h, grad_c, grad_bias = _recurrent_backward(
+                gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t)
         flat = grad_gates.view(T * B, 4 * H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
-        grad_bias = flat.sum(0)
         if low is not None:
             flat = flat.to(low)                             # cast once for the three products
         # the weight gradients of all steps in one product each

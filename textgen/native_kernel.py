@@ -34,6 +34,26 @@ FLAG_SETS = (["-O3", "-fno-trapping-math", "-march=native"],
              ["-O3", "-fno-trapping-math"])
 
 
+def _torch_uses_libgomp() -> bool:
+    """Whether this process's PyTorch runs its threads on GNU OpenMP (libgomp.so.1).
+
+    Only then is the kernel built with -fopenmp: its libgomp.so.1 then resolves to the copy
+    PyTorch already loaded, so both share one pool of threads. A second OpenMP runtime (say
+    libgomp beside PyTorch's Intel or LLVM OpenMP) would put two spinning pools on the same cores.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "libgomp" in f.read() and "OpenMP" in torch.__config__.parallel_info()
+    except OSError:
+        return False
+
+
+def _flag_sets() -> list[list[str]]:
+    if _torch_uses_libgomp():
+        return [[*flags, "-fopenmp"] for flags in FLAG_SETS] + list(FLAG_SETS)
+    return list(FLAG_SETS)
+
+
 class Kernel:
     """ctypes bindings of lstm_kernel.c; arguments are sizes and data pointers of float32 tensors."""
 
@@ -45,7 +65,7 @@ class Kernel:
         self.forward_step.argtypes = [size, size, ptr, ptr, ptr, ptr, ptr]
         self.forward_step.restype = None
         self.backward_step = lib.lstm_backward_step
-        self.backward_step.argtypes = [size, size, ptr, ptr, ptr, ptr, ptr, ptr]
+        self.backward_step.argtypes = [size, size, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         self.backward_step.restype = None
 
 
@@ -93,7 +113,7 @@ def _build(compiler: str, source: bytes) -> tuple[str, list[str]] | None:
         return None
     cache = _cache_dir()
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"
-    for flags in FLAG_SETS:
+    for flags in _flag_sets():
         key = hashlib.sha256("\0".join([source.hex(), compiler, version, " ".join(flags), platform.machine(),
                                         _cpu_identity()]).encode()).hexdigest()[:20]
         library = os.path.join(cache, f"lstm_kernel-{key}{suffix}")
@@ -118,9 +138,16 @@ def _build(compiler: str, source: bytes) -> tuple[str, list[str]] | None:
 
 
 def _self_check(kernel: Kernel) -> bool:
-    """The compiled kernel against the same formulas in PyTorch, on a small random step."""
+    """The compiled kernel against the same formulas in PyTorch, on two small random steps.
+
+    H is not a multiple of a vector width, so the loops' tails run too; the second shape is
+    large enough for the kernel to split it over threads.
+    """
+    return all(_check_step(kernel, B, H) for B, H in ((3, 37), (48, 101)))
+
+
+def _check_step(kernel: Kernel, B: int, H: int) -> bool:
     gen = torch.Generator().manual_seed(0)
-    B, H = 3, 37                     # H not a multiple of a vector width: the loops' tails run too
     pre = torch.randn(B, 4 * H, generator=gen) * 4
     c_prev, grad_h, grad_c = (torch.randn(B, H, generator=gen) for _ in range(3))
     gates, c, h, grad_pre = torch.empty(B, 4 * H), torch.empty(B, H), torch.empty(B, H), torch.empty(B, 4 * H)
@@ -132,11 +159,11 @@ def _self_check(kernel: Kernel) -> bool:
     dc = grad_c + grad_h * o * (1 - tanh_c**2)
     grad_pre_ref = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g**2),
                               grad_h * tanh_c * o * (1 - o)], 1)
-    grad_c_in = grad_c.clone()
+    grad_c_in, grad_bias = grad_c.clone(), torch.ones(4 * H)
     kernel.backward_step(B, H, gates.data_ptr(), c.data_ptr(), c_prev.data_ptr(), grad_h.data_ptr(),
-                         grad_c_in.data_ptr(), grad_pre.data_ptr())
+                         grad_c_in.data_ptr(), grad_pre.data_ptr(), grad_bias.data_ptr())
     pairs = [(gates, torch.cat([i, f, g, o], 1)), (c, c_ref), (h, o * tanh_c), (grad_pre, grad_pre_ref),
-             (grad_c_in, dc * f)]
+             (grad_c_in, dc * f), (grad_bias, 1 + grad_pre_ref.sum(0))]
     return all(torch.allclose(ours, ref, atol=1e-5, rtol=1e-5) for ours, ref in pairs)
 
 
