@@ -11,8 +11,12 @@ Design, from the inside out:
   computes the gates' local derivatives for all steps at once before its time
   loop (which keeps only the truly sequential work, five operations a step)
   and sums the weight gradients in one large product at the end instead of one
-  per step. It computes exactly the same function as the cell. On the CPU the
-  recurrent weight is packed once per chunk for oneDNN; optionally
+  per step. It computes exactly the same function as the cell. On the CPU, in
+  float32, each step's pointwise work (gates, cell, hidden; or their gradients)
+  is one call into a small C kernel (lstm_kernel.c, compiled on first use by
+  native_kernel.py; PyTorch ops where there is no compiler), the recurrent
+  weight is packed once per chunk for oneDNN, and the large products go to
+  oneDNN too; optionally
   (``StackedLSTM.matmul_dtype = torch.bfloat16`` or ``torch.float16``) the
   matrix products run in that dtype while the cell state and all pointwise
   work stay float32.
