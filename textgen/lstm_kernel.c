@@ -42,9 +42,10 @@ static inline int64_t slice_start(int64_t slice, int64_t slices, int64_t H)
     return start < H ? start : H;
 }
 
-/* exp(x) for float32 within about 2 ulp: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
- * degree-7 polynomial (Cephes' coefficients), 2^n put into the exponent bits. Written
- * without branches or library calls so that it vectorises; libm's expf does not. */
+/* exp(x) in float32: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial
+ * (Cephes' coefficients), 2^n put into the exponent bits. Written without branches or
+ * library calls so that it vectorises; libm's expf does not. Measured against float64 over
+ * [-100, 100]: the sigmoid below is within 5.6e-8 (as torch.sigmoid), the tanh within 1.8e-7. */
 static inline float exp_approx(float x)
 {
     x = x < -87.0f ? -87.0f : x;        /* keeps 2^n a normal float; the results round to 0 or inf */
