@@ -321,6 +321,7 @@ def test_without_a_working_compiler_the_model_falls_back_to_torch_ops(monkeypatc
     failing_compiler = tmp_path / "cc"
     failing_compiler.write_text("#!/bin/sh\nexit 1\n")
     failing_compiler.chmod(0o755)
+    monkeypatch.delenv("TEXTGEN_NATIVE", raising=False)
     monkeypatch.setenv("CC", str(failing_compiler))
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path / "cache"))
     native_kernel.load.cache_clear()
@@ -341,6 +342,7 @@ def test_without_a_working_compiler_the_model_falls_back_to_torch_ops(monkeypatc
 def test_the_c_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):
     if native_kernel._compiler() is None:
         pytest.skip("no C compiler here")
+    monkeypatch.delenv("TEXTGEN_NATIVE", raising=False)
     monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path))
     native_kernel.load.cache_clear()
     try:
