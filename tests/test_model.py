@@ -38,11 +38,11 @@ def c_kernel_or_skip():
 def pointwise(request, monkeypatch):
     """Runs a test once with each step's pointwise work in PyTorch ops and once in the C kernel."""
     if request.param == "torch-ops":
-        monkeypatch.setattr(textgen.model, "pointwise_kernel", lambda: None)
+        monkeypatch.setattr(native_kernel, "load", lambda: None)
         return None
     kernel = c_kernel_or_skip()
     counting = CountingKernel(kernel)
-    monkeypatch.setattr(textgen.model, "pointwise_kernel", lambda: counting)
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
     return counting
 
 
@@ -232,10 +232,10 @@ def test_low_precision_matmuls_stay_close_to_float32(low, pointwise):
 
 def test_c_kernel_and_torch_ops_train_to_the_same_weights(monkeypatch):
     """Ten AdamW steps with carried state: both pointwise paths end at the same weights."""
-    c_kernel_or_skip()
+    kernel = c_kernel_or_skip()
     weights = {}
     for path in ("torch-ops", "c-kernel"):
-        monkeypatch.setattr(textgen.model, "pointwise_kernel", (lambda: None) if path == "torch-ops" else native_kernel.load)
+        monkeypatch.setattr(native_kernel, "load", (lambda: None) if path == "torch-ops" else (lambda: kernel))
         torch.manual_seed(9)
         model = CharLSTM(ModelConfig(vocab_size=25, embed_size=8, hidden_size=48, layers=2, dropout=0.0))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -257,13 +257,13 @@ def test_c_kernel_and_torch_ops_train_to_the_same_weights(monkeypatch):
 def test_c_kernel_splits_large_steps_over_threads_correctly(monkeypatch):
     """A step of 64 x 300 cells (over the kernel's threshold for threads; 300 is not a multiple of
     the slice width) gives the same outputs and gradients as PyTorch ops."""
-    c_kernel_or_skip()
+    c_kernel = c_kernel_or_skip()
     torch.manual_seed(10)
     stack = StackedLSTM(7, 300, layers=1)
     x, state = torch.randn(5, 64, 7), random_state(1, 64, 300)
     results = {}
-    for path, kernel in (("torch-ops", lambda: None), ("c-kernel", native_kernel.load)):
-        monkeypatch.setattr(textgen.model, "pointwise_kernel", kernel)
+    for path, kernel in (("torch-ops", None), ("c-kernel", c_kernel)):
+        monkeypatch.setattr(native_kernel, "load", lambda: kernel)
         stack.zero_grad()
         out, ((h, c),) = stack(x, state)
         (out.square().sum() + c.sum()).backward()
@@ -273,6 +273,15 @@ def test_c_kernel_splits_large_steps_over_threads_correctly(monkeypatch):
     torch.testing.assert_close(c_c, c_t, atol=1e-5, rtol=0)
     for a, b in zip(grads_c, grads_t):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_the_kernel_is_neither_built_nor_used_for_tensors_it_cannot_take(monkeypatch):
+    """float64 (gradcheck) and non-CPU tensors go to PyTorch ops without compiling anything."""
+    def no_build():
+        raise AssertionError("the kernel was loaded for tensors it cannot take")
+    monkeypatch.setattr(native_kernel, "load", no_build)
+    assert textgen.model.pointwise_kernel(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)) is None
+    assert textgen.model.pointwise_kernel(torch.zeros(2, 3, device="meta")) is None
 
 
 def test_a_nan_in_the_weights_reaches_the_output_on_both_paths(pointwise):

@@ -188,12 +188,15 @@ def _input_projection(x, weight_ih, bias_ih, bias_hh, low_precision):
     return _mm(x.reshape(T * B, I), weight_ih.t(), low_precision, x.dtype).add_(bias).view(T, B, -1)
 
 
-def pointwise_kernel() -> native_kernel.Kernel | None:
-    """The compiled C kernel for each step's pointwise work, or None: PyTorch ops do it.
+def pointwise_kernel(*tensors: torch.Tensor) -> native_kernel.Kernel | None:
+    """The compiled C kernel for a step's pointwise work on these tensors, or None: PyTorch ops do it.
 
-    None under torch.compile too: a ctypes call cannot be traced, PyTorch ops can be fused.
+    The kernel takes CPU float32 only (and is not even built for other devices). None under
+    torch.compile too: a ctypes call cannot be traced, PyTorch ops can be fused.
     """
-    return None if torch.compiler.is_compiling() else native_kernel.load()
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return native_kernel.load()
 
 
 def describe_step_path(device: torch.device | str) -> str:
@@ -212,8 +215,8 @@ def _recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision
     every step (T, B, H), the final c, and, when the backward pass will need
     it, c for every step (T, B, H).
     """
-    kernel = pointwise_kernel()
-    if native_kernel.usable(kernel, x_proj, h, c):
+    kernel = pointwise_kernel(x_proj, h, c)
+    if kernel is not None:
         return _recurrent_forward_native(kernel, x_proj, h, c, weight_hh, keep_for_backward, low_precision)
     T, B, four_h = x_proj.shape
     H = four_h // 4
@@ -371,8 +374,8 @@ class FusedLSTMLayer(torch.autograd.Function):
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
         recurrent_t = _recurrent_product(weight_hh.t(), B, low)  # dh_prev = dgates @ W_hh
-        kernel = pointwise_kernel()
-        if native_kernel.usable(kernel, gates, grad_h, grad_c):
+        kernel = pointwise_kernel(gates, grad_h, grad_c)
+        if kernel is not None:
             grad_gates, grad_h, grad_c, grad_bias = _recurrent_backward_native(
                 kernel, gates, cs, c0, grad_hs.contiguous(), grad_h, grad_c, recurrent_t)
         else:
@@ -527,14 +530,14 @@ class Stepper:
         H = self.hidden_size
         new_state = []
         x = None
-        kernel = pointwise_kernel()
         for k, (w_ih_t, w_hh_t, bias) in enumerate(self.layers):
             h, c = state[k]
             if k == 0:
                 gates = torch.index_select(self.token_gates, 0, tokens).addmm_(h, w_hh_t)  # (N, 4H)
             else:
                 gates = torch.addmm(bias, x, w_ih_t).addmm_(h, w_hh_t)
-            if native_kernel.usable(kernel, gates, c):
+            kernel = pointwise_kernel(gates, c)
+            if kernel is not None:
                 c_prev, c, x = c.contiguous(), gates.new_empty(len(gates), H), gates.new_empty(len(gates), H)
                 kernel.forward_step(len(gates), H, gates.data_ptr(), gates.data_ptr(), c_prev.data_ptr(),
                                     c.data_ptr(), x.data_ptr())

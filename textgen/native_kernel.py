@@ -69,11 +69,6 @@ class Kernel:
         self.backward_step.restype = None
 
 
-def usable(kernel: Kernel | None, *tensors: torch.Tensor) -> bool:
-    """Whether the kernel can do the pointwise work on these tensors (CPU float32)."""
-    return kernel is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
