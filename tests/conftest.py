@@ -72,3 +72,52 @@ def train_tiny(folder, *flags):
 def tiny_run(tmp_path_factory):
     """A run folder trained for 30 tiny steps on small_text(), and the text's path."""
     return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+# ---------------------------------------------------------------------------
+# The LSTM's two pointwise paths: PyTorch ops and the compiled C kernel
+# ---------------------------------------------------------------------------
+
+class CountingKernel:
+    """The compiled kernel, recording the slice count of each call: proof that a test ran the C path."""
+
+    def __init__(self, kernel):
+        self.kernel, self.slices, self.threaded = kernel, [], kernel.threaded
+
+    @property
+    def calls(self) -> int:
+        return len(self.slices)
+
+    def forward_step(self, B, H, slices, *pointers):
+        self.slices.append(slices)
+        self.kernel.forward_step(B, H, slices, *pointers)
+
+    def backward_step(self, B, H, slices, *pointers):
+        self.slices.append(slices)
+        self.kernel.backward_step(B, H, slices, *pointers)
+
+
+def c_kernel_or_skip():
+    """The compiled kernel; a skip only where there is no compiler (a failed build fails the test)."""
+    from textgen import native_kernel
+    if native_kernel._compiler() is None or native_kernel._disabled():
+        pytest.skip("no C compiler here, or TEXTGEN_NATIVE=0: the C kernel is not built")
+    kernel = native_kernel.load()
+    assert kernel is not None, "a C compiler is here, but the kernel failed to build or its self-check"
+    return kernel
+
+
+@pytest.fixture(params=["torch-ops", "c-kernel"])
+def pointwise(request, monkeypatch):
+    """Runs a test once with each step's pointwise work in PyTorch ops and once in the C kernel."""
+    from textgen import native_kernel
+    if request.param == "torch-ops":
+        monkeypatch.setattr(native_kernel, "load", lambda: None)
+        return None
+    counting = CountingKernel(c_kernel_or_skip())
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
+    return counting
+
+
+def ran_the_chosen_path(pointwise) -> bool:
+    return pointwise is None or pointwise.calls > 0

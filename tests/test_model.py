@@ -6,48 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import textgen.model
+from conftest import c_kernel_or_skip, pointwise, ran_the_chosen_path  # noqa: F401  (pointwise: a fixture)
 from textgen import native_kernel
 from textgen.model import CharLSTM, FusedLSTMLayer, ModelConfig, StackedLSTM, Stepper, detach_state
-
-
-class CountingKernel:
-    """The compiled kernel, counting its calls: proof that a test ran the C path."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def forward_step(self, *args):
-        self.calls += 1
-        self.kernel.forward_step(*args)
-
-    def backward_step(self, *args):
-        self.calls += 1
-        self.kernel.backward_step(*args)
-
-
-def c_kernel_or_skip():
-    """The compiled kernel; a skip only where there is no compiler (a failed build fails the test)."""
-    if native_kernel._compiler() is None or native_kernel._disabled():
-        pytest.skip("no C compiler here, or TEXTGEN_NATIVE=0: the C kernel is not built")
-    kernel = native_kernel.load()
-    assert kernel is not None, "a C compiler is here, but the kernel failed to build or its self-check"
-    return kernel
-
-
-@pytest.fixture(params=["torch-ops", "c-kernel"])
-def pointwise(request, monkeypatch):
-    """Runs a test once with each step's pointwise work in PyTorch ops and once in the C kernel."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(native_kernel, "load", lambda: None)
-        return None
-    kernel = c_kernel_or_skip()
-    counting = CountingKernel(kernel)
-    monkeypatch.setattr(native_kernel, "load", lambda: counting)
-    return counting
-
-
-def ran_the_chosen_path(pointwise) -> bool:
-    return pointwise is None or pointwise.calls > 0
 
 
 def random_state(layers, batch, hidden, dtype=torch.float32):
@@ -304,7 +265,9 @@ def test_c_kernel_keeps_every_nan_a_nan():
         pre[0, gate * H : (gate + 1) * H] = torch.tensor(patterns, dtype=torch.int64).to(torch.int32).view(torch.float32)
         gates, c, h = torch.empty(B, 4 * H), torch.empty(B, H), torch.empty(B, H)
         c_prev = torch.zeros(B, H)
-        kernel.forward_step(B, H, pre.data_ptr(), gates.data_ptr(), c_prev.data_ptr(), c.data_ptr(), h.data_ptr())
+        p = native_kernel.pointer
+        kernel.forward_step(B, H, 1, p(pre, (B, 4 * H), "pre"), p(gates, (B, 4 * H), "gates"),
+                            p(c_prev, (B, H), "c_prev"), p(c, (B, H), "c"), p(h, (B, H), "h"))
         assert torch.isnan(gates[0, gate * H : (gate + 1) * H]).all(), (gate, gates)
         assert torch.isnan(h).all(), (gate, h)
 
@@ -326,40 +289,12 @@ def test_c_kernel_saturates_like_torch_at_extreme_pre_activations(pointwise):
     assert ran_the_chosen_path(pointwise)
 
 
-def test_without_a_working_compiler_the_model_falls_back_to_torch_ops(monkeypatch, tmp_path):
-    failing_compiler = tmp_path / "cc"
-    failing_compiler.write_text("#!/bin/sh\nexit 1\n")
-    failing_compiler.chmod(0o755)
-    monkeypatch.delenv("TEXTGEN_NATIVE", raising=False)
-    monkeypatch.setenv("CC", str(failing_compiler))
-    monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path / "cache"))
-    native_kernel.load.cache_clear()
-    try:
-        assert native_kernel.load() is None
-        assert "no C compiler found or its build failed" in textgen.model.describe_step_path("cpu")
-        model = CharLSTM(ModelConfig(vocab_size=9, embed_size=4, hidden_size=8, layers=1, dropout=0.0))
-        logits, _ = model(torch.randint(0, 9, (2, 5)))
-        logits.sum().backward()
-        assert model.lstm.weight_hh_l0.grad is not None
-        monkeypatch.setenv("TEXTGEN_NATIVE", "0")
-        native_kernel.load.cache_clear()
-        assert "TEXTGEN_NATIVE=0" in textgen.model.describe_step_path("cpu")
-    finally:
-        native_kernel.load.cache_clear()
-
-
-def test_the_c_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):
-    if native_kernel._compiler() is None:
-        pytest.skip("no C compiler here")
-    monkeypatch.delenv("TEXTGEN_NATIVE", raising=False)
-    monkeypatch.setenv("TEXTGEN_CACHE_DIR", str(tmp_path))
-    native_kernel.load.cache_clear()
-    try:
-        kernel = native_kernel.load()
-        assert kernel is not None and os.path.dirname(kernel.path) == str(tmp_path)
-        built = os.path.getmtime(kernel.path)
-        native_kernel.load.cache_clear()
-        assert native_kernel.load().path == kernel.path and os.path.getmtime(kernel.path) == built
-        assert [f for f in os.listdir(tmp_path) if not f.startswith("lstm_kernel-")] == []   # no leftovers
-    finally:
-        native_kernel.load.cache_clear()
+def test_a_second_derivative_through_the_fused_layer_raises_instead_of_being_wrong(pointwise):
+    """The backward pass is hand-written and not itself differentiable: double backward must refuse."""
+    torch.manual_seed(12)
+    stack = StackedLSTM(3, 4, layers=1)
+    x = torch.randn(2, 2, 3, requires_grad=True)
+    out, _ = stack(x)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()

@@ -38,9 +38,9 @@ def assert_same_run(ckpt, ref):
         assert torch.equal(h, rh) and torch.equal(c, rc)
 
 
-def start_training(text, out):
+def start_training(text, out, flags=FLAGS):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), text, *FLAGS, "--out", out,
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), text, *flags, "--out", out,
                              "--log-every", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT)
 
@@ -71,6 +71,37 @@ def test_exact_resume_after_a_stop(reference, tmp_path, how):
         assert f"stopped by {how}" in stdout and f"--resume {out}" in stdout
     stopped_at = checkpoint.load(os.path.join(out, "latest.pt"))["step"]
     assert 20 <= stopped_at < 160
+    resumed = run("train.py", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)
+
+
+# Large enough for the paths the default configuration takes: 32 streams x 128 cells is at the
+# kernel's threshold for splitting a step over threads, and the recurrent products (32 x 512 x 128)
+# are above the size where the weight is packed for oneDNN.
+THREADED_PACKED_FLAGS = ["--hidden-size", "128", "--embed-size", "16", "--layers", "2", "--dropout", "0.2",
+                         "--batch-size", "32", "--seq-len", "16", "--steps", "24", "--eval-every", "12",
+                         "--save-every", "8", "--log-every", "5", "--sample-length", "10", "--warmup-steps", "4"]
+
+
+def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
+    from conftest import small_text
+    import textgen.model as model_module
+    from textgen import native_kernel
+    assert 32 * 128 >= native_kernel.PARALLEL_MIN_CELLS and 32 * 4 * 128 * 128 > model_module._SMALL_PRODUCT
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(600), encoding="utf-8")
+    whole = run("train.py", str(text), *THREADED_PACKED_FLAGS, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    if native_kernel.load() is not None and torch.get_num_threads() > 1:
+        assert "C kernel (threaded" in whole.stdout, whole.stdout
+    ref = checkpoint.load(str(tmp_path / "whole" / "latest.pt"))
+    out = str(tmp_path / "stopped")
+    proc = start_training(str(text), out, THREADED_PACKED_FLAGS)
+    wait_for_checkpoint(out, proc, step_at_least=8)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] < 24
     resumed = run("train.py", "--resume", out)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)

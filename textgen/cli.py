@@ -55,13 +55,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_main(main, argv) -> int:
     """Run a command; turn user errors into one sentence and an exit code."""
+    from .model import KernelUnavailable
     from .training import StopTraining
     try:
         return main(argv) or 0
     except (UsageError, UnknownCharactersError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except StopTraining as e:
+    except (StopTraining, KernelUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -212,7 +213,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
     p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of this probability mass")
     p.add_argument("--seed", type=int, default=None,
-                   help="same seed, same checkpoint, same text (default: random, printed)")
+                   help="same seed, same checkpoint, same text on the same machine (default: random, printed)")
     p.add_argument("--num-samples", type=int, default=s.num_samples, help="independent samples, drawn as a batch")
     p.add_argument("--stop", default=None, help="end the output once it ends with this string")
     p.add_argument("--paragraphs", type=int, default=None,

@@ -14,32 +14,35 @@
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-/* Steps with fewer cells than this run on one thread: waking the others costs more. */
-#define PARALLEL_MIN_CELLS 4096
-
-/* The work is split by columns (hidden units), in slices of whole vectors, one per thread:
- * each thread owns its slice of every row, and of grad_bias, so no two threads write the
- * same memory. Built without OpenMP (see native_kernel.py) this is one slice, one thread. */
-static inline int64_t column_slices(int64_t B, int64_t H)
+/* The work is split by columns (hidden units) into `slices` slices of whole vectors: each
+ * slice owns its columns of every row, and of grad_bias, so no two slices write the same
+ * memory, and each column's arithmetic (the bias sums too) is the same whatever the split.
+ * Built with OpenMP (see native_kernel.py), the slices run on the threads of PyTorch's own
+ * pool; built without it, one after another. native_kernel.py chooses how many.
+ *
+ * Slice k covers [slice_bound(k), slice_bound(k + 1)). The width is ceil(H / slices)
+ * rounded up to 16 floats (whole AVX-512 vectors), so slices * width >= H and every column
+ * falls in exactly one slice; the last bound is H whatever the width, and slices past the
+ * end are empty. (Rounding floor(H / slices) up instead lost the last columns whenever
+ * that floor was already a multiple of 16: H = 129 on 2 slices, H = 100 on 6.) */
+static inline int64_t slice_bound(int64_t k, int64_t slices, int64_t H)
 {
-#ifdef _OPENMP
-    if (B * H >= PARALLEL_MIN_CELLS)
-        return omp_get_max_threads();
-#endif
-    (void)B;
-    (void)H;
-    return 1;
+    if (k >= slices)
+        return H;
+    int64_t width = ((H + slices - 1) / slices + 15) / 16 * 16;
+    int64_t bound = k * width;
+    return bound < H ? bound : H;
 }
 
-static inline int64_t slice_start(int64_t slice, int64_t slices, int64_t H)
+/* 1 where the slices run on OpenMP threads, 0 where they run one after another. */
+int lstm_kernel_threaded(void)
 {
-    int64_t width = (H / slices + 15) / 16 * 16;    /* multiples of 16 floats: whole AVX-512 vectors */
-    int64_t start = slice * width;
-    return start < H ? start : H;
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* exp(x) in float32: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial
@@ -77,10 +80,10 @@ static inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0
 /* Forward step. pre (B, 4H): the gates' pre-activations x W_ih^T + h W_hh^T + biases.
  * Writes the activations i, f, g, o to gates (B, 4H), and
  *   c = f * c_prev + i * g,   h = o * tanh(c)   to c and h (B, H). */
-void lstm_forward_step(int64_t B, int64_t H, const float *pre, float *gates,
+void lstm_forward_step(int64_t B, int64_t H, int64_t slices, const float *pre, float *gates,
                        const float *c_prev, float *c, float *h)
 {
-    int64_t slices = column_slices(B, H);
+    slices = slices < 1 ? 1 : slices;
 #pragma omp parallel for schedule(static) if (slices > 1)
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++) {
@@ -88,9 +91,9 @@ void lstm_forward_step(int64_t B, int64_t H, const float *pre, float *gates,
         float *a = gates + b * 4 * H;
         const float *cp = c_prev + b * H;
         float *cb = c + b * H, *hb = h + b * H;
-        int64_t end = slice_start(slice + 1, slices, H);
+        int64_t end = slice_bound(slice + 1, slices, H);
 #pragma GCC ivdep
-        for (int64_t j = slice_start(slice, slices, H); j < end; j++) {
+        for (int64_t j = slice_bound(slice, slices, H); j < end; j++) {
             float i = sigmoid(p[j]);               /* input gate: how much of the candidate to write */
             float f = sigmoid(p[H + j]);           /* forget gate: how much of the old cell to keep */
             float g = tanh_approx(p[2 * H + j]);   /* candidate: what to write */
@@ -115,10 +118,11 @@ void lstm_forward_step(int64_t B, int64_t H, const float *pre, float *gates,
  *   d pre_g = dc * i * (1-g^2),  d pre_o = grad_h * tanh(c) * o(1-o)
  *   grad_c  = dc * f
  * and adds grad_pre's column sums to grad_bias (4H). */
-void lstm_backward_step(int64_t B, int64_t H, const float *gates, const float *c, const float *c_prev,
-                        const float *grad_h, float *grad_c, float *grad_pre, float *grad_bias)
+void lstm_backward_step(int64_t B, int64_t H, int64_t slices, const float *gates, const float *c,
+                        const float *c_prev, const float *grad_h, float *grad_c, float *grad_pre,
+                        float *grad_bias)
 {
-    int64_t slices = column_slices(B, H);
+    slices = slices < 1 ? 1 : slices;
 #pragma omp parallel for schedule(static) if (slices > 1)
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++) {
@@ -126,9 +130,9 @@ void lstm_backward_step(int64_t B, int64_t H, const float *gates, const float *c
         float *d = grad_pre + b * 4 * H;
         const float *cb = c + b * H, *cp = c_prev + b * H, *gh = grad_h + b * H;
         float *gc = grad_c + b * H;
-        int64_t end = slice_start(slice + 1, slices, H);
+        int64_t end = slice_bound(slice + 1, slices, H);
 #pragma GCC ivdep
-        for (int64_t j = slice_start(slice, slices, H); j < end; j++) {
+        for (int64_t j = slice_bound(slice, slices, H); j < end; j++) {
             float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
             float tc = tanh_approx(cb[j]);
             float dc = gc[j] + gh[j] * o * (1.0f - tc * tc);

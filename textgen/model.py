@@ -45,8 +45,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import native_kernel
+from .native_kernel import KernelUnavailable  # noqa: F401  (raised through model; entry points catch it)
 
 State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -108,6 +110,11 @@ _PACKED_LINEAR = _has_packed_linear()
 _SMALL_PRODUCT = 1 << 20
 
 
+def _packed_weight(weight: torch.Tensor, batch: int):
+    """weight reordered once into oneDNN's blocked layout for products with `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+
+
 def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None,
                        overwrite_add: bool = False):
     """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
@@ -132,7 +139,7 @@ def _recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dt
     if low_precision is not None:
         weight = weight.to(low_precision)
     if _PACKED_LINEAR and not small and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+        packed = _packed_weight(weight, batch)
         linear = torch.ops.mkldnn._linear_pointwise
         if low_precision is not None:
             def product(x, add=None):
@@ -257,15 +264,19 @@ def _recurrent_forward_native(kernel, x_proj, h, c, weight_hh, keep_for_backward
     c_prev = c.contiguous()
     h = h.contiguous()
     gate_views, h_views = x_proj.unbind(0), hs.unbind(0)
-    # The kernel takes raw pointers: step t's slices lie at fixed strides from the buffers' starts.
-    gates_at, hs_at, cs_at = x_proj.data_ptr(), hs.data_ptr(), cs.data_ptr()
-    gate_bytes, state_bytes = B * four_h * x_proj.element_size(), B * H * hs.element_size()
-    c_prev_at, cs_step = c_prev.data_ptr(), state_bytes if keep_for_backward else 0
-    forward_step = kernel.forward_step
+    # The kernel takes raw pointers: each buffer is checked whole here, and step t's slices
+    # lie at fixed strides inside it (t < T), so every offset below stays in bounds.
+    pointer = native_kernel.pointer
+    gates_at, hs_at = pointer(x_proj, (T, B, four_h), "gates"), pointer(hs, (T, B, H), "hs")
+    cs_at, c_prev_at = pointer(cs, (cs.shape[0], B, H), "cs"), pointer(c_prev, (B, H), "c0")
+    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    cs_step = state_bytes if keep_for_backward else 0
+    forward_step, slices, pre_shape = kernel.forward_step, native_kernel.step_slices(B, H), (B, four_h)
     for t in range(T):
         pre = recurrent(h, gate_views[t])                  # (B, 4H) pre-activations, maybe in x_proj[t]
         c_at = cs_at + t * cs_step
-        forward_step(B, H, pre.data_ptr(), gates_at + t * gate_bytes, c_prev_at, c_at, hs_at + t * state_bytes)
+        forward_step(B, H, slices, pointer(pre, pre_shape, "pre-activations"), gates_at + t * gate_bytes,
+                     c_prev_at, c_at, hs_at + t * state_bytes)
         c_prev_at, h = c_at, h_views[t]
     return hs, cs[-1], (cs if keep_for_backward else None)
 
@@ -333,13 +344,17 @@ def _recurrent_backward_native(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, r
     grad_c = grad_c.clone(memory_format=torch.contiguous_format)   # the kernel updates it in place
     grad_h, c0 = grad_h.contiguous(), c0.contiguous()
     grad_gates_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
-    gates_at, grad_gates_at, cs_at, grad_c_at = gates.data_ptr(), grad_gates.data_ptr(), cs.data_ptr(), grad_c.data_ptr()
-    gate_bytes, state_bytes = B * four_h * gates.element_size(), B * H * cs.element_size()
-    backward_step = kernel.backward_step
+    # Raw pointers, as in the forward loop: each buffer checked whole, step t's slices at fixed strides.
+    pointer = native_kernel.pointer
+    gates_at, grad_gates_at = pointer(gates, (T, B, four_h), "gates"), pointer(grad_gates, (T, B, four_h), "grad_gates")
+    cs_at, c0_at = pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0")
+    grad_c_at, grad_bias_at = pointer(grad_c, (B, H), "grad_c"), pointer(grad_bias, (four_h,), "grad_bias")
+    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    backward_step, slices, state_shape = kernel.backward_step, native_kernel.step_slices(B, H), (B, H)
     for t in range(T - 1, -1, -1):
-        c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0.data_ptr()
-        backward_step(B, H, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at, grad_h.data_ptr(),
-                      grad_c_at, grad_gates_at + t * gate_bytes, grad_bias.data_ptr())
+        c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0_at
+        backward_step(B, H, slices, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at,
+                      pointer(grad_h, state_shape, "grad_h"), grad_c_at, grad_gates_at + t * gate_bytes, grad_bias_at)
         if t > 0:
             grad_h = recurrent_t(grad_gates_steps[t], grad_hs_steps[t - 1])
         else:
@@ -363,6 +378,7 @@ class FusedLSTMLayer(torch.autograd.Function):
         return hs, hs[-1].clone(), c_last.clone()
 
     @staticmethod
+    @once_differentiable       # the backward is hand-written: a second derivative through it would be wrong
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):
         x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
         gates, cs = ctx.gates, ctx.cs                       # activations (T, B, 4H), cell states (T, B, H)
@@ -410,6 +426,52 @@ def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=No
 
 
 # ---------------------------------------------------------------------------
+# What goes in: checked at the public edge, on every path
+# ---------------------------------------------------------------------------
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor shaped {tuple(value.shape)} on {value.device}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def check_state(state, layers: int, batch: int, hidden: int, device: torch.device, dtype: torch.dtype) -> State:
+    """The state as the layers take it: one (h, c) pair per layer, each (batch, hidden), on device, in dtype.
+
+    Anything else is a ValueError that names the layer, the expected shape and what came.
+    Harmless differences are mended, not refused: another floating dtype is converted
+    (float64 gives exactly what its float32 values give) and non-contiguous views are copied.
+    """
+    if not isinstance(state, (tuple, list)) or len(state) != layers:
+        raise ValueError(f"the state must hold one (h, c) pair per layer ({layers}), each tensor shaped "
+                         f"(batch, hidden) = ({batch}, {hidden}); got {_describe(state)}")
+    checked = []
+    for k, pair in enumerate(state):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"the state of layer {k} must be a pair (h, c) of tensors shaped (batch, hidden) = "
+                             f"({batch}, {hidden}); got {_describe(pair)}")
+        tensors = []
+        for name, t in zip("hc", pair):
+            if not isinstance(t, torch.Tensor) or t.shape != (batch, hidden) or not t.is_floating_point():
+                raise ValueError(f"{name} of layer {k} must be a floating-point tensor shaped (batch, hidden) = "
+                                 f"({batch}, {hidden}); got {_describe(t)}")
+            if t.device != device:
+                raise ValueError(f"{name} of layer {k} is on {t.device}, but the model is on {device}")
+            tensors.append(t.to(dtype).contiguous())
+        checked.append(tuple(tensors))
+    return tuple(checked)
+
+
+def _check_batch(batch: int, time: int | None = None) -> None:
+    if batch < 1:
+        raise ValueError("the batch is empty: at least one stream is needed")
+    if time is not None and time < 1:
+        raise ValueError("the input has no time steps: at least one character is needed")
+
+
+# ---------------------------------------------------------------------------
 # The stack and the language model
 # ---------------------------------------------------------------------------
 
@@ -451,8 +513,18 @@ class StackedLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State | None = None, reference: bool = False):
         """x (T, B, I) time-major -> outputs (T, B, H) and the new state."""
+        weight = self.weight_ih_l0
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size or not x.is_floating_point():
+            raise ValueError(f"the input must be a floating-point tensor shaped (time, batch, input) = "
+                             f"(T, B, {self.input_size}); got {_describe(x)}")
+        if x.device != weight.device:
+            raise ValueError(f"the input is on {x.device}, but the model is on {weight.device}")
+        _check_batch(x.shape[1], x.shape[0])
+        x = x.to(weight.dtype)
         if state is None:
             state = self.initial_state(x.shape[1], device=x.device, dtype=x.dtype)
+        else:
+            state = check_state(state, self.layers, x.shape[1], self.hidden_size, weight.device, weight.dtype)
         new_state = []
         for k in range(self.layers):
             if k > 0 and self.dropout > 0:
@@ -480,11 +552,23 @@ class CharLSTM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False):
         """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state."""
-        x = self.embedding(tokens.t())                                   # (T, B, E)
+        self._check_tokens(tokens, 2, "(batch, time)")      # the stack checks batch and time
+        try:
+            x = self.embedding(tokens.t())                               # (T, B, E)
+        except IndexError:
+            raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}); got values from "
+                             f"{int(tokens.min())} to {int(tokens.max())}") from None
         out, state = self.lstm(x, state, reference=reference)           # (T, B, H)
         out = F.dropout(out, self.dropout, self.training)
         logits = self.head(out)                                          # (T, B, V)
         return logits.transpose(0, 1), state
+
+    def _check_tokens(self, tokens, dims: int, shape: str) -> None:
+        if (not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.dtype == torch.bool
+                or tokens.is_floating_point() or tokens.is_complex()):
+            raise ValueError(f"tokens must be an integer tensor shaped {shape}; got {_describe(tokens)}")
+        if tokens.device != self.head.weight.device:
+            raise ValueError(f"the tokens are on {tokens.device}, but the model is on {self.head.weight.device}")
 
     def initial_state(self, batch_size: int, device=None) -> State:
         p = self.head.weight
@@ -514,7 +598,7 @@ class Stepper:
     @torch.no_grad()
     def __init__(self, model: CharLSTM):
         lstm = model.lstm
-        self.hidden_size = lstm.hidden_size
+        self.model, self.hidden_size, self.vocab_size = model, lstm.hidden_size, model.config.vocab_size
         w_ih0, _, b_ih0, b_hh0 = lstm.layer_weights(0)
         self.token_gates = torch.addmm(b_ih0 + b_hh0, model.embedding.weight, w_ih0.t())  # (V, 4H)
         self.layers = []
@@ -528,19 +612,30 @@ class Stepper:
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """tokens (N,) int64 -> logits (N, V) and the new state."""
         H = self.hidden_size
+        self.model._check_tokens(tokens, 1, "(batch,)")
+        N = len(tokens)
+        _check_batch(N)
+        weight = self.token_gates
+        state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         new_state = []
         x = None
         for k, (w_ih_t, w_hh_t, bias) in enumerate(self.layers):
             h, c = state[k]
             if k == 0:
-                gates = torch.index_select(self.token_gates, 0, tokens).addmm_(h, w_hh_t)  # (N, 4H)
+                try:
+                    gates = torch.index_select(self.token_gates, 0, tokens)      # (N, 4H)
+                except IndexError:
+                    raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
+                                     f"{int(tokens.min())} to {int(tokens.max())}") from None
+                gates.addmm_(h, w_hh_t)
             else:
                 gates = torch.addmm(bias, x, w_ih_t).addmm_(h, w_hh_t)
             kernel = pointwise_kernel(gates, c)
             if kernel is not None:
-                c_prev, c, x = c.contiguous(), gates.new_empty(len(gates), H), gates.new_empty(len(gates), H)
-                kernel.forward_step(len(gates), H, gates.data_ptr(), gates.data_ptr(), c_prev.data_ptr(),
-                                    c.data_ptr(), x.data_ptr())
+                c_prev, c, x = c.contiguous(), gates.new_empty(N, H), gates.new_empty(N, H)
+                pointer, gates_at = native_kernel.pointer, native_kernel.pointer(gates, (N, 4 * H), "gates")
+                kernel.forward_step(N, H, native_kernel.step_slices(N, H), gates_at, gates_at,
+                                    pointer(c_prev, (N, H), "c_prev"), pointer(c, (N, H), "c"), pointer(x, (N, H), "h"))
                 new_state.append((x, c))
                 continue
             torch.sigmoid_(gates[:, : 2 * H])

@@ -6,8 +6,10 @@ the next interactive turn all continue one state; nothing already read is ever
 run again, and each new character costs one step of the model.
 
 Sampling draws with an explicit ``torch.Generator`` seeded by the user, on
-the CPU, so the same seed and checkpoint give the same text on
-every run and every device.
+the CPU, so the same seed and checkpoint give the same text on every run on
+the same machine and path (tested). Another CPU, thread count, device or
+pointwise path (C kernel or PyTorch ops) may round a logit differently in its
+last bits, and that can change a character where two are nearly tied.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row, drawn on the CPU with the given generator: deterministic on any device."""
+    """One token per row, drawn on the CPU with the given generator: the draw is the same wherever the model runs."""
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
 
 

@@ -1,0 +1,202 @@
+"""Every execution path of the fused LSTM layer against the gate-by-gate cell, over many shapes.
+
+The paths: PyTorch ops; the C kernel with its step split into 1 to 31 column slices (as many
+as threads would take: the split is what decides which columns each thread computes); the
+same slices run on real OpenMP threads; oneDNN's packed recurrent products; bf16 products.
+Each is compared in outputs, final (h, c) and the gradients of every weight, the input and
+the initial h0 and c0, against the gate-by-gate cell run in float64 on the same values.
+Sizes include ones that divide by nothing (17, 129, 257, 513), ones smaller than the slice
+count and batch sizes of one. T is small so that the whole grid stays fast.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import textgen.model as model_module
+from conftest import CountingKernel, c_kernel_or_skip
+from textgen import native_kernel
+from textgen.model import CharLSTM, ModelConfig, lstm_layer, lstm_layer_reference
+
+HIDDEN = [1, 2, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 300, 511, 512, 513]
+BATCH = [1, 3, 8, 32, 128]
+SLICES = [1, 2, 3, 4, 6, 8, 16, 31]
+T, INPUT = 3, 5
+# float32 paths against the float64 cell: errors relative to the largest magnitude of each tensor.
+FLOAT32_TOLERANCE = 2e-5
+# bf16 products (8-bit mantissa), float32 cell state: outputs within 0.05 of the cell's, and each
+# gradient at cosine similarity >= 0.99 with the cell's (see also test_model's low-precision test).
+BF16_OUTPUT_TOLERANCE, BF16_GRADIENT_COSINE = 5e-2, 0.99
+
+
+@pytest.fixture(scope="module")
+def c_kernel():
+    return c_kernel_or_skip()
+
+
+def make_case(B, H, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 1.0 / H**0.5
+
+    def rand(*shape, s=1.0):
+        return torch.randn(*shape, generator=gen) * s
+    inputs = {"x": rand(T, B, INPUT), "h0": rand(B, H, s=0.5), "c0": rand(B, H),
+              "weight_ih": rand(4 * H, INPUT, s=scale), "weight_hh": rand(4 * H, H, s=2 * scale),
+              "bias_ih": rand(4 * H, s=0.5), "bias_hh": rand(4 * H, s=0.5)}
+    upstream = {"out": rand(T, B, H), "h": rand(B, H), "c": rand(B, H)}   # weights of the loss
+    return inputs, upstream
+
+
+def run_layer(layer, inputs, upstream, dtype=torch.float32, **kwargs):
+    """Outputs and gradients of every input of one layer, as float64 for comparison."""
+    leaves = {k: v.to(dtype, copy=True).requires_grad_() for k, v in inputs.items()}   # fresh leaves each run
+    out, h, c = layer(leaves["x"], leaves["h0"], leaves["c0"], leaves["weight_ih"], leaves["weight_hh"],
+                      leaves["bias_ih"], leaves["bias_hh"], **kwargs)
+    loss = sum((t * upstream[name].to(dtype)).sum() for name, t in (("out", out), ("h", h), ("c", c)))
+    loss.backward()
+    results = {"out": out, "h": h, "c": c, **{f"grad {k}": v.grad for k, v in leaves.items()}}
+    return {k: v.detach().double() for k, v in results.items()}
+
+
+def reference(inputs, upstream):
+    return run_layer(lstm_layer_reference, inputs, upstream, dtype=torch.float64)
+
+
+def assert_matches(ours, ref, label, tolerance=FLOAT32_TOLERANCE):
+    for name, r in ref.items():
+        error = (ours[name] - r).abs().max().item()
+        limit = tolerance * max(1.0, r.abs().max().item())
+        assert error <= limit, f"{label}: {name} differs by {error:.3g} (limit {limit:.3g})"
+
+
+def assert_close_in_bf16(ours, ref, label):
+    for name, r in ref.items():
+        if name in ("out", "h", "c"):
+            error = (ours[name] - r).abs().max().item()
+            assert error <= BF16_OUTPUT_TOLERANCE, f"{label}: {name} differs by {error:.3g}"
+        elif r.abs().max() > 0:
+            cosine = F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item()
+            assert cosine >= BF16_GRADIENT_COSINE, f"{label}: {name} cosine {cosine:.4f}"
+
+
+@pytest.fixture
+def paths(monkeypatch, c_kernel):
+    """Sets up one named execution path at a time; returns a function path -> what it must have run."""
+    spy = {"packed": 0}
+    real_pack = model_module._packed_weight
+
+    def packed(weight, batch):
+        spy["packed"] += 1
+        return real_pack(weight, batch)
+    monkeypatch.setattr(model_module, "_packed_weight", packed)
+
+    def use(pointwise, slices=1, products="default"):
+        counting = CountingKernel(c_kernel) if pointwise == "c-kernel" else None
+        monkeypatch.setattr(native_kernel, "load", lambda: counting)
+        monkeypatch.setattr(native_kernel, "step_slices", lambda B, H: slices)
+        # "packed": oneDNN's packed product at every size; "plain": never; "default": the model's choice.
+        small = {"packed": -1, "plain": 1 << 62, "default": 1 << 20}[products]
+        monkeypatch.setattr(model_module, "_SMALL_PRODUCT", small)
+        spy["packed"] = 0
+        return counting
+    use.spy = spy
+    return use
+
+
+@pytest.mark.parametrize("H", HIDDEN)
+def test_every_path_equals_the_gate_by_gate_cell(H, paths):
+    for B in BATCH:
+        inputs, upstream = make_case(B, H, seed=H * 1000 + B)
+        ref = reference(inputs, upstream)
+        for pointwise, slices, products in [("torch-ops", 1, "plain"), ("torch-ops", 1, "packed"),
+                                            *[("c-kernel", n, "plain") for n in SLICES],
+                                            ("c-kernel", 2, "packed")]:
+            label = f"H={H} B={B} {pointwise} slices={slices} {products}"
+            counting = paths(pointwise, slices, products)
+            assert_matches(run_layer(lstm_layer, inputs, upstream), ref, label)
+            if counting is not None:
+                assert counting.slices and set(counting.slices) == {slices}, label
+            if products == "packed" and model_module._PACKED_LINEAR:
+                assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
+        for pointwise in ("torch-ops", "c-kernel"):
+            label = f"H={H} B={B} {pointwise} bf16 packed"
+            paths(pointwise, 2, "packed")
+            assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, label)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4, 8, 31])
+def test_the_kernel_on_real_threads_equals_the_cell(threads, c_kernel, monkeypatch):
+    """The model's own choice of slices (PyTorch's thread count) with that many OpenMP threads running."""
+    counting = CountingKernel(c_kernel)
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, H in ((32, 129), (16, 257), (48, 100), (64, 300), (128, 513), (4096, 1)):
+            inputs, upstream = make_case(B, H, seed=B + H)
+            counting.slices.clear()
+            assert_matches(run_layer(lstm_layer, inputs, upstream), reference(inputs, upstream),
+                           f"B={B} H={H} on {threads} threads")
+            assert set(counting.slices) == {threads}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
+    """2x512, 128 streams x 50 characters, as training runs it: threaded kernel, packed products."""
+    counting = CountingKernel(c_kernel)
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
+    packs = []
+    real_pack = model_module._packed_weight
+    monkeypatch.setattr(model_module, "_packed_weight", lambda w, b: packs.append(b) or real_pack(w, b))
+    torch.manual_seed(11)
+    config = ModelConfig(vocab_size=65, dropout=0.0)       # the default sizes: 2 layers of 512, embedding 64
+    ours = CharLSTM(config)
+    ref = torch.nn.LSTM(config.embed_size, config.hidden_size, config.layers)
+    ref.load_state_dict(ours.lstm.state_dict())
+    x = torch.randn(50, 128, config.embed_size)
+    state = tuple((torch.randn(128, 512) * 0.5, torch.randn(128, 512)) for _ in range(2))
+    h0 = [torch.stack([s[i] for s in state]).requires_grad_() for i in (0, 1)]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, new_state = ours.lstm(x1, ((h0[0][0], h0[1][0]), (h0[0][1], h0[1][1])))
+    ref_out, (ref_h, ref_c) = ref(x2, (h0[0].detach().requires_grad_(), h0[1].detach().requires_grad_()))
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([h for h, _ in new_state]), ref_h, atol=2e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([c for _, c in new_state]), ref_c, atol=2e-5, rtol=0)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (ref_out * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
+    for name, p in ours.lstm.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-4, rtol=1e-4)
+    assert counting.slices and set(counting.slices) == {torch.get_num_threads()}
+    if model_module._PACKED_LINEAR:
+        assert 128 in packs
+
+
+def test_the_self_check_rejects_a_kernel_with_the_old_column_split(c_kernel, tmp_path):
+    """lstm_kernel.c built with the earlier slice width (floor(H / slices) rounded up to 16, which lost
+    the last columns of H = 129 on 2 slices): the self-check that runs after every build must reject it."""
+    import ctypes
+    import subprocess
+    source = open(native_kernel.SOURCE).read()
+    fixes = {"int64_t width = ((H + slices - 1) / slices + 15) / 16 * 16;": "int64_t width = (H / slices + 15) / 16 * 16;",
+             "if (k >= slices)\n        return H;\n": ""}       # the last bound was not pinned to H either
+    for fixed, old in fixes.items():
+        assert fixed in source
+        source = source.replace(fixed, old)
+    broken = tmp_path / "broken.c"
+    broken.write_text(source)
+    library = tmp_path / "broken.so"
+    subprocess.run([native_kernel._compiler(), "-O2", "-shared", "-fPIC", str(broken), "-o", str(library)], check=True)
+    problem = native_kernel._self_check(native_kernel.Kernel(ctypes.CDLL(str(library)), str(library), []))
+    assert problem is not None and "129, 2 slices" in problem, problem
+    assert native_kernel._self_check(c_kernel) is None
+
+
+def test_pointer_refuses_any_tensor_the_kernel_would_misread():
+    good = torch.zeros(3, 8)
+    assert native_kernel.pointer(good, (3, 8), "h") == good.data_ptr()
+    for bad in (torch.zeros(3, 8, dtype=torch.float64), torch.zeros(8, 3).t(), torch.zeros(3, 9),
+                torch.zeros(2, 8), torch.zeros(3, 8, device="meta"), torch.zeros(24)):
+        with pytest.raises(RuntimeError, match=r"C kernel: h must be a contiguous CPU float32 tensor of shape \(3, 8\)"):
+            native_kernel.pointer(bad, (3, 8), "h")
