@@ -172,7 +172,7 @@ def test_unknown_prompt_characters(trained):
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--top-k", "0"], "--top-k must be at least 1"),
-    (["--length", "0"], "--length must be a positive"),
+    (["--length", "0"], "--length must be from 1 to"),
 ])
 def test_bad_sampling_flags(trained, flags, message, capsys):
     from textgen.cli import generate_main

@@ -298,3 +298,8 @@ def test_a_second_derivative_through_the_fused_layer_raises_instead_of_being_wro
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.sum().backward()
+
+
+def test_the_parameter_count_is_known_before_the_model_is_built():
+    for config in (ModelConfig(65), ModelConfig(11, 6, 10, 1, 0.0), ModelConfig(30, 8, 17, 3)):
+        assert config.num_parameters() == CharLSTM(config).num_parameters()

@@ -7,12 +7,36 @@
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import fields
 
 from .checkpoint import load_model
 from .errors import UsageError
 from .model import ModelConfig
 from .sampling import Generator, SampleConfig
+
+
+# The API's names for the few settings whose flag says it differently.
+_ARGUMENTS = {"time": "time_budget", "checkpoint": "path"}
+
+
+def as_arguments(message: str) -> str:
+    """A message written for the command line, with each --flag turned into the argument it is here."""
+    message = message.replace("--unknown skip", "unknown='skip'").replace("--overwrite", "overwrite=True")
+    message = re.sub(r"--resume (\S+)", r"resume='\1'", message)
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: _ARGUMENTS.get(m[1], m[1].replace("-", "_")), message)
+
+
+def _speaks_arguments(function):
+    """The API raises the CLI's errors, worded for a Python caller."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except UsageError as e:
+            raise UsageError(as_arguments(str(e))) from None
+    return wrapper
 
 
 class TextModel:
@@ -25,10 +49,12 @@ class TextModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @_speaks_arguments
     def generator(self, seed: int | None = None, num_samples: int = 1, unknown: str = "error") -> Generator:
         """A Generator whose state carries from one feed/generate call to the next."""
         return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown)
 
+    @_speaks_arguments
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
                  stop: str | None = None, unknown: str = "error"):
@@ -46,18 +72,22 @@ class TextModel:
                 f"step {self.checkpoint['step']})")
 
 
+@_speaks_arguments
 def load(path: str, device: str = "cpu", prefer_best: bool = True) -> TextModel:
     """A run folder (best.pt, else latest.pt) or a checkpoint file, on any device."""
-    from .training import resolve_device
+    from .devices import resolve_device
     model, tokenizer, ckpt = load_model(path, prefer_best=prefer_best, device=resolve_device(device))
     return TextModel(model, tokenizer, ckpt, path)
 
 
-def train(text: str | None = None, resume: str | None = None, log=print, **settings) -> TextModel:
+@_speaks_arguments
+def train(text: str | None = None, resume: str | None = None, log=print, overwrite: bool = False,
+          **settings) -> TextModel:
     """Train on a text file (None: the embedded corpus) and return the best model.
 
     settings are ModelConfig and TrainConfig fields, e.g. hidden_size=256,
-    steps=1000, time_budget=60, out="checkpoints/mine".
+    steps=1000, time_budget=60, out="checkpoints/mine". A folder that already
+    holds a run is refused unless overwrite=True (or resume= continues it).
     """
     from .training import TrainConfig, Trainer
     model_fields = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
@@ -71,11 +101,12 @@ def train(text: str | None = None, resume: str | None = None, log=print, **setti
         train_settings.setdefault("time_budget", None)      # a step count replaces the default budget
     train_config = TrainConfig(text=text, **train_settings)
     trainer = Trainer(model_config, train_config, resume=resume, explicit=set(settings) | ({"text"} if text else set()),
-                      log=log)
+                      log=log, overwrite=overwrite)
     result = trainer.run()
     return load(result.run_dir)
 
 
+@_speaks_arguments
 def generate(model_or_path, prompt: str = "", **kwargs):
     """One call: generate(\"checkpoints/run\", \"ROMEO:\", length=200)."""
     model = model_or_path if isinstance(model_or_path, TextModel) else load(model_or_path)

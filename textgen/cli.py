@@ -21,6 +21,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (argparse's usage block would be many), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_duration(text: str) -> float:
     """'90s', '15m', '2h', '1h30m' or plain seconds -> seconds."""
     parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
@@ -55,8 +62,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_main(main, argv) -> int:
     """Run a command; turn user errors into one sentence and an exit code."""
+    from .errors import StopTraining
     from .model import KernelUnavailable
-    from .training import StopTraining
     try:
         return main(argv) or 0
     except (UsageError, UnknownCharactersError) as e:
@@ -64,6 +71,9 @@ def run_main(main, argv) -> int:
         return 2
     except (StopTraining, KernelUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; choose a smaller model, --batch-size or --num-samples", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; checkpoints already written are intact", file=sys.stderr)
@@ -82,7 +92,7 @@ def train_parser() -> argparse.ArgumentParser:
     from .model import ModelConfig
     from .training import TrainConfig
     m, t = ModelConfig(vocab_size=1), TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py", formatter_class=_Formatter,
         description="Train a character-level LSTM on a UTF-8 text file.",
         epilog="examples:\n  python train.py                      # the embedded default corpus\n"
@@ -135,6 +145,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="torch.compile the training model: a slower start for faster steps where it pays "
                         "(GPUs above all; see benchmarks/README.md for the CPU)")
     g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds an old one, deleting the old run's files first "
+                        "(without it, such a folder is refused)")
     g.add_argument("--allow-new-text", action="store_true",
                    help="when resuming, continue on a different text with the old vocabulary")
     add_common(p)
@@ -173,9 +186,11 @@ def _train(argv) -> int:
         if folder is None:
             raise UsageError("an elastic restart needs a fixed run folder: pass --out or --name to train.py")
         if os.path.isfile(os.path.join(folder, "latest.pt")):
-            args.resume = folder
+            # The same command line runs again: its --overwrite was for the first attempt, not this one.
+            args.resume, args.overwrite = folder, False
     try:
-        Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=_log).run()
+        Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=_log,
+                overwrite=args.overwrite).run()
     except BaseException:
         distributed.shutdown(clean=False)
         raise
@@ -197,7 +212,7 @@ def _log(message: str) -> None:
 def generate_parser() -> argparse.ArgumentParser:
     from .sampling import SampleConfig
     s = SampleConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="generate.py", formatter_class=_Formatter,
         description="Generate text from a trained textgen model. The prompt and the generated text go to "
                     "stdout (or --output); messages go to stderr.",
@@ -234,8 +249,10 @@ def generate_main(argv=None) -> int:
 def _generate(argv) -> int:
     from .checkpoint import latest_run, load_model
     from .sampling import Generator, SampleConfig
-    from .training import resolve_device
+    from .devices import resolve_device
     args = generate_parser().parse_args(argv)
+    for flag, text in (("--prompt", args.prompt), ("--stop", args.stop)):
+        _check_text(flag, text)
     config = SampleConfig(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, num_samples=args.num_samples, stop=args.stop)
     config.validate()
@@ -261,7 +278,7 @@ def _generate(argv) -> int:
         out = sys.stdout
     try:
         if args.interactive:
-            _interactive(gen, config, out, args.prompt)
+            _interactive(gen, config, out, args.prompt, say)
         elif args.paragraphs:
             _paragraphs(gen, config, out, args.prompt, args.paragraphs)
         elif args.num_samples > 1:
@@ -277,6 +294,13 @@ def _generate(argv) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _check_text(what: str, text: str | None) -> None:
+    """Text that came from a terminal in another encoding arrives with lone surrogates: refuse it."""
+    if text and any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise UsageError(f"{what} is not valid UTF-8 text (the terminal passed bytes in another encoding); "
+                         f"set the terminal to UTF-8 or pass the text from a UTF-8 file")
 
 
 def _write(out, text: str) -> None:
@@ -306,21 +330,27 @@ def _paragraphs(gen, config, out, prompt: str, count: int) -> None:
             _write(out, separator)
 
 
-def _interactive(gen, config, out, prompt: str) -> None:
+def _interactive(gen, config, out, prompt: str, say) -> None:
     from dataclasses import replace
     per_turn = replace(config, stop=config.stop or "\n\n")
     if prompt:
         gen.feed(prompt)
     tty = sys.stdin.isatty()
-    print("interactive: type a line and press Enter; /reset forgets the conversation; "
-          "an empty line or Ctrl-D quits", file=sys.stderr, flush=True)
+    say("interactive: type a line and press Enter; /reset forgets the conversation; "
+        "an empty line or Ctrl-D quits")
     while True:
         if tty:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        raw = sys.stdin.buffer.readline()          # bytes: a line in another encoding must not end the session
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print("error: that line is not UTF-8 text (is the terminal set to another encoding?); "
+                  "it was ignored", file=sys.stderr, flush=True)
+            continue
         if not line or not line.strip():
             break
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")
         if line.strip() == "/reset":
             gen.reset()
             print("(state reset)", file=sys.stderr, flush=True)
@@ -337,7 +367,7 @@ def _interactive(gen, config, out, prompt: str) -> None:
 # ---------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="textgen-eval", formatter_class=_Formatter,
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
                     "The file is read as a few parallel streams with the state carried from start to end; each "
@@ -363,7 +393,7 @@ def _eval(argv) -> int:
 
     from .checkpoint import latest_run
     from .evaluate import evaluate_file
-    from .training import resolve_device
+    from .devices import resolve_device
     args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1:
         raise UsageError("--batch-size and --seq-len must be positive integers")
@@ -389,7 +419,7 @@ def _info(argv) -> int:
     from .checkpoint import load, model_config_of, resolve
     from .evaluate import LN2
     from .tokenizer import escape_char
-    p = argparse.ArgumentParser(prog="textgen info", formatter_class=_Formatter,
+    p = _Parser(prog="textgen info", formatter_class=_Formatter,
                                 description="Describe a checkpoint without putting its weights on a device.")
     p.add_argument("checkpoint", metavar="RUN_FOLDER_OR_FILE")
     p.add_argument("--version", action="version", version=f"textgen {__version__}")
@@ -422,7 +452,7 @@ def plot_main(argv=None) -> int:
 
 def _plot(argv) -> int:
     from .plot import plot_runs
-    p = argparse.ArgumentParser(prog="textgen plot", formatter_class=_Formatter,
+    p = _Parser(prog="textgen plot", formatter_class=_Formatter,
                                 description="Plot training and validation loss of one or more runs into a PNG.")
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
     p.add_argument("--output", default=None, help="PNG to write (default: loss.png in the first run folder)")

@@ -72,6 +72,8 @@ def resolve_sources(spec: str) -> list[str]:
         return paths
     if os.path.exists(spec):
         raise UsageError(f"{spec} is not a regular file")
+    if os.path.islink(spec):
+        raise UsageError(f"{spec} is a symbolic link that leads nowhere (a loop, or a missing target)")
     raise UsageError(f"{spec}: no such file")
 
 

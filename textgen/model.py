@@ -68,6 +68,13 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def num_parameters(self) -> int:
+        """What CharLSTM(self).num_parameters() will be, known before anything is allocated."""
+        E, H, V, L = self.embed_size, self.hidden_size, self.vocab_size, self.layers
+        per_layer = 4 * H * (H + H) + 8 * H                 # layers after the first read H inputs
+        lstm = 4 * H * (E + H) + 8 * H + (L - 1) * per_layer
+        return V * E + lstm + H * V + V
+
 
 # ---------------------------------------------------------------------------
 # The cell: the reference

@@ -15,8 +15,10 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UsageError(f"{run_dir} has no metrics.jsonl; is it a textgen run folder?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # The last piece has no newline: a line still being appended by a running trainer, or nothing.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
@@ -42,7 +44,9 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = output + ".tmp.png"
+    # A hidden name of this process's own, renamed over the target: a reader (or a second plotter)
+    # sees the old picture or the new one. run_folder counts such leftovers as textgen's.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, output)

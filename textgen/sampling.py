@@ -19,9 +19,14 @@ from typing import Iterator
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, check_finite
 from .model import CharLSTM, Stepper, State
 from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
+
+
+MAX_SAMPLES = 100_000            # samples are drawn as one batch: their states must fit in memory
+# Longer requests are almost always a typo (and would run for hours); a loop of calls has no limit.
+MAX_LENGTH = 100_000_000
 
 
 @dataclass
@@ -35,16 +40,19 @@ class SampleConfig:
     stop: str | None = None
 
     def validate(self) -> None:
-        if self.length < 1:
-            raise UsageError(f"--length must be a positive number of characters, got {self.length}")
+        check_finite({"temperature": self.temperature, "top_p": self.top_p})
+        if not 1 <= self.length <= MAX_LENGTH:
+            raise UsageError(f"--length must be from 1 to {MAX_LENGTH:,} characters, got {self.length}")
         if self.temperature < 0:
             raise UsageError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise UsageError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise UsageError(f"--num-samples must be from 1 to {MAX_SAMPLES:,}, got {self.num_samples}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
         if self.stop == "":
             raise UsageError("--stop must not be empty")
 

@@ -16,7 +16,7 @@ exact up to the nondeterminism of its kernels.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import random
@@ -35,7 +35,9 @@ from . import checkpoint
 from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
-from .errors import UsageError
+from .devices import check_fits, resolve_device, resolve_dtype
+from .errors import StopTraining, UsageError, check_finite
+from .run_folder import RunFolder, checkpoint_folder, default_path
 from .evaluate import LN2, cross_entropy
 from .model import CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
@@ -76,11 +78,13 @@ class TrainConfig:
     separator: str = "\n\n"          # between the files of a folder or glob corpus
 
     def validate(self) -> None:
+        check_finite({"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
+                      "grad_clip": self.grad_clip, "val_fraction": self.val_fraction, "time": self.time_budget})
         positive = ("batch_size", "seq_len", "steps", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
+        if not self.lr > 0:
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
@@ -95,6 +99,8 @@ class TrainConfig:
             raise UsageError("--warmup-steps, --keep, --sample-length and --eval-chars must be 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
         if self.dtype not in ("auto", *LOW_PRECISION, "float32"):
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -126,45 +132,6 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps was asked for but MPS is not available")
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively (faster than float32) on this device."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    # Without these, oneDNN emulates bf16 with float32 instructions: slower, not faster.
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
-    return name
-
-
 def rng_state() -> dict:
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -193,16 +160,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_run_dir(text_path: str | None, name: str | None, root: str = "checkpoints") -> str:
-    if name:
-        return os.path.join(root, name)
+def corpus_stem(text_path: str | None) -> str:
+    """A tidy folder-name stem for a corpus spec (a folder or glob too)."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(text_path or DEFAULT_CORPUS)))[0]
-    stem = re.sub(r"[^\w .-]+", "_", stem).strip("_ ") or "corpus"      # a folder or glob makes a tidy name
-    return os.path.join(root, f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-
-
-class StopTraining(Exception):
-    """Training ended early for a reason the user must hear (divergence, disk full)."""
+    return re.sub(r"[^\w .-]+", "_", stem).strip("_ ") or "corpus"
 
 
 @dataclass
@@ -229,9 +190,11 @@ class Trainer:
     """One training run: builds or restores everything, then `run()` trains it."""
 
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: str | None = None,
-                 explicit: set[str] = frozenset(), log=print):
+                 explicit: set[str] = frozenset(), log=print, overwrite: bool = False):
         self.dist = dist_util.context()
         self.log = log if self.dist.is_main else (lambda message: None)   # only rank 0 speaks
+        if overwrite and resume is not None:
+            raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
         ckpt = None
         if resume is not None:
             ckpt = checkpoint.load(checkpoint.resolve(resume, prefer_best=False))
@@ -239,6 +202,42 @@ class Trainer:
             model_config = self._check_architecture(ckpt, model_config, explicit)
         config.validate()
         self.config = config
+        # The folder is claimed (locked, checked) before anything is prepared, so a second trainer
+        # or a run into a finished run's folder stops at once, having written nothing.
+        self.folder = self._claim_folder(resume, overwrite)
+        self.run_dir = self.folder.path
+        try:
+            self._build(model_config, ckpt, resume)
+        except BaseException:
+            self.folder.abandon()
+            raise
+
+    def _claim_folder(self, resume: str | None, overwrite: bool) -> RunFolder:
+        """Rank 0 chooses and locks the run folder; every rank learns the folder or the refusal."""
+        cfg = self.config
+        error, path, created = None, None, False
+        if self.dist.is_main:
+            try:
+                resumed_from = checkpoint_folder(resume) if resume is not None else None
+                if cfg.out or cfg.name:
+                    path = cfg.out or os.path.join("checkpoints", cfg.name)
+                elif resumed_from is not None:
+                    path = resumed_from
+                else:
+                    path, created = default_path(corpus_stem(cfg.text)), True
+                folder = RunFolder(path, created=created)
+                # Resuming with --out elsewhere forks the run: the new folder gets a new run's rules.
+                same = resumed_from is not None and os.path.realpath(path) == os.path.realpath(resumed_from)
+                folder.claim(new_run=not same, overwrite=overwrite)
+            except UsageError as e:
+                error = str(e)
+        error, path = self.dist.broadcast((error, path))
+        if error:
+            raise UsageError(error)
+        return folder if self.dist.is_main else RunFolder(path)      # other ranks never write it
+
+    def _build(self, model_config: ModelConfig | None, ckpt: dict | None, resume: str | None) -> None:
+        config = self.config
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         config.dtype = resolve_dtype(config.dtype, self.device)     # recorded as resolved, so resume keeps it
 
@@ -260,6 +259,7 @@ class Trainer:
                 model_config.validate()
             except ValueError as e:
                 raise UsageError(str(e)) from None
+            check_fits(model_config.num_parameters(), self.device)      # before a byte is allocated
             self.model = CharLSTM(model_config)
         else:
             self.model, _ = checkpoint.build_model(ckpt)
@@ -290,8 +290,7 @@ class Trainer:
         self.first_loss: float | None = None
         self.planned = config.time_budget is None
         self._budget_mark: tuple[int, float] | None = None
-        # Every rank must write to (and resume from) the folder rank 0 chose.
-        self.run_dir = self.dist.broadcast(config.out or default_run_dir(config.text, config.name))
+        self.last_saved_step: int | None = None
         if ckpt is not None:
             self._restore(ckpt, resume)
         self.stop_signal: int | None = None
@@ -411,8 +410,7 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
-        if self.config.out is None:
-            self.run_dir = os.path.dirname(os.path.abspath(checkpoint.resolve(resume, prefer_best=False)))
+        self.last_saved_step = self.step
 
     # -- one step, one evaluation, one save ------------------------------------------
 
@@ -515,16 +513,24 @@ class Trainer:
             checkpoint.save_run_checkpoint(payload, self.run_dir, self.config.keep, is_best)
         except checkpoint.DiskFullError as e:
             raise StopTraining(f"{e}; free some space and resume with --resume {self.run_dir}") from None
+        self.last_saved_step = self.step
 
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self.folder.release()              # the process's end would too; a Python caller goes on living
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         main = self.dist.is_main
         if main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            self._write_config()
-            self._rewrite_metrics()
+            self.folder.start()                 # --overwrite removes the old run here, not earlier
+            self.folder.write_config(self._config_doc())
+            # A resumed run replays any steps logged after its checkpoint: drop those lines first.
+            self.folder.write_metrics(self.history)
         n_params = self.model.num_parameters()
         self.log(f"run folder {self.run_dir}: {n_params / 1e6:.2f}M parameters, vocabulary "
                  f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
@@ -540,7 +546,8 @@ class Trainer:
         elapsed_at_start = self.elapsed
         try:
             while self.step < self.plan:
-                loss, grad_norm = self.train_step()
+                with self._out_of_memory_is_a_stop():
+                    loss, grad_norm = self.train_step()
                 now = time.perf_counter()
                 self.elapsed = elapsed_at_start + (now - run_start)
                 self.sums.loss += loss
@@ -565,7 +572,8 @@ class Trainer:
                 last_step = self.step >= self.plan or out_of_time
                 val_loss = None
                 if self.step % self.eval_interval() == 0 or last_step:
-                    val_loss = self._evaluate_and_sample()
+                    with self._out_of_memory_is_a_stop():
+                        val_loss = self._evaluate_and_sample()
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
                 if val_loss is not None and main:
@@ -666,8 +674,7 @@ class Trainer:
         self.sums = IntervalSums()
         if not self.dist.is_main:
             return
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        self.folder.append_metrics(entry)
         val = f"{val_loss:.4f}" if val_loss is not None else "-"
         if bar is not None:
             bar.set_postfix_str(f"loss {entry['train_loss']:.4f} val {val} lr {entry['lr']:.2e} "
@@ -678,21 +685,27 @@ class Trainer:
                          f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
 
     def _plot(self) -> None:
-        from .plot import matplotlib_available, plot_runs
-        if matplotlib_available():
-            plot_runs([self.run_dir])
+        self.folder.plot()
 
-    def _write_config(self) -> None:
-        doc = {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info,
-               "parameters": self.model.num_parameters(), "torch_version": str(torch.__version__)}
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(doc, f, indent=2)
+    def _config_doc(self) -> dict:
+        return {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info,
+                "parameters": self.model.num_parameters(), "torch_version": str(torch.__version__)}
 
-    def _rewrite_metrics(self) -> None:
-        # A resumed run replays any steps logged after its checkpoint: drop those lines first.
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:
-            for entry in self.history:
-                f.write(json.dumps(entry) + "\n")
+    @contextlib.contextmanager
+    def _out_of_memory_is_a_stop(self):
+        """An allocation that fails mid-run ends it with one sentence; the checkpoints already on
+        disk are untouched (nothing is written after the failure)."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and not any(
+                    words in message.lower() for words in ("out of memory", "can't allocate", "cannot allocate")):
+                raise
+            kept = (f"the checkpoint of step {self.last_saved_step} in {self.run_dir} is kept"
+                    if self.last_saved_step is not None else "no checkpoint had been written yet")
+            raise StopTraining(f"ran out of memory at step {self.step + 1} ({message[:120]}); {kept}; "
+                               f"try a smaller --batch-size or model") from None
 
     def _progress_bar(self):
         if self.config.quiet or not self.dist.is_main or not sys.stderr.isatty():

@@ -1,0 +1,223 @@
+"""A training run's folder: one writer at a time, never two runs mixed, small files replaced atomically.
+
+Owns: the rules for which folder a run may write, the lock that keeps a second
+trainer out, default folder names that never collide, and the run's small
+files (``config.json``, ``metrics.jsonl``, ``loss.png``). Checkpoint files are
+``checkpoint``'s; this module only knows their names. Imports ``errors`` and
+``checkpoint``; never ``training`` or ``cli``.
+
+The rules:
+
+* A new run goes into a missing or empty folder. A folder that holds a textgen
+  run is refused (continue it with ``--resume``, or start over with
+  ``--overwrite``), and so is one that holds anything else.
+* ``--overwrite`` removes the old run's files before the new run writes its
+  first one, so the folder never mixes two runs. It removes nothing from a
+  folder that also holds files textgen did not write.
+* One trainer per folder: an ``fcntl.flock`` on ``.textgen.lock``, taken before
+  anything is written and held until the process ends; the kernel drops it
+  when the process dies, so a killed run leaves no stale lock. The file holds
+  the owner's pid for the message a second trainer gets.
+* Readers (generation, evaluation, info, plot) take no lock: every file here
+  and every checkpoint is written to a temporary name and renamed into place,
+  so a reader sees the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime
+
+from . import checkpoint
+from .errors import UsageError
+
+try:
+    import fcntl
+except ImportError:              # Windows: no flock; runs are then not protected from a second trainer
+    fcntl = None
+
+LOCK, CONFIG, METRICS, PLOT = ".textgen.lock", "config.json", "metrics.jsonl", "loss.png"
+_CHECKPOINT = re.compile(r"(latest|best)\.pt|step-\d{7}\.pt")
+# What an interrupted write leaves: checkpoint.atomic_save's and _link_or_copy's temporaries, and ours.
+_LEFTOVER = re.compile(r"\..+\.tmp-\d+(\.png)?|.+\.link-tmp")
+
+
+def _is_textgen_config(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"model", "train"} <= doc.keys()
+
+
+def survey(path: str) -> tuple[bool, list[str], list[str]]:
+    """(holds a run, the files of textgen's there, everything else) for a folder that exists."""
+    ours, others, run = [], [], False
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            others.append(name)
+        elif _CHECKPOINT.fullmatch(name) or name == METRICS or (name == CONFIG and _is_textgen_config(full)):
+            ours.append(name)
+            run = True
+        elif name in (LOCK, PLOT) or _LEFTOVER.fullmatch(name):
+            ours.append(name)
+        else:
+            others.append(name)
+    return run, ours, others
+
+
+def _listing(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def default_path(stem: str, root: str = "checkpoints") -> str:
+    """A new folder root/<stem>-<date>-<time>, created here so that two runs started in the same
+    second get two folders (the second gets a -2 suffix, and so on)."""
+    base = os.path.join(root, f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(root, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)           # atomic: exactly one process creates each name
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"could not find a free run folder name under {root}; pass --out")
+
+
+class RunFolder:
+    """One run's folder, claimed for one trainer (``claim``) until ``release`` or the process's end."""
+
+    def __init__(self, path: str, created: bool = False):
+        self.path = path
+        self._lock_fd: int | None = None
+        self._created = created          # made for this run, so an abandoned claim may remove it
+        self._clear_before_writing = False
+
+    # -- claiming ------------------------------------------------------------------
+
+    def claim(self, new_run: bool, overwrite: bool = False) -> None:
+        """Lock the folder for this trainer; for a new run, check that it may start here.
+
+        Nothing in an existing folder changes unless the claim succeeds: the checks only read.
+        """
+        if overwrite and not new_run:
+            raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"{self.path} is a file, not a run folder; pass a folder to --out")
+        fd = self._open_lock(create=False)
+        try:
+            if fd is not None:
+                self._lock(fd)
+            if new_run:
+                self._check_new_run(overwrite)
+            if fd is None:
+                try:
+                    self._created = self._created or not os.path.isdir(self.path)
+                    os.makedirs(self.path, exist_ok=True)
+                    fd = self._open_lock(create=True)
+                except OSError as e:
+                    raise UsageError(f"cannot write the run folder {self.path}: {e.strerror}") from None
+                self._lock(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _open_lock(self, create: bool) -> int | None:
+        try:
+            return os.open(os.path.join(self.path, LOCK), os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as e:
+            raise UsageError(f"cannot write the run folder {self.path}: {e.strerror}") from None
+
+    def _lock(self, fd: int) -> None:
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(f"the run folder {self.path} is in use by another training process (pid {holder}); "
+                             f"wait for it to finish or stop it first") from None
+
+    def _check_new_run(self, overwrite: bool) -> None:
+        if not os.path.isdir(self.path):
+            return
+        holds_run, ours, others = survey(self.path)
+        if holds_run and not overwrite:
+            raise UsageError(f"{self.path} already holds a textgen run; continue it with --resume {self.path}, "
+                             f"or start over with --overwrite (which deletes its checkpoints)")
+        if others:
+            what = "also holds" if holds_run else "is not empty: it holds"
+            advice = ("--overwrite removes only textgen's own files, so it left the folder alone"
+                      if overwrite and holds_run else "pass a new or empty folder to --out")
+            raise UsageError(f"{self.path} {what} {_listing(others)}, which textgen did not write; {advice}")
+        self._clear_before_writing = holds_run or bool(set(ours) - {LOCK})
+
+    def release(self) -> None:
+        """Let another trainer in (the process's end does the same)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def abandon(self) -> None:
+        """Release a claim whose run never started; a folder this claim created, still empty, goes too."""
+        self.release()
+        if self._created:
+            try:
+                os.unlink(os.path.join(self.path, LOCK))
+                os.rmdir(self.path)
+            except OSError:
+                pass
+
+    # -- writing -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called just before the run writes its first file: --overwrite's removal happens here,
+        once everything else has been checked, so a run that fails to start deletes nothing."""
+        if not self._clear_before_writing:
+            return
+        _, ours, _ = survey(self.path)
+        for name in ours:
+            if name != LOCK:
+                os.unlink(os.path.join(self.path, name))
+        self._clear_before_writing = False
+
+    def _replace(self, name: str, text: str) -> None:
+        partial = os.path.join(self.path, f".{name}.tmp-{os.getpid()}")
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, os.path.join(self.path, name))
+
+    def write_config(self, doc: dict) -> None:
+        self._replace(CONFIG, json.dumps(doc, indent=2))
+
+    def write_metrics(self, entries: list[dict]) -> None:
+        """Replace metrics.jsonl with these entries (a resumed run drops lines logged after its checkpoint)."""
+        self._replace(METRICS, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def append_metrics(self, entry: dict) -> None:
+        # One write of one whole line; readers skip a last line without its newline.
+        with open(os.path.join(self.path, METRICS), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def plot(self) -> None:
+        from .plot import matplotlib_available, plot_runs
+        if matplotlib_available():
+            plot_runs([self.path], output=os.path.join(self.path, PLOT))      # written atomically
+
+
+def checkpoint_folder(resume: str) -> str:
+    """The folder a resumed run writes: the one its checkpoint is in."""
+    return os.path.dirname(os.path.abspath(checkpoint.resolve(resume, prefer_best=False)))
