@@ -97,11 +97,13 @@ def test_an_elastic_restart_resumes_from_the_run_folder(text, tmp_path):
     first = run("train.py", text, *FLAGS, "--steps", "10", "--out", out)
     assert first.returncode == 0
     # What torchrun --max-restarts sets when it restarts a failed job with the same arguments.
+    before = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
     again = run("train.py", text, *FLAGS, "--out", out, env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
     assert again.returncode == 0, again.stderr
-    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 20
+    assert "resuming at step 10" in again.stdout
     history = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
     assert [h["step"] for h in history] == [5, 10, 15, 20]
+    assert history[:2] == before                      # the first attempt's steps, carried on, not redone
 
 
 def test_a_distributed_run_resumes_exactly_with_the_same_world_size(text, tmp_path):

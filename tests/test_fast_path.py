@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import textgen.model as model_module
+import textgen.fused_lstm as fused
 from conftest import CountingKernel, c_kernel_or_skip
 from textgen import native_kernel
-from textgen.model import CharLSTM, ModelConfig, lstm_layer, lstm_layer_reference
+from textgen.fused_lstm import lstm_layer
+from textgen.model import CharLSTM, ModelConfig, lstm_layer_reference
 
 HIDDEN = [1, 2, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 300, 511, 512, 513]
 BATCH = [1, 3, 8, 32, 128]
@@ -82,12 +83,12 @@ def assert_close_in_bf16(ours, ref, label):
 def paths(monkeypatch, c_kernel):
     """Sets up one named execution path at a time; returns a function path -> what it must have run."""
     spy = {"packed": 0}
-    real_pack = model_module._packed_weight
+    real_pack = fused._packed_weight
 
     def packed(weight, batch):
         spy["packed"] += 1
         return real_pack(weight, batch)
-    monkeypatch.setattr(model_module, "_packed_weight", packed)
+    monkeypatch.setattr(fused, "_packed_weight", packed)
 
     def use(pointwise, slices=1, products="default"):
         counting = CountingKernel(c_kernel) if pointwise == "c-kernel" else None
@@ -95,7 +96,7 @@ def paths(monkeypatch, c_kernel):
         monkeypatch.setattr(native_kernel, "step_slices", lambda B, H: slices)
         # "packed": oneDNN's packed product at every size; "plain": never; "default": the model's choice.
         small = {"packed": -1, "plain": 1 << 62, "default": 1 << 20}[products]
-        monkeypatch.setattr(model_module, "_SMALL_PRODUCT", small)
+        monkeypatch.setattr(fused, "_SMALL_PRODUCT", small)
         spy["packed"] = 0
         return counting
     use.spy = spy
@@ -115,7 +116,7 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
             assert_matches(run_layer(lstm_layer, inputs, upstream), ref, label)
             if counting is not None:
                 assert counting.slices and set(counting.slices) == {slices}, label
-            if products == "packed" and model_module._PACKED_LINEAR:
+            if products == "packed" and fused._PACKED_LINEAR:
                 assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
         for pointwise in ("torch-ops", "c-kernel"):
             label = f"H={H} B={B} {pointwise} bf16 packed"
@@ -146,8 +147,8 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
     counting = CountingKernel(c_kernel)
     monkeypatch.setattr(native_kernel, "load", lambda: counting)
     packs = []
-    real_pack = model_module._packed_weight
-    monkeypatch.setattr(model_module, "_packed_weight", lambda w, b: packs.append(b) or real_pack(w, b))
+    real_pack = fused._packed_weight
+    monkeypatch.setattr(fused, "_packed_weight", lambda w, b: packs.append(b) or real_pack(w, b))
     torch.manual_seed(11)
     config = ModelConfig(vocab_size=65, dropout=0.0)       # the default sizes: 2 layers of 512, embedding 64
     ours = CharLSTM(config)
@@ -169,7 +170,7 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
     for name, p in ours.lstm.named_parameters():
         torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-4, rtol=1e-4)
     assert counting.slices and set(counting.slices) == {torch.get_num_threads()}
-    if model_module._PACKED_LINEAR:
+    if fused._PACKED_LINEAR:
         assert 128 in packs
 
 

@@ -116,46 +116,33 @@ def test_cli_streams_before_it_ends(trained):
 
 
 def test_cli_output_file_and_paragraphs_continue_the_state(trained, tmp_path):
+    """Greedy decoding: from the same state a paragraph would repeat itself exactly, so a second
+    paragraph that differs from the first shows that the state carried on."""
     out = tmp_path / "out.txt"
-    result = run("generate.py", "--checkpoint", trained, "--paragraphs", "3", "--length", "300", "--seed", "4",
+    result = run("generate.py", "--checkpoint", trained, "--paragraphs", "3", "--length", "120", "--temperature", "0",
                  "--output", str(out))
     assert result.returncode == 0 and result.stdout == ""
-    text = out.read_text(encoding="utf-8")
-    gen = generator(trained, seed=4)
-    expected = ""
-    for _ in range(3):
-        piece = gen.generate(SampleConfig(length=300, stop="\n\n"))[0]
-        expected += piece
-        if not piece.endswith("\n\n"):
-            sep = "\n\n" if not piece.endswith("\n") else "\n"
-            gen.feed(sep)
-            expected += sep
-    assert text == expected
+    three = out.read_text(encoding="utf-8")
+    one = run("generate.py", "--checkpoint", trained, "--paragraphs", "1", "--length", "120", "--temperature", "0",
+              "-q").stdout
+    assert three.startswith(one) and one.endswith("\n\n")     # each paragraph is closed with a blank line
+    second = three[len(one):]
+    assert second and not second.startswith(one), (one, second)
 
 
 def test_interactive_keeps_state_across_turns_and_reset_forgets(trained):
     config = SampleConfig(length=300, temperature=1.0, stop="@@")   # long replies: a state difference shows
 
-    def replies(turns, reset_before_second=False):
-        gen, out = generator(trained, seed=3), []
-        for k, turn in enumerate(turns):
-            if k == 1 and reset_before_second:
-                gen.reset()
-            gen.feed(turn + "\n")
-            text = gen.generate(config)[0]
-            if not text.endswith("\n"):
-                gen.feed("\n")
-                text += "\n"
-            out.append(text)
-        return "".join(out)
-
     carried = run("generate.py", "--checkpoint", trained, "--interactive", "--temperature", "1", "--seed", "3",
                   "--length", "300", "--stop", "@@", input="ANNA:\nBORIS:\n\n")
     assert carried.returncode == 0, carried.stderr
-    assert carried.stdout == replies(["ANNA:", "BORIS:"])
     reset = run("generate.py", "--checkpoint", trained, "--interactive", "--temperature", "1", "--seed", "3",
                 "--length", "300", "--stop", "@@", input="ANNA:\n/reset\nBORIS:\n")
-    assert reset.stdout == replies(["ANNA:", "BORIS:"], reset_before_second=True)
+    assert reset.returncode == 0, reset.stderr
+    # Same seed and the same first turn: the first replies agree. The second turns read the same
+    # line with the same random draws, so they differ only if one carried the conversation's state.
+    first = carried.stdout[:301]
+    assert len(carried.stdout) > 310 and reset.stdout.startswith(first)
     assert carried.stdout != reset.stdout
 
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import textgen.model
+import textgen.fused_lstm
 from conftest import c_kernel_or_skip, pointwise, ran_the_chosen_path  # noqa: F401  (pointwise: a fixture)
 from textgen import native_kernel
-from textgen.model import CharLSTM, FusedLSTMLayer, ModelConfig, StackedLSTM, Stepper, detach_state
+from textgen.fused_lstm import FusedLSTMLayer
+from textgen.model import CharLSTM, ModelConfig, StackedLSTM, Stepper, detach_state
 
 
 def random_state(layers, batch, hidden, dtype=torch.float32):
@@ -241,8 +242,8 @@ def test_the_kernel_is_neither_built_nor_used_for_tensors_it_cannot_take(monkeyp
     def no_build():
         raise AssertionError("the kernel was loaded for tensors it cannot take")
     monkeypatch.setattr(native_kernel, "load", no_build)
-    assert textgen.model.pointwise_kernel(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)) is None
-    assert textgen.model.pointwise_kernel(torch.zeros(2, 3, device="meta")) is None
+    assert textgen.fused_lstm.pointwise_kernel(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)) is None
+    assert textgen.fused_lstm.pointwise_kernel(torch.zeros(2, 3, device="meta")) is None
 
 
 def test_a_nan_in_the_weights_reaches_the_output_on_both_paths(pointwise):
@@ -303,3 +304,18 @@ def test_a_second_derivative_through_the_fused_layer_raises_instead_of_being_wro
 def test_the_parameter_count_is_known_before_the_model_is_built():
     for config in (ModelConfig(65), ModelConfig(11, 6, 10, 1, 0.0), ModelConfig(30, 8, 17, 3)):
         assert config.num_parameters() == CharLSTM(config).num_parameters()
+
+
+def test_the_stepper_gives_the_same_answer_for_the_same_state_and_never_overwrites_kept_states(pointwise):
+    """It reuses its own buffers between calls; a state from an earlier call must still mean what it did."""
+    torch.manual_seed(13)
+    model = CharLSTM(ModelConfig(vocab_size=9, embed_size=4, hidden_size=12, layers=2, dropout=0.0)).eval()
+    step, tokens = Stepper(model), torch.tensor([3, 5])
+    start = model.initial_state(2)
+    first, after_one = step(tokens, start)
+    kept = [(h.clone(), c.clone()) for h, c in after_one]
+    second, after_two = step(tokens, after_one)
+    assert all(torch.equal(h, kh) and torch.equal(c, kc) for (h, c), (kh, kc) in zip(after_one, kept))
+    again, _ = step(tokens, start)                                    # back to the first state
+    assert torch.equal(again, first) and not torch.equal(second, first)
+    assert ran_the_chosen_path(pointwise)

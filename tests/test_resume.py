@@ -86,9 +86,9 @@ THREADED_PACKED_FLAGS = ["--hidden-size", "128", "--embed-size", "16", "--layers
 
 def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
     from conftest import small_text
-    import textgen.model as model_module
+    import textgen.fused_lstm as fused
     from textgen import native_kernel
-    assert 32 * 128 >= native_kernel.PARALLEL_MIN_CELLS and 32 * 4 * 128 * 128 > model_module._SMALL_PRODUCT
+    assert 32 * 128 >= native_kernel.PARALLEL_MIN_CELLS and 32 * 4 * 128 * 128 > fused._SMALL_PRODUCT
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(600), encoding="utf-8")
     whole = run("train.py", str(text), *THREADED_PACKED_FLAGS, "--out", str(tmp_path / "whole"))

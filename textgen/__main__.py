@@ -1,3 +1,5 @@
+"""`python -m textgen`: the `textgen` command (train, generate, eval, info, plot). The only module
+of the package that imports cli."""
 import sys
 
 from .cli import textgen_main

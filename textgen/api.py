@@ -4,6 +4,8 @@
     model = textgen.load("checkpoints/my-run")
     print(model.generate("ROMEO:", length=200, temperature=0.8, seed=1))
     textgen.train("my.txt", steps=1000)
+
+Imports checkpoint, devices, model and sampling at the top; training only inside train(). Never cli.
 """
 from __future__ import annotations
 
@@ -97,11 +99,10 @@ def train(text: str | None = None, resume: str | None = None, log=print, overwri
         raise UsageError(f"unknown training settings: {', '.join(sorted(unknown))}")
     model_config = ModelConfig(vocab_size=1, **{k: v for k, v in settings.items() if k in model_fields})
     train_settings = {k: v for k, v in settings.items() if k in train_fields}
-    if "steps" in train_settings:
-        train_settings.setdefault("time_budget", None)      # a step count replaces the default budget
+    explicit = set(settings) | ({"text"} if text else set())
+    TrainConfig.steps_replace_time(train_settings, explicit)
     train_config = TrainConfig(text=text, **train_settings)
-    trainer = Trainer(model_config, train_config, resume=resume, explicit=set(settings) | ({"text"} if text else set()),
-                      log=log, overwrite=overwrite)
+    trainer = Trainer(model_config, train_config, resume=resume, explicit=explicit, log=log, overwrite=overwrite)
     result = trainer.run()
     return load(result.run_dir)
 

@@ -19,6 +19,8 @@ never runs code from the file):
 A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
 ``step-0001234.pt`` (hard links to what latest.pt was when written, so
 keeping them costs no extra disk) and ``best.pt``.
+
+Imports model (to rebuild it), tokenizer and errors; never training, sampling or cli.
 """
 from __future__ import annotations
 

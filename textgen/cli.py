@@ -3,6 +3,9 @@
 Every user mistake ends as one sentence on stderr and exit code 2
 (``UsageError``); a run stopped for a reason (divergence, full disk) exits 1.
 The same flag names mean the same thing in every command.
+
+The entry points' module: imports what each command needs, lazily; nothing in the package imports it
+except __main__.
 """
 from __future__ import annotations
 
@@ -54,8 +57,23 @@ def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
             action.default = defaults[action.dest]
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
+def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"textgen {__version__}")
+
+
+def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, metavar="RUN_FOLDER_OR_FILE",
+                        help="a run folder (uses best.pt, else latest.pt) or a checkpoint file "
+                             "(default: the most recent run under checkpoints/)")
+
+
+def add_unknown(parser: argparse.ArgumentParser, skip_does: str) -> None:
+    parser.add_argument("--unknown", choices=("error", "skip"), default="error",
+                        help=f"characters the model never saw: stop with an error naming them, or {skip_does}")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    add_version(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
 
@@ -113,7 +131,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--separator", type=_unescape, default=t.separator,
                    help="text put between the files of a folder or glob corpus (escapes like \\n work)")
     g.add_argument("--cache-dir", default=None,
-                   help="where prepared corpora are cached (default: $XDG_CACHE_HOME/textgen or ~/.cache/textgen)")
+                   help="where prepared corpora are cached (default: $TEXTGEN_CACHE_DIR, else $XDG_CACHE_HOME/textgen or ~/.cache/textgen)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=t.lr, help="peak AdamW learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio, help="final lr as a fraction of --lr")
@@ -167,10 +185,8 @@ def _train(argv) -> int:
     explicit = explicit_flags(parser, argv)
     if args.steps is None:
         args.steps = TrainConfig.steps
-    elif "time_budget" not in explicit:
-        args.time_budget = None          # a step count replaces the default time budget
-        explicit.add("time_budget")
     values = vars(args)
+    TrainConfig.steps_replace_time(values, explicit)
     model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
                                                if f.name != "vocab_size"})
     train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
@@ -219,9 +235,7 @@ def generate_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python generate.py --prompt 'ROMEO:' --length 300\n"
                "  python generate.py --checkpoint checkpoints/my-run --paragraphs 3 --seed 7\n"
                "  python generate.py --interactive")
-    p.add_argument("--checkpoint", default=None, metavar="RUN_FOLDER_OR_FILE",
-                   help="a run folder (uses best.pt, else latest.pt) or a checkpoint file "
-                        "(default: the most recent run under checkpoints/)")
+    add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text the output starts from; it is fed into the model first")
     p.add_argument("--length", type=int, default=s.length, help="characters to generate (per paragraph or turn)")
     p.add_argument("--temperature", type=float, default=s.temperature, help="0 = always the most likely character")
@@ -235,8 +249,7 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="generate N paragraphs (each ends at a blank line or --length), each continuing the state")
     p.add_argument("--interactive", action="store_true",
                    help="read a line, reply, keep the state between turns; /reset starts afresh, empty line quits")
-    p.add_argument("--unknown", choices=("error", "skip"), default="error",
-                   help="prompt characters the model never saw: stop with an error, or skip them with a warning")
+    add_unknown(p, "skip them with a warning")
     p.add_argument("--output", default=None, help="write the text to this file instead of stdout")
     add_common(p)
     return p
@@ -372,11 +385,9 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
                     "The file is read as a few parallel streams with the state carried from start to end; each "
                     "stream starts from a zero state, a small upward bias that shrinks as the file grows.")
-    p.add_argument("--checkpoint", default=None, metavar="RUN_FOLDER_OR_FILE",
-                   help="a run folder (best.pt, else latest.pt) or a checkpoint file (default: the most recent run)")
+    add_checkpoint(p)
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
-    p.add_argument("--unknown", choices=("error", "skip"), default="error",
-                   help="characters the model never saw: stop with an error, or leave them out and count them")
+    add_unknown(p, "leave them out and count them")
     p.add_argument("--batch-size", type=int, default=16, help="parallel streams the file is read as")
     p.add_argument("--seq-len", type=int, default=256, help="characters per chunk")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -422,7 +433,7 @@ def _info(argv) -> int:
     p = _Parser(prog="textgen info", formatter_class=_Formatter,
                                 description="Describe a checkpoint without putting its weights on a device.")
     p.add_argument("checkpoint", metavar="RUN_FOLDER_OR_FILE")
-    p.add_argument("--version", action="version", version=f"textgen {__version__}")
+    add_version(p)
     args = p.parse_args(argv)
     path = resolve(args.checkpoint, prefer_best=False)
     ckpt = load(path, map_location="cpu")
@@ -456,7 +467,7 @@ def _plot(argv) -> int:
                                 description="Plot training and validation loss of one or more runs into a PNG.")
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
     p.add_argument("--output", default=None, help="PNG to write (default: loss.png in the first run folder)")
-    p.add_argument("--version", action="version", version=f"textgen {__version__}")
+    add_version(p)
     args = p.parse_args(argv)
     out = plot_runs(args.runs, args.output)
     print(out)

@@ -10,13 +10,15 @@ and never holds the whole text:
 2. pass two encodes each block with the vocabulary and appends the ids, in
    the smallest unsigned dtype, to a cache file.
 
-Cache entries live under ``--cache-dir`` (default ``$XDG_CACHE_HOME/textgen``
-or ``~/.cache/textgen``), shared by all runs. An entry is named by the content
+Cache entries live under ``--cache-dir`` (default ``machine.cache_root()``:
+``$TEXTGEN_CACHE_DIR``, ``$XDG_CACHE_HOME/textgen`` or ``~/.cache/textgen``), shared by all runs. An entry is named by the content
 hash and the vocabulary; a small pointer keyed by the files' paths, sizes and
 modification times finds it without reading the files again, so a second run
 on the same corpus starts at once, and an edited file (new size or mtime, then
 a new hash) gets a new entry. Training reads the tokens through a read-only
 memory map: resident memory does not grow with the corpus.
+
+Imports tokenizer, errors and machine (the cache location); never model, training or cli.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .machine import cache_root
 from .tokenizer import CharTokenizer, UnknownCharactersError, codepoints
 
 BLOCK_BYTES = 4 << 20   # small enough that a block's code points and ids stay a few tens of MB
@@ -49,8 +52,7 @@ class PreparedCorpus:
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "textgen")
+    return cache_root()
 
 
 def resolve_sources(spec: str) -> list[str]:

@@ -14,6 +14,8 @@ document boundary.
 
 Validation is the contiguous tail of the text, read by ``eval_windows`` as a
 few streams from their starts with the state carried from chunk to chunk.
+
+Imports errors; knows token arrays, never the model, training or cli.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 whether a model fits.
 
 Training, generation, evaluation and the Python API all choose their device here, so inference
-never imports the training module. Imports ``errors``; never ``training`` or ``cli``.
+never imports the training module. Imports ``errors`` and ``machine`` (which reads the CPU's
+flags); never ``training`` or ``cli``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import torch
 
 from .errors import UsageError
+from .machine import cpu_flags
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,15 +34,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -7,6 +7,8 @@ contiguous shares, one per rank, so every stream reads the same chunks and
 carries the same state as in a single-process run with B streams; DDP's
 gradient averaging then equals the single-process mean over all streams.
 Without torchrun every method here is the trivial single-process case.
+
+Imports torch.distributed only; never training (which uses it) or cli.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Entry points print its message as one sentence and exit with code 2; anything
 else that escapes is a bug in textgen and keeps its traceback.
+
+Imports nothing of ours; every module may import it.
 """
 
 

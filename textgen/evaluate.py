@@ -5,6 +5,8 @@ with the state carried from start to end of each stream. Each stream starts
 from a zero state, so its first few characters are predicted with less
 context than in one single stream: with S streams that affects S short
 stretches of the text, a small upward bias that shrinks as the text grows.
+
+Imports data, model, tokenizer and errors; never training or cli.
 """
 from __future__ import annotations
 
@@ -90,9 +92,3 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
             "predicted": count, "skipped_unknown": skipped, "nats_per_char": nats, "bits_per_char": nats / LN2,
             "streams": eval_streams(len(tokens), batch_size, seq_len), "seconds": time.perf_counter() - start}
 
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import eval_main
-    sys.exit(eval_main())

@@ -1,6 +1,7 @@
 """The LSTM's per-step pointwise work in C (lstm_kernel.c), compiled on first use.
 
-Only textgen.model imports this. On small shapes one LSTM step's ten or so
+Only the model's fast path (fused_lstm.py) imports this; it imports only machine.py, the
+stdlib-only module that says where textgen's cache is. On small shapes one LSTM step's ten or so
 pointwise tensor operations cost more in dispatch than in arithmetic, and
 torch.tanh is slow on some CPUs; lstm_kernel.c does a step's pointwise work,
 forward or backward, in one vectorised pass. It is compiled with the machine's
@@ -48,6 +49,8 @@ import tempfile
 import time
 
 import torch
+
+from .machine import cache_root, cpu_identity
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_kernel.c")
 # -fno-trapping-math lets the compiler turn the clamps in exp_approx into vector min/max; the
@@ -109,12 +112,6 @@ class Kernel:
 # ---------------------------------------------------------------------------
 # The private cache folder
 # ---------------------------------------------------------------------------
-
-def cache_root() -> str:
-    """Where textgen keeps what it builds for this machine (TEXTGEN_CACHE_DIR, else the XDG cache)."""
-    return os.environ.get("TEXTGEN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "textgen")
-
 
 def _private_problem(fd: int) -> str | None:
     """Why the open folder fd is not private to this user, or None when it is."""
@@ -223,16 +220,6 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
 class _BuildFailed(Exception):
     pass
 
@@ -273,7 +260,7 @@ def _build(compiler: str, source: bytes, fd: int, folder: str) -> Kernel:
     errors = []
     for flags in _flag_sets():
         key = hashlib.sha256("\0".join([source.hex(), compiler, version, " ".join(flags), platform.machine(),
-                                        _cpu_identity()]).encode()).hexdigest()[:20]
+                                        cpu_identity()]).encode()).hexdigest()[:20]
         name = f"lstm_kernel-{key}{suffix}"
         lib = _load_verified(fd, folder, name)
         if lib is not None:

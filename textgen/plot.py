@@ -2,6 +2,8 @@
 
 matplotlib is an optional extra (`pip install -e ".[plot]"`); without it the
 command says so and training simply skips its plot.
+
+Imports errors; never training or cli.
 """
 from __future__ import annotations
 
@@ -60,9 +62,3 @@ def matplotlib_available() -> bool:
     except ImportError:
         return False
 
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import plot_main
-    sys.exit(plot_main())

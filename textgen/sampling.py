@@ -10,6 +10,8 @@ the CPU, so the same seed and checkpoint give the same text on every run on
 the same machine and path (tested). Another CPU, thread count, device or
 pointwise path (C kernel or PyTorch ops) may round a logit differently in its
 last bits, and that can change a character where two are nearly tied.
+
+Imports model, tokenizer and errors; never training or cli.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ The vocabulary is the sorted set of code points seen in the training text; a
 token id is a position in that list. Encoding and decoding are vectorised with
 numpy through UTF-32 (one fixed-width unit per code point), never a Python loop
 per character, and encoded text uses the smallest unsigned dtype that fits.
+
+Imports nothing of ours.
 """
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
 """The training loop: AdamW, clipping, warm-up + cosine schedule, validation, checkpoints, resume.
 
-Read ``Trainer.run`` top to bottom: each step takes the next chunk of every
+Owns the Trainer: build or restore everything (``__init__``), then a loop (``_run``) whose
+body reads top to bottom. What is not the loop lives elsewhere: the learning-rate schedule and
+time-budget planning in schedule.py, the run folder (its lock, config.json, metrics, plot) in
+run_folder.py, devices and dtypes in devices.py.
+
+Read ``Trainer._run`` top to bottom: each step takes the next chunk of every
 stream, runs the model from the state the previous chunk ended in, steps the
 optimizer and detaches the state, which then carries on to the next chunk for
 the whole run (validation has its own state and leaves this one alone). The
@@ -13,6 +18,9 @@ positions, the carried state of every stream, every RNG, the partial sums of
 the current log interval), so on the CPU a run stopped and resumed ends with
 the same parameters, bit for bit, as one that never stopped. On a GPU it is
 exact up to the nondeterminism of its kernels.
+
+Composes model, data, corpus, checkpoint, sampling, schedule, devices, run_folder and distributed;
+never cli.
 """
 from __future__ import annotations
 
@@ -31,13 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, schedule
 from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
 from .devices import check_fits, resolve_device, resolve_dtype
 from .errors import StopTraining, UsageError, check_finite
 from .run_folder import RunFolder, checkpoint_folder, default_path
+from .schedule import EVALS_PER_RUN
 from .evaluate import LN2, cross_entropy
 from .model import CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
@@ -77,6 +86,14 @@ class TrainConfig:
     cache_dir: str | None = None     # token cache; default $XDG_CACHE_HOME/textgen or ~/.cache/textgen
     separator: str = "\n\n"          # between the files of a folder or glob corpus
 
+    @staticmethod
+    def steps_replace_time(settings: dict, explicit: set[str]) -> None:
+        """The one place that decides it: a step count given without a time budget replaces the
+        default budget (settings and explicit are updated in place)."""
+        if "steps" in explicit and "time_budget" not in explicit:
+            settings["time_budget"] = None
+            explicit.add("time_budget")
+
     def validate(self) -> None:
         check_finite({"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
                       "grad_clip": self.grad_clip, "val_fraction": self.val_fraction, "time": self.time_budget})
@@ -107,8 +124,6 @@ class TrainConfig:
             raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
 
 
-EVALS_PER_RUN = 10
-
 # --dtype names whose LSTM matrix products run in low precision (the rest stays float32).
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,12 +139,7 @@ RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_ev
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at `total`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return schedule.lr_at(step, total, config.lr, config.warmup_steps, config.min_lr_ratio)
 
 
 def rng_state() -> dict:
@@ -514,6 +524,9 @@ class Trainer:
         except checkpoint.DiskFullError as e:
             raise StopTraining(f"{e}; free some space and resume with --resume {self.run_dir}") from None
         self.last_saved_step = self.step
+        if is_best:
+            self.log(f"step {self.step}: new best val loss {self.best_val_loss:.4f} "
+                     f"({self.best_val_loss / LN2:.3f} bits/char), saved best.pt")
 
     # -- the loop --------------------------------------------------------------------
 
@@ -525,50 +538,15 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg = self.config
-        main = self.dist.is_main
-        if main:
-            self.folder.start()                 # --overwrite removes the old run here, not earlier
-            self.folder.write_config(self._config_doc())
-            # A resumed run replays any steps logged after its checkpoint: drop those lines first.
-            self.folder.write_metrics(self.history)
-        n_params = self.model.num_parameters()
-        self.log(f"run folder {self.run_dir}: {n_params / 1e6:.2f}M parameters, vocabulary "
-                 f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
-                 f"{len(self.val_tokens):,} validation characters, device {self.device} ({cfg.dtype}, "
-                 f"{describe_step_path(self.device)})"
-                 + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
-        if self.step > 0:
-            self.log(f"resuming at step {self.step} of {self.plan}")
-        bar = self._progress_bar()
-        stopped_by = None
+        self._begin()
+        bar, stopped_by = self._progress_bar(), None
         self._install_signal_handlers()
-        run_start, last = time.perf_counter(), time.perf_counter()
-        elapsed_at_start = self.elapsed
         try:
             while self.step < self.plan:
-                with self._out_of_memory_is_a_stop():
-                    loss, grad_norm = self.train_step()
-                now = time.perf_counter()
-                self.elapsed = elapsed_at_start + (now - run_start)
-                self.sums.loss += loss
-                if grad_norm is None:
-                    self.sums.skipped += 1                  # a float16 overflow: no update, no norm
-                else:
-                    self.sums.grad_norm += grad_norm
-                self.sums.steps += 1
-                self.sums.chars += cfg.batch_size * cfg.seq_len
-                self.sums.seconds += now - last
-                last = now
+                self._timed_train_step()                       # one optimizer step, counted into the interval
                 if not self.planned:
-                    self._plan_budget()
-                    if self.planned and bar is not None:
-                        bar.total = self.plan
-                        bar.refresh()
-                # Decided together: a signal or the clock on one rank stops every rank at the same step.
-                out_of_time, stop_requested = self.dist.any(
-                    cfg.time_budget is not None and self.elapsed >= cfg.time_budget, self.stop_signal is not None)
-                if stop_requested and self.stop_signal is None:
-                    self.stop_signal = signal.SIGTERM
+                    self._plan_budget(bar)
+                out_of_time, stop_requested = self._stop_decided()
                 last_step = self.step >= self.plan or out_of_time
                 val_loss = None
                 if self.step % self.eval_interval() == 0 or last_step:
@@ -576,19 +554,14 @@ class Trainer:
                         val_loss = self._evaluate_and_sample()
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
-                if val_loss is not None and main:
+                if val_loss is not None:
                     self._plot()
-                is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
-                if is_best:
-                    self.best_val_loss = val_loss
+                is_best = self._note_best(val_loss)
                 if self.step % cfg.save_every == 0 or last_step or is_best or stop_requested:
                     self.save(is_best)
-                    if is_best and main:
-                        self.log(f"step {self.step}: new best val loss {val_loss:.4f} "
-                                 f"({val_loss / LN2:.3f} bits/char), saved best.pt")
                 if bar is not None:
                     bar.update(1)
-                last = time.perf_counter()
+                self._step_started = time.perf_counter()       # validation and saving are not step time
                 if stop_requested:
                     stopped_by = signal.Signals(self.stop_signal).name
                     self.log(f"stopped by {stopped_by} at step {self.step}; checkpoint saved. "
@@ -608,39 +581,80 @@ class Trainer:
                      + f"; checkpoints in {self.run_dir}")
         return TrainResult(self.run_dir, self.step, self.best_val_loss, self.history, stopped_by)
 
-    def _plan_budget(self) -> None:
-        """After a warm-up, plan the step count that fits the time budget (fixed from then on)."""
+    def _begin(self) -> None:
+        """The run's first writes and its opening log line; starts the clock."""
         cfg = self.config
-        # Time 20 steps once the first few (allocator, oneDNN primitives) are behind us. A run
-        # resumed before its plan was made simply starts measuring again where it stands.
+        if self.dist.is_main:
+            self.folder.start()                 # --overwrite removes the old run here, not earlier
+            self.folder.write_config(self._config_doc())
+            # A resumed run replays any steps logged after its checkpoint: drop those lines first.
+            self.folder.write_metrics(self.history)
+        self.log(f"run folder {self.run_dir}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocabulary "
+                 f"{self.tokenizer.vocab_size}, {len(self.train_tokens):,} training and "
+                 f"{len(self.val_tokens):,} validation characters, device {self.device} ({cfg.dtype}, "
+                 f"{describe_step_path(self.device)})"
+                 + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
+        if self.step > 0:
+            self.log(f"resuming at step {self.step} of {self.plan}")
+        self._run_started = self._step_started = time.perf_counter()
+        self._elapsed_before = self.elapsed     # a resumed run's clock goes on from its checkpoint
+
+    def _timed_train_step(self) -> None:
+        with self._out_of_memory_is_a_stop():
+            loss, grad_norm = self.train_step()
+        now = time.perf_counter()
+        self.elapsed = self._elapsed_before + (now - self._run_started)
+        s = self.sums
+        s.loss += loss
+        if grad_norm is None:
+            s.skipped += 1                  # a float16 overflow: no update, no norm
+        else:
+            s.grad_norm += grad_norm
+        s.steps += 1
+        s.chars += self.config.batch_size * self.config.seq_len
+        s.seconds += now - self._step_started
+
+    def _stop_decided(self) -> tuple[bool, bool]:
+        """(out of time, stop requested), decided together: a signal or the clock on one rank
+        stops every rank at the same step."""
+        out_of_time, stop_requested = self.dist.any(
+            self.config.time_budget is not None and self.elapsed >= self.config.time_budget,
+            self.stop_signal is not None)
+        if stop_requested and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM       # another rank was signalled
+        return out_of_time, stop_requested
+
+    def _note_best(self, val_loss: float | None) -> bool:
+        if val_loss is None or (self.best_val_loss is not None and val_loss >= self.best_val_loss):
+            return False
+        self.best_val_loss = val_loss
+        return True
+
+    def _plan_budget(self, bar=None) -> None:
+        """After a warm-up, turn the time budget into a step count (fixed from then on).
+
+        A run resumed before its plan was made simply starts timing again where it stands."""
+        cfg = self.config
         if self._budget_mark is None:
-            if self.step >= min(10, max(2, cfg.warmup_steps // 5)):
+            if self.step >= schedule.timing_starts_at(cfg.warmup_steps):
                 self._budget_mark = (self.step, self.elapsed)
             return
         steps0, t0 = self._budget_mark
-        if self.step < steps0 + 20:
+        if self.step < steps0 + schedule.TIMED_STEPS:
             return
         seconds_per_step = (self.elapsed - t0) / (self.step - steps0)
         _, eval_seconds = self._timed_validation()
-        remaining = cfg.time_budget - self.elapsed
-        if cfg.eval_every:
-            evals = remaining / seconds_per_step / cfg.eval_every
-        else:
-            evals = EVALS_PER_RUN
-        # 3% spare for samples, checkpoints and noise, so the schedule completes within the budget.
-        training_seconds = 0.97 * remaining - evals * eval_seconds
-        self.plan = self.dist.broadcast(self.step + max(1, int(training_seconds / seconds_per_step)))
-        self.planned = True
+        plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step, eval_seconds,
+                                      cfg.eval_every)
+        self.plan, self.planned = self.dist.broadcast(plan), True
         self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
                  f"validation {eval_seconds:.1f}s; planning {self.plan} steps")
+        if bar is not None:
+            bar.total = self.plan
+            bar.refresh()
 
     def eval_interval(self) -> int:
-        """Steps between validations: --eval-every, or a tenth of the plan once it is known."""
-        if self.config.eval_every:
-            return self.config.eval_every
-        if not self.planned:
-            return self.plan + 1                # not before the time budget is planned
-        return max(1, self.plan // EVALS_PER_RUN)
+        return schedule.eval_interval(self.config.eval_every, self.plan, self.planned)
 
     def _timed_validation(self):
         start = time.perf_counter()
@@ -685,7 +699,8 @@ class Trainer:
                          f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
 
     def _plot(self) -> None:
-        self.folder.plot()
+        if self.dist.is_main:
+            self.folder.plot()
 
     def _config_doc(self) -> dict:
         return {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info,

@@ -1,0 +1,53 @@
+"""Arrows point one way: which module of textgen may import which, read from the source itself."""
+import ast
+import os
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "textgen")
+
+
+def imports_of(module: str) -> dict[str, set[str]]:
+    """{our module imported: the functions it is imported in ("" for the top level)}."""
+    tree = ast.parse(open(os.path.join(PACKAGE, module + ".py"), encoding="utf-8").read())
+    found: dict[str, set[str]] = {}
+
+    def visit(node, function=""):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.ImportFrom) and child.level == 1:
+                names = [child.module] if child.module else [alias.name for alias in child.names]
+                for name in names:
+                    found.setdefault(name.split(".")[0], set()).add(function)
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("textgen"):
+                found.setdefault((child.module.split(".") + [""])[1] or "__init__", set()).add(function)
+            visit(child, inner)
+    visit(tree)
+    return found
+
+
+MODULES = sorted(name[:-3] for name in os.listdir(PACKAGE) if name.endswith(".py"))
+
+
+def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
+    assert set(imports_of("model")) == {"fused_lstm"}
+    assert set(imports_of("fused_lstm")) == {"native_kernel"}
+    assert set(imports_of("native_kernel")) == {"machine"}
+    assert set(imports_of("tokenizer")) == set() and set(imports_of("machine")) == set()
+    assert [m for m in MODULES if "fused_lstm" in imports_of(m)] == ["model"]          # only the model
+    assert [m for m in MODULES if "native_kernel" in imports_of(m)] == ["fused_lstm"]
+
+
+def test_nothing_in_the_package_imports_cli_but_the_entry_point():
+    assert [m for m in MODULES if "cli" in imports_of(m)] == ["__main__"]
+
+
+def test_inference_never_imports_training():
+    for module in ("sampling", "evaluate", "checkpoint", "devices", "plot", "run_folder", "data", "corpus",
+                   "schedule", "errors", "model"):
+        assert "training" not in imports_of(module), module
+    assert imports_of("api").get("training") == {"train"}     # only textgen.train() needs it
+    assert "model" not in imports_of("data") and "training" not in imports_of("checkpoint")
+
+
+def test_cli_chooses_a_device_without_the_training_module_for_generation_and_evaluation():
+    uses = imports_of("cli")
+    assert uses["training"] <= {"train_parser", "_train"} and "devices" in uses

@@ -1,0 +1,32 @@
+"""The learning-rate schedule and time-budget planning, as the pure functions they are."""
+import pytest
+
+from textgen import schedule
+
+
+def test_warm_up_is_linear_and_the_cosine_ends_at_the_floor():
+    lrs = [schedule.lr_at(step, 100, 1.0, 10, 0.1) for step in range(101)]
+    assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)                      # halfway down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                # never rises after warm-up
+    assert schedule.lr_at(150, 100, 1.0, 10, 0.1) == pytest.approx(0.1)   # past the plan: the floor
+
+
+def test_the_planned_steps_and_their_validations_fit_the_remaining_budget():
+    for eval_every in (0, 50):
+        plan = schedule.planned_steps(step=30, elapsed=3.0, budget=100.0, seconds_per_step=0.1, eval_seconds=1.5,
+                                      eval_every=eval_every)
+        evals = schedule.EVALS_PER_RUN if eval_every == 0 else (plan - 30) / eval_every
+        assert (plan - 30) * 0.1 + evals * 1.5 <= (1 - schedule.SPARE) * 97.0 + 0.1
+        if eval_every == 0:      # with eval_every the count of validations is an upper bound: plans run short
+            assert (plan - 30 + 2) * 0.1 + evals * 1.5 > (1 - schedule.SPARE) * 97.0    # and use nearly all of it
+    assert schedule.planned_steps(30, 99.0, 100.0, 0.1, 5.0, 0) == 31          # no time left: one more step
+
+
+def test_validation_waits_for_the_plan_then_comes_ten_times():
+    assert schedule.eval_interval(25, 1000, planned=False) == 25
+    assert schedule.eval_interval(0, 1_000_000, planned=False) == 1_000_001   # not before the plan exists
+    assert schedule.eval_interval(0, 1000, planned=True) == 1000 // schedule.EVALS_PER_RUN
+    assert schedule.eval_interval(0, 5, planned=True) == 1
+    assert schedule.timing_starts_at(50) == 10 and schedule.timing_starts_at(0) == 2

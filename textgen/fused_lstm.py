@@ -1,0 +1,398 @@
+"""The LSTM layer's fast path: the same function as model.lstm_cell, step by step, computed fast.
+
+Only textgen.model imports this file (model.py keeps the reference cell and the modules); it
+imports native_kernel, which builds the C kernel, and nothing else of ours.
+
+One layer over a chunk of T steps, in the style of torch-rnn:
+
+* the input projection of all steps is one matrix product (``input_projection``);
+* a forward time loop (``recurrent_forward``) does, per step, one small recurrent product
+  (``recurrent_product``: on the CPU, oneDNN with the weight packed once per chunk, or MKL's
+  addmm for small products) and the step's pointwise work;
+* a backward time loop (``recurrent_backward``) does the same in reverse, and the weight
+  gradients of all steps are then three large products (``FusedLSTMLayer.backward``).
+
+A step's pointwise work (gates, cell and hidden state; or their gradients) has two backends
+behind one interface: the compiled C kernel (CPU, float32; see native_kernel.py) and PyTorch
+operations (any device or dtype, and traceable by torch.compile). ``forward_steps`` and
+``backward_steps`` prepare a chunk for the chosen backend and return its step function; the
+C backend checks every buffer in that same function before any pointer into it is taken.
+Optionally the matrix products run in bfloat16 or float16 (``low_precision``) while the cell
+state and all pointwise work stay float32.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import native_kernel
+from .native_kernel import KernelUnavailable  # noqa: F401  (raised through here; entry points catch it)
+
+# ---------------------------------------------------------------------------
+# Matrix products
+# ---------------------------------------------------------------------------
+
+
+def _has_packed_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PACKED_LINEAR = _has_packed_linear()
+# Below about a million multiply-adds MKL's plain float32 addmm is the fastest product on the CPU
+# here (16x128 by 128x512: 23 us, packed 31, bf16 30 with its casts); above it packing wins
+# (32x256: 157 plain, 113 packed, 74 packed bf16).
+_SMALL_PRODUCT = 1 << 20
+
+
+def _packed_weight(weight: torch.Tensor, batch: int):
+    """weight reordered once into oneDNN's blocked layout for products with `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+
+
+def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None,
+                      overwrite_add: bool = False):
+    """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
+
+    With overwrite_add the function may write the result into `add`, a buffer the caller
+    no longer needs (saves a copy and an allocation per step). With low_precision (bfloat16
+    or float16) the product runs in that dtype and its result is added in float32.
+    """
+    weight = weight.detach()
+    small = weight.device.type == "cpu" and batch * weight.numel() <= _SMALL_PRODUCT
+    if small:
+        low_precision = None          # the casts would cost more than the low-precision product saves
+    if low_precision is not None:
+        weight = weight.to(low_precision)
+    if _PACKED_LINEAR and not small and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+        packed = _packed_weight(weight, batch)
+        linear = torch.ops.mkldnn._linear_pointwise
+        if low_precision is not None:
+            def product(x, add=None):
+                out = linear(x.to(low_precision), packed, None, "none", [], "").float()
+                return out if add is None else out.add_(add)
+            return product
+
+        def product(x, add=None):
+            if add is None:
+                return linear(x, packed, None, "none", [], "")
+            return linear.binary(x, add, packed, None, "add")
+        return product
+    weight_t = weight.t()
+    if low_precision is not None:
+        def product(x, add=None):
+            out = torch.mm(x.to(low_precision), weight_t).float()
+            return out if add is None else out.add_(add)
+        return product
+
+    def product(x, add=None):
+        if add is None:
+            return torch.mm(x, weight_t)
+        return add.addmm_(x, weight_t) if overwrite_add else torch.addmm(add, x, weight_t)
+    return product
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as dtype, computed in low_precision when given."""
+    if low_precision is None:
+        return a @ b
+    return (a.to(low_precision) @ b.to(low_precision)).to(dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) for the large once-per-chunk products.
+
+    On the CPU, in float32, oneDNN's product is 10-20% faster than MKL's (the default for
+    torch.mm) on these shapes here: 4096x256 by 256x1024 takes 10.3 ms against 12.4.
+    """
+    if (_PACKED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.compiler.is_compiling()):     # inductor lowers this op only with packed weights
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def input_projection(x, weight_ih, bias_ih, bias_hh, low_precision):
+    """x @ W_ih^T + biases for every step at once: (T, B, I) -> (T, B, 4H)."""
+    T, B, I = x.shape
+    bias = bias_ih + bias_hh
+    if low_precision is None:
+        return _linear(x.reshape(T * B, I), weight_ih, bias).view(T, B, -1)
+    return _mm(x.reshape(T * B, I), weight_ih.t(), low_precision, x.dtype).add_(bias).view(T, B, -1)
+
+
+# ---------------------------------------------------------------------------
+# A step's pointwise work: two backends, one interface
+# ---------------------------------------------------------------------------
+
+def pointwise_kernel(*tensors: torch.Tensor) -> native_kernel.Kernel | None:
+    """The compiled C kernel for a step's pointwise work on these tensors, or None: PyTorch ops do it.
+
+    The kernel takes CPU float32 only (and is not even built for other devices). None under
+    torch.compile too: a ctypes call cannot be traced, PyTorch ops can be fused.
+    """
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return native_kernel.load()
+
+
+def describe_step_path(device: torch.device | str) -> str:
+    """For logs: what does each time step's pointwise work on this device."""
+    if torch.device(device).type != "cpu":
+        return "LSTM steps: PyTorch ops"
+    return "LSTM steps: " + native_kernel.describe()
+
+
+def forward_steps(gates, c0, hs, cs):
+    """The forward step function for a chunk: step(t, pre) -> h_t.
+
+    gates (T, B, 4H) receives each step's activations i, f, g, o (it may be the buffer the
+    pre-activations came in: every element is read before it is written); c0 (B, H) is the
+    cell state before the chunk; hs (T, B, H) receives h; cs (T, B, H) receives c, or with a
+    single slot (1, B, H) is updated in place when no backward pass needs every step's c.
+    pre (B, 4H) is step t's pre-activations x W_ih^T + h W_hh^T + biases, with the g rows
+    scaled by step.g_scale: a backend may scale the g pre-activations already in gates when it
+    prepares (the PyTorch one does, see _torch_forward_steps), and the caller scales what it
+    adds after that (the recurrent product's g rows) alike.
+    """
+    kernel = pointwise_kernel(gates, c0)
+    if kernel is not None:
+        return _kernel_forward_steps(kernel, gates, c0, hs, cs)
+    return _torch_forward_steps(gates, c0, hs, cs)
+
+
+def backward_steps(gates, cs, c0, grad_gates, grad_c):
+    """The backward step function for a chunk, and its end: (step(t, grad_h), finish() -> (dL/dc0, dL/dbias)).
+
+    Called for t = T-1 down to 0 with grad_h = dL/dh_t (from above and from step t+1), step t
+    writes dL/d(pre-activations) of step t to grad_gates[t] and carries dL/dc back to step t-1;
+    grad_c is dL/dc of the chunk's last step. The formulas, with sigmoid' = s(1-s), tanh' = 1-t^2:
+      dc = grad_c + grad_h * o * (1 - tanh(c)^2)
+      d pre_i = dc * g * i(1-i),   d pre_f = dc * c_prev * f(1-f)
+      d pre_g = dc * i * (1-g^2),  d pre_o = grad_h * tanh(c) * o(1-o),   dc_prev = dc * f
+    """
+    kernel = pointwise_kernel(gates, grad_c)
+    if kernel is not None:
+        return _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c)
+    return _torch_backward_steps(gates, cs, c0, grad_gates, grad_c)
+
+
+def _kernel_forward_steps(kernel, gates, c0, hs, cs):
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    c0 = c0.contiguous()
+    # The kernel takes raw pointers: each buffer is checked whole here, and step t's slices lie at
+    # fixed strides inside it (t < T), so every offset below stays in bounds. The per-step
+    # pre-activations come from a product and are checked at every step.
+    pointer = native_kernel.pointer
+    gates_at, hs_at = pointer(gates, (T, B, four_h), "gates"), pointer(hs, (T, B, H), "hs")
+    cs_at, c0_at = pointer(cs, (cs.shape[0], B, H), "cs"), pointer(c0, (B, H), "c0")
+    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    cs_bytes = state_bytes if cs.shape[0] == T else 0          # one slot: c is updated in place
+    kernel_step, slices, pre_shape, h_views = kernel.forward_step, native_kernel.step_slices(B, H), (B, four_h), hs.unbind(0)
+
+    def step(t, pre):                  # stateless: step 0 may run again (the Stepper's one-step chunk)
+        c_prev_at = c0_at if t == 0 else cs_at + (t - 1) * cs_bytes
+        kernel_step(B, H, slices, pointer(pre, pre_shape, "pre-activations"), gates_at + t * gate_bytes,
+                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes)
+        return h_views[t]
+    step.keep_alive = (gates, c0, hs, cs)       # the tensors behind the pointers live as long as the step
+    step.g_scale = 1
+    return step
+
+
+def _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c):
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    c0 = c0.contiguous()
+    grad_c = grad_c.clone(memory_format=torch.contiguous_format)     # the kernel updates it in place
+    grad_bias = gates.new_zeros(four_h)                                 # ... and sums into this
+    pointer = native_kernel.pointer                                     # checked whole, as in the forward
+    gates_at, grad_gates_at = pointer(gates, (T, B, four_h), "gates"), pointer(grad_gates, (T, B, four_h), "grad_gates")
+    cs_at, c0_at = pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0")
+    grad_c_at, grad_bias_at = pointer(grad_c, (B, H), "grad_c"), pointer(grad_bias, (four_h,), "grad_bias")
+    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    kernel_step, slices, state_shape = kernel.backward_step, native_kernel.step_slices(B, H), (B, H)
+
+    def step(t, grad_h):
+        c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0_at
+        kernel_step(B, H, slices, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at,
+                    pointer(grad_h, state_shape, "grad_h"), grad_c_at, grad_gates_at + t * gate_bytes, grad_bias_at)
+    step.keep_alive = (gates, cs, c0, grad_gates)
+    return step, lambda: (grad_c, grad_bias)
+
+
+@functools.cache
+def _constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-1 and 2 as 0-dim tensors, made once: a Python number is wrapped into a new tensor at every call."""
+    return torch.tensor(-1.0, dtype=dtype, device=device), torch.tensor(2.0, dtype=dtype, device=device)
+
+
+def _torch_forward_steps(gates, c0, hs, cs):
+    H = hs.shape[2]
+    # tanh(x) = 2 sigmoid(2x) - 1, and sigmoid costs ~0.5 ns an element on CPUs here against ~3 for
+    # tanh: with the g pre-activations doubled (exact in floating point) one sigmoid over all four
+    # gates and a fix-up of g replace a sigmoid and a tanh. What gates holds is doubled here; the
+    # caller doubles the g rows of what it adds (g_scale).
+    gates[:, :, 2 * H : 3 * H].mul_(2)
+    minus_one, two = _constants(gates.dtype, gates.device)
+    # Views made once for all steps: per-step indexing is Python overhead on small shapes.
+    gate_steps = gates.unbind(0)
+    i_, f_, g_, o_ = (gate.unbind(0) for gate in gates.unflatten(2, (4, H)).unbind(2))
+    h_out, c_out, last = hs.unbind(0), cs.unbind(0), cs.shape[0] - 1
+
+    def step(t, pre):                  # stateless: step 0 may run again (the Stepper's one-step chunk)
+        c_prev = c0 if t == 0 else c_out[min(t - 1, last)]
+        torch.sigmoid(pre, out=gate_steps[t])                    # i, f, o, and sigmoid(2 g_pre)
+        torch.addcmul(minus_one, g_[t], two, out=g_[t])          # g = 2 sigmoid(2 g_pre) - 1 = tanh(g_pre)
+        c = torch.addcmul(f_[t] * c_prev, i_[t], g_[t], out=c_out[min(t, last)])      # c = f c_prev + i g
+        return torch.mul(o_[t], torch.tanh(c), out=h_out[t])                         # h = o tanh(c)
+    step.g_scale = 2
+    return step
+
+
+# Blocks of steps whose gate derivatives the PyTorch backward computes together: large enough to
+# amortise per-operation overhead on small shapes, small enough to stay in cache.
+_CACHE_BYTES = 1 << 20
+
+
+def _local_derivatives(gates, c, c_prev, local):
+    """Gate derivatives for a block of steps, all (k, B, ...): fills local (k, B, 4H).
+
+    local = [g*i', c_prev*f', i*g', tanh(c)*o'] per gate, so that dL/dpre = local times dL/dc
+    (i, f, g) or dL/dh (o). Returns o*tanh'(c), which carries dL/dh into dL/dc. Nothing saved
+    is modified: backward may run more than once.
+    """
+    H = c.shape[-1]
+    i, f, g, o = gates.unflatten(-1, (4, H)).unbind(-2)
+    local_i, local_f, local_g, local_o = local.unflatten(-1, (4, H)).unbind(-2)
+    torch.mul(i, 1 - i, out=local_i).mul_(g)
+    torch.mul(f, 1 - f, out=local_f).mul_(c_prev)
+    torch.mul(g, g, out=local_g).neg_().add_(1).mul_(i)
+    tanh_c = torch.tanh(c)
+    torch.mul(o, 1 - o, out=local_o).mul_(tanh_c)
+    return tanh_c.square_().neg_().add_(1).mul_(o)
+
+
+def _torch_backward_steps(gates, cs, c0, grad_gates, grad_c):
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    # grad_gates[t] first holds, gate by gate, the local factor that turns dL/dc_t (i, f, g) or
+    # dL/dh_t (o) into that gate's pre-activation gradient. It does not depend on the incoming
+    # gradient, so it is computed for a cache-sized block of steps at once, leaving each step
+    # only the truly sequential work; the step multiplies it in place into the gradient.
+    block = max(1, _CACHE_BYTES // (B * four_h * gates.element_size()))
+    f_steps = gates[:, :, H : 2 * H].unbind(0)
+    local_ifg, local_o = grad_gates.unflatten(2, (4, H))[:, :, :3].unbind(0), grad_gates[:, :, 3 * H :].unbind(0)
+    carry = {"grad_c": grad_c, "start": T, "through_h": ()}
+
+    def step(t, grad_h):
+        if t < carry["start"]:                               # entering a new block of steps
+            start = max(0, t + 1 - block)
+            c_prev = cs[start - 1 : t] if start > 0 else torch.cat([c0.unsqueeze(0), cs[:t]])
+            carry["through_h"] = _local_derivatives(gates[start : t + 1], cs[start : t + 1], c_prev,
+                                                    grad_gates[start : t + 1]).unbind(0)
+            carry["start"] = start
+        dc = torch.addcmul(carry["grad_c"], grad_h, carry["through_h"][t - carry["start"]])   # dL/dc_t
+        local_ifg[t].mul_(dc.unsqueeze(1))                   # dL/d(pre-activation) of i, f, g
+        local_o[t].mul_(grad_h)                              # ... and of o
+        carry["grad_c"] = dc * f_steps[t]                    # on to c_{t-1}
+    return step, lambda: (carry["grad_c"], grad_gates.sum((0, 1)))
+
+
+# ---------------------------------------------------------------------------
+# The time loops and the autograd Function
+# ---------------------------------------------------------------------------
+
+def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
+    """The forward time loop, shared by training and inference.
+
+    x_proj (T, B, 4H) holds x W_ih^T + biases on entry and each step's activations on return
+    (its slice is spent once the step's product has read it). Returns h of every step
+    (T, B, H), the final c, and c of every step when the backward pass will need it.
+    """
+    T, B, four_h = x_proj.shape
+    H = four_h // 4
+    hs = x_proj.new_empty(T, B, H)
+    cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
+    step = forward_steps(x_proj, c, hs, cs)
+    if step.g_scale != 1:                                     # the backend scaled x_proj's g rows: scale ours
+        weight_hh = weight_hh.detach().clone()
+        weight_hh[2 * H : 3 * H].mul_(step.g_scale)
+    recurrent = recurrent_product(weight_hh, B, low_precision, overwrite_add=True)   # x_proj[t] is spent
+    pre_activations = x_proj.unbind(0)
+    for t in range(T):
+        h = step(t, recurrent(h, pre_activations[t]))      # (B, 4H) pre-activations, then the pointwise work
+    return hs, cs[-1], (cs if keep_for_backward else None)
+
+
+def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
+    """The backward time loop: dL/d(pre-activations) (T, B, 4H), dL/dh0, dL/dc0 and dL/dbias."""
+    T = gates.shape[0]
+    grad_gates = torch.empty_like(gates)
+    step, finish = backward_steps(gates, cs, c0, grad_gates, grad_c)
+    grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
+    for t in range(T - 1, -1, -1):
+        step(t, grad_h)
+        # dL/dh_{t-1}: through the recurrent weight, plus what reached h_{t-1} from above
+        grad_h = recurrent_t(grad_gate_steps[t], grad_hs_steps[t - 1]) if t > 0 else recurrent_t(grad_gate_steps[t])
+    grad_c0, grad_bias = finish()
+    return grad_gates, grad_h, grad_c0, grad_bias
+
+
+class FusedLSTMLayer(torch.autograd.Function):
+    """One LSTM layer over a chunk with a hand-written backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+        x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+        hs, c_last, cs = recurrent_forward(x_proj, h0, c0, weight_hh, True, low_precision)
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
+        ctx.gates, ctx.cs = x_proj, cs                      # intermediates, not inputs or outputs
+        ctx.low_precision = low_precision
+        # Outputs are copies: h_last must not be a view of another output, and c_last must not
+        # be a view of the tensor ctx.cs holds, or output -> grad_fn -> ctx.cs -> output is a
+        # cycle that keeps every chunk's graph alive (a memory leak).
+        return hs, hs[-1].clone(), c_last.clone()
+
+    @staticmethod
+    @once_differentiable       # the backward is hand-written: a second derivative through it would be wrong
+    def backward(ctx, grad_hs, grad_h_last, grad_c_last):
+        x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
+        gates, cs = ctx.gates, ctx.cs                       # activations (T, B, 4H), cell states (T, B, H)
+        T, B, I = x.shape
+        H = hs.shape[2]
+        grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs.contiguous()
+        grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
+        grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
+        low = ctx.low_precision
+        recurrent_t = recurrent_product(weight_hh.t(), B, low)   # dh_prev = dgates @ W_hh
+        grad_gates, grad_h, grad_c, grad_bias = recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t)
+        flat = grad_gates.view(T * B, 4 * H)
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
+        if low is not None:
+            flat = flat.to(low)                             # cast once for the three products
+        # the weight gradients of all steps in one product each
+        dtype = hs.dtype
+        grad_weight_hh = _mm(flat.t(), h_prev, low, dtype)
+        grad_weight_ih = _mm(flat.t(), x.reshape(T * B, I), low, dtype)
+        grad_x = (_mm(flat, weight_ih, low, dtype) if low is not None else _linear(flat, weight_ih.t())).view(T, B, I)
+        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
+
+
+def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+    """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c.
+
+    low_precision (torch.bfloat16, torch.float16 or None) runs the matrix products in that
+    dtype; the cell state and every pointwise operation stay in float32. float16 gradients
+    need loss scaling (the trainer's GradScaler).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)):
+        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision)
+    x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+    hs, c, _ = recurrent_forward(x_proj, h, c, weight_hh, False, low_precision)
+    return hs, hs[-1], c

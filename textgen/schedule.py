@@ -1,0 +1,44 @@
+"""The learning-rate schedule and the time budget: pure functions of steps and seconds.
+
+Owns: linear warm-up then cosine decay, how many steps fit a time budget once a few steps
+have been timed, and how often to validate. Imports nothing of ours; unit-tested on its own.
+"""
+from __future__ import annotations
+
+import math
+
+EVALS_PER_RUN = 10     # validations over a run when --eval-every is 0
+TIMED_STEPS = 20       # steps timed before a time budget is turned into a step count
+SPARE = 0.03           # of the remaining budget, kept for samples, checkpoints and noise
+
+
+def lr_at(step: int, total: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at `total`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def timing_starts_at(warmup_steps: int) -> int:
+    """The step after which steps are timed: once the first few (allocator, oneDNN primitives) are behind."""
+    return min(10, max(2, warmup_steps // 5))
+
+
+def planned_steps(step: int, elapsed: float, budget: float, seconds_per_step: float, eval_seconds: float,
+                  eval_every: int) -> int:
+    """The total step count that fits the budget, counting the validations still to come."""
+    remaining = budget - elapsed
+    evals = remaining / seconds_per_step / eval_every if eval_every else EVALS_PER_RUN
+    training_seconds = (1 - SPARE) * remaining - evals * eval_seconds
+    return step + max(1, int(training_seconds / seconds_per_step))
+
+
+def eval_interval(eval_every: int, plan: int, planned: bool) -> int:
+    """Steps between validations: eval_every, or a tenth of the plan once the plan is known."""
+    if eval_every:
+        return eval_every
+    if not planned:
+        return plan + 1                 # not before the time budget is planned
+    return max(1, plan // EVALS_PER_RUN)
