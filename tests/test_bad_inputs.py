@@ -228,7 +228,7 @@ ROWS = [
                                                                   out=w["fresh"]),
         says=("time_budget must be a finite number",)),
     Row("api: a run folder that holds a run", "api", api=lambda w: textgen.train(w["text"], out=w["run"], steps=2),
-        says=("overwrite=True", f"resume='")),
+        says=("overwrite=True", "resume='")),
     Row("api: hidden_size=10**11", "api", api=lambda w: textgen.train(w["text"], hidden_size=10**11, out=w["fresh"],
                                                                      steps=2),
         says=("parameters and needs about", "hidden_size")),

@@ -131,8 +131,7 @@ def test_cli_output_file_and_paragraphs_continue_the_state(trained, tmp_path):
 
 
 def test_interactive_keeps_state_across_turns_and_reset_forgets(trained):
-    config = SampleConfig(length=300, temperature=1.0, stop="@@")   # long replies: a state difference shows
-
+    # Long replies that never stop early (no "@@" in the text): a difference of state shows.
     carried = run("generate.py", "--checkpoint", trained, "--interactive", "--temperature", "1", "--seed", "3",
                   "--length", "300", "--stop", "@@", input="ANNA:\nBORIS:\n\n")
     assert carried.returncode == 0, carried.stderr

@@ -42,7 +42,7 @@ def test_nothing_in_the_package_imports_cli_but_the_entry_point():
 
 def test_inference_never_imports_training():
     for module in ("sampling", "evaluate", "checkpoint", "devices", "plot", "run_folder", "data", "corpus",
-                   "schedule", "errors", "model"):
+                   "schedule", "rng", "errors", "model"):
         assert "training" not in imports_of(module), module
     assert imports_of("api").get("training") == {"train"}     # only textgen.train() needs it
     assert "model" not in imports_of("data") and "training" not in imports_of("checkpoint")

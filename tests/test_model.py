@@ -1,12 +1,10 @@
 """Our LSTM against references: torch.nn.LSTM with copied weights, the gate-by-gate cell, gradcheck."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import textgen.fused_lstm
-from conftest import c_kernel_or_skip, pointwise, ran_the_chosen_path  # noqa: F401  (pointwise: a fixture)
+from conftest import c_kernel_or_skip, ran_the_chosen_path
 from textgen import native_kernel
 from textgen.fused_lstm import FusedLSTMLayer
 from textgen.model import CharLSTM, ModelConfig, StackedLSTM, Stepper, detach_state

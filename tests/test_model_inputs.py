@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import textgen
-from conftest import pointwise, ran_the_chosen_path  # noqa: F401  (pointwise: a fixture)
+from conftest import ran_the_chosen_path
 from textgen.model import CharLSTM, ModelConfig, Stepper
 from textgen.sampling import SampleConfig
 

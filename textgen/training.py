@@ -2,7 +2,7 @@
 
 Owns the Trainer: build or restore everything (``__init__``), then a loop (``_run``) whose
 body reads top to bottom. What is not the loop lives elsewhere: the learning-rate schedule and
-time-budget planning in schedule.py, the run folder (its lock, config.json, metrics, plot) in
+time-budget planning in schedule.py, random-generator capture in rng.py, the run folder (its lock, config.json, metrics, plot) in
 run_folder.py, devices and dtypes in devices.py.
 
 Read ``Trainer._run`` top to bottom: each step takes the next chunk of every
@@ -19,7 +19,7 @@ the current log interval), so on the CPU a run stopped and resumed ends with
 the same parameters, bit for bit, as one that never stopped. On a GPU it is
 exact up to the nondeterminism of its kernels.
 
-Composes model, data, corpus, checkpoint, sampling, schedule, devices, run_folder and distributed;
+Composes model, data, corpus, checkpoint, sampling, schedule, rng, devices, run_folder and distributed;
 never cli.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -35,11 +34,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint, schedule
+from .rng import rng_state, seed_everything, set_rng_state
 from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
@@ -140,34 +139,6 @@ RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_ev
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return schedule.lr_at(step, total, config.lr, config.warmup_steps, config.min_lr_ratio)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def corpus_stem(text_path: str | None) -> str:
