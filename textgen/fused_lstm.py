@@ -239,7 +239,10 @@ def _torch_forward_steps(gates, c0, hs, cs):
     # gates and a fix-up of g replace a sigmoid and a tanh. What gates holds is doubled here; the
     # caller doubles the g rows of what it adds (g_scale).
     gates[:, :, 2 * H : 3 * H].mul_(2)
-    minus_one, two = _constants(gates.dtype, gates.device)
+    if torch.compiler.is_compiling():        # traced once into the graph: no cache needed (or wanted by Dynamo)
+        minus_one, two = _constants.__wrapped__(gates.dtype, gates.device)
+    else:
+        minus_one, two = _constants(gates.dtype, gates.device)
     # Views made once for all steps: per-step indexing is Python overhead on small shapes.
     gate_steps = gates.unbind(0)
     i_, f_, g_, o_ = (gate.unbind(0) for gate in gates.unflatten(2, (4, H)).unbind(2))
