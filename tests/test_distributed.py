@@ -121,3 +121,34 @@ def test_a_distributed_run_resumes_exactly_with_the_same_world_size(text, tmp_pa
         assert torch.equal(tensor, b["model"][name]), name
     for (h, c), (h2, c2) in zip(a["carried_state"], b["carried_state"]):
         assert torch.equal(h, h2) and torch.equal(c, c2)
+
+
+def test_under_torchrun_rank_0_holds_the_run_folder(text, tmp_path):
+    """A second trainer is refused while a 2-rank job trains, and the pid it names is rank 0's."""
+    import signal
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TEXTGEN_DIST_TIMEOUT="30", PYTHONUNBUFFERED="1")
+    flags = [f if f != "20" else "100000" for f in FLAGS]                  # runs until stopped
+    log = open(tmp_path / "job.log", "w")          # a file, not a pipe: nothing left behind can block the test
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", text, *flags, "--out", out], cwd=ROOT, env=env, start_new_session=True,
+                           stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "latest.pt")):
+            assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()
+            time.sleep(0.05)
+        with open(os.path.join(out, ".textgen.lock")) as f:
+            holder = int(f.read())
+        second = run("train.py", "--resume", out)
+        assert second.returncode == 2 and f"in use by another training process (pid {holder})" in second.stderr
+        with open(f"/proc/{holder}/environ", "rb") as f:                # the holder is one of the job's ranks ...
+            environ = f.read().split(b"\0")
+        assert b"RANK=0" in environ                                      # ... rank 0
+    finally:
+        job.send_signal(signal.SIGTERM)        # torchrun passes it on; each rank saves and stops
+        try:
+            job.wait(timeout=120)
+        finally:
+            log.close()
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] >= 10
