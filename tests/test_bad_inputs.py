@@ -331,3 +331,12 @@ def test_the_catalogue_holds_at_least_forty_rows_across_every_command():
     commands = {row.command for row in ROWS}
     assert len(ROWS) >= 40 and {"train", "generate", "textgen", "api", "process"} <= commands
     assert {"eval", "info", "plot"} <= {row.args[0] for row in ROWS if row.command == "textgen"}
+
+
+def test_the_api_words_cli_messages_with_its_argument_names():
+    from textgen.api import as_arguments
+    assert as_arguments("runs/a already holds a textgen run; continue it with --resume runs/a, or start over "
+                        "with --overwrite") == ("runs/a already holds a textgen run; continue it with "
+                                                "resume='runs/a', or start over with overwrite=True")
+    assert as_arguments("--time must be a finite number; --top-p too; pass --unknown skip") == \
+        "time_budget must be a finite number; top_p too; pass unknown='skip'"

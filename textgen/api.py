@@ -5,7 +5,8 @@
     print(model.generate("ROMEO:", length=200, temperature=0.8, seed=1))
     textgen.train("my.txt", steps=1000)
 
-Imports checkpoint, devices, model and sampling at the top; training only inside train(). Never cli.
+Imports checkpoint, model and sampling at the top, devices inside load(), training only inside train().
+Never cli.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _ARGUMENTS = {"time": "time_budget", "checkpoint": "path"}
 def as_arguments(message: str) -> str:
     """A message written for the command line, with each --flag turned into the argument it is here."""
     message = message.replace("--unknown skip", "unknown='skip'").replace("--overwrite", "overwrite=True")
-    message = re.sub(r"--resume (\S+)", r"resume='\1'", message)
+    message = re.sub(r"--resume ([^\s,;]+)", r"resume='\1'", message)
     return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: _ARGUMENTS.get(m[1], m[1].replace("-", "_")), message)
 
 
