@@ -340,3 +340,25 @@ def test_the_api_words_cli_messages_with_its_argument_names():
                                                 "resume='runs/a', or start over with overwrite=True")
     assert as_arguments("--time must be a finite number; --top-p too; pass --unknown skip") == \
         "time_budget must be a finite number; top_p too; pass unknown='skip'"
+
+
+def test_running_out_of_memory_mid_run_is_one_sentence_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from textgen.cli import train_main
+    from textgen.training import Trainer
+    real_step, calls = Trainer.train_step, []
+
+    def step_then_fail(self):
+        calls.append(self.step)
+        if len(calls) == 7:                       # after the checkpoint of step 5 (--save-every 5)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+    monkeypatch.setattr(Trainer, "train_step", step_then_fail)
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    out = str(tmp_path / "run")
+    code = train_main([str(text), *TINY, "--steps", "20", "--save-every", "5", "--sample-length", "0", "-q",
+                       "--out", out])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "ran out of memory at step 7" in err and "the checkpoint of step 5" in err and "is kept" in err
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 5
