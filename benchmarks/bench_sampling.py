@@ -1,7 +1,7 @@
 """Generation speed at batch 1: our Generator against torch.nn.LSTM stepped one character at a time.
 
 Both use the same weights (copied into nn.LSTM) and the same sampling code
-(temperature 0.8, one seeded multinomial draw), so the difference is the model step.
+(temperature 0.8, one seeded draw), so the difference is the model step.
 Rounds alternate between the two so machine noise hits both alike; the
 median round is reported.
 
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from textgen.model import CharLSTM, ModelConfig  # noqa: E402
-from textgen.sampling import Generator, SampleConfig, draw, next_token_probs  # noqa: E402
+from textgen.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms  # noqa: E402
 from textgen.tokenizer import CharTokenizer  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main():
         for _ in range(args.chars):
             out, state = ref(model.embedding(token), state)
             logits = model.head(out[0])
-            token = draw(next_token_probs(logits, 0.8), rng).view(1, 1)
+            token = draw(next_token_probs(logits, 0.8), uniforms(1, rng)).view(1, 1)
 
     ours(), nn_lstm()
     times = {"ours": [], "nn.LSTM": []}

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, assert_user_error, run, train_tiny
 from textgen.checkpoint import load_model
-from textgen.sampling import Generator, SampleConfig, draw, next_token_probs
+from textgen.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,30 @@ def test_top_p_keeps_exactly_the_nucleus():
     torch.testing.assert_close(kept, torch.tensor([[0.0, 0.5, 0.15, 0.3]]) / 0.95)
     kept = next_token_probs(logits, 1.0, top_k=2)
     torch.testing.assert_close(kept, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
-    draws = torch.stack([draw(kept, torch.Generator().manual_seed(s)) for s in range(200)])
-    assert set(draws.flatten().tolist()) == {1, 3}
+    draws = torch.cat([draw(kept, uniforms(1, torch.Generator().manual_seed(s))) for s in range(200)])
+    assert set(draws.tolist()) == {1, 3}
+    edges = torch.tensor([0.0, 0.625 - 1e-9, 0.625, 1 - 1e-12], dtype=torch.float64)  # bin edges
+    assert draw(kept.expand(4, -1), edges).tolist() == [1, 1, 3, 3]
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    counts = torch.bincount(draw(probs.expand(40_000, -1), uniforms(40_000, torch.Generator().manual_seed(0))),
+                            minlength=4).double() / 40_000
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.01, rtol=0)
+    assert counts[1] == 0
+
+
+def test_settings_per_row_give_each_row_what_it_would_get_alone():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    settings = [(0.8, None, None), (0.0, None, None), (1.3, 5, None), (0.7, None, 0.6), (1.0, 3, 0.5), (2.0, 50, 1.0)]
+    temperature = torch.tensor([t for t, _, _ in settings])
+    top_k = torch.tensor([k or 50 for _, k, _ in settings])
+    top_p = torch.tensor([p or 1.0 for _, _, p in settings])
+    together = next_token_probs(logits, temperature, top_k, top_p)
+    for row, (t, k, p) in enumerate(settings):
+        assert torch.equal(together[row], next_token_probs(logits[row:row + 1], t, k, p)[0]), settings[row]
+    assert (together[2] > 0).sum() == 5 and (together[1] > 0).sum() == 1
 
 
 def test_carried_state_equals_feeding_everything_as_one_sequence(trained):

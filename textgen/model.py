@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_lstm import KernelUnavailable, describe_step_path, forward_steps, lstm_layer  # noqa: F401  (re-exported)
+from .fused_lstm import KernelUnavailable, describe_step_path, forward_steps, lstm_layer, recurrent_product  # noqa: F401
 
 State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -274,20 +274,25 @@ class Stepper:
         self.layers = []
         for k in range(lstm.layers):
             w_ih, w_hh, b_ih, b_hh = lstm.layer_weights(k)
-            self.layers.append((w_ih.t().contiguous(), w_hh.t().contiguous(), b_ih + b_hh))
+            self.layers.append((w_ih.detach().clone(), w_hh.detach().clone(), (b_ih + b_hh).detach()))
         self.head_weight_t = model.head.weight.t().contiguous()
         self.head_bias = model.head.bias.detach().clone()
         self._prepared: dict[int, list] = {}
 
     def _steps(self, N: int) -> list:
-        """Per layer: (pre-activations, c_prev, h, c) buffers for N streams and the step bound to them."""
+        """Per layer, for N streams: the products (weights packed for N rows where that pays, as
+        the chunk loop packs them), the bias rows, and the step function bound to buffers the
+        stepper owns (pre-activations, c_prev, h, c)."""
         if N not in self._prepared:
             H, like = self.hidden_size, self.token_gates
             layers = []
-            for _ in self.layers:
+            for k, (w_ih, w_hh, bias) in enumerate(self.layers):
                 pre, c_prev, hs, cs = like.new_empty(1, N, 4 * H), like.new_empty(N, H), like.new_empty(1, N, H), \
                     like.new_empty(1, N, H)
-                layers.append((pre[0], c_prev, hs[0], cs[0], forward_steps(pre, c_prev, hs, cs)))
+                input_product = None if k == 0 else recurrent_product(w_ih, N)
+                hidden_product = recurrent_product(w_hh, N, overwrite_add=True)
+                layers.append((input_product, hidden_product, bias.expand(N, -1).contiguous(),
+                               pre[0], c_prev, hs[0], cs[0], forward_steps(pre, c_prev, hs, cs)))
             self._prepared[N] = layers
         return self._prepared[N]
 
@@ -302,7 +307,8 @@ class Stepper:
         state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         new_state = []
         x = None
-        for k, ((w_ih_t, w_hh_t, bias), (pre, c_prev, h_out, c_out, step)) in enumerate(zip(self.layers, self._steps(N))):
+        for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step) in \
+                enumerate(self._steps(N)):
             h, c = state[k]
             if k == 0:
                 try:
@@ -310,13 +316,14 @@ class Stepper:
                 except IndexError:
                     raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
                                      f"{int(tokens.min())} to {int(tokens.max())}") from None
+                gates = pre
             else:
-                torch.addmm(bias, x, w_ih_t, out=pre)
-            pre.addmm_(h, w_hh_t)
+                gates = input_product(x, bias_rows)
+            gates = hidden_product(h, gates)       # may be written in place, or a new tensor
             if step.g_scale != 1:
-                pre[:, 2 * H : 3 * H].mul_(step.g_scale)      # as the step function expects (see forward_steps)
+                gates[:, 2 * H : 3 * H].mul_(step.g_scale)      # as the step function expects (see forward_steps)
             c_prev.copy_(c)
-            step(0, pre)
+            step(0, gates)
             x, c = h_out.clone(), c_out.clone()
             new_state.append((x, c))
         return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

@@ -59,33 +59,69 @@ class SampleConfig:
             raise UsageError("--stop must not be empty")
 
 
-def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                     top_p: float | None = None) -> torch.Tensor:
+def next_token_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) -> torch.Tensor:
     """The distribution to draw the next token from, (N, V) logits -> (N, V) probabilities.
 
     temperature 0 puts all mass on the argmax; top_k keeps the k most likely
     tokens; top_p keeps the nucleus: the fewest most-likely tokens whose
-    probability sums to at least top_p.
+    probability sums to at least top_p. Each setting is one number for every row,
+    or an (N,) tensor of one per row (the server's batch mixes requests; there a
+    top_k of V or more and a top_p of 1 mean no cut). Rows never mix: a row's
+    result is the same whatever the other rows hold.
     """
     logits = logits.float()
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_k is not None and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if top_p is not None and top_p < 1:
+    N, V = logits.shape
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(N)
+    greedy = temperature == 0
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(1), dim=-1)
+    if bool(greedy.any()):
+        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), V).float()
+        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    cut_k = top_k is not None and bool((torch.as_tensor(top_k) < V).any())
+    cut_p = top_p is not None and bool((torch.as_tensor(top_p) < 1).any())
+    if cut_k or cut_p:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        keep_sorted = mass_before < top_p * sorted_probs.sum(-1, keepdim=True)
+        keep_sorted = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if cut_k:
+            k = torch.as_tensor(top_k, device=logits.device).expand(N).clamp(1, V)
+            kth = sorted_probs.gather(1, (k - 1).unsqueeze(1))
+            keep_sorted &= sorted_probs >= kth
+        if cut_p:
+            p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(N).unsqueeze(1)
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs
+            keep_sorted &= (mass_before < p * sorted_probs.sum(-1, keepdim=True)) | (p >= 1)
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row, drawn on the CPU with the given generator: the draw is the same wherever the model runs."""
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+def uniforms(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n uniform numbers in [0, 1) from the user's seeded generator: the randomness of one step."""
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting each row's cumulative distribution at u (one number per row).
+
+    The draw is the same wherever the model runs, and a row's token depends only on its own
+    probabilities and number; a token of probability 0 is never drawn.
+    """
+    cdf = probs.detach().cpu().double().cumsum(-1)
+    target = u.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def encode_text(tokenizer: CharTokenizer, text: str, unknown: str = "error", warn=None) -> torch.Tensor:
+    """Text to ids; characters the model never saw are an error, or with unknown="skip" left out with a warning."""
+    missing = tokenizer.unknown_chars(text)
+    if missing:
+        if unknown != "skip":
+            raise UsageError(str(UnknownCharactersError(missing, tokenizer.vocab_size))
+                             + "; pass --unknown skip to leave them out")
+        if warn:
+            warn("leaving out character(s) the model never saw: " + " ".join(escape_char(ch) for ch in missing))
+        text = "".join(ch for ch in text if ch not in set(missing))
+    return torch.from_numpy(tokenizer.encode(text).astype("int64"))
 
 
 class Generator:
@@ -108,15 +144,7 @@ class Generator:
         self.logits: torch.Tensor | None = None
 
     def _encode(self, text: str) -> torch.Tensor:
-        unknown = self.tokenizer.unknown_chars(text)
-        if unknown:
-            if self.unknown != "skip":
-                raise UsageError(str(UnknownCharactersError(unknown, self.tokenizer.vocab_size))
-                                 + "; pass --unknown skip to leave them out")
-            self.warn("leaving out character(s) the model never saw: "
-                      + " ".join(escape_char(ch) for ch in unknown))
-            text = "".join(ch for ch in text if ch not in set(unknown))
-        return torch.from_numpy(self.tokenizer.encode(text).astype("int64"))
+        return encode_text(self.tokenizer, text, self.unknown, self.warn)
 
     @torch.no_grad()
     def feed(self, text: str) -> None:
@@ -146,7 +174,7 @@ class Generator:
         tail = ""
         for _ in range(config.length):
             probs = next_token_probs(self.logits, config.temperature, config.top_k, config.top_p)
-            ids = draw(probs, self.rng)
+            ids = draw(probs, uniforms(self.num_samples, self.rng))
             self.logits, self.state = self.stepper(ids.to(self.device), self.state)
             chars = [self.tokenizer.chars[i] for i in ids.tolist()]
             yield chars
