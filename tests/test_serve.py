@@ -1,0 +1,433 @@
+"""`textgen serve` over loopback HTTP: the API, continuous batching, limits, and the rules of a real server."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error, run, train_tiny
+from textgen import server as served_module
+from textgen.batching import BatchingEngine, Job, Scheduler
+from textgen.checkpoint import load_model
+from textgen.sampling import Generator, SampleConfig
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A folder of two trained runs: alpha (2x32) and beta (1x48)."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    alpha, text = train_tiny(root / "a")
+    beta, _ = train_tiny(root / "b", "--hidden-size", "48", "--layers", "1")
+    folder = root / "served"
+    folder.mkdir()
+    os.rename(alpha, folder / "alpha")
+    os.rename(beta, folder / "beta")
+    return str(folder), text
+
+
+class Served:
+    def __init__(self, path, **limits):
+        self.limits = served_module.Limits(**limits)
+        self.scheduler = Scheduler()
+        self.catalogue = served_module.Catalogue(path, "cpu", self.limits, self.scheduler)
+        self.httpd = served_module.PlaygroundServer(("127.0.0.1", 0), self.catalogue, self.limits)
+        self.port = self.httpd.server_address[1]
+        self.scheduler.run_in_thread()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.scheduler.stop()
+        self.catalogue.close()
+        self.httpd.server_close()
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, data, hdrs)
+        response = conn.getresponse()
+        payload = response.read()
+        conn.close()
+        return response.status, dict(response.getheaders()), payload
+
+    def generate(self, **body):
+        """Every event of a finished stream."""
+        status, headers, payload = self.request("POST", "/api/generate", body)
+        assert status == 200, payload
+        return [json.loads(line) for line in payload.decode().splitlines()]
+
+    def open_stream(self, **body):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        first = json.loads(response.readline())
+        return conn, response, first
+
+    def status(self):
+        return json.loads(self.request("GET", "/api/status")[2])
+
+    def idle(self, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.status()
+            if s["generations"] == 0 and all(m["busy_slots"] == 0 and m["waiting"] == 0 for m in s["models"].values()):
+                return True
+            time.sleep(0.02)
+        return False
+
+
+@pytest.fixture
+def served(runs):
+    s = Served(runs[0], slots=4, max_waiting=2, max_length=20_000)
+    yield s
+    s.close()
+
+
+def text_of(events, sample=None):
+    return "".join(e["text"] for e in events if "text" in e and (sample is None or e.get("sample", 0) == sample))
+
+
+# ---------------------------------------------------------------------------
+# The API
+# ---------------------------------------------------------------------------
+
+def test_models_are_listed_with_what_textgen_info_shows(served, runs):
+    status, headers, payload = served.request("GET", "/api/models")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    models = {m["name"]: m for m in json.loads(payload)["models"]}
+    assert set(models) == {"alpha", "beta"}
+    from textgen.checkpoint import load
+    for name, layers, hidden in (("alpha", 2, 32), ("beta", 1, 48)):
+        ckpt = load(os.path.join(runs[0], name, "best.pt"))
+        m = models[name]
+        assert (m["layers"], m["hidden_size"], m["steps"]) == (layers, hidden, ckpt["step"])
+        assert m["vocab_size"] == len(ckpt["vocab"]["chars"])
+        assert m["parameters"] == sum(t.numel() for t in ckpt["model"].values())
+        assert m["best_val_bits_per_char"] == pytest.approx(ckpt["best_val_loss"] / 0.6931471805599453, abs=1e-4)
+        assert "/" not in m["file"]                 # a name, never a path on this machine
+
+
+def test_a_stream_is_json_lines_that_add_up(served):
+    events = served.generate(model="alpha", prompt="ANNA:\n", length=120, seed=5, temperature=1.0)
+    assert events[0]["model"] == "alpha" and events[0]["seed"] == 5 and events[0]["samples"] == 1
+    assert events[-1] == {"end": "length", "characters": 120, "session": events[0]["id"]}
+    assert len(text_of(events)) == 120
+
+
+def test_the_server_gives_what_generate_gives_for_a_seed_at_batch_one(runs):
+    """One slot: the batch is one row, as generate.py's; the same seed gives the same text."""
+    s = Served(runs[0], slots=1)
+    try:
+        events = s.generate(model="alpha", prompt="ANNA:\n", length=200, seed=9, temperature=1.0, top_k=20)
+    finally:
+        s.close()
+    model, tokenizer, _ = load_model(os.path.join(runs[0], "alpha"))
+    gen = Generator(model, tokenizer, seed=9)
+    gen.feed("ANNA:\n")
+    assert text_of(events) == gen.generate(SampleConfig(length=200, temperature=1.0, top_k=20))[0]
+
+
+def test_stop_string_and_samples(served):
+    events = served.generate(model="alpha", prompt="ANNA:\n", length=5000, seed=1, stop="\n")
+    assert events[-1]["end"] == "stop" and text_of(events).endswith("\n") and text_of(events).count("\n") == 1
+    events = served.generate(model="alpha", prompt="B", length=50, seed=2, num_samples=3, temperature=1.5)
+    texts = [text_of(events, k) for k in range(3)]
+    assert all(len(t) == 50 for t in texts) and len(set(texts)) == 3
+
+
+def test_continue_carries_the_state_and_the_randomness_on(served):
+    whole = served.generate(model="alpha", prompt="CLÉO:\n", length=300, seed=4, temperature=1.0)
+    first = served.generate(model="alpha", prompt="CLÉO:\n", length=120, seed=4, temperature=1.0)
+    second = served.generate(model="alpha", length=180, temperature=1.0, **{"continue": first[-1]["session"]})
+    assert text_of(first) + text_of(second) == text_of(whole)
+    # reading more text from the carried state, as an interactive turn does
+    third = served.generate(model="alpha", prompt="\nANNA:\n", length=50, seed=3, **{"continue": second[-1]["session"]})
+    assert len(text_of(third)) == 50
+
+
+# ---------------------------------------------------------------------------
+# Continuous batching
+# ---------------------------------------------------------------------------
+
+def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs):
+    """Bitwise: the text and the state it ends in, whatever row it gets and whoever else runs."""
+    model, tokenizer, _ = load_model(os.path.join(runs[0], "alpha"))
+    engine = BatchingEngine(model, tokenizer, slots=8, max_waiting=16)
+    try:
+        def job(seed, **settings):
+            config = SampleConfig(length=settings.pop("length", 400), seed=seed, **settings)
+            return Job(settings.pop("prompt", "DMITRI:\n"), config)
+
+        alone = engine.submit(job(7, temperature=1.0, top_p=0.9))
+        alone.finished.wait(30)
+        crowd = [engine.submit(job(s, temperature=t, top_k=k, length=n))
+                 for s, t, k, n in ((1, 0.5, None, 700), (2, 1.3, 5, 300), (3, 0.0, None, 900))]
+        crowd.append(engine.submit(job(4, temperature=1.0, num_samples=2, length=600)))
+        time.sleep(0.05)                    # the crowd is running: the request joins mid-flight
+        again = engine.submit(job(7, temperature=1.0, top_p=0.9))
+        crowd.append(engine.submit(job(5, temperature=0.9, length=100)))
+        for j in crowd + [again]:
+            assert j.finished.wait(60)
+
+        def drained(j):
+            out = []
+            while not j.events.empty():
+                out.append(j.events.get())
+            return "".join(v for k, v in out if k == 0), out[-1]
+        text_alone, end_alone = drained(alone)
+        text_again, end_again = drained(again)
+        assert end_alone == end_again == ("end", "length")
+        assert len(text_alone) == 400 and text_again == text_alone
+        a, b = engine.sessions[alone.id], engine.sessions[again.id]
+        for (h1, c1), (h2, c2) in zip(a.state, b.state):
+            assert torch.equal(h1, h2) and torch.equal(c1, c2)
+        assert torch.equal(a.logits, b.logits)
+        assert len({drained(j)[0] for j in crowd}) == len(crowd)
+    finally:
+        engine.close()
+        engine.scheduler.stop()
+
+
+def test_several_clients_at_once_each_get_their_own_text(served):
+    results = {}
+
+    def client(seed):
+        results[seed] = text_of(served.generate(model="alpha", prompt="BORIS:\n", length=300, seed=seed))
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [0, 1, 2, 3] and all(len(t) == 300 for t in results.values())
+    assert len(set(results.values())) == 4
+    for seed in (0, 3):                           # the same request later, alone: the same text
+        assert text_of(served.generate(model="alpha", prompt="BORIS:\n", length=300, seed=seed)) == results[seed]
+
+
+# ---------------------------------------------------------------------------
+# A real server: stop, disconnect, limits, Host header, errors
+# ---------------------------------------------------------------------------
+
+def test_stop_ends_the_generation_on_the_server(served):
+    conn, response, first = served.open_stream(model="alpha", length=20_000, seed=1)
+    response.readline()                                     # it is producing
+    status, _, payload = served.request("POST", "/api/stop", {"id": first["id"]})
+    assert status == 200 and json.loads(payload) == {"stopped": True}
+    events = [json.loads(line) for line in response.read().decode().splitlines()]
+    conn.close()
+    assert events[-1]["end"] == "stopped" and events[-1]["characters"] < 20_000
+    assert served.idle()
+    assert json.loads(served.request("POST", "/api/stop", {"id": first["id"]})[2]) == {"stopped": False}
+
+
+def test_a_client_that_goes_away_stops_its_generation(served):
+    for when in ("producing", "waiting"):
+        body = json.dumps({"model": "alpha", "length": 20_000, "seed": 1}).encode()
+        sock = socket.create_connection(("127.0.0.1", served.port))
+        if when == "waiting":                   # all slots taken: this one waits in the queue when it leaves
+            holders = [served.open_stream(model="alpha", length=20_000, seed=s, num_samples=2) for s in range(2)]
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (served.port, len(body), body))
+        if when == "producing":
+            received = b""
+            while b'"text"' not in received:
+                received += sock.recv(65536)
+        else:
+            time.sleep(0.3)
+            assert served.status()["models"]["alpha"]["waiting"] == 1
+        sock.close()
+        if when == "waiting":
+            time.sleep(0.5)
+            assert served.status()["models"]["alpha"]["waiting"] == 0     # gone from the queue...
+            for conn, _, first in holders:
+                served.request("POST", "/api/stop", {"id": first["id"]})
+                conn.close()
+        assert served.idle(timeout=3), served.status()                    # ...and from the batch
+
+
+def test_past_the_slots_requests_wait_and_past_the_queue_get_503(served):
+    # 4 slots, 2 may wait: three 2-sample requests fill the slots and the queue...
+    streams = [served.open_stream(model="alpha", length=20_000, seed=s, num_samples=2) for s in range(2)]
+    waiting = [threading.Thread(target=served.generate, kwargs=dict(model="alpha", length=30, seed=9 + s))
+               for s in range(2)]
+    for t in waiting:
+        t.start()
+    deadline = time.monotonic() + 5
+    counts = {}
+    while (counts.get("busy_slots"), counts.get("waiting")) != (4, 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        counts = served.status()["models"]["alpha"]
+    assert counts["busy_slots"] == 4 and counts["waiting"] == 2
+    status, headers, payload = served.request("POST", "/api/generate", {"model": "alpha", "length": 10})
+    assert status == 503 and headers["Retry-After"] == "1" and "busy" in json.loads(payload)["error"]
+    for conn, _, first in streams:                        # ...then the queue moves on
+        served.request("POST", "/api/stop", {"id": first["id"]})
+        conn.close()
+    for t in waiting:
+        t.join(30)
+        assert not t.is_alive()
+    assert served.idle()
+
+
+def test_connection_threads_are_bounded(runs):
+    s = Served(runs[0], slots=1, max_waiting=0)
+    held = []
+    try:
+        threads_before = threading.active_count()
+        for _ in range(s.httpd.max_connections):           # clients that connect and say nothing
+            held.append(socket.create_connection(("127.0.0.1", s.port)))
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", s.port))
+        extra.settimeout(10)
+        answer = extra.recv(1000)
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+        assert threading.active_count() <= threads_before + s.httpd.max_connections
+    finally:
+        for sock in held:
+            sock.close()
+        s.close()
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"model": "alpha", "prompt": "Zebra ×"}, 400, "not in the model's vocabulary"),
+    ({"model": "alpha", "temperature": -1}, 400, "--temperature must be 0 (greedy) or more"),
+    ({"model": "alpha", "top_p": 1.5}, 400, "--top-p must be in (0, 1]"),
+    ({"model": "alpha", "top_k": 0}, 400, "--top-k must be at least 1"),
+    ({"model": "alpha", "length": 0}, 400, "--length must be from 1"),
+    ({"model": "alpha", "length": 20_001}, 400, "at most 20,000 on this server"),
+    ({"model": "alpha", "prompt": "a" * 10_001}, 400, "at most 10,000"),
+    ({"model": "alpha", "num_samples": 5}, 400, "at most 4 here"),
+    ({"model": "alpha", "seed": -3}, 400, "--seed must be a whole number"),
+    ({"model": "alpha", "stop": ""}, 400, "--stop must not be empty"),
+    ({"model": "alpha", "unknown": "maybe"}, 400, "unknown must be 'error' or 'skip'"),
+    ({"model": "alpha", "length": "long"}, 400, "length must be int"),
+    ({"model": "alpha", "temperature": True}, 400, "temperature must be"),
+    ({"model": "alpha", "colour": "red"}, 400, "unknown field 'colour'"),
+    ({"model": "gamma"}, 400, "there is no model 'gamma'"),
+    ({"model": "../served/alpha"}, 400, "there is no model"),
+    ({"model": "/etc/passwd"}, 400, "there is no model"),
+    ({"length": 10}, 400, "name the model: this server serves 2"),
+    ({"model": "alpha", "continue": "nope"}, 400, "there is no session 'nope'"),
+    ([1, 2], 400, "must be a JSON object"),
+])
+def test_bad_requests_get_400_with_the_clis_sentence(served, body, status, fragment):
+    code, headers, payload = served.request("POST", "/api/generate", body)
+    assert code == status and fragment in json.loads(payload)["error"], payload
+    assert "\n" not in json.loads(payload)["error"]
+
+
+def test_bad_requests_of_other_kinds(served):
+    cases = [
+        (dict(raw=b'{"model": "alpha", "temperature": NaN}'), 400, "temperature must be a finite number"),
+        (dict(raw=b"{not json"), 400, "not valid JSON"),
+        (dict(raw=b'{"prompt": "\xff"}'), 400, "not valid JSON in UTF-8"),
+        (dict(raw=b"{}", headers={"Content-Type": "text/plain"}), 415, "as JSON"),
+        (dict(raw=b"x" * (256 * 1024 + 1)), 413, "at most 262,144"),
+    ]
+    for kwargs, status, fragment in cases:
+        code, _, payload = served.request("POST", "/api/generate", **kwargs)
+        assert code == status and fragment in json.loads(payload)["error"], (kwargs.get("headers"), payload)
+    assert served.request("GET", "/api/nothing")[0] == 404
+    assert served.request("POST", "/api/models", {})[0] == 404
+
+
+def test_unknown_characters_message_is_the_clis(served, runs):
+    cli = run("generate.py", "--checkpoint", os.path.join(runs[0], "alpha"), "--prompt", "Zebra ×")
+    _, _, payload = served.request("POST", "/api/generate", {"model": "alpha", "prompt": "Zebra ×"})
+    assert json.loads(payload)["error"] == cli.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    events = served.generate(model="alpha", prompt="Zebra ×", length=20, unknown="skip")
+    assert "leaving out" in events[1]["warning"] and len(text_of(events)) == 20
+
+
+def test_host_header_and_origin_are_checked(served):
+    for host in ("evil.example:%d", "127.0.0.1.nip.io:%d", "localhost:1"):
+        status, _, payload = served.request("GET", "/api/models", headers={"Host": host.replace("%d", str(served.port))})
+        assert status == 403 and "DNS rebinding" in json.loads(payload)["error"]
+    status, _, _ = served.request("GET", "/", headers={"Host": f"localhost:{served.port}"})
+    assert status == 200
+    status, _, payload = served.request("POST", "/api/generate", {"model": "alpha", "length": 5},
+                                        headers={"Origin": "http://evil.example"})
+    assert status == 403
+    status, _, _ = served.request("POST", "/api/generate", {"model": "alpha", "length": 5},
+                                  headers={"Origin": f"http://127.0.0.1:{served.port}"})
+    assert status == 200
+
+
+def test_the_page_is_served_with_a_policy_that_forbids_inline_script(served):
+    status, headers, page = served.request("GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and headers["X-Content-Type-Options"] == "nosniff"
+    assert b"<script>" not in page.replace(b'<script src="/app.js" defer></script>', b"")
+    js = served.request("GET", "/app.js")[2].decode()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
+    assert "http" not in js.replace("http://", "")          # nothing fetched from elsewhere
+    assert served.request("GET", "/app.css")[0] == 200
+    _, headers, _ = served.request("POST", "/api/generate", {"model": "alpha", "length": 3})
+    assert headers["Content-Type"].startswith("application/x-ndjson") and headers["X-Content-Type-Options"] == "nosniff"
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+def start_serve(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "textgen", "serve", *args, "--port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "serving" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.split("127.0.0.1:")[1].split("/")[0]), line
+
+
+def test_ctrl_c_shuts_down_cleanly_and_ends_open_streams(runs):
+    proc, port, line = start_serve(os.path.join(runs[0], "alpha"))
+    assert "serving 1 model from" in line and f"http://127.0.0.1:{port}/" in line
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/api/generate", json.dumps({"length": 10_000}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.readline()
+    response.readline()
+    proc.send_signal(signal.SIGINT)
+    events = [json.loads(line) for line in response.read().decode().splitlines()]
+    assert events[-1]["end"] == "shutdown"
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and "Traceback" not in err and "shutting down" in out
+
+
+def test_a_public_address_is_warned_about(runs):
+    proc, port, _ = start_serve(os.path.join(runs[0], "alpha"), "--host", "0.0.0.0")
+    try:
+        status = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        status.request("GET", "/api/models")
+        assert status.getresponse().status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert "warning: serving on 0.0.0.0: anyone who can reach this machine" in err and proc.returncode == 0
+
+
+def test_serve_errors_are_one_sentence(runs, tmp_path):
+    assert_user_error(run("-m textgen", "serve", str(tmp_path / "missing")), "no such run folder")
+    assert_user_error(run("-m textgen", "serve", str(tmp_path)), "holds no trained runs")
+    assert_user_error(run("-m textgen", "serve", runs[0], "--slots", "0"), "--slots must be at least 1")
+    assert_user_error(run("-m textgen", "serve", runs[0], "--port", "70000"), "--port must be from 0 to 65535")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = taken.getsockname()[1]
+        assert_user_error(run("-m textgen", "serve", runs[0], "--port", str(busy_port)), f"port {busy_port}", "is in use")
+
