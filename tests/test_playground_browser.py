@@ -115,9 +115,14 @@ def test_generate_streams_stops_switches_models_and_continues(page, tmp_path):
     page.wait_for_function("document.getElementById('status').textContent.includes('reached the length')")
     assert output_length(page) == len("BORIS:\n") + 300
     assert page.text_content("#meta") == "seed 7"
+    first = page.text_content("#output")
     page.click("#continue")                                   # the state carries on from where it ended
     expected = len("BORIS:\n") + 600
     page.wait_for_function(f"document.getElementById('output').textContent.length === {expected}")
+    both = page.text_content("#output")
+    # exactly what one request for 600 characters gives: the state and the random generator carried on
+    whole = served.generate(model="beta", prompt="BORIS:\n", length=600, seed=7)
+    assert both.startswith(first) and both == "BORIS:\n" + "".join(e.get("text", "") for e in whole)
     shot = tmp_path / "playground.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000

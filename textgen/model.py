@@ -289,8 +289,8 @@ class Stepper:
             for k, (w_ih, w_hh, bias) in enumerate(self.layers):
                 pre, c_prev, hs, cs = like.new_empty(1, N, 4 * H), like.new_empty(N, H), like.new_empty(1, N, H), \
                     like.new_empty(1, N, H)
-                input_product = None if k == 0 else recurrent_product(w_ih, N)
-                hidden_product = recurrent_product(w_hh, N, overwrite_add=True)
+                input_product = None if k == 0 else recurrent_product(w_ih, N, transposed_copy=True)
+                hidden_product = recurrent_product(w_hh, N, overwrite_add=True, transposed_copy=True)
                 layers.append((input_product, hidden_product, bias.expand(N, -1).contiguous(),
                                pre[0], c_prev, hs[0], cs[0], forward_steps(pre, c_prev, hs, cs)))
             self._prepared[N] = layers

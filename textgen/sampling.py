@@ -71,14 +71,23 @@ def next_token_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) 
     """
     logits = logits.float()
     N, V = logits.shape
-    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(N)
-    greedy = temperature == 0
-    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(1), dim=-1)
-    if bool(greedy.any()):
-        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), V).float()
-        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
-    cut_k = top_k is not None and bool((torch.as_tensor(top_k) < V).any())
-    cut_p = top_p is not None and bool((torch.as_tensor(top_p) < 1).any())
+    # The same arithmetic for one setting as for one per row (a division by an (N, 1) tensor, never
+    # by a Python number, which PyTorch turns into a multiplication by its reciprocal), so a request
+    # gets the same numbers whether it is sampled alone or in the server's mixed batch.
+    if isinstance(temperature, (int, float)):
+        if temperature == 0:
+            return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
+        probs = torch.softmax(logits / logits.new_full((N, 1), float(temperature)), dim=-1)
+    else:
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(N)
+        greedy = temperature == 0
+        probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(1), dim=-1)
+        if bool(greedy.any()):
+            one_hot = torch.nn.functional.one_hot(logits.argmax(-1), V).float()
+            probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    cut_k = top_k is not None and (top_k < V if isinstance(top_k, int) else bool((torch.as_tensor(top_k) < V).any()))
+    cut_p = top_p is not None and (top_p < 1 if isinstance(top_p, (int, float)) else
+                                   bool((torch.as_tensor(top_p) < 1).any()))
     if cut_k or cut_p:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep_sorted = torch.ones_like(sorted_probs, dtype=torch.bool)

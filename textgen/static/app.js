@@ -85,6 +85,7 @@ async function generate(continuing) {
   if (continuing) {
     body.continue = session.id;
     body.prompt = "";
+    delete body.seed;         // the random generator carries on too; a seed would start it again
   } else {
     body.prompt = $("prompt").value;
     output.replaceChildren();
