@@ -23,7 +23,7 @@ API (JSON in, JSON lines out; see README, "Playground"):
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
 
-Imports checkpoint, batching, sampling, devices and errors; never training or cli.
+Imports checkpoint, batching, sampling and errors; never training or cli.
 """
 from __future__ import annotations
 
