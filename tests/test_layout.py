@@ -55,5 +55,5 @@ def test_cli_chooses_a_device_without_the_training_module_for_generation_and_eva
 
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
-    assert set(imports_of("server")) == {"batching", "checkpoint", "errors", "sampling"}
+    assert set(imports_of("server")) == {"batching", "checkpoint", "errors", "evaluate", "sampling"}
     assert imports_of("cli")["server"] == {"serve_parser", "_serve"}

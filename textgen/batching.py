@@ -32,7 +32,7 @@ import torch
 
 from .errors import UsageError
 from .model import CharLSTM, Stepper
-from .sampling import SampleConfig, draw, encode_text, next_token_probs, uniforms
+from .sampling import SampleConfig, draw, encode_text, next_token_probs, opening_text, uniforms
 from .tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
@@ -278,7 +278,7 @@ class BatchingEngine:
         ids = self._encode(job.prompt, job, warn=True)
         if len(ids) == 0 and logits is None:
             # Nothing to read: start from a newline if the model knows one, as text does.
-            ids = self._encode("\n" if "\n" in self.tokenizer.chars else self.tokenizer.chars[0], job)
+            ids = self._encode(opening_text(self.tokenizer), job)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
             out, state = self.model(tokens, state)

@@ -133,6 +133,11 @@ def encode_text(tokenizer: CharTokenizer, text: str, unknown: str = "error", war
     return torch.from_numpy(tokenizer.encode(text).astype("int64"))
 
 
+def opening_text(tokenizer: CharTokenizer) -> str:
+    """What generation reads when given nothing: a newline if the model knows one, as text starts."""
+    return "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
+
+
 class Generator:
     """A model, its vocabulary and a carried state: feed text in, stream characters out."""
 
@@ -179,7 +184,7 @@ class Generator:
         """
         if self.logits is None:
             # Nothing read yet: start from a newline if the model knows one, as text does.
-            self.feed("\n" if "\n" in self.tokenizer.chars else self.tokenizer.chars[0])
+            self.feed(opening_text(self.tokenizer))
         tail = ""
         for _ in range(config.length):
             probs = next_token_probs(self.logits, config.temperature, config.top_k, config.top_p)

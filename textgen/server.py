@@ -23,7 +23,7 @@ API (JSON in, JSON lines out; see README, "Playground"):
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
 
-Imports checkpoint, batching, sampling and errors; never training or cli.
+Imports checkpoint, batching, sampling, evaluate (LN2) and errors; never training or cli.
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ from importlib import resources
 from .batching import BatchingEngine, Busy, Job, Scheduler
 from .checkpoint import BEST, LATEST, build_model, load, model_config_of, resolve
 from .errors import UsageError
+from .evaluate import LN2
 from .sampling import SampleConfig
 
-LN2 = 0.6931471805599453
 # A stream writes at most this often. The text still looks continuous (50 updates a second), and
 # at thousands of characters a second a write per character would cost more than the model step.
 STREAM_INTERVAL_S = 0.02
