@@ -37,16 +37,20 @@ def assert_close_models(a, b, rtol=1e-5):
         assert ((tensor - other).abs().max() / scale) <= rtol, name
 
 
-def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path):
-    single = run("train.py", text, *FLAGS, "--out", str(tmp_path / "single"))
+# The adaptive head with clusters so small and rare that on some steps a rank has no target in one.
+@pytest.mark.parametrize("head", [[], ["--head", "adaptive", "--cutoffs", "4,12"]], ids=["full", "adaptive"])
+def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head):
+    single = run("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "ddp"))
+    ddp = torchrun("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr + ddp.stdout
     assert ddp.stdout.count("run folder") == 1                    # only rank 0 speaks
     a = checkpoint.load(str(tmp_path / "single" / "latest.pt"))
     b = checkpoint.load(str(tmp_path / "ddp" / "latest.pt"))
     assert a["step"] == b["step"] == 20
     assert_close_models(a, b)
+    assert_close_models({"model": a["averaged_model"]}, {"model": b["averaged_model"]})
+    assert a["model_config"]["head"] == ("adaptive" if head else "full")
     for (h, c), (h2, c2) in zip(a["carried_state"], b["carried_state"]):
         assert h.shape == h2.shape == (4, 32)                    # the state of all global streams
         torch.testing.assert_close(h, h2, rtol=1e-4, atol=1e-5)

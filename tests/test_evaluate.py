@@ -104,6 +104,18 @@ def test_ngram_gives_the_exact_entropy_of_toy_texts():
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(ROOT), "shared", "corpora",
                                                     "tinyshakespeare.txt")), reason="../shared/corpora absent")
+def test_xz_conditional_figure_codes_the_tail_with_the_head_as_dictionary():
+    """A tail that repeats the head costs almost nothing; random letters cost about log(26) nats."""
+    import random
+    ngram = load_ngram()
+    rng = random.Random(0)
+    head = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(50_000))
+    repeated = ngram.xz_conditional(head, head[10_000:20_000])
+    fresh = ngram.xz_conditional(head, "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(10_000)))
+    assert repeated < 0.05
+    assert math.log(26) * 0.95 < fresh < math.log(26) * 1.15
+
+
 def test_ngram_baseline_on_tinyshakespeare_is_the_known_figure():
     ngram = load_ngram()
     with open(os.path.join(os.path.dirname(ROOT), "shared", "corpora", "tinyshakespeare.txt"), encoding="utf-8") as f:
@@ -141,3 +153,33 @@ def test_a_budgeted_run_stopped_before_its_plan_resumes_and_plans(text_file, tmp
     result = resumed.run()
     assert result.stopped_by is None and result.step > 32
     assert any("planning" in m for m in messages)
+
+
+def test_a_plan_made_from_slow_first_steps_is_made_again_once_they_speed_up(tmp_path, monkeypatch):
+    """The first 25 steps take 40 ms more, the rest 5 ms: the plan from the first ones is far too short, and
+    the second timing, a tenth of the way in, plans more steps (and only once)."""
+    import time
+    from textgen.model import ModelConfig
+    from textgen.training import TrainConfig, Trainer
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    real_step = Trainer.train_step
+
+    def slow_then_fast(self):
+        time.sleep(0.04 if self.step < 25 else 0.005)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_then_fast)
+    lines = []
+    config = TrainConfig(text=str(text), batch_size=2, seq_len=8, time_budget=6.0, warmup_steps=2, sample_length=0,
+                         out=str(tmp_path / "run"), quiet=True, eval_chars=200, save_every=10_000)
+    model = ModelConfig(vocab_size=1, embed_size=4, hidden_size=8, layers=1)
+    Trainer(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append).run()
+    first = next(line for line in lines if line.startswith("time budget 6s:"))
+    again = [line for line in lines if "(was " in line]
+    assert len(again) == 1, lines
+    planned_first = int(first.split("planning ")[1].split()[0])
+    planned_again = int(again[0].split("planning ")[1].split()[0])
+    assert planned_again > 2 * planned_first
+    ckpt = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
+    assert ckpt["replanned"] and ckpt["plan"] == planned_again

@@ -42,7 +42,7 @@ def test_nothing_in_the_package_imports_cli_but_the_entry_point():
 
 def test_inference_never_imports_training():
     for module in ("sampling", "evaluate", "checkpoint", "devices", "plot", "run_folder", "data", "corpus",
-                   "schedule", "rng", "errors", "model", "batching", "server"):
+                   "schedule", "rng", "errors", "model", "batching", "server", "sizing"):
         assert "training" not in imports_of(module), module
     assert imports_of("api").get("training") == {"train"}     # only textgen.train() needs it
     assert "model" not in imports_of("data") and "training" not in imports_of("checkpoint")
@@ -51,6 +51,11 @@ def test_inference_never_imports_training():
 def test_cli_chooses_a_device_without_the_training_module_for_generation_and_evaluation():
     uses = imports_of("cli")
     assert uses["training"] <= {"train_parser", "_train"} and "devices" in uses
+
+
+def test_sizing_knows_only_the_model():
+    assert set(imports_of("sizing")) == {"model"}
+    assert [m for m in MODULES if "sizing" in imports_of(m)] == ["training"]
 
 
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():

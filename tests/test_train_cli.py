@@ -96,7 +96,8 @@ def test_each_step_restarts_exactly_one_stream_in_turn(text_file, tmp_path):
     from textgen.training import Trainer, TrainConfig
     trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2),
                       TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=10, sample_length=0,
-                                  out=str(tmp_path / "run"), quiet=True), log=lambda m: None)
+                                  out=str(tmp_path / "run"), quiet=True),
+                      explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
     for _ in range(6):
         trainer.train_step()
     state = trainer.state

@@ -9,7 +9,9 @@ never runs code from the file):
     train_config             asdict(TrainConfig)
     vocab                    {"chars": the vocabulary in id order}
     model, optimizer         state dicts
+    averaged_model           (runs with --ema) the averaged weights: what validation scored, what generation uses
     step, plan               steps done; total steps the schedule is planned over
+    planned, replanned       whether a time budget has been turned into the plan, and timed again
     loader                   {"train": {...}, "val": {...}} positions
     carried_state            [[h, c], ...] per layer, the state each training stream ended in
     rng                      torch (cpu and cuda), numpy and Python generator states
@@ -189,11 +191,17 @@ def model_config_of(ckpt: dict) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     # Unknown keys (from a later minor version) are ignored so old code reads new files;
     # missing keys fall back to the dataclass defaults so new code reads old files.
-    return ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+    saved = dict(ckpt["model_config"])
+    saved.setdefault("head", "full")          # written before the adaptive head existed
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def build_model(ckpt: dict, path: str = "checkpoint") -> tuple[CharLSTM, CharTokenizer]:
-    """The model and tokenizer a checkpoint describes, weights loaded (on the CPU)."""
+def build_model(ckpt: dict, path: str = "checkpoint", averaged: bool = True) -> tuple[CharLSTM, CharTokenizer]:
+    """The model and tokenizer a checkpoint describes, weights loaded (on the CPU).
+
+    A run trained with an average of its weights (--ema) saves both: the averaged weights, what
+    validation scored and what generation should use (``averaged``), and the training weights
+    the run resumes from (``averaged=False``)."""
     try:
         config = model_config_of(ckpt)
         tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
@@ -203,8 +211,9 @@ def build_model(ckpt: dict, path: str = "checkpoint") -> tuple[CharLSTM, CharTok
     if tokenizer.vocab_size != config.vocab_size:
         raise UsageError(f"{path}: its vocabulary has {tokenizer.vocab_size} characters but its config says "
                          f"{config.vocab_size}")
+    weights = ckpt.get("averaged_model") if averaged else None
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights if weights is not None else ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: its tensors do not match its model config ({_first_line(e)})") from None
     return model, tokenizer

@@ -40,6 +40,14 @@ def parse_duration(text: str) -> float:
     return h * 3600 + m * 60 + s
 
 
+def _int_list(text: str) -> tuple:
+    """'256,1024' -> (256, 1024)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
 def _unescape(text: str) -> str:
     """'\\n\\n' typed on a command line -> two newlines."""
     return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
@@ -120,10 +128,29 @@ def train_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text to train on: a file, a folder of files or a quoted glob "
                         "(default: the embedded corpus in corpora/)")
     g = p.add_argument_group("model")
+    g.add_argument("--size", default=t.size, metavar="auto|LAYERSxHIDDEN",
+                   help="auto: the hidden size, layers and dropout chosen from the text's length, its vocabulary "
+                        "and the throughput measured at the start, for the budget (--time or --steps); or a "
+                        "fixed size such as 2x512. --hidden-size, --layers and --dropout given win")
     g.add_argument("--hidden-size", type=int, default=m.hidden_size, help="LSTM units per layer")
     g.add_argument("--layers", type=int, default=m.layers, help="stacked LSTM layers")
     g.add_argument("--embed-size", type=int, default=m.embed_size, help="character embedding size")
     g.add_argument("--dropout", type=float, default=m.dropout, help="dropout between layers and before the output")
+    g.add_argument("--locked-dropout", action=argparse.BooleanOptionalAction, default=m.locked_dropout,
+                   help="dropout masks held for a whole chunk (variational dropout) instead of drawn per character")
+    g.add_argument("--input-dropout", type=float, default=m.input_dropout,
+                   help="dropout on the embedded characters going into the first layer")
+    g.add_argument("--embed-dropout", type=float, default=m.embed_dropout,
+                   help="chance that a character loses its whole embedding for a chunk")
+    g.add_argument("--weight-dropout", type=float, default=m.weight_dropout,
+                   help="DropConnect on the recurrent weights, one mask per chunk")
+    g.add_argument("--head", choices=("auto", "full", "adaptive"), default=m.head,
+                   help="output layer: a full softmax, or an adaptive softmax (fast for large vocabularies; "
+                        "auto: adaptive from a few thousand characters)")
+    g.add_argument("--cutoffs", type=_int_list, default=m.cutoffs, metavar="N,N,...",
+                   help="the adaptive head's cluster boundaries in frequency ranks (default: 256, 1024, 4096, ...)")
+    g.add_argument("--head-div", type=float, default=m.head_div,
+                   help="the adaptive head narrows each rarer cluster's projection by this factor")
     g = p.add_argument_group("data")
     g.add_argument("--batch-size", type=int, default=t.batch_size, help="parallel streams read side by side")
     g.add_argument("--seq-len", type=int, default=t.seq_len, help="chunk length in characters (backprop window)")
@@ -138,6 +165,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="clip the gradient norm to this")
+    g.add_argument("--ema", type=float, default=t.ema,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+                        "validate, keep best.pt and generate with it (0: off)")
     g.add_argument("--steps", type=int, default=None,
                    help="train exactly this many steps (replaces the default time budget; reproducible)")
     g.add_argument("--time", type=parse_duration, default="3m", dest="time_budget",
@@ -192,7 +222,7 @@ def _train(argv) -> int:
     train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
     if args.resume is None:
         try:
-            model_config.validate()
+            model_config.validate(vocabulary_known=False)
         except ValueError as e:
             raise UsageError(f"--{str(e).replace('_', '-')}") from None
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -429,6 +459,7 @@ def info_main(argv=None) -> int:
 def _info(argv) -> int:
     from .checkpoint import load, model_config_of, resolve
     from .evaluate import LN2
+    from .model import DROPOUT_FIELDS
     from .tokenizer import escape_char
     p = _Parser(prog="textgen info", formatter_class=_Formatter,
                                 description="Describe a checkpoint without putting its weights on a device.")
@@ -438,13 +469,21 @@ def _info(argv) -> int:
     path = resolve(args.checkpoint, prefer_best=False)
     ckpt = load(path, map_location="cpu")
     config = model_config_of(ckpt)
-    params = sum(t.numel() for t in ckpt["model"].values())
+    params = sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())   # not the head's ranks
     vocab = ckpt["vocab"]["chars"]
     corpus = ckpt.get("corpus", {})
     best = ckpt.get("best_val_loss")
     print(f"checkpoint   {path} (format {ckpt['version']}, written {ckpt.get('created', '?')})")
+    config.resolve_head()
     print(f"model        {config.layers} x LSTM {config.hidden_size}, embedding {config.embed_size}, "
-          f"dropout {config.dropout}")
+          + ("adaptive softmax (cutoffs " + ", ".join(map(str, config.cutoffs)) + ")" if config.head == "adaptive"
+             else "full softmax"))
+    regularisers = [f"{name.replace('_', ' ')} {getattr(config, name):g}" for name in DROPOUT_FIELDS
+                    if getattr(config, name)]
+    averaged = ckpt.get("averaged_model") is not None
+    print(f"regularised  {', '.join(regularisers) or 'no dropout'}"
+          + (" (locked masks)" if config.locked_dropout else "")
+          + (f"; averaged weights (--ema {ckpt.get('train_config', {}).get('ema')})" if averaged else ""))
     print(f"parameters   {params:,}")
     print(f"vocabulary   {len(vocab)} characters: {' '.join(escape_char(ch) for ch in vocab)}")
     if corpus:

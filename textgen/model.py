@@ -18,8 +18,10 @@ From the inside out:
 * ``StackedLSTM`` owns the parameters, named and shaped exactly like ``torch.nn.LSTM``
   (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, gate order
   i, f, g, o), so ``nn.LSTM.load_state_dict`` takes our state dict as it is. Dropout sits
-  between layers (CharLSTM adds one before the output layer).
-* ``CharLSTM`` is embedding -> stacked LSTM -> linear to the vocabulary.
+  between layers (CharLSTM adds one before the output layer), per step or locked for a chunk;
+  DropConnect masks W_hh once per chunk.
+* ``CharLSTM`` is embedding -> stacked LSTM -> output layer: a linear layer, or for large
+  vocabularies an adaptive softmax (``AdaptiveHead``). Embedding and input dropout act on its way in.
 * ``Stepper`` runs one character at a time for generation, with the embedding folded into
   layer 0's input weights, through the chunk loops' own step function.
 
@@ -32,7 +34,7 @@ time-major, ``(T, B, ...)``, so that the slice for one time step is contiguous m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -43,6 +45,16 @@ from .fused_lstm import KernelUnavailable, describe_step_path, forward_steps, ls
 State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
+# The regularisers' rates, each a probability in [0, 1): what they drop and how often.
+DROPOUT_FIELDS = {
+    "dropout": "between layers and before the output layer",
+    "input_dropout": "on the embedded characters going into layer 0",
+    "embed_dropout": "whole characters: an embedding row zeroed for a chunk",
+    "weight_dropout": "DropConnect on the recurrent weights W_hh, one mask per chunk",
+}
+HEADS = ("full", "adaptive")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -50,20 +62,88 @@ class ModelConfig:
     hidden_size: int = 512
     layers: int = 2
     dropout: float = 0.2
+    locked_dropout: bool = False     # one dropout mask per stream for a whole chunk (variational), not per step
+    input_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    weight_dropout: float = 0.0
+    head: str = "auto"               # "full": a linear layer; "adaptive": nn.AdaptiveLogSoftmaxWithLoss;
+                                     # "auto": adaptive from ADAPTIVE_FROM characters on (resolved when built)
+    cutoffs: tuple = ()              # the adaptive head's cluster boundaries, in frequency ranks
+    head_div: float = 4.0            # each tail cluster's projection is this much narrower than the last
 
-    def validate(self) -> None:
+    def resolve_head(self) -> None:
+        """Turn head "auto" into the head this vocabulary gets, and give an adaptive head its cutoffs."""
+        if self.head == "auto":
+            self.head = "adaptive" if self.vocab_size >= ADAPTIVE_FROM else "full"
+        if self.head == "adaptive" and not self.cutoffs:
+            cutoffs = adaptive_cutoffs(self.vocab_size)
+            while len(cutoffs) > 1 and self.hidden_size // self.head_div ** len(cutoffs) < 1:
+                cutoffs = cutoffs[:-1]          # a small model: fewer, larger clusters, each of some width
+            self.cutoffs = cutoffs
+        self.cutoffs = tuple(self.cutoffs)
+
+    def validate(self, vocabulary_known: bool = True) -> None:
+        """ValueError for a setting out of range; vocabulary_known=False (a command line, before the
+        text is read) skips the checks that need the vocabulary's size."""
         for name in ("vocab_size", "embed_size", "hidden_size", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in DROPOUT_FIELDS:
+            rate = getattr(self, name)
+            if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        if self.head not in (*HEADS, "auto"):
+            raise ValueError(f"head must be auto, {' or '.join(HEADS)}, got {self.head!r}")
+        cutoffs = list(self.cutoffs)
+        if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1):
+            raise ValueError(f"cutoffs must be positive and increase strictly, got {cutoffs}")
+        if self.head == "adaptive" and vocabulary_known:
+            if not cutoffs or cutoffs[-1] >= self.vocab_size:
+                raise ValueError(f"cutoffs of the adaptive head must lie below the vocabulary size "
+                                 f"{self.vocab_size}, got {cutoffs}")
+        if self.head == "adaptive" and cutoffs and self.hidden_size // self.head_div ** len(cutoffs) < 1:
+            raise ValueError(f"head_div {self.head_div:g} leaves the last of the adaptive head's {len(cutoffs)} "
+                             f"clusters no width at hidden size {self.hidden_size}; use fewer cutoffs or a "
+                             f"smaller --head-div")
+            if not self.head_div >= 1:
+                raise ValueError(f"head_div must be 1 or more, got {self.head_div}")
 
     def num_parameters(self) -> int:
         """What CharLSTM(self).num_parameters() will be, known before anything is allocated."""
         E, H, V, L = self.embed_size, self.hidden_size, self.vocab_size, self.layers
         per_layer = 4 * H * (H + H) + 8 * H                 # layers after the first read H inputs
         lstm = 4 * H * (E + H) + 8 * H + (L - 1) * per_layer
-        return V * E + lstm + H * V + V
+        return V * E + lstm + self.head_parameters()
+
+    def head_parameters(self) -> int:
+        H, V = self.hidden_size, self.vocab_size
+        if self.head == "auto" or (self.head == "adaptive" and not self.cutoffs):
+            resolved = replace(self)
+            resolved.resolve_head()
+            return resolved.head_parameters()
+        if self.head == "full":
+            return H * V + V
+        bounds = [*self.cutoffs, V]
+        count = H * (bounds[0] + len(bounds) - 1) + bounds[0] + len(bounds) - 1   # shortlist + one row a cluster
+        for i in range(len(bounds) - 1):
+            width = int(H // (self.head_div ** (i + 1)))
+            count += H * width + width * (bounds[i + 1] - bounds[i])
+        return count
+
+
+# From this many characters on, head "auto" is the adaptive softmax (benchmarks/bench_vocab.py measures
+# where it starts to pay; see benchmarks/README.md).
+ADAPTIVE_FROM = 1000
+
+
+def adaptive_cutoffs(vocab_size: int, first: int = 256, factor: int = 4) -> tuple:
+    """Cluster boundaries for an adaptive head: a shortlist of the `first` most frequent
+    characters, then clusters `factor` times larger each (256, 1024, 4096, ...)."""
+    cutoffs, bound = [], first
+    while bound < vocab_size:
+        cutoffs.append(bound)
+        bound *= factor
+    return tuple(cutoffs)
 
 
 # ---------------------------------------------------------------------------
@@ -145,9 +225,11 @@ def _check_batch(batch: int, time: int | None = None) -> None:
 class StackedLSTM(nn.Module):
     """Layers of LSTM with dropout between them; parameters named like nn.LSTM."""
 
-    def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0):
+    def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0,
+                 locked_dropout: bool = False, weight_dropout: float = 0.0):
         super().__init__()
         self.input_size, self.hidden_size, self.layers, self.dropout = input_size, hidden_size, layers, dropout
+        self.locked_dropout, self.weight_dropout = locked_dropout, weight_dropout
         # A run-time choice, not architecture: torch.bfloat16 (or torch.float16) runs the
         # matrix products in that dtype (faster on CPUs with avx512_bf16 and on GPUs); None is float32.
         self.matmul_dtype: torch.dtype | None = None
@@ -194,51 +276,180 @@ class StackedLSTM(nn.Module):
             state = check_state(state, self.layers, x.shape[1], self.hidden_size, weight.device, weight.dtype)
         new_state = []
         for k in range(self.layers):
-            if k > 0 and self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
+            if k > 0:
+                x = dropout(x, self.dropout, self.training, self.locked_dropout)
             h, c = state[k]
+            w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
+            if self.training and self.weight_dropout > 0:
+                # DropConnect (Wan et al. 2013; AWD-LSTM): one mask on W_hh for the whole chunk, so
+                # every step of it loses the same recurrent connections. Masking the matrix once
+                # costs one elementwise product per chunk, not one per step.
+                w_hh = F.dropout(w_hh, self.weight_dropout, True)
             if reference:
-                x, h, c = lstm_layer_reference(x, h, c, *self.layer_weights(k))
+                x, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
             else:
-                x, h, c = lstm_layer(x, h, c, *self.layer_weights(k), low_precision=self.matmul_dtype)
+                x, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
             new_state.append((h, c))
         return x, tuple(new_state)
 
 
+def dropout(x: torch.Tensor, rate: float, training: bool, locked: bool) -> torch.Tensor:
+    """Dropout on a time-major (T, B, F) tensor. Locked (variational, Gal & Ghahramani 2016):
+    one mask per stream and feature, the same at every step of the chunk, so a unit dropped
+    is dropped for the whole stretch of text instead of flickering from step to step."""
+    if not training or rate == 0:
+        return x
+    if not locked:
+        return F.dropout(x, rate, True)
+    mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - rate).div_(1 - rate)
+    return x * mask
+
+
+class AdaptiveHead(nn.Module):
+    """nn.AdaptiveLogSoftmaxWithLoss over the characters in order of frequency.
+
+    The adaptive softmax (Grave et al. 2017) gives the most frequent characters a full-width
+    output and puts the rare ones in clusters behind narrower projections, so a training step
+    pays for the shortlist plus the clusters its targets fall in, not for every class. It
+    needs frequent classes first: ``rank[token]`` is the token's frequency rank in the
+    training text (set by the trainer before the first step, then saved with the weights), so
+    the tokenizer's ids stay as they are. ``log_prob`` is exact over every character.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, cutoffs, div_value: float):
+        super().__init__()
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, list(cutoffs), div_value=div_value,
+                                                     head_bias=True)
+        self.register_buffer("rank", torch.arange(vocab_size))
+
+    @torch.no_grad()
+    def order_by_frequency(self, counts: torch.Tensor) -> None:
+        """counts (V,) of each token in the training text; ties keep id order."""
+        order = torch.sort(-counts.to(torch.float64), stable=True).indices      # token of each rank
+        self.rank.copy_(torch.argsort(order))
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., H) -> log-probabilities (..., V) of every character, in token order."""
+        flat = x.reshape(-1, x.shape[-1])
+        by_rank = self.softmax.log_prob(flat)
+        return by_rank.index_select(1, self.rank).reshape(*x.shape[:-1], -1)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, low_precision: torch.dtype | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood of targets (N,) given x (N, H), touching only the clusters hit.
+
+        The same arithmetic as nn.AdaptiveLogSoftmaxWithLoss's forward (tested against it), written
+        out so that the products can run in low_precision while every softmax stays float32."""
+        softmax, ranks = self.softmax, self.rank[targets]
+        shortlist = softmax.shortlist_size
+        head_logp = F.log_softmax(_linear(x, softmax.head.weight, softmax.head.bias, low_precision), dim=1)
+        bounds = softmax.cutoffs                                   # [shortlist, ..., vocab]
+        cluster = torch.bucketize(ranks, ranks.new_tensor(bounds[:-1]), right=True)     # 0: the shortlist
+        in_head = torch.where(cluster == 0, ranks, shortlist + cluster - 1)
+        nll = -head_logp.gather(1, in_head.unsqueeze(1)).squeeze(1)
+        for i, (projection, output) in enumerate(softmax.tail):
+            rows = (cluster == i + 1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                # No target in this cluster: its weights still join the graph (with zero gradients), so
+                # that data-parallel training finds every parameter used on every rank at every step.
+                nll = nll + 0.0 * (projection.weight.sum() + output.weight.sum())
+                continue
+            hidden = _linear(x.index_select(0, rows), projection.weight, None, low_precision)
+            logp = F.log_softmax(_linear(hidden, output.weight, None, low_precision), dim=1)
+            local = (ranks.index_select(0, rows) - bounds[i]).unsqueeze(1)
+            nll = nll.index_add(0, rows, -logp.gather(1, local).squeeze(1))
+        return nll.mean()
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            low_precision: torch.dtype | None) -> torch.Tensor:
+    """x @ weight^T + bias, the product in low_precision where given; the result is float32."""
+    if low_precision is None:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(low_precision), weight.to(low_precision),
+                    None if bias is None else bias.to(low_precision)).float()
+
+
 class CharLSTM(nn.Module):
-    """Character language model: embedding -> stacked LSTM -> linear to the vocabulary."""
+    """Character language model: embedding -> stacked LSTM -> output layer over the vocabulary.
+
+    The output layer is a linear layer ("full" head), or for large vocabularies an adaptive
+    softmax ("adaptive", see AdaptiveHead); either way ``forward`` without targets gives logits
+    whose softmax is the model's exact distribution (the adaptive head's are log-probabilities),
+    so evaluation, sampling, temperature, top-k and top-p treat both alike.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.resolve_head()
         config.validate()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
-        self.lstm = StackedLSTM(config.embed_size, config.hidden_size, config.layers, config.dropout)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lstm = StackedLSTM(config.embed_size, config.hidden_size, config.layers, config.dropout,
+                                config.locked_dropout, config.weight_dropout)
+        if config.head == "adaptive":
+            self.head = AdaptiveHead(config.hidden_size, config.vocab_size, config.cutoffs, config.head_div)
+        else:
+            self.head = nn.Linear(config.hidden_size, config.vocab_size)
         self.dropout = config.dropout
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False):
-        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state."""
+    def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False,
+                targets: torch.Tensor | None = None):
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state.
+
+        With targets (B, T), the mean cross-entropy over them comes back instead of the logits:
+        training's path, which lets the adaptive head skip the clusters no target is in, and runs
+        the output layer's products in the LSTM's low precision (``lstm.matmul_dtype``) where set.
+        """
         self._check_tokens(tokens, 2, "(batch, time)")      # the stack checks batch and time
+        cfg = self.config
+        weight = self.embedding.weight
+        if self.training and cfg.embed_dropout > 0:
+            # Embedding dropout (Gal & Ghahramani 2016): a character loses its whole embedding for
+            # the chunk, wherever it occurs, so the model cannot lean on any one character.
+            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - cfg.embed_dropout)
+            weight = weight * keep.div_(1 - cfg.embed_dropout)
         try:
-            x = self.embedding(tokens.t())                               # (T, B, E)
+            x = F.embedding(tokens.t(), weight)                          # (T, B, E)
         except IndexError:
-            raise ValueError(f"tokens must be ids in [0, {self.config.vocab_size}); got values from "
+            raise ValueError(f"tokens must be ids in [0, {cfg.vocab_size}); got values from "
                              f"{int(tokens.min())} to {int(tokens.max())}") from None
+        x = dropout(x, cfg.input_dropout, self.training, cfg.locked_dropout)
         out, state = self.lstm(x, state, reference=reference)           # (T, B, H)
-        out = F.dropout(out, self.dropout, self.training)
-        logits = self.head(out)                                          # (T, B, V)
-        return logits.transpose(0, 1), state
+        out = dropout(out, self.dropout, self.training, cfg.locked_dropout)
+        if targets is None:
+            return self.logits(out).transpose(0, 1), state
+        return self._loss(out, targets), state
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The output layer: LSTM outputs (..., H) -> (..., V) logits (log-probabilities for the adaptive head)."""
+        if isinstance(self.head, AdaptiveHead):
+            return self.head.log_probs(out)
+        return self.head(out)
+
+    def _loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(targets, torch.Tensor) or targets.shape != out.shape[1::-1]:
+            raise ValueError(f"targets must be shaped like the tokens, (batch, time) = {tuple(out.shape[1::-1])}; "
+                             f"got {_describe(targets)}")
+        flat_targets = targets.t().reshape(-1)
+        flat = out.reshape(-1, out.shape[-1])
+        low = self.lstm.matmul_dtype
+        # The head's products in the LSTM's low precision, its softmax and loss in float32; float16
+        # on a CPU stays float32 (CPUs emulate it).
+        if low == torch.float16 and flat.device.type == "cpu":
+            low = None
+        if isinstance(self.head, AdaptiveHead):
+            return self.head.loss(flat, flat_targets, low)
+        return F.cross_entropy(_linear(flat, self.head.weight, self.head.bias, low), flat_targets)
 
     def _check_tokens(self, tokens, dims: int, shape: str) -> None:
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.dtype == torch.bool
                 or tokens.is_floating_point() or tokens.is_complex()):
             raise ValueError(f"tokens must be an integer tensor shaped {shape}; got {_describe(tokens)}")
-        if tokens.device != self.head.weight.device:
-            raise ValueError(f"the tokens are on {tokens.device}, but the model is on {self.head.weight.device}")
+        if tokens.device != self.embedding.weight.device:
+            raise ValueError(f"the tokens are on {tokens.device}, but the model is on {self.embedding.weight.device}")
 
     def initial_state(self, batch_size: int, device=None) -> State:
-        p = self.head.weight
+        p = self.embedding.weight
         return self.lstm.initial_state(batch_size, device=device or p.device, dtype=p.dtype)
 
     def num_parameters(self) -> int:
@@ -275,8 +486,11 @@ class Stepper:
         for k in range(lstm.layers):
             w_ih, w_hh, b_ih, b_hh = lstm.layer_weights(k)
             self.layers.append((w_ih.detach().clone(), w_hh.detach().clone(), (b_ih + b_hh).detach()))
-        self.head_weight_t = model.head.weight.t().contiguous()
-        self.head_bias = model.head.bias.detach().clone()
+        if isinstance(model.head, AdaptiveHead):
+            self.head_weight_t = self.head_bias = None
+        else:
+            self.head_weight_t = model.head.weight.t().contiguous()
+            self.head_bias = model.head.bias.detach().clone()
         self._prepared: dict[int, list] = {}
 
     def _steps(self, N: int) -> list:
@@ -326,4 +540,6 @@ class Stepper:
             step(0, gates)
             x, c = h_out.clone(), c_out.clone()
             new_state.append((x, c))
+        if self.head_weight_t is None:
+            return self.model.logits(x), tuple(new_state)
         return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

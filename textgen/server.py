@@ -189,7 +189,7 @@ def describe(ckpt: dict, file: str) -> dict:
     config = model_config_of(ckpt)
     best = ckpt.get("best_val_loss")
     return {"file": file, "layers": config.layers, "hidden_size": config.hidden_size,
-            "embed_size": config.embed_size, "parameters": sum(t.numel() for t in ckpt["model"].values()),
+            "embed_size": config.embed_size, "parameters": sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point()),
             "vocab_size": len(ckpt["vocab"]["chars"]), "steps": ckpt["step"], "plan": ckpt.get("plan"),
             "best_val_bits_per_char": None if best is None else round(best / LN2, 4),
             "created": ckpt.get("created")}

@@ -25,6 +25,7 @@ never cli.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -34,10 +35,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import checkpoint, schedule
+from . import checkpoint, schedule, sizing
 from .rng import rng_state, seed_everything, set_rng_state
 from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
@@ -47,7 +48,7 @@ from .errors import StopTraining, UsageError, check_finite
 from .run_folder import RunFolder, checkpoint_folder, default_path
 from .schedule import EVALS_PER_RUN
 from .evaluate import LN2, cross_entropy
-from .model import CharLSTM, ModelConfig, describe_step_path, detach_state
+from .model import AdaptiveHead, CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
 from .tokenizer import CharTokenizer, UnknownCharactersError
 
@@ -64,6 +65,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.01
+    ema: float = 0.995               # decay of an average of the weights used to validate and generate (0: off)
     grad_clip: float = 1.0
     steps: int = 1_000_000           # with a time budget, an upper bound; giving steps drops the default budget
     time_budget: float | None = 180.0  # seconds; the schedule is planned over it (None: run `steps`)
@@ -79,6 +81,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"              # float32, bfloat16 or float16 LSTM products; auto: bf16 where native
+    size: str = "auto"               # auto: hidden size, layers and dropout from the text and budget; or "2x512"
     compile: bool = False            # torch.compile the training model
     quiet: bool = False
     allow_new_text: bool = False
@@ -95,7 +98,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_finite({"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
-                      "grad_clip": self.grad_clip, "val_fraction": self.val_fraction, "time": self.time_budget})
+                      "ema": self.ema, "grad_clip": self.grad_clip, "val_fraction": self.val_fraction,
+                      "time": self.time_budget})
         positive = ("batch_size", "seq_len", "steps", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -113,12 +117,18 @@ class TrainConfig:
                              f"got {self.eval_every}")
         if self.warmup_steps < 0 or self.keep < 0 or self.sample_length < 0 or self.eval_chars < 0:
             raise UsageError("--warmup-steps, --keep, --sample-length and --eval-chars must be 0 or more")
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"--ema must be 0 (off) or a decay in (0, 1) such as 0.999, got {self.ema}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
         if self.dtype not in ("auto", *LOW_PRECISION, "float32"):
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
+        try:
+            sizing.parse_size(self.size)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if self.time_budget is not None and not self.time_budget > 0:
             raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
 
@@ -176,6 +186,7 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda message: None)   # only rank 0 speaks
         if overwrite and resume is not None:
             raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
+        self.explicit = set(explicit)
         ckpt = None
         if resume is not None:
             ckpt = checkpoint.load(checkpoint.resolve(resume, prefer_best=False))
@@ -237,14 +248,25 @@ class Trainer:
             model_config = model_config or ModelConfig(vocab_size=tokenizer.vocab_size)
             model_config.vocab_size = tokenizer.vocab_size
             try:
+                model_config.resolve_head()
                 model_config.validate()
+                self._choose_size(model_config)
             except ValueError as e:
                 raise UsageError(str(e)) from None
             check_fits(model_config.num_parameters(), self.device)      # before a byte is allocated
             self.model = CharLSTM(model_config)
+            if isinstance(self.model.head, AdaptiveHead):
+                counts = np.bincount(self.train_tokens, minlength=tokenizer.vocab_size)
+                self.model.head.order_by_frequency(torch.from_numpy(counts))
         else:
-            self.model, _ = checkpoint.build_model(ckpt)
+            self.model, _ = checkpoint.build_model(ckpt, averaged=False)
         self.model.to(self.device)
+        # The average of the weights (--ema): validated, sampled and saved for generation; trained never.
+        self.averaged = None
+        if config.ema > 0:
+            self.averaged = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if ckpt is not None and ckpt.get("averaged_model") is not None:
+                self.averaged.load_state_dict(ckpt["averaged_model"])
         self.model.lstm.matmul_dtype = LOW_PRECISION.get(config.dtype)
         # float16's narrow range needs loss scaling: the scaler multiplies the loss before
         # backward, skips a step whose gradients overflowed and adapts the scale. It is a
@@ -270,16 +292,61 @@ class Trainer:
         self.state = None
         self.first_loss: float | None = None
         self.planned = config.time_budget is None
+        self.replanned = config.time_budget is None
         self._budget_mark: tuple[int, float] | None = None
+        self._replan_mark: tuple[int, float] | None = None
+        self._eval_seconds = 0.0
         self.last_saved_step: int | None = None
         if ckpt is not None:
             self._restore(ckpt, resume)
         self.stop_signal: int | None = None
 
+    def _choose_size(self, model_config: ModelConfig) -> None:
+        """--size: the hidden size, layers and dropout the user did not give, chosen for this text
+        and budget (sizing.py), and one log line saying what and why."""
+        cfg = self.config
+        fixed = {name: getattr(model_config, name) for name in ("layers", "hidden_size", "dropout")
+                 if name in self.explicit}
+        given = sizing.parse_size(cfg.size)
+        if given is not None:
+            fixed.setdefault("layers", given[0])
+            fixed.setdefault("hidden_size", given[1])
+        if len(fixed) == 3:
+            model_config.layers, model_config.hidden_size, model_config.dropout = \
+                fixed["layers"], fixed["hidden_size"], fixed["dropout"]
+            return
+        chars_per_step = cfg.batch_size * cfg.seq_len
+        seconds_per_unit = None
+        if cfg.time_budget is not None:
+            if self.dist.is_main:
+                timed = sizing.timed_config(model_config, fixed)
+                streams = self.dist.stream_share(cfg.batch_size)[1]
+                window = np.resize(self.train_tokens[: streams * (cfg.seq_len + 1)], streams * (cfg.seq_len + 1))
+                window = torch.from_numpy(window.astype(np.int64)).view(streams, cfg.seq_len + 1).to(self.device)
+                seconds_per_unit = sizing.measure(timed, (window[:, :-1], window[:, 1:]),
+                                                  LOW_PRECISION.get(cfg.dtype), self.device)
+                seconds_per_unit /= self.dist.world_size
+            seconds_per_unit = self.dist.broadcast(seconds_per_unit)
+
+        def budget_chars(config: ModelConfig) -> float:
+            by_steps = cfg.steps * chars_per_step
+            if seconds_per_unit is None:
+                return by_steps
+            by_time = sizing.TRAINING_SHARE * cfg.time_budget / (seconds_per_unit * sizing.cost_per_char(config))
+            return min(by_steps, by_time)
+
+        choice = sizing.choose(model_config, len(self.train_tokens), budget_chars, fixed)
+        model_config.layers, model_config.hidden_size, model_config.dropout = \
+            choice.layers, choice.hidden_size, choice.dropout
+        self.log(f"size {cfg.size}: {choice.layers}x{choice.hidden_size}, dropout {choice.dropout:g}; "
+                 f"{choice.reason}")
+
     # -- resume checks -------------------------------------------------------------
 
     def _merge_resumed_config(self, ckpt: dict, config: TrainConfig, explicit: set[str]) -> TrainConfig:
-        saved = ckpt.get("train_config", {})
+        saved = dict(ckpt.get("train_config", {}))
+        saved.setdefault("ema", 0.0)         # written before the average existed: resume as it was
+        saved.setdefault("size", "auto")
         known = {f.name for f in fields(TrainConfig)}
         merged = TrainConfig(**{k: v for k, v in saved.items() if k in known})
         # Where the run lives is where its checkpoint is now (it may have been moved), unless
@@ -305,9 +372,10 @@ class Trainer:
     def _check_architecture(self, ckpt: dict, model_config: ModelConfig | None, explicit: set[str]) -> ModelConfig:
         saved = checkpoint.model_config_of(ckpt)
         if model_config is not None:
-            diffs = [f"{name} (checkpoint {getattr(saved, name)}, now {getattr(model_config, name)})"
-                     for name in ("embed_size", "hidden_size", "layers", "dropout")
-                     if name in explicit and getattr(saved, name) != getattr(model_config, name)]
+            same = lambda a, b: tuple(a) == tuple(b) if isinstance(a, (list, tuple)) else a == b  # noqa: E731
+            diffs = [f"{f.name} (checkpoint {getattr(saved, f.name)}, now {getattr(model_config, f.name)})"
+                     for f in fields(ModelConfig) if f.name != "vocab_size"
+                     and f.name in explicit and not same(getattr(saved, f.name), getattr(model_config, f.name))]
             if diffs:
                 raise UsageError("cannot change the architecture when resuming: " + ", ".join(diffs)
                                  + "; drop those flags or start a new run")
@@ -374,6 +442,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.plan = int(ckpt.get("plan", self.config.steps))
         self.planned = bool(ckpt.get("planned", True))
+        self.replanned = bool(ckpt.get("replanned", True))
         if self.config.time_budget is None:
             self.plan = self.config.steps   # the saved --steps, or a new one given on resume
         self.elapsed = float(ckpt.get("elapsed", 0.0))
@@ -402,8 +471,7 @@ class Trainer:
         lr = lr_at(self.step, self.plan, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits, state = self.train_model(x, self.restart_one_stream(self.state))   # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss, state = self.train_model(x, self.restart_one_stream(self.state), targets=y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)               # clip the true gradients, not the scaled ones
@@ -419,7 +487,17 @@ class Trainer:
                                f"bfloat16 or float32, or a lower --lr")
         self.state = detach_state(state)
         self.step += 1
+        if self.averaged is not None and not overflow:
+            self._update_average()
         return loss_value, None if overflow else grad_norm
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """averaged += (1 - decay) (weights - averaged), the decay ramping up over the first
+        steps ((1 + t) / (10 + t)) so early, random weights are soon forgotten."""
+        decay = min(self.config.ema, (1 + self.step) / (10 + self.step))
+        averaged = list(self.averaged.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in self.model.parameters()], 1 - decay)
 
     def restart_one_stream(self, state):
         """Zero the carried state of one stream per step, each stream in turn.
@@ -462,14 +540,19 @@ class Trainer:
         if len(self.val_tokens) <= self.config.seq_len:
             return None
         # Validation is float32 whatever --dtype says, so its figures compare across runs and with textgen-eval.
-        matmul_dtype, self.model.lstm.matmul_dtype = self.model.lstm.matmul_dtype, None
+        model = self.inference_model()
+        matmul_dtype, model.lstm.matmul_dtype = model.lstm.matmul_dtype, None
         try:
-            total, count = cross_entropy(self.model, self.val_tokens, self.config.batch_size, self.config.seq_len,
+            total, count = cross_entropy(model, self.val_tokens, self.config.batch_size, self.config.seq_len,
                                          self.device, shard=self.dist.shard_for_eval())
         finally:
-            self.model.lstm.matmul_dtype = matmul_dtype
+            model.lstm.matmul_dtype = matmul_dtype
         total, count = self.dist.sum_pair(total, count)
         return total / count
+
+    def inference_model(self):
+        """What validation scores and samples: the averaged weights where --ema keeps them."""
+        return self.averaged if self.averaged is not None else self.model
 
     def payload(self) -> dict:
         return {
@@ -477,12 +560,14 @@ class Trainer:
             "model_config": asdict(self.model_config), "train_config": asdict(self.config),
             "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "plan": self.plan, "planned": self.planned, "elapsed": self.elapsed,
+            "step": self.step, "plan": self.plan, "planned": self.planned,
+            "replanned": self.replanned, "elapsed": self.elapsed,
             "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
             "carried_state": self.dist.gather_state(self.state),
             "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
             "first_loss": self.first_loss, "interval_sums": asdict(self.sums),
             "scaler": self.scaler.state_dict(),
+            "averaged_model": self.averaged.state_dict() if self.averaged is not None else None,
             "created": datetime.now().isoformat(timespec="seconds"), "torch_version": str(torch.__version__),
         }
 
@@ -517,6 +602,8 @@ class Trainer:
                 self._timed_train_step()                       # one optimizer step, counted into the interval
                 if not self.planned:
                     self._plan_budget(bar)
+                elif not self.replanned:
+                    self._replan_budget(bar)
                 out_of_time, stop_requested = self._stop_decided()
                 last_step = self.step >= self.plan or out_of_time
                 val_loss = None
@@ -569,6 +656,7 @@ class Trainer:
             self.log(f"resuming at step {self.step} of {self.plan}")
         self._run_started = self._step_started = time.perf_counter()
         self._elapsed_before = self.elapsed     # a resumed run's clock goes on from its checkpoint
+        self._step_seconds = 0.0                # time in training steps alone, this process
 
     def _timed_train_step(self) -> None:
         with self._out_of_memory_is_a_stop():
@@ -584,6 +672,7 @@ class Trainer:
         s.steps += 1
         s.chars += self.config.batch_size * self.config.seq_len
         s.seconds += now - self._step_started
+        self._step_seconds += now - self._step_started
 
     def _stop_decided(self) -> tuple[bool, bool]:
         """(out of time, stop requested), decided together: a signal or the clock on one rank
@@ -618,11 +707,35 @@ class Trainer:
         plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step, eval_seconds,
                                       cfg.eval_every)
         self.plan, self.planned = self.dist.broadcast(plan), True
+        self._eval_seconds = eval_seconds
         self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
                  f"validation {eval_seconds:.1f}s; planning {self.plan} steps")
         if bar is not None:
             bar.total = self.plan
             bar.refresh()
+
+    def _replan_budget(self, bar=None) -> None:
+        """Once, a tenth of the way into the plan: time the steps again over that longer stretch and
+        plan anew. The first steps of a run are often slower (caches, the allocator, a busy
+        machine settling), and a plan made from them alone left 10-15% of a 15-minute budget unused."""
+        cfg = self.config
+        if self._replan_mark is None:
+            self._replan_mark = (self.step, self._step_seconds)
+            return
+        steps0, seconds0 = self._replan_mark
+        if self.step < steps0 + max(schedule.TIMED_STEPS, (self.plan - steps0) // 10):
+            return
+        seconds_per_step = (self._step_seconds - seconds0) / (self.step - steps0)
+        seconds_per_step = self.dist.broadcast(seconds_per_step)
+        plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step,
+                                      self._eval_seconds, cfg.eval_every)
+        old, self.plan, self.replanned = self.plan, self.dist.broadcast(plan), True
+        if self.plan != old:
+            self.log(f"time budget: {seconds_per_step * 1000:.0f} ms/step over the last {self.step - steps0} "
+                     f"steps; planning {self.plan} steps (was {old})")
+            if bar is not None:
+                bar.total = self.plan
+                bar.refresh()
 
     def eval_interval(self) -> int:
         return schedule.eval_interval(self.config.eval_every, self.plan, self.planned)
@@ -636,7 +749,7 @@ class Trainer:
         val_loss = self.validate()
         if self.dist.is_main and self.config.sample_length > 0:
             prompt = "\n" if "\n" in self.tokenizer.chars else ""
-            text = sample(self.model, self.tokenizer, prompt,
+            text = sample(self.inference_model(), self.tokenizer, prompt,
                           SampleConfig(length=self.config.sample_length, temperature=0.8,
                                        seed=self.config.seed + self.step))[0]
             self.log(f"--- sample at step {self.step} ---\n{text.strip()}\n---")

@@ -1,0 +1,126 @@
+"""Build the corpora that --size auto was measured on, from text on this machine that we may use.
+
+    python benchmarks/make_corpora.py OUT_DIR            # writes OUT_DIR/<kind>-<size>.txt
+
+Kinds (each cut to 0.1, 1 and 10 MB, and code also to 100 MB, from the start of one long text):
+
+* ``code``: Python source files of the standard library and of installed packages, in sorted path
+  order, each headed by its path (source code, as many users will train on).
+* ``prose``: the docstrings of those same files, in the same order (English technical prose, not
+  code), then ../shared/corpora's texts where the docstrings run short.
+* ``script``: text in another script, found on this machine (see ``other_script_text``).
+
+Nothing here is copied into the project; the files go to OUT_DIR (e.g. /tmp).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import os
+import sys
+import sysconfig
+import unicodedata
+
+MB = 1_000_000
+SIZES = {"0.1MB": MB // 10, "1MB": MB, "10MB": 10 * MB, "100MB": 100 * MB}
+
+
+def python_files() -> list[str]:
+    roots = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    files = set()
+    for root in roots:
+        files.update(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+    return sorted(files)
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def code_text(limit: int) -> str:
+    parts, size = [], 0
+    for path in python_files():
+        text = read(path)
+        if text is None or "\x00" in text:
+            continue
+        parts.append(f"# {os.path.basename(path)}\n{text}\n")
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return "".join(parts)
+
+
+def prose_text(limit: int) -> str:
+    parts, size = [], 0
+    for path in python_files():
+        text = read(path)
+        if text is None:
+            continue
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200 and sum(ch.isalpha() for ch in doc) > 0.7 * len(doc.replace(" ", "")):
+                    parts.append(doc.strip() + "\n\n")
+                    size += len(parts[-1])
+        if size >= limit:
+            break
+    return "".join(parts)
+
+
+def other_script_text(limit: int) -> str:
+    """Lines mostly in a non-Latin script from text files under /usr/share and the Python trees."""
+    parts, size = [], 0
+    roots = ["/usr/share", sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                if os.path.islink(path) or os.path.getsize(path) > 50 * MB:
+                    continue
+                text = read(path)
+                if not text:
+                    continue
+                for line in text.splitlines():
+                    letters = [ch for ch in line if ch.isalpha()]
+                    if len(letters) >= 8 and sum(not unicodedata.name(ch, "LATIN").startswith("LATIN")
+                                                 for ch in letters) > 0.8 * len(letters):
+                        parts.append(line + "\n")
+                        size += len(line) + 1
+                if size >= limit:
+                    return "".join(parts)
+    return "".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("--kinds", nargs="+", default=["code", "prose", "script"])
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for kind in args.kinds:
+        build = {"code": code_text, "prose": prose_text, "script": other_script_text}[kind]
+        biggest = SIZES["100MB"] if kind == "code" else SIZES["10MB"]
+        text = build(biggest)
+        for label, size in SIZES.items():
+            if size > biggest:
+                continue
+            if len(text) < size:
+                print(f"{kind}: only {len(text):,} characters, no {label} file", file=sys.stderr)
+                continue
+            path = os.path.join(args.out, f"{kind}-{label}.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text[:size])
+            print(f"{path}: {size:,} characters, {len(set(text[:size]))} distinct")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Issue 18's model features against references: the adaptive head (exact distribution, the same
+answer on every path), the bf16 output layer, and each regulariser doing what it says."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ran_the_chosen_path, run, small_text
+from textgen import checkpoint, model as model_module
+from textgen.model import (ADAPTIVE_FROM, AdaptiveHead, CharLSTM, ModelConfig, Stepper, adaptive_cutoffs, dropout,
+                           lstm_layer_reference)
+
+
+def adaptive_model(vocab=300, hidden=24, cutoffs=(20, 100), seed=0, **settings):
+    torch.manual_seed(seed)
+    model = CharLSTM(ModelConfig(vocab_size=vocab, embed_size=8, hidden_size=hidden, layers=2, dropout=0.0,
+                                 head="adaptive", cutoffs=cutoffs, **settings))
+    # A frequency order unlike the id order, so a path that forgot the ranks would give other numbers.
+    counts = torch.rand(vocab, generator=torch.Generator().manual_seed(seed + 1))
+    model.head.order_by_frequency(counts)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# The adaptive head
+# ---------------------------------------------------------------------------
+
+def test_frequency_ranks_put_the_commonest_characters_first():
+    head = AdaptiveHead(8, 6, [2], 4.0)
+    head.order_by_frequency(torch.tensor([5, 50, 0, 7, 50, 1]))
+    assert head.rank.tolist() == [3, 0, 5, 2, 1, 4]          # ties keep id order: token 1 before token 4
+
+
+def test_adaptive_log_probs_are_a_distribution_and_agree_with_the_training_loss():
+    """The loss path (clusters touched only where a target is) and the full log_prob path, each mapping
+    ids to ranks on its own, give the same negative log-likelihood."""
+    model = adaptive_model().eval()
+    tokens = torch.randint(0, 300, (3, 17))
+    targets = torch.randint(0, 300, (3, 17))
+    logits, _ = model(tokens)
+    assert torch.allclose(logits.exp().sum(-1), torch.ones(3, 17), atol=1e-5)
+    loss, _ = model(tokens, targets=targets)
+    exact = F.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1))
+    gathered = -logits.gather(-1, targets.unsqueeze(-1)).mean()
+    assert torch.allclose(loss, exact, atol=1e-5) and torch.allclose(exact, gathered, atol=1e-5)
+
+
+def test_the_adaptive_loss_equals_torchs_own_module_with_gradients():
+    model = adaptive_model()
+    x = torch.randn(200, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (200,))
+    ours = model.head.loss(x, targets)
+    (grad_ours,) = torch.autograd.grad(ours, x)
+    theirs = model.head.softmax(x, model.head.rank[targets]).loss
+    (grad_theirs,) = torch.autograd.grad(theirs, x)
+    assert torch.allclose(ours, theirs, atol=1e-6) and torch.allclose(grad_ours, grad_theirs, atol=1e-6)
+
+
+def test_every_adaptive_cluster_joins_the_graph_even_when_no_target_falls_in_it():
+    """Data-parallel training needs every parameter used on every rank at every step."""
+    model = adaptive_model()
+    shortlist_tokens = (model.head.rank < 20).nonzero().squeeze(1)
+    targets = shortlist_tokens[torch.randint(0, len(shortlist_tokens), (3, 5))]
+    loss, _ = model(torch.randint(0, 300, (3, 5)), targets=targets)
+    loss.backward()
+    tail = list(model.head.softmax.tail.parameters())
+    assert tail and all(p.grad is not None and torch.all(p.grad == 0) for p in tail)
+
+
+def test_adaptive_log_probs_equal_torchs_own_after_the_rank_permutation():
+    model = adaptive_model().eval()
+    x = torch.randn(5, 24)
+    by_rank = model.head.softmax.log_prob(x)
+    ours = model.logits(x)
+    for token in (0, 7, 150, 299):
+        assert torch.equal(ours[:, token], by_rank[:, model.head.rank[token]])
+
+
+def test_the_stepper_equals_forward_with_an_adaptive_head(pointwise):
+    model = adaptive_model().eval()
+    tokens = torch.randint(0, 300, (2, 9))
+    logits, state = model(tokens)
+    stepper, stepped = Stepper(model), model.initial_state(2)
+    for t in range(9):
+        step_logits, stepped = stepper(tokens[:, t], stepped)
+        assert torch.allclose(step_logits, logits[:, t], atol=1e-5)
+    assert ran_the_chosen_path(pointwise)
+
+
+def test_head_auto_picks_the_adaptive_softmax_for_large_vocabularies_only():
+    small = CharLSTM(ModelConfig(vocab_size=ADAPTIVE_FROM - 1, embed_size=4, hidden_size=8, layers=1))
+    large = CharLSTM(ModelConfig(vocab_size=ADAPTIVE_FROM, embed_size=4, hidden_size=8, layers=1))
+    assert small.config.head == "full" and isinstance(small.head, torch.nn.Linear)
+    assert large.config.head == "adaptive" and isinstance(large.head, AdaptiveHead)
+    assert large.config.cutoffs == adaptive_cutoffs(ADAPTIVE_FROM) and large.config.cutoffs[0] < ADAPTIVE_FROM
+
+
+def test_the_parameter_count_is_known_before_an_adaptive_model_is_built():
+    for config in (ModelConfig(300, 8, 24, 2, head="adaptive", cutoffs=(20, 100)),
+                   ModelConfig(5000, 16, 64, 1, head="adaptive", head_div=2.0), ModelConfig(5000, 16, 64, 1)):
+        assert config.num_parameters() == CharLSTM(config).num_parameters()
+
+
+def test_an_adaptive_head_whose_last_cluster_would_have_no_width_is_refused():
+    with pytest.raises(ValueError, match="no width"):
+        ModelConfig(300, hidden_size=32, head="adaptive", cutoffs=(4, 12, 24), head_div=4.0).validate()
+    ModelConfig(300, hidden_size=32, head="adaptive", cutoffs=(4, 12), head_div=4.0).validate()
+
+
+@pytest.mark.parametrize("cutoffs", [(), (300,), (50, 20), (0, 10)])
+def test_bad_cutoffs_are_refused(cutoffs):
+    config = ModelConfig(300, head="adaptive", cutoffs=cutoffs)
+    if not cutoffs:
+        config.resolve_head()                 # empty means "the default ones"
+        assert config.cutoffs == (256,)
+        return
+    with pytest.raises(ValueError, match="cutoffs"):
+        config.validate()
+
+
+def test_low_precision_head_stays_close_and_trains_every_head_weight():
+    """The output layer alone (fed the same LSTM outputs): bf16 products where the LSTM's run in
+    bf16, close to float32, the loss itself float32, and a gradient for every head weight."""
+    for head in ("full", "adaptive"):
+        torch.manual_seed(3)
+        model = CharLSTM(ModelConfig(vocab_size=300, embed_size=8, hidden_size=32, layers=1, dropout=0.0,
+                                     head=head, cutoffs=(20, 100) if head == "adaptive" else ()))
+        out, targets = torch.randn(12, 4, 32), torch.randint(0, 300, (4, 12))
+        full_loss = model._loss(out, targets)
+        model.lstm.matmul_dtype = torch.bfloat16
+        low_loss = model._loss(out, targets)
+        assert low_loss.dtype == torch.float32
+        assert abs(low_loss.item() - full_loss.item()) < 0.02, head
+        assert low_loss.item() != full_loss.item(), f"{head}: the head did not run in bf16"
+        low_loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters()), head
+
+
+# ---------------------------------------------------------------------------
+# Regularisers
+# ---------------------------------------------------------------------------
+
+def test_locked_dropout_holds_one_mask_per_stream_for_the_whole_chunk():
+    torch.manual_seed(0)
+    x = torch.ones(40, 6, 50)
+    locked = dropout(x, 0.5, True, locked=True)
+    assert torch.equal(locked, locked[:1].expand_as(locked))          # the same at every step
+    assert not torch.equal(locked[:, 0], locked[:, 1])                 # but not across streams
+    assert set(locked.unique().tolist()) == {0.0, 2.0} and 0.35 < (locked == 0).float().mean() < 0.65
+    per_step = dropout(x, 0.5, True, locked=False)
+    assert not torch.equal(per_step[0], per_step[1])
+    assert torch.equal(dropout(x, 0.5, False, locked=True), x)        # evaluation drops nothing
+
+
+def test_dropconnect_masks_the_recurrent_weights_once_per_chunk(monkeypatch):
+    """The layer receives W_hh with a fixed mask for the chunk: the outputs are the gate-by-gate
+    reference's with that one masked matrix, and the mask drops about the rate, scaled by 1/(1-p)."""
+    seen = []
+    real = model_module.lstm_layer
+
+    def recording(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=None):
+        seen.append((x, h, c, w_ih, w_hh.detach().clone(), b_ih, b_hh))
+        return real(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=low_precision)
+
+    monkeypatch.setattr(model_module, "lstm_layer", recording)
+    torch.manual_seed(1)
+    model = CharLSTM(ModelConfig(vocab_size=12, embed_size=6, hidden_size=40, layers=2, dropout=0.0,
+                                 weight_dropout=0.3)).train()
+    tokens = torch.randint(0, 12, (3, 11))
+    model(tokens)
+    assert len(seen) == 2
+    for k, (x, h, c, w_ih, masked, b_ih, b_hh) in enumerate(seen):
+        w_hh = getattr(model.lstm, f"weight_hh_l{k}").detach()
+        kept = masked != 0
+        assert 0.2 < 1 - kept.float().mean() < 0.4
+        assert torch.allclose(masked[kept], w_hh[kept] / 0.7)
+        out, _, _ = real(x.detach(), h, c, w_ih.detach(), masked, b_ih.detach(), b_hh.detach())
+        ref, _, _ = lstm_layer_reference(x.detach(), h, c, w_ih.detach(), masked, b_ih.detach(), b_hh.detach())
+        assert torch.allclose(out, ref, atol=1e-5)
+    seen.clear()
+    model.eval()(tokens)
+    assert all(torch.equal(masked, getattr(model.lstm, f"weight_hh_l{k}")) for k, (*_, masked, _, _) in
+               enumerate((s[:5] + s[5:] for s in seen)))
+
+
+def test_embedding_dropout_drops_a_character_everywhere_in_the_chunk_or_nowhere():
+    torch.manual_seed(2)
+    model = CharLSTM(ModelConfig(vocab_size=10, embed_size=5, hidden_size=8, layers=1, dropout=0.0,
+                                 embed_dropout=0.5)).train()
+    inputs = []
+    model.lstm.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    tokens = torch.arange(10).repeat(4, 3)                        # every character 12 times
+    model(tokens)
+    x = inputs[0].transpose(0, 1)                                  # (B, T, E)
+    weight = model.embedding.weight.detach()
+    dropped = set()
+    for token in range(10):
+        rows = x[tokens == token]
+        if torch.all(rows == 0):
+            dropped.add(token)
+        else:
+            assert torch.allclose(rows, weight[token] * 2), token      # kept rows scaled by 1/(1-p)
+    assert 0 < len(dropped) < 10
+
+
+@pytest.mark.parametrize("settings", [dict(weight_dropout=0.4), dict(locked_dropout=True, dropout=0.3, input_dropout=0.2),
+                                      dict(embed_dropout=0.3)])
+def test_every_regulariser_gives_the_reference_path_s_outputs_and_gradients(pointwise, settings):
+    """The fused layer and the gate-by-gate reference, fed the same masks (same seed), agree."""
+    results = []
+    for reference in (False, True):
+        torch.manual_seed(5)
+        model = CharLSTM(ModelConfig(vocab_size=15, embed_size=6, hidden_size=20, layers=2, **settings)).train()
+        tokens, targets = torch.randint(0, 15, (4, 13)), torch.randint(0, 15, (4, 13))
+        torch.manual_seed(6)
+        loss, _ = model(tokens, reference=reference, targets=targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+    assert ran_the_chosen_path(pointwise)
+
+
+def test_regularisers_are_off_in_evaluation():
+    torch.manual_seed(4)
+    model = CharLSTM(ModelConfig(vocab_size=15, embed_size=6, hidden_size=20, layers=2, dropout=0.3,
+                                 locked_dropout=True, input_dropout=0.3, embed_dropout=0.3, weight_dropout=0.3)).eval()
+    tokens = torch.randint(0, 15, (2, 9))
+    a, _ = model(tokens)
+    b, _ = model(tokens)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Through train.py: a large vocabulary, the averaged weights, exact resume
+# ---------------------------------------------------------------------------
+
+def large_vocabulary_text(n: int = 6000, vocab: int = 1200) -> str:
+    """Zipf-distributed characters from a block of CJK ideographs, in short lines."""
+    gen = torch.Generator().manual_seed(0)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    ids = torch.multinomial(weights, n, replacement=True, generator=gen).tolist() + list(range(vocab))
+    chars = [chr(0x4E00 + i) for i in ids]
+    return "\n".join("".join(chars[i:i + 24]) for i in range(0, len(chars), 24))
+
+
+TRAIN = ["--hidden-size", "32", "--embed-size", "8", "--layers", "2", "--batch-size", "4", "--seq-len", "16",
+         "--eval-every", "10", "--save-every", "5", "--log-every", "5", "--sample-length", "20", "--warmup-steps", "3",
+         "-q"]
+
+
+def test_a_large_vocabulary_trains_with_the_adaptive_head_then_evaluates_and_generates(tmp_path):
+    text = tmp_path / "poems.txt"
+    text.write_text(large_vocabulary_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run("train.py", str(text), *TRAIN, "--steps", "20", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    ckpt = checkpoint.load(str(out / "latest.pt"))
+    assert ckpt["model_config"]["head"] == "adaptive" and ckpt["model_config"]["vocab_size"] >= ADAPTIVE_FROM
+    model, tokenizer = checkpoint.build_model(ckpt)
+    counts = torch.bincount(torch.tensor(tokenizer.encode(text.read_text(encoding="utf-8")[:5400]).astype("int64")),
+                            minlength=tokenizer.vocab_size)
+    assert counts[model.head.rank == 0].item() == counts.max().item()     # rank 0 is the commonest character
+    evaluated = run("-m textgen.evaluate", "--checkpoint", str(out), str(text), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    generated = run("generate.py", "--checkpoint", str(out), "--length", "40", "--top-k", "50", "--top-p", "0.9",
+                    "--seed", "3", "--prompt", text.read_text(encoding="utf-8")[:3])
+    assert generated.returncode == 0, generated.stderr
+    assert len(generated.stdout.strip()) >= 40
+
+
+def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(300), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run("train.py", str(text), *TRAIN, "--steps", "20", "--ema", "0.9", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    ckpt = checkpoint.load(str(out / "latest.pt"))
+    averaged, _ = checkpoint.build_model(ckpt)
+    trained, _ = checkpoint.build_model(ckpt, averaged=False)
+    assert not torch.equal(averaged.head.weight, trained.head.weight)
+    # The last validation scored the averaged weights: evaluate.cross_entropy of them gives its figure.
+    from textgen.data import split_tokens
+    from textgen.evaluate import cross_entropy
+    from textgen.tokenizer import CharTokenizer
+    tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
+    _, val = split_tokens(tokenizer.encode(text.read_text(encoding="utf-8")), 0.1)
+    total, count = cross_entropy(averaged, val, 4, 16)
+    assert math.isclose(total / count, ckpt["history"][-1]["val_loss"], rel_tol=1e-5)
+
+
+REGULARISED = ["--weight-dropout", "0.3", "--locked-dropout", "--input-dropout", "0.1", "--embed-dropout", "0.1",
+               "--ema", "0.95"]
+
+
+def test_exact_resume_with_every_regulariser_and_the_averaged_weights(tmp_path):
+    """Killed mid-run and resumed: the same weights and averaged weights, bit for bit."""
+    import signal
+    from test_resume import assert_same_run, start_training, wait_for_checkpoint
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(300), encoding="utf-8")
+    flags = [*TRAIN, *REGULARISED, "--steps", "40", "--save-every", "5"]
+    whole = run("train.py", str(text), *flags, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = str(tmp_path / "stopped")
+    proc = start_training(str(text), out, flags)
+    wait_for_checkpoint(out, proc, step_at_least=10)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] < 40
+    resumed = run("train.py", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = checkpoint.load(str(tmp_path / "whole" / "latest.pt"))
+    ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert_same_run(ckpt, ref)
+    for name, tensor in ref["averaged_model"].items():
+        assert torch.equal(ckpt["averaged_model"][name], tensor), name
+
+
+# ---------------------------------------------------------------------------
+# --size auto
+# ---------------------------------------------------------------------------
+
+from textgen import sizing  # noqa: E402
+
+
+def budget_of(chars_per_unit_cost: float):
+    """A machine that reads chars_per_unit_cost / cost_per_char characters in the budget."""
+    return lambda config: chars_per_unit_cost / sizing.cost_per_char(config)
+
+
+def test_a_small_text_gets_a_small_model_and_a_large_one_a_larger_model():
+    base = ModelConfig(vocab_size=65)
+    plenty = budget_of(1e18)
+    small = sizing.choose(base, 100_000, plenty, {})
+    medium = sizing.choose(base, 1_000_000, plenty, {})
+    large = sizing.choose(base, 100_000_000, plenty, {})
+    assert small.hidden_size < medium.hidden_size < large.hidden_size
+    for choice, chars in ((small, 100_000), (medium, 1_000_000)):
+        params = ModelConfig(65, hidden_size=choice.hidden_size, layers=choice.layers).num_parameters()
+        assert params <= sizing.PARAMETERS_PER_CHAR * chars and "text limits" in choice.reason
+
+
+def test_a_short_budget_gets_a_model_it_can_train_in_time():
+    base = ModelConfig(vocab_size=65)
+    long_run = sizing.choose(base, 100_000_000, budget_of(1e16), {})
+    short_run = sizing.choose(base, 100_000_000, budget_of(1e14), {})
+    assert short_run.hidden_size < long_run.hidden_size and "budget limits" in short_run.reason
+    config = ModelConfig(65, hidden_size=short_run.hidden_size, layers=short_run.layers)
+    assert budget_of(1e14)(config) >= sizing.CHARS_PER_PARAMETER * config.num_parameters()
+
+
+def test_dropout_grows_with_the_passes_over_the_text_and_given_settings_win():
+    assert sizing.dropout_for(0.5) < sizing.dropout_for(8) < sizing.dropout_for(500) <= 0.5
+    base = ModelConfig(vocab_size=65)
+    fixed = sizing.choose(base, 100_000, budget_of(1e18), {"hidden_size": 300, "dropout": 0.0})
+    assert (fixed.hidden_size, fixed.dropout, fixed.layers) == (300, 0.0, 2)
+
+
+def test_parse_size():
+    assert sizing.parse_size("auto") is None and sizing.parse_size("3x256") == (3, 256)
+    for bad in ("3y", "0x512", "x512", "big"):
+        with pytest.raises(ValueError, match="--size must be auto"):
+            sizing.parse_size(bad)
+
+
+def test_train_py_sizes_the_model_for_its_budget_and_says_why(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(300), encoding="utf-8")
+    flags = ["--batch-size", "4", "--seq-len", "16", "--sample-length", "0", "--warmup-steps", "2"]
+    timed = run("train.py", str(text), *flags, "--time", "4s", "--out", str(tmp_path / "timed"))
+    assert timed.returncode == 0, timed.stderr
+    line = next(line for line in timed.stdout.splitlines() if line.startswith("size auto:"))
+    config = checkpoint.load(str(tmp_path / "timed" / "latest.pt"))["model_config"]
+    assert line.startswith(f"size auto: {config['layers']}x{config['hidden_size']}, dropout {config['dropout']:g}; ")
+    assert "training characters" in line and "passes" in line
+    fixed = run("train.py", str(text), *flags, "--steps", "3", "--size", "1x40", "--dropout", "0.3",
+                "--out", str(tmp_path / "fixed"))
+    assert fixed.returncode == 0, fixed.stderr
+    config = checkpoint.load(str(tmp_path / "fixed" / "latest.pt"))["model_config"]
+    assert (config["layers"], config["hidden_size"], config["dropout"]) == (1, 40, 0.3)
+    assert "size " not in fixed.stdout.split("run folder")[0]          # nothing left to choose, nothing said

@@ -1,0 +1,139 @@
+"""--size auto: a model sized to the text and to the budget.
+
+Two limits decide how large a model should be, and the smaller one wins:
+
+* the data: a model with many more parameters than the text has characters learns the text by
+  heart instead of its style (char-rnn's rule of thumb: parameters and characters of about the
+  same order; with dropout a few times more pays). ``PARAMETERS_PER_CHAR`` sets how many.
+* the budget: a model must read enough characters in the time it is given to learn anything
+  (``CHARS_PER_PARAMETER`` per parameter at least), and a larger one reads fewer, since its
+  cost per character grows with its parameter count. The trainer measures the throughput of
+  one reference model during warm-up (``measure``) and scales it by each candidate's cost.
+
+Dropout then follows from how often the run will read each character: one pass over the text
+cannot be memorised, many passes can (``dropout_for``).
+
+The constants come from measurements on several kinds of text; benchmarks/README.md has the
+table. Pure functions apart from ``measure``; imports model only.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .model import CharLSTM, ModelConfig
+
+HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
+PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character
+CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter
+REFERENCE = (2, 512)            # the model timed during warm-up (layers, hidden)
+TRAINING_SHARE = 0.8            # of a time budget, what goes to forward and backward passes (the rest:
+                                # optimizer steps, validation, checkpoints)
+
+
+@dataclass(frozen=True)
+class SizeChoice:
+    layers: int
+    hidden_size: int
+    dropout: float
+    reason: str
+
+
+def layers_for(hidden_size: int) -> int:
+    return 3 if hidden_size >= 1024 else 2
+
+
+def cost_per_char(config: ModelConfig) -> float:
+    """Relative training cost of one character: the weights it multiplies (an embedding lookup is
+    free, the adaptive head costs about its shortlist) plus the per-step pointwise work."""
+    E, H, L = config.embed_size, config.hidden_size, config.layers
+    lstm = 4 * H * (E + H) + (L - 1) * 8 * H * H
+    head = H * (min(config.vocab_size, config.cutoffs[0]) if config.head == "adaptive" else config.vocab_size)
+    return lstm + head + 40 * L * H
+
+
+def dropout_for(epochs: float) -> float:
+    """0.05 for one pass over the text or less, 0.05 more for every doubling of the passes, at most
+    0.5 (so 0.2 at about 8 passes: tiny-shakespeare's 15 minutes, where more regularisation measured
+    worse; 0.35 at 64 passes, a small text trained long)."""
+    if epochs <= 1:
+        return 0.05
+    return round(min(0.5, 0.05 + 0.05 * math.log2(epochs)) * 20) / 20
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """'auto' -> None; '2x512' -> (2, 512). Raises ValueError otherwise."""
+    if text == "auto":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f"--size must be auto or LAYERSxHIDDEN such as 2x512, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: dict) -> SizeChoice:
+    """The size for a text of train_chars characters.
+
+    base: the configuration with everything but the size settled (vocabulary, embedding, head).
+    budget_chars(config): how many characters the run will read with that model.
+    fixed: the settings the user gave ("layers", "hidden_size", "dropout"), which always win.
+    """
+    def candidate(hidden: int) -> ModelConfig:
+        config = replace(base, hidden_size=fixed.get("hidden_size", hidden),
+                         layers=fixed.get("layers", layers_for(hidden)))
+        config.resolve_head()
+        return config
+
+    hiddens = [fixed["hidden_size"]] if "hidden_size" in fixed else HIDDEN_SIZES
+    data_limit = PARAMETERS_PER_CHAR * train_chars
+    chosen, why = candidate(hiddens[0]), "the smallest size"
+    for hidden in hiddens:
+        config = candidate(hidden)
+        params = config.num_parameters()
+        if params > data_limit and hidden != hiddens[0]:
+            why = f"the text limits it (at most {PARAMETERS_PER_CHAR:g} parameters a character)"
+            break
+        if budget_chars(config) < CHARS_PER_PARAMETER * params and hidden != hiddens[0]:
+            why = f"the budget limits it (at least {CHARS_PER_PARAMETER:g} characters read per parameter)"
+            break
+        chosen = config
+        why = "the largest size tried"
+    epochs = budget_chars(chosen) / max(1, train_chars)
+    dropout = fixed.get("dropout", dropout_for(epochs))
+    reason = (f"{chosen.num_parameters() / 1e6:.2f}M parameters for {train_chars:,} training characters, "
+              f"about {budget_chars(chosen):,.0f} characters read ({epochs:.3g} passes): {why}")
+    return SizeChoice(chosen.layers, chosen.hidden_size, dropout, reason)
+
+
+def timed_config(base: ModelConfig, fixed: dict) -> ModelConfig:
+    """The model to time during warm-up: the user's own size where they gave it, else REFERENCE."""
+    layers, hidden = REFERENCE
+    config = replace(base, hidden_size=fixed.get("hidden_size", hidden), layers=fixed.get("layers", layers))
+    config.resolve_head()
+    return config
+
+
+def measure(config: ModelConfig, batch: tuple[torch.Tensor, torch.Tensor], matmul_dtype, device,
+            steps: int = 2) -> float:
+    """Seconds per character and per unit of ``cost_per_char`` of a training step (forward and
+    backward) of this model here, after one untimed step. The caller's random generators are
+    left as they were."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = CharLSTM(replace(config)).to(device).train()
+        model.lstm.matmul_dtype = matmul_dtype
+        x, y = batch
+        elapsed = 0.0
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            loss, _ = model(x, targets=y)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                elapsed += time.perf_counter() - start
+    return elapsed / steps / x.numel() / cost_per_char(config)
