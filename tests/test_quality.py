@@ -361,6 +361,15 @@ def test_dropout_grows_with_the_passes_over_the_text_and_given_settings_win():
     assert (fixed.hidden_size, fixed.dropout, fixed.layers) == (300, 0.0, 2)
 
 
+def test_a_text_read_many_times_gets_the_strong_regularisers_and_given_ones_win():
+    base = ModelConfig(vocab_size=65)
+    few = sizing.choose(base, 1_000_000, lambda config: 5_000_000, {})
+    many = sizing.choose(base, 100_000, lambda config: 100_000 * sizing.MANY_PASSES, {})
+    assert not few.regularisers and many.regularisers == sizing.STRONG and "many passes" in many.reason
+    given = sizing.choose(base, 100_000, lambda config: 100_000 * sizing.MANY_PASSES, {"weight_dropout": 0.1})
+    assert "weight_dropout" not in given.regularisers and given.regularisers["locked_dropout"] is True
+
+
 def test_parse_size():
     assert sizing.parse_size("auto") is None and sizing.parse_size("3x256") == (3, 256)
     for bad in ("3y", "0x512", "x512", "big"):
@@ -378,6 +387,8 @@ def test_train_py_sizes_the_model_for_its_budget_and_says_why(tmp_path):
     config = checkpoint.load(str(tmp_path / "timed" / "latest.pt"))["model_config"]
     assert line.startswith(f"size auto: {config['layers']}x{config['hidden_size']}, dropout {config['dropout']:g}; ")
     assert "training characters" in line and "passes" in line
+    if "many passes" in line:                      # a small text for 4 s: read many times over
+        assert config["weight_dropout"] == sizing.STRONG["weight_dropout"] and config["locked_dropout"]
     fixed = run("train.py", str(text), *flags, "--steps", "3", "--size", "1x40", "--dropout", "0.3",
                 "--out", str(tmp_path / "fixed"))
     assert fixed.returncode == 0, fixed.stderr

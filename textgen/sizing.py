@@ -11,7 +11,9 @@ Two limits decide how large a model should be, and the smaller one wins:
   one reference model during warm-up (``measure``) and scales it by each candidate's cost.
 
 Dropout then follows from how often the run will read each character: one pass over the text
-cannot be memorised, many passes can (``dropout_for``).
+cannot be memorised, many passes can (``dropout_for``). Past ``MANY_PASSES`` the regularisers that
+slow learning start to pay (a 100 KB text read a thousand times): DropConnect on the recurrent
+weights and locked dropout with input dropout (``STRONG``) come on as well.
 
 The constants come from measurements on several kinds of text; benchmarks/README.md has the
 table. Pure functions apart from ``measure``; imports model only.
@@ -31,6 +33,8 @@ HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character
 CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter
 REFERENCE = (2, 512)            # the model timed during warm-up (layers, hidden)
+MANY_PASSES = 32                # from here on, STRONG regularisation too
+STRONG = {"weight_dropout": 0.5, "locked_dropout": True, "input_dropout": 0.2}
 TRAINING_SHARE = 0.8            # of a time budget, what goes to forward and backward passes (the rest:
                                 # optimizer steps, validation, checkpoints)
 
@@ -41,6 +45,7 @@ class SizeChoice:
     hidden_size: int
     dropout: float
     reason: str
+    regularisers: dict = None          # STRONG's settings where the text will be read MANY_PASSES times
 
 
 def layers_for(hidden_size: int) -> int:
@@ -80,7 +85,8 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
 
     base: the configuration with everything but the size settled (vocabulary, embedding, head).
     budget_chars(config): how many characters the run will read with that model.
-    fixed: the settings the user gave ("layers", "hidden_size", "dropout"), which always win.
+    fixed: the settings the user gave ("layers", "hidden_size", "dropout", and any of STRONG's),
+    which always win.
     """
     def candidate(hidden: int) -> ModelConfig:
         config = replace(base, hidden_size=fixed.get("hidden_size", hidden),
@@ -104,9 +110,15 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
         why = "the largest size tried"
     epochs = budget_chars(chosen) / max(1, train_chars)
     dropout = fixed.get("dropout", dropout_for(epochs))
+    regularisers = {}
+    if epochs >= MANY_PASSES:
+        regularisers = {name: value for name, value in STRONG.items() if name not in fixed}
     reason = (f"{chosen.num_parameters() / 1e6:.2f}M parameters for {train_chars:,} training characters, "
               f"about {budget_chars(chosen):,.0f} characters read ({epochs:.3g} passes): {why}")
-    return SizeChoice(chosen.layers, chosen.hidden_size, dropout, reason)
+    if regularisers:
+        reason += "; many passes: " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in
+                                                regularisers.items())
+    return SizeChoice(chosen.layers, chosen.hidden_size, dropout, reason, regularisers)
 
 
 def timed_config(base: ModelConfig, fixed: dict) -> ModelConfig:

@@ -305,13 +305,13 @@ class Trainer:
         """--size: the hidden size, layers and dropout the user did not give, chosen for this text
         and budget (sizing.py), and one log line saying what and why."""
         cfg = self.config
-        fixed = {name: getattr(model_config, name) for name in ("layers", "hidden_size", "dropout")
+        fixed = {name: getattr(model_config, name) for name in ("layers", "hidden_size", "dropout", *sizing.STRONG)
                  if name in self.explicit}
         given = sizing.parse_size(cfg.size)
         if given is not None:
             fixed.setdefault("layers", given[0])
             fixed.setdefault("hidden_size", given[1])
-        if len(fixed) == 3:
+        if {"layers", "hidden_size", "dropout"} <= fixed.keys():
             model_config.layers, model_config.hidden_size, model_config.dropout = \
                 fixed["layers"], fixed["hidden_size"], fixed["dropout"]
             return
@@ -338,6 +338,8 @@ class Trainer:
         choice = sizing.choose(model_config, len(self.train_tokens), budget_chars, fixed)
         model_config.layers, model_config.hidden_size, model_config.dropout = \
             choice.layers, choice.hidden_size, choice.dropout
+        for name, value in (choice.regularisers or {}).items():
+            setattr(model_config, name, value)
         self.log(f"size {cfg.size}: {choice.layers}x{choice.hidden_size}, dropout {choice.dropout:g}; "
                  f"{choice.reason}")
 
