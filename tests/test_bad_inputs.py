@@ -148,6 +148,7 @@ ROWS = [
     Row("--head softmax", "train", train("--head", "softmax"), says=("--head", "invalid choice")),
     Row("--cutoffs x", "train", train("--cutoffs", "x"), says=("--cutoffs", "comma-separated")),
     Row("--cutoffs 50,20", "train", train("--cutoffs", "50,20"), says=("--cutoffs must be positive and increase",)),
+    Row("--head-div 0.5", "train", train("--head-div", "0.5"), says=("--head-div must be 1 or more",)),
     Row("--cutoffs beyond the vocabulary", "train", train("--head", "adaptive", "--cutoffs", "5000"),
         says=("cutoffs of the adaptive head must lie below the vocabulary size",)),
     Row("--weight-decay nan", "train", train("--weight-decay", "nan"), says=("--weight-decay must be a finite",)),

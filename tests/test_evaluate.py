@@ -102,8 +102,6 @@ def test_ngram_gives_the_exact_entropy_of_toy_texts():
     assert bigram.cross_entropy("b", context="a") == pytest.approx(-math.log(5 / 6), abs=1e-12)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(ROOT), "shared", "corpora",
-                                                    "tinyshakespeare.txt")), reason="../shared/corpora absent")
 def test_xz_conditional_figure_codes_the_tail_with_the_head_as_dictionary():
     """A tail that repeats the head costs almost nothing; random letters cost about log(26) nats."""
     import random
@@ -116,6 +114,8 @@ def test_xz_conditional_figure_codes_the_tail_with_the_head_as_dictionary():
     assert math.log(26) * 0.95 < fresh < math.log(26) * 1.15
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(ROOT), "shared", "corpora",
+                                                    "tinyshakespeare.txt")), reason="../shared/corpora absent")
 def test_ngram_baseline_on_tinyshakespeare_is_the_known_figure():
     ngram = load_ngram()
     with open(os.path.join(os.path.dirname(ROOT), "shared", "corpora", "tinyshakespeare.txt"), encoding="utf-8") as f:

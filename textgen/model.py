@@ -101,12 +101,12 @@ class ModelConfig:
             if not cutoffs or cutoffs[-1] >= self.vocab_size:
                 raise ValueError(f"cutoffs of the adaptive head must lie below the vocabulary size "
                                  f"{self.vocab_size}, got {cutoffs}")
+        if not self.head_div >= 1:
+            raise ValueError(f"head_div must be 1 or more, got {self.head_div}")
         if self.head == "adaptive" and cutoffs and self.hidden_size // self.head_div ** len(cutoffs) < 1:
             raise ValueError(f"head_div {self.head_div:g} leaves the last of the adaptive head's {len(cutoffs)} "
                              f"clusters no width at hidden size {self.hidden_size}; use fewer cutoffs or a "
                              f"smaller --head-div")
-            if not self.head_div >= 1:
-                raise ValueError(f"head_div must be 1 or more, got {self.head_div}")
 
     def num_parameters(self) -> int:
         """What CharLSTM(self).num_parameters() will be, known before anything is allocated."""
