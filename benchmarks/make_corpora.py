@@ -7,7 +7,7 @@ Kinds (each cut to 0.1, 1 and 10 MB, and code also to 100 MB, from the start of 
 * ``code``: Python source files of the standard library and of installed packages, in sorted path
   order, each headed by its path (source code, as many users will train on).
 * ``prose``: the docstrings of those same files, in the same order (English technical prose, not
-  code), then ../shared/corpora's texts where the docstrings run short.
+  code).
 * ``script``: text in another script, found on this machine (see ``other_script_text``).
 
 Nothing here is copied into the project; the files go to OUT_DIR (e.g. /tmp).
@@ -42,38 +42,43 @@ def read(path: str) -> str | None:
         return None
 
 
-def code_text(limit: int) -> str:
-    parts, size = [], 0
+def python_sources():
+    """(path, text) of every readable UTF-8 Python file, in sorted path order."""
     for path in python_files():
         text = read(path)
-        if text is None or "\x00" in text:
-            continue
-        parts.append(f"# {os.path.basename(path)}\n{text}\n")
-        size += len(parts[-1])
+        if text is not None and "\x00" not in text:
+            yield path, text
+
+
+def take(parts, limit: int) -> str:
+    """Join parts until they reach limit characters (the last one whole)."""
+    taken, size = [], 0
+    for part in parts:
+        taken.append(part)
+        size += len(part)
         if size >= limit:
             break
-    return "".join(parts)
+    return "".join(taken)
+
+
+def code_text(limit: int) -> str:
+    return take((f"# {os.path.basename(path)}\n{text}\n" for path, text in python_sources()), limit)
+
+
+def docstrings(text: str):
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 200 and sum(ch.isalpha() for ch in doc) > 0.7 * len(doc.replace(" ", "")):
+                yield doc.strip() + "\n\n"
 
 
 def prose_text(limit: int) -> str:
-    parts, size = [], 0
-    for path in python_files():
-        text = read(path)
-        if text is None:
-            continue
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200 and sum(ch.isalpha() for ch in doc) > 0.7 * len(doc.replace(" ", "")):
-                    parts.append(doc.strip() + "\n\n")
-                    size += len(parts[-1])
-        if size >= limit:
-            break
-    return "".join(parts)
+    return take((doc for _, text in python_sources() for doc in docstrings(text)), limit)
 
 
 def other_script_text(limit: int) -> str:

@@ -299,23 +299,14 @@ REGULARISED = ["--weight-dropout", "0.3", "--locked-dropout", "--input-dropout",
 
 def test_exact_resume_with_every_regulariser_and_the_averaged_weights(tmp_path):
     """Killed mid-run and resumed: the same weights and averaged weights, bit for bit."""
-    import signal
-    from test_resume import assert_same_run, start_training, wait_for_checkpoint
+    from test_resume import assert_same_run, kill_and_resume
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(300), encoding="utf-8")
     flags = [*TRAIN, *REGULARISED, "--steps", "40", "--save-every", "5"]
     whole = run("train.py", str(text), *flags, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    out = str(tmp_path / "stopped")
-    proc = start_training(str(text), out, flags)
-    wait_for_checkpoint(out, proc, step_at_least=10)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] < 40
-    resumed = run("train.py", "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr
+    ckpt = kill_and_resume(str(text), str(tmp_path / "stopped"), flags, step_at_least=10, steps=40)
     ref = checkpoint.load(str(tmp_path / "whole" / "latest.pt"))
-    ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
     assert_same_run(ckpt, ref)
     for name, tensor in ref["averaged_model"].items():
         assert torch.equal(ckpt["averaged_model"][name], tensor), name

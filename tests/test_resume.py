@@ -84,6 +84,18 @@ THREADED_PACKED_FLAGS = ["--hidden-size", "128", "--embed-size", "16", "--layers
                          "--save-every", "8", "--log-every", "5", "--sample-length", "10", "--warmup-steps", "4"]
 
 
+def kill_and_resume(text, out, flags, step_at_least, steps) -> dict:
+    """Start a run, SIGKILL it once step_at_least is saved, resume it to the end: its latest.pt."""
+    proc = start_training(text, out, flags)
+    wait_for_checkpoint(out, proc, step_at_least=step_at_least)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] < steps
+    resumed = run("train.py", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    return checkpoint.load(os.path.join(out, "latest.pt"))
+
+
 def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
     from conftest import small_text
     import textgen.fused_lstm as fused
@@ -96,15 +108,8 @@ def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
     if native_kernel.load() is not None and torch.get_num_threads() > 1:
         assert "C kernel (threaded" in whole.stdout, whole.stdout
     ref = checkpoint.load(str(tmp_path / "whole" / "latest.pt"))
-    out = str(tmp_path / "stopped")
-    proc = start_training(str(text), out, THREADED_PACKED_FLAGS)
-    wait_for_checkpoint(out, proc, step_at_least=8)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] < 24
-    resumed = run("train.py", "--resume", out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)
+    ckpt = kill_and_resume(str(text), str(tmp_path / "stopped"), THREADED_PACKED_FLAGS, step_at_least=8, steps=24)
+    assert_same_run(ckpt, ref)
 
 
 KILL_DURING_SAVE = """

@@ -196,6 +196,11 @@ def model_config_of(ckpt: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def parameter_count(ckpt: dict) -> int:
+    """The model's parameters, counted from its saved tensors (not the adaptive head's integer ranks)."""
+    return sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())
+
+
 def build_model(ckpt: dict, path: str = "checkpoint", averaged: bool = True) -> tuple[CharLSTM, CharTokenizer]:
     """The model and tokenizer a checkpoint describes, weights loaded (on the CPU).
 

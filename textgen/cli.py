@@ -457,7 +457,7 @@ def info_main(argv=None) -> int:
 
 
 def _info(argv) -> int:
-    from .checkpoint import load, model_config_of, resolve
+    from .checkpoint import load, model_config_of, parameter_count, resolve
     from .evaluate import LN2
     from .model import DROPOUT_FIELDS
     from .tokenizer import escape_char
@@ -469,7 +469,7 @@ def _info(argv) -> int:
     path = resolve(args.checkpoint, prefer_best=False)
     ckpt = load(path, map_location="cpu")
     config = model_config_of(ckpt)
-    params = sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())   # not the head's ranks
+    params = parameter_count(ckpt)
     vocab = ckpt["vocab"]["chars"]
     corpus = ckpt.get("corpus", {})
     best = ckpt.get("best_val_loss")

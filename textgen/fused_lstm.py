@@ -100,7 +100,8 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
     return product
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+def low_precision_mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None,
+                     dtype: torch.dtype) -> torch.Tensor:
     """a @ b as dtype, computed in low_precision when given."""
     if low_precision is None:
         return a @ b
@@ -125,7 +126,7 @@ def input_projection(x, weight_ih, bias_ih, bias_hh, low_precision):
     bias = bias_ih + bias_hh
     if low_precision is None:
         return _linear(x.reshape(T * B, I), weight_ih, bias).view(T, B, -1)
-    return _mm(x.reshape(T * B, I), weight_ih.t(), low_precision, x.dtype).add_(bias).view(T, B, -1)
+    return low_precision_mm(x.reshape(T * B, I), weight_ih.t(), low_precision, x.dtype).add_(bias).view(T, B, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -384,9 +385,10 @@ class FusedLSTMLayer(torch.autograd.Function):
             flat = flat.to(low)                             # cast once for the three products
         # the weight gradients of all steps in one product each
         dtype = hs.dtype
-        grad_weight_hh = _mm(flat.t(), h_prev, low, dtype)
-        grad_weight_ih = _mm(flat.t(), x.reshape(T * B, I), low, dtype)
-        grad_x = (_mm(flat, weight_ih, low, dtype) if low is not None else _linear(flat, weight_ih.t())).view(T, B, I)
+        grad_weight_hh = low_precision_mm(flat.t(), h_prev, low, dtype)
+        grad_weight_ih = low_precision_mm(flat.t(), x.reshape(T * B, I), low, dtype)
+        grad_x = (low_precision_mm(flat, weight_ih, low, dtype) if low is not None
+                  else _linear(flat, weight_ih.t())).view(T, B, I)
         return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
 
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_lstm import KernelUnavailable, describe_step_path, forward_steps, lstm_layer, recurrent_product  # noqa: F401
+from .fused_lstm import (KernelUnavailable, describe_step_path, forward_steps, lstm_layer, low_precision_mm,  # noqa: F401
+                         recurrent_product)
 
 State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -362,11 +363,12 @@ class AdaptiveHead(nn.Module):
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             low_precision: torch.dtype | None) -> torch.Tensor:
-    """x @ weight^T + bias, the product in low_precision where given; the result is float32."""
+    """x @ weight^T + bias, the product in low_precision where given (the LSTM's own low-precision
+    product), the bias added and the result in float32."""
     if low_precision is None:
         return F.linear(x, weight, bias)
-    return F.linear(x.to(low_precision), weight.to(low_precision),
-                    None if bias is None else bias.to(low_precision)).float()
+    out = low_precision_mm(x, weight.t(), low_precision, torch.float32)
+    return out if bias is None else out + bias
 
 
 class CharLSTM(nn.Module):

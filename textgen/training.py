@@ -728,7 +728,6 @@ class Trainer:
         if self.step < steps0 + max(schedule.TIMED_STEPS, (self.plan - steps0) // 10):
             return
         seconds_per_step = (self._step_seconds - seconds0) / (self.step - steps0)
-        seconds_per_step = self.dist.broadcast(seconds_per_step)
         plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step,
                                       self._eval_seconds, cfg.eval_every)
         old, self.plan, self.replanned = self.plan, self.dist.broadcast(plan), True
