@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
+import gzip
 import os
+import re
 import sys
 import sysconfig
 import unicodedata
@@ -81,28 +83,61 @@ def prose_text(limit: int) -> str:
     return take((doc for _, text in python_sources() for doc in docstrings(text)), limit)
 
 
+# Groff markup in man pages: font changes, escapes and named characters, none of them text.
+GROFF_ESCAPES = re.compile(r"\\f(\[[^]]*\]|\(..|.)|\\\(..|\\[-&e|^%]")
+
+
+def script(ch: str) -> str:
+    """The script a letter is written in, from its Unicode name (Japanese kana count as CJK)."""
+    first = unicodedata.name(ch, "UNKNOWN").split(" ")[0]
+    return {"HIRAGANA": "CJK", "KATAKANA": "CJK"}.get(first, first)
+
+
+def text_files(root: str):
+    """(path, text) of the readable UTF-8 files under root, gzip-compressed ones (man pages) too."""
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) or os.path.getsize(path) > 50 * MB:
+                continue
+            if name.endswith(".gz"):
+                try:
+                    with gzip.open(path, "rt", encoding="utf-8") as f:
+                        yield path, f.read()
+                except (OSError, UnicodeDecodeError, EOFError):
+                    continue
+            else:
+                text = read(path)
+                if text:
+                    yield path, text
+
+
 def other_script_text(limit: int) -> str:
-    """Lines mostly in a non-Latin script from text files under /usr/share and the Python trees."""
-    parts, size = [], 0
+    """The lines in one non-Latin script, the one this machine has most text in, from the text files
+    under /usr/share (man pages in other languages above all: ``apt-get install manpages-ru`` or
+    ``manpages-ja`` adds several MB) and the Python trees. Man-page markup lines are left out."""
+    lines: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
     roots = ["/usr/share", sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
     for root in roots:
-        for folder, _, names in os.walk(root):
-            for name in sorted(names):
-                path = os.path.join(folder, name)
-                if os.path.islink(path) or os.path.getsize(path) > 50 * MB:
-                    continue
-                text = read(path)
-                if not text:
-                    continue
-                for line in text.splitlines():
-                    letters = [ch for ch in line if ch.isalpha()]
-                    if len(letters) >= 8 and sum(not unicodedata.name(ch, "LATIN").startswith("LATIN")
-                                                 for ch in letters) > 0.8 * len(letters):
-                        parts.append(line + "\n")
-                        size += len(line) + 1
-                if size >= limit:
-                    return "".join(parts)
-    return "".join(parts)
+        for path, text in text_files(root):
+            for line in text.splitlines():
+                if line.startswith((".", "'\\\"")):
+                    continue                        # a groff request or comment
+                line = GROFF_ESCAPES.sub("", line).strip()
+                letters = [script(ch) for ch in line if ch.isalpha()]
+                other = [name for name in letters if name != "LATIN"]
+                if len(letters) >= 8 and len(other) > 0.8 * len(letters):
+                    name = max(set(other), key=other.count)
+                    lines.setdefault(name, []).append(line + "\n")
+                    sizes[name] = sizes.get(name, 0) + len(line) + 1
+    if not sizes:
+        return ""
+    most = max(sizes, key=sizes.get)
+    print(f"script: {most.lower()} text, {sizes[most]:,} characters (others: "
+          + ", ".join(f"{name.lower()} {size:,}" for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])[1:6])
+          + ")", file=sys.stderr)
+    return take(lines[most], limit)
 
 
 def main() -> None:

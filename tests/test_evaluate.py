@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, run, small_text
-from textgen import checkpoint
+from textgen import checkpoint, schedule
 from textgen.checkpoint import load_model
 from textgen.cli import parse_duration
 from textgen.errors import UsageError
@@ -155,9 +155,8 @@ def test_a_budgeted_run_stopped_before_its_plan_resumes_and_plans(text_file, tmp
     assert any("planning" in m for m in messages)
 
 
-def test_a_plan_made_from_slow_first_steps_is_made_again_once_they_speed_up(tmp_path, monkeypatch):
-    """The first 25 steps take 40 ms more, the rest 5 ms: the plan from the first ones is far too short, and
-    the second timing, a tenth of the way in, plans more steps (and only once)."""
+def _timed_run(tmp_path, monkeypatch, seconds_per_step, lines):
+    """Train for 6 s with each step's time set by seconds_per_step(step), logging into lines."""
     import time
     from textgen.model import ModelConfig
     from textgen.training import TrainConfig, Trainer
@@ -165,21 +164,51 @@ def test_a_plan_made_from_slow_first_steps_is_made_again_once_they_speed_up(tmp_
     text.write_text(small_text(), encoding="utf-8")
     real_step = Trainer.train_step
 
-    def slow_then_fast(self):
-        time.sleep(0.04 if self.step < 25 else 0.005)
+    def timed_step(self):
+        time.sleep(seconds_per_step(self.step))
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", slow_then_fast)
-    lines = []
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
     config = TrainConfig(text=str(text), batch_size=2, seq_len=8, time_budget=6.0, warmup_steps=2, sample_length=0,
                          out=str(tmp_path / "run"), quiet=True, eval_chars=200, save_every=10_000)
     model = ModelConfig(vocab_size=1, embed_size=4, hidden_size=8, layers=1)
     Trainer(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append).run()
+
+
+def _plans(lines):
     first = next(line for line in lines if line.startswith("time budget 6s:"))
     again = [line for line in lines if "(was " in line]
-    assert len(again) == 1, lines
-    planned_first = int(first.split("planning ")[1].split()[0])
-    planned_again = int(again[0].split("planning ")[1].split()[0])
-    assert planned_again > 2 * planned_first
+    return [int(line.split("planning ")[1].split()[0]) for line in [first] + again]
+
+
+def test_a_plan_made_from_slow_first_steps_is_made_again_once_they_speed_up(tmp_path, monkeypatch):
+    """The first 25 steps take 40 ms more, the rest 5 ms: the plan from the first ones is far too short, and
+    the second timing, a tenth of the way in, plans more steps; later timings only adjust it."""
+    lines = []
+    _timed_run(tmp_path, monkeypatch, lambda step: 0.04 if step < 25 else 0.005, lines)
+    plans = _plans(lines)
+    assert 2 <= len(plans) <= 1 + len(schedule.REPLAN_AT), lines
+    assert plans[1] > 2 * plans[0]
     ckpt = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
-    assert ckpt["replanned"] and ckpt["plan"] == planned_again
+    assert ckpt["replans"] == len(schedule.REPLAN_AT) and ckpt["plan"] == plans[-1]
+
+
+def test_steps_that_slow_down_partway_shorten_the_plan(tmp_path, monkeypatch):
+    """Fast for the first 30% of the plan, then 4x slower: the later timings plan fewer steps, so the
+    run reaches (nearly) the end of its learning-rate schedule before its time is up."""
+    lines, slow_from = [], []
+
+    def seconds(step):
+        if not slow_from:
+            plans = [int(line.split("planning ")[1].split()[0]) for line in lines if "planning" in line]
+            if plans and step >= 0.3 * plans[-1]:
+                slow_from.append(step)
+        return 0.02 if slow_from else 0.005
+
+    _timed_run(tmp_path, monkeypatch, seconds, lines)
+    plans = _plans(lines)
+    assert slow_from and plans[-1] < plans[1], lines
+    ckpt = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
+    # The clock stops the run either way; timed only once, it would stop at about half its plan (the
+    # learning rate still high), timed again it ends at or near the end of its schedule.
+    assert ckpt["step"] >= 0.9 * plans[-1], lines

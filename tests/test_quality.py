@@ -89,6 +89,22 @@ def test_the_stepper_equals_forward_with_an_adaptive_head(pointwise):
     assert ran_the_chosen_path(pointwise)
 
 
+@pytest.mark.parametrize("head", ["full", "adaptive"])
+def test_reading_a_prompt_gives_forwards_last_logits_and_state_from_the_last_position_alone(head, monkeypatch):
+    model = (adaptive_model() if head == "adaptive" else
+             CharLSTM(ModelConfig(vocab_size=300, embed_size=8, hidden_size=16, layers=2))).eval()
+    tokens, state = torch.randint(0, 300, (3, 11)), model.initial_state(3)
+    logits, full_state = model(tokens, state)
+    rows = []
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda out: rows.append(out.shape) or real_logits(out))
+    last, read_state = model.read(tokens, state)
+    assert rows == [torch.Size([3, model.config.hidden_size])]   # the head ran on the last position only
+    assert torch.allclose(last, logits[:, -1], atol=1e-6)
+    for (h, c), (h2, c2) in zip(read_state, full_state):
+        assert torch.equal(h, h2) and torch.equal(c, c2)
+
+
 def test_head_auto_picks_the_adaptive_softmax_for_large_vocabularies_only():
     small = CharLSTM(ModelConfig(vocab_size=ADAPTIVE_FROM - 1, embed_size=4, hidden_size=8, layers=1))
     large = CharLSTM(ModelConfig(vocab_size=ADAPTIVE_FROM, embed_size=4, hidden_size=8, layers=1))

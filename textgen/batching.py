@@ -281,8 +281,7 @@ class BatchingEngine:
             ids = self._encode(opening_text(self.tokenizer), job)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
-            out, state = self.model(tokens, state)
-            logits = out[:, -1]
+            logits, state = self.model.read(tokens, state)
         for layer, (h, c) in enumerate(state):
             self.state[layer][0][index] = h
             self.state[layer][1][index] = c

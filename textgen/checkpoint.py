@@ -11,7 +11,7 @@ never runs code from the file):
     model, optimizer         state dicts
     averaged_model           (runs with --ema) the averaged weights: what validation scored, what generation uses
     step, plan               steps done; total steps the schedule is planned over
-    planned, replanned       whether a time budget has been turned into the plan, and timed again
+    planned, replans         whether a time budget has been turned into the plan; how often it was timed again
     loader                   {"train": {...}, "val": {...}} positions
     carried_state            [[h, c], ...] per layer, the state each training stream ended in
     rng                      torch (cpu and cuda), numpy and Python generator states

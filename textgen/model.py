@@ -402,25 +402,21 @@ class CharLSTM(nn.Module):
         training's path, which lets the adaptive head skip the clusters no target is in, and runs
         the output layer's products in the LSTM's low precision (``lstm.matmul_dtype``) where set.
         """
-        self._check_tokens(tokens, 2, "(batch, time)")      # the stack checks batch and time
-        cfg = self.config
-        weight = self.embedding.weight
-        if self.training and cfg.embed_dropout > 0:
-            # Embedding dropout (Gal & Ghahramani 2016): a character loses its whole embedding for
-            # the chunk, wherever it occurs, so the model cannot lean on any one character.
-            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - cfg.embed_dropout)
-            weight = weight * keep.div_(1 - cfg.embed_dropout)
-        try:
-            x = F.embedding(tokens.t(), weight)                          # (T, B, E)
-        except IndexError:
-            raise ValueError(f"tokens must be ids in [0, {cfg.vocab_size}); got values from "
-                             f"{int(tokens.min())} to {int(tokens.max())}") from None
-        x = dropout(x, cfg.input_dropout, self.training, cfg.locked_dropout)
-        out, state = self.lstm(x, state, reference=reference)           # (T, B, H)
-        out = dropout(out, self.dropout, self.training, cfg.locked_dropout)
+        out, state = self.lstm(self._embed(tokens), state, reference=reference)   # (T, B, H)
+        out = dropout(out, self.dropout, self.training, self.config.locked_dropout)
         if targets is None:
             return self.logits(out).transpose(0, 1), state
         return self._loss(out, targets), state
+
+    def read(self, tokens: torch.Tensor, state: State | None = None):
+        """Read a prompt: tokens (B, T) -> logits of the last position only (B, vocab_size), new state.
+
+        Same state as ``forward``, but the output layer runs on the last position alone: a long
+        prompt read by a large head (the adaptive one computes every class) costs B x V, not B x T x V.
+        """
+        out, state = self.lstm(self._embed(tokens), state)
+        out = dropout(out[-1], self.dropout, self.training, self.config.locked_dropout)
+        return self.logits(out), state
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """The output layer: LSTM outputs (..., H) -> (..., V) logits (log-probabilities for the adaptive head)."""
@@ -442,6 +438,23 @@ class CharLSTM(nn.Module):
         if isinstance(self.head, AdaptiveHead):
             return self.head.loss(flat, flat_targets, low)
         return F.cross_entropy(_linear(flat, self.head.weight, self.head.bias, low), flat_targets)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> the LSTM's input (T, B, E), with embedding and input dropout in training."""
+        self._check_tokens(tokens, 2, "(batch, time)")      # the stack checks batch and time
+        cfg = self.config
+        weight = self.embedding.weight
+        if self.training and cfg.embed_dropout > 0:
+            # Embedding dropout (Gal & Ghahramani 2016): a character loses its whole embedding for
+            # the chunk, wherever it occurs, so the model cannot lean on any one character.
+            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - cfg.embed_dropout)
+            weight = weight * keep.div_(1 - cfg.embed_dropout)
+        try:
+            x = F.embedding(tokens.t(), weight)                          # (T, B, E)
+        except IndexError:
+            raise ValueError(f"tokens must be ids in [0, {cfg.vocab_size}); got values from "
+                             f"{int(tokens.min())} to {int(tokens.max())}") from None
+        return dropout(x, cfg.input_dropout, self.training, cfg.locked_dropout)
 
     def _check_tokens(self, tokens, dims: int, shape: str) -> None:
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.dtype == torch.bool

@@ -170,10 +170,9 @@ class Generator:
         was_training = self.model.training
         self.model.eval()                    # no dropout when reading, even mid-training
         try:
-            logits, self.state = self.model(tokens, self.state)      # the whole text in one pass
+            self.logits, self.state = self.model.read(tokens, self.state)  # the whole text in one pass
         finally:
             self.model.train(was_training)
-        self.logits = logits[:, -1]
 
     @torch.no_grad()
     def stream(self, config: SampleConfig) -> Iterator[list[str]]:

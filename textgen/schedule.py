@@ -10,6 +10,7 @@ import math
 EVALS_PER_RUN = 10     # validations over a run when --eval-every is 0
 TIMED_STEPS = 20       # steps timed before a time budget is turned into a step count
 SPARE = 0.03           # of the remaining budget, kept for samples, checkpoints and noise
+REPLAN_AT = (0.1, 0.4, 0.7)  # fractions of the plan where the steps are timed again and the plan made anew
 
 
 def lr_at(step: int, total: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -59,7 +59,7 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 @dataclass
 class TrainConfig:
     text: str | None = None          # corpus path; None = the embedded default corpus
-    batch_size: int = 128            # parallel streams (more streams: larger, faster matrix products)
+    batch_size: int = 64             # parallel streams (64 learned most per second on 2 CPU cores: benchmarks/README.md)
     seq_len: int = 50                # chunk length (truncated BPTT; the state carries on regardless)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
@@ -292,7 +292,7 @@ class Trainer:
         self.state = None
         self.first_loss: float | None = None
         self.planned = config.time_budget is None
-        self.replanned = config.time_budget is None
+        self.replans = len(schedule.REPLAN_AT) if config.time_budget is None else 0   # done so far
         self._budget_mark: tuple[int, float] | None = None
         self._replan_mark: tuple[int, float] | None = None
         self._eval_seconds = 0.0
@@ -444,7 +444,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.plan = int(ckpt.get("plan", self.config.steps))
         self.planned = bool(ckpt.get("planned", True))
-        self.replanned = bool(ckpt.get("replanned", True))
+        # Checkpoints from before the plan was timed again three times say only whether it was, once.
+        self.replans = int(ckpt.get("replans", len(schedule.REPLAN_AT) if ckpt.get("replanned", True) else 0))
         if self.config.time_budget is None:
             self.plan = self.config.steps   # the saved --steps, or a new one given on resume
         self.elapsed = float(ckpt.get("elapsed", 0.0))
@@ -563,7 +564,7 @@ class Trainer:
             "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "plan": self.plan, "planned": self.planned,
-            "replanned": self.replanned, "elapsed": self.elapsed,
+            "replans": self.replans, "elapsed": self.elapsed,
             "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
             "carried_state": self.dist.gather_state(self.state),
             "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
@@ -604,7 +605,7 @@ class Trainer:
                 self._timed_train_step()                       # one optimizer step, counted into the interval
                 if not self.planned:
                     self._plan_budget(bar)
-                elif not self.replanned:
+                elif self.replans < len(schedule.REPLAN_AT):
                     self._replan_budget(bar)
                 out_of_time, stop_requested = self._stop_decided()
                 last_step = self.step >= self.plan or out_of_time
@@ -717,20 +718,25 @@ class Trainer:
             bar.refresh()
 
     def _replan_budget(self, bar=None) -> None:
-        """Once, a tenth of the way into the plan: time the steps again over that longer stretch and
-        plan anew. The first steps of a run are often slower (caches, the allocator, a busy
-        machine settling), and a plan made from them alone left 10-15% of a 15-minute budget unused."""
+        """At a tenth, four tenths and seven tenths of the plan: time the steps again since the last
+        timing and plan anew. The first steps of a run are often slower (caches, the allocator, a
+        busy machine settling), and a plan made from them alone left 10-15% of a 15-minute budget
+        unused; one re-timing at a tenth still left 6% (54 s) when the steps sped up later."""
         cfg = self.config
         if self._replan_mark is None:
             self._replan_mark = (self.step, self._step_seconds)
             return
         steps0, seconds0 = self._replan_mark
-        if self.step < steps0 + max(schedule.TIMED_STEPS, (self.plan - steps0) // 10):
+        # Each timing spans a tenth of the plan at least, even where a shorter plan brings the next one closer.
+        span = max(schedule.TIMED_STEPS, self.plan // 10)
+        if self.step < max(steps0 + span, schedule.REPLAN_AT[self.replans] * self.plan):
             return
         seconds_per_step = (self._step_seconds - seconds0) / (self.step - steps0)
         plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step,
                                       self._eval_seconds, cfg.eval_every)
-        old, self.plan, self.replanned = self.plan, self.dist.broadcast(plan), True
+        old, self.plan = self.plan, self.dist.broadcast(plan)
+        self.replans += 1
+        self._replan_mark = (self.step, self._step_seconds)
         if self.plan != old:
             self.log(f"time budget: {seconds_per_step * 1000:.0f} ms/step over the last {self.step - steps0} "
                      f"steps; planning {self.plan} steps (was {old})")
