@@ -51,8 +51,10 @@ def main() -> None:
             print(f"{row['step']:>6} {row['time']:>8.0f} {row['train_loss']:>7.4f} {row['val_loss']:>9.4f} "
                   f"{row['val_loss'] / LN2:>9.4f}")
     # The last validation (a run stopped by a signal may end on a step without one).
-    final = next(row["val_loss"] for row in reversed(ckpt["history"]) if row["val_loss"] is not None)
+    final = next((row["val_loss"] for row in reversed(ckpt["history"]) if row["val_loss"] is not None), None)
     best = ckpt["best_val_loss"]
+    if final is None:
+        sys.exit(f"{out}: the run stopped at step {ckpt['step']}, before its first validation; nothing to score")
     # The figure set beside the baseline covers exactly the baseline's text, the whole tail, even
     # where training validated on its first --eval-chars only.
     model, tokenizer, _ = load_model(out, prefer_best=True)

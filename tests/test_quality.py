@@ -89,6 +89,20 @@ def test_the_stepper_equals_forward_with_an_adaptive_head(pointwise):
     assert ran_the_chosen_path(pointwise)
 
 
+def test_evaluation_scores_the_exact_distribution_without_computing_every_class(monkeypatch):
+    """evaluate.cross_entropy over several windows (state carried) equals the full log-probabilities'
+    figure, and never asks the adaptive head for all of its classes."""
+    from textgen.evaluate import cross_entropy
+    model = adaptive_model().eval()
+    tokens = torch.randint(0, 300, (1, 90))
+    with torch.no_grad():
+        log_probs, _ = model(tokens[:, :-1])
+    expected = -log_probs[0].gather(-1, tokens[0, 1:, None]).sum().item()
+    monkeypatch.setattr(model.head, "log_probs", lambda out: pytest.fail("every class computed"))
+    total, count = cross_entropy(model, tokens[0].numpy(), batch_size=1, seq_len=20)
+    assert count == 89 and total == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("head", ["full", "adaptive"])
 def test_reading_a_prompt_gives_forwards_last_logits_and_state_from_the_last_position_alone(head, monkeypatch):
     model = (adaptive_model() if head == "adaptive" else

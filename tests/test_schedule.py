@@ -24,6 +24,13 @@ def test_the_planned_steps_and_their_validations_fit_the_remaining_budget():
     assert schedule.planned_steps(30, 99.0, 100.0, 0.1, 5.0, 0) == 31          # no time left: one more step
 
 
+def test_a_plan_made_again_late_reserves_only_the_validations_still_to_come():
+    # 70% of a 900 s budget gone, 20 s validations: three of the ten remain, not ten.
+    plan = schedule.planned_steps(step=700, elapsed=630.0, budget=900.0, seconds_per_step=0.2, eval_seconds=20.0,
+                                  eval_every=0)
+    assert plan - 700 == int(((1 - schedule.SPARE) * 270.0 - 3 * 20.0) / 0.2)
+
+
 def test_validation_waits_for_the_plan_then_comes_ten_times():
     assert schedule.eval_interval(25, 1000, planned=False) == 25
     assert schedule.eval_interval(0, 1_000_000, planned=False) == 1_000_001   # not before the plan exists

@@ -21,12 +21,12 @@ from textgen.sampling import Generator, SampleConfig
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A folder of two trained runs: alpha (2x32) and beta (1x48)."""
+    """A folder of two trained runs: alpha (2x32) and beta (1x48, with DropConnect)."""
     root = tmp_path_factory.mktemp("runs")
     (root / "a").mkdir()
     (root / "b").mkdir()
     alpha, text = train_tiny(root / "a")
-    beta, _ = train_tiny(root / "b", "--hidden-size", "48", "--layers", "1")
+    beta, _ = train_tiny(root / "b", "--hidden-size", "48", "--layers", "1", "--weight-dropout", "0.25")
     folder = root / "served"
     folder.mkdir()
     os.rename(alpha, folder / "alpha")
@@ -116,6 +116,10 @@ def test_models_are_listed_with_what_textgen_info_shows(served, runs):
         assert m["vocab_size"] == len(ckpt["vocab"]["chars"])
         assert m["parameters"] == sum(t.numel() for t in ckpt["model"].values())
         assert m["best_val_bits_per_char"] == pytest.approx(ckpt["best_val_loss"] / 0.6931471805599453, abs=1e-4)
+        saved = ckpt["model_config"]
+        assert m["regularisers"] == {k: saved[k] for k in ("dropout", "input_dropout", "embed_dropout", "weight_dropout")
+                                     if saved[k]}
+        assert m["head"] == "full" and m["averaged_weights"] == (ckpt.get("averaged_model") is not None)
         assert "/" not in m["file"]                 # a name, never a path on this machine
 
 

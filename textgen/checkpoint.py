@@ -35,7 +35,7 @@ from dataclasses import fields
 import torch
 
 from .errors import UsageError
-from .model import CharLSTM, ModelConfig
+from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
 
 FORMAT = "textgen"
@@ -199,6 +199,25 @@ def model_config_of(ckpt: dict) -> ModelConfig:
 def parameter_count(ckpt: dict) -> int:
     """The model's parameters, counted from its saved tensors (not the adaptive head's integer ranks)."""
     return sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def summary(ckpt: dict) -> dict:
+    """What a checkpoint holds, without building its model: what `textgen info` prints and the
+    server's model list returns."""
+    config = model_config_of(ckpt)
+    config.resolve_head()
+    averaged = ckpt.get("averaged_model") is not None
+    return {
+        "layers": config.layers, "hidden_size": config.hidden_size, "embed_size": config.embed_size,
+        "head": config.head, "cutoffs": list(config.cutoffs) if config.head == "adaptive" else [],
+        "regularisers": {name: getattr(config, name) for name in DROPOUT_FIELDS if getattr(config, name)},
+        "locked_dropout": config.locked_dropout,
+        "averaged_weights": averaged, "ema": ckpt.get("train_config", {}).get("ema") if averaged else None,
+        "parameters": parameter_count(ckpt), "vocab": list(ckpt["vocab"]["chars"]),
+        "corpus": ckpt.get("corpus", {}), "steps": ckpt["step"], "plan": ckpt.get("plan"),
+        "best_val_loss": ckpt.get("best_val_loss"), "elapsed": ckpt.get("elapsed", 0.0),
+        "created": ckpt.get("created"), "version": ckpt.get("version"),
+    }
 
 
 def build_model(ckpt: dict, path: str = "checkpoint", averaged: bool = True) -> tuple[CharLSTM, CharTokenizer]:

@@ -457,9 +457,8 @@ def info_main(argv=None) -> int:
 
 
 def _info(argv) -> int:
-    from .checkpoint import load, model_config_of, parameter_count, resolve
+    from .checkpoint import load, resolve, summary
     from .evaluate import LN2
-    from .model import DROPOUT_FIELDS
     from .tokenizer import escape_char
     p = _Parser(prog="textgen info", formatter_class=_Formatter,
                                 description="Describe a checkpoint without putting its weights on a device.")
@@ -468,31 +467,25 @@ def _info(argv) -> int:
     args = p.parse_args(argv)
     path = resolve(args.checkpoint, prefer_best=False)
     ckpt = load(path, map_location="cpu")
-    config = model_config_of(ckpt)
-    params = parameter_count(ckpt)
-    vocab = ckpt["vocab"]["chars"]
-    corpus = ckpt.get("corpus", {})
-    best = ckpt.get("best_val_loss")
-    print(f"checkpoint   {path} (format {ckpt['version']}, written {ckpt.get('created', '?')})")
-    config.resolve_head()
-    print(f"model        {config.layers} x LSTM {config.hidden_size}, embedding {config.embed_size}, "
-          + ("adaptive softmax (cutoffs " + ", ".join(map(str, config.cutoffs)) + ")" if config.head == "adaptive"
+    info = summary(ckpt)
+    corpus, best = info["corpus"], info["best_val_loss"]
+    print(f"checkpoint   {path} (format {info['version']}, written {info['created'] or '?'})")
+    print(f"model        {info['layers']} x LSTM {info['hidden_size']}, embedding {info['embed_size']}, "
+          + ("adaptive softmax (cutoffs " + ", ".join(map(str, info["cutoffs"])) + ")" if info["head"] == "adaptive"
              else "full softmax"))
-    regularisers = [f"{name.replace('_', ' ')} {getattr(config, name):g}" for name in DROPOUT_FIELDS
-                    if getattr(config, name)]
-    averaged = ckpt.get("averaged_model") is not None
+    regularisers = [f"{name.replace('_', ' ')} {value:g}" for name, value in info["regularisers"].items()]
     print(f"regularised  {', '.join(regularisers) or 'no dropout'}"
-          + (" (locked masks)" if config.locked_dropout else "")
-          + (f"; averaged weights (--ema {ckpt.get('train_config', {}).get('ema')})" if averaged else ""))
-    print(f"parameters   {params:,}")
-    print(f"vocabulary   {len(vocab)} characters: {' '.join(escape_char(ch) for ch in vocab)}")
+          + (" (locked masks)" if info["locked_dropout"] else "")
+          + (f"; averaged weights (--ema {info['ema']})" if info["averaged_weights"] else ""))
+    print(f"parameters   {info['parameters']:,}")
+    print(f"vocabulary   {len(info['vocab'])} characters: {' '.join(escape_char(ch) for ch in info['vocab'])}")
     if corpus:
         print(f"corpus       {corpus.get('path')} ({corpus.get('size_bytes', 0):,} bytes, "
               f"{corpus.get('characters', 0):,} characters, sha256 {corpus.get('sha256', '')[:16]})")
-    print(f"steps        {ckpt['step']:,} of {ckpt.get('plan', '?')}")
+    print(f"steps        {info['steps']:,} of {info['plan'] or '?'}")
     if best is not None:
         print(f"best val     {best:.4f} nats/char = {best / LN2:.4f} bits/char")
-    print(f"train time   {ckpt.get('elapsed', 0.0):.0f}s")
+    print(f"train time   {info['elapsed']:.0f}s")
     return 0
 
 

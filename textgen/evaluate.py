@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data import eval_windows
 from .model import CharLSTM
@@ -39,10 +38,12 @@ def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = 16, seq
                 if len(idx) == 0:
                     continue
             window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-            logits, state = model(window[:, :-1], state)
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="sum")
-            total += float(nll)
-            count += window[:, 1:].numel()
+            targets = window[:, 1:]
+            # The model's own loss path: exact -log p(target) under the full distribution, but the
+            # adaptive head computes only the clusters a target is in, not every class at every position.
+            mean_nll, state = model(window[:, :-1], state, targets=targets)
+            total += float(mean_nll) * targets.numel()
+            count += targets.numel()
             if progress is not None:
                 progress(idx.shape[0] * (idx.shape[1] - 1))
     finally:

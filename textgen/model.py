@@ -415,7 +415,7 @@ class CharLSTM(nn.Module):
         prompt read by a large head (the adaptive one computes every class) costs B x V, not B x T x V.
         """
         out, state = self.lstm(self._embed(tokens), state)
-        out = dropout(out[-1], self.dropout, self.training, self.config.locked_dropout)
+        out = dropout(out, self.dropout, self.training, self.config.locked_dropout)[-1]
         return self.logits(out), state
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,13 @@ def timing_starts_at(warmup_steps: int) -> int:
 
 def planned_steps(step: int, elapsed: float, budget: float, seconds_per_step: float, eval_seconds: float,
                   eval_every: int) -> int:
-    """The total step count that fits the budget, counting the validations still to come."""
-    remaining = budget - elapsed
-    evals = remaining / seconds_per_step / eval_every if eval_every else EVALS_PER_RUN
+    """The total step count that fits the budget, counting the validations still to come.
+
+    With eval_every 0 the run validates EVALS_PER_RUN times, evenly: when the plan is made again
+    late in a run only the share still ahead is reserved (reserving all ten had a 100 MB run with
+    24 s validations stop 224 s early)."""
+    remaining = max(0.0, budget - elapsed)
+    evals = remaining / seconds_per_step / eval_every if eval_every else math.ceil(EVALS_PER_RUN * remaining / budget)
     training_seconds = (1 - SPARE) * remaining - evals * eval_seconds
     return step + max(1, int(training_seconds / seconds_per_step))
 

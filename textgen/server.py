@@ -45,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from .batching import BatchingEngine, Busy, Job, Scheduler
-from .checkpoint import BEST, LATEST, build_model, load, model_config_of, parameter_count, resolve
+from .checkpoint import BEST, LATEST, build_model, load, resolve, summary
 from .errors import UsageError
 from .evaluate import LN2
 from .sampling import SampleConfig
@@ -186,13 +186,13 @@ class Catalogue:
 
 def describe(ckpt: dict, file: str) -> dict:
     """What `textgen info` shows of a checkpoint, as JSON."""
-    config = model_config_of(ckpt)
-    best = ckpt.get("best_val_loss")
-    return {"file": file, "layers": config.layers, "hidden_size": config.hidden_size,
-            "embed_size": config.embed_size, "parameters": parameter_count(ckpt),
-            "vocab_size": len(ckpt["vocab"]["chars"]), "steps": ckpt["step"], "plan": ckpt.get("plan"),
-            "best_val_bits_per_char": None if best is None else round(best / LN2, 4),
-            "created": ckpt.get("created")}
+    info = summary(ckpt)
+    best = info["best_val_loss"]
+    return {"file": file, **{key: info[key] for key in ("layers", "hidden_size", "embed_size", "head", "cutoffs",
+                                                         "regularisers", "locked_dropout", "averaged_weights",
+                                                         "parameters")},
+            "vocab_size": len(info["vocab"]), "steps": info["steps"], "plan": info["plan"],
+            "best_val_bits_per_char": None if best is None else round(best / LN2, 4), "created": info["created"]}
 
 
 # ---------------------------------------------------------------------------
