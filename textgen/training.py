@@ -59,7 +59,7 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 @dataclass
 class TrainConfig:
     text: str | None = None          # corpus path; None = the embedded default corpus
-    batch_size: int = 64             # parallel streams (64 learned most per second on 2 CPU cores: benchmarks/README.md)
+    batch_size: int = 64             # parallel streams (64 learned most per second on 2 CPU cores: benchmarks/)
     seq_len: int = 50                # chunk length (truncated BPTT; the state carries on regardless)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
