@@ -13,7 +13,8 @@ from textgen import checkpoint, schedule
 from textgen.checkpoint import load_model
 from textgen.cli import parse_duration
 from textgen.errors import UsageError
-from textgen.evaluate import evaluate_file
+from textgen.evaluate import adapted_cross_entropy, cross_entropy, evaluate_file
+from textgen.model import CharLSTM, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,95 @@ def test_eval_command_line(trained):
     result = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text)
     assert result.returncode == 0, result.stderr
     assert "nats/char" in result.stdout and "bits/char" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Dynamic evaluation (--adapt): scored first, learnt from after, never from text ahead
+# ---------------------------------------------------------------------------
+
+def test_adapting_with_no_step_is_the_one_stream_score(trained):
+    run_dir, text = trained
+    model, tok, _ = load_model(run_dir)
+    ids = tok.encode(open(text, encoding="utf-8").read()[:3000])
+    chunk_nll, count = adapted_cross_entropy(model, ids, seq_len=47, lr=0.0)
+    total, static_count = cross_entropy(model, ids, batch_size=1, seq_len=47)
+    assert count == static_count == len(ids) - 1 and len(chunk_nll) == math.ceil(count / 47)
+    assert chunk_nll.sum() == pytest.approx(total, rel=1e-5)
+
+
+def test_adapting_learns_from_what_it_has_read_and_only_that(trained):
+    run_dir, _ = trained
+    model, tok, _ = load_model(run_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, tok.vocab_size, size=50)         # nothing the model could have learnt
+    repeated = np.concatenate([noise] * 12)                  # 24 chunks of 25
+    adapted, _ = adapted_cross_entropy(model, repeated, seq_len=25, lr=3e-2)
+    static, _ = adapted_cross_entropy(model, repeated, seq_len=25, lr=0.0)
+    first, last = slice(0, 2), slice(20, 24)                 # the first copy and the last two
+    assert adapted[first].sum() == pytest.approx(static[first].sum(), rel=0.1)
+    assert adapted[last].sum() < 0.75 * static[last].sum()   # the copies it has read help
+    # Causal: changing the text from chunk 15 on leaves the scores of chunks 0-13 exactly as they were
+    # (chunk 14's last target is the first changed character).
+    changed = repeated.copy()
+    changed[15 * 25:] = rng.integers(0, tok.vocab_size, size=len(changed) - 15 * 25)
+    again, _ = adapted_cross_entropy(model, changed, seq_len=25, lr=3e-2)
+    np.testing.assert_array_equal(again[:14], adapted[:14])
+    assert not np.array_equal(again[14:], adapted[14:])
+    # The steps went to a copy: the caller's model is as it was.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_each_chunk_is_scored_before_the_step_it_teaches(trained):
+    """The update rule by hand: chunk 0 is scored by the trained weights, chunk 1 by those weights
+    after one RMSprop step on chunk 0 (its first step, bias-corrected: lr * g / |g|) and the pull of
+    decay back toward the trained weights."""
+    run_dir, text = trained
+    model, tok, _ = load_model(run_dir)
+    ids = tok.encode(open(text, encoding="utf-8").read()[:200])
+    lr, decay, L = 1e-2, 0.25, 30
+    chunk_nll, _ = adapted_cross_entropy(model, ids, seq_len=L, lr=lr, decay=decay)
+    data = torch.from_numpy(ids.astype(np.int64))[None]
+    model.eval()
+    loss0, state = model(data[:, :L], None, targets=data[:, 1:L + 1])
+    assert chunk_nll[0] == pytest.approx(float(loss0.detach()) * L, rel=1e-6)
+    grads = torch.autograd.grad(loss0, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            stepped = p - lr * g / (g.abs() + 1e-8)
+            p.copy_(stepped + decay * (p - stepped))
+        loss1, _ = model(data[:, L:2 * L], state, targets=data[:, L + 1:2 * L + 1])
+    assert chunk_nll[1] == pytest.approx(float(loss1) * L, rel=1e-5)
+
+
+def test_adapting_an_adaptive_head_skips_the_clusters_a_chunk_never_reaches():
+    torch.manual_seed(0)
+    model = CharLSTM(ModelConfig(300, 8, 24, 2, head="adaptive", cutoffs=(20, 100)))
+    ids = np.random.default_rng(1).integers(0, 20, size=400)       # head cluster only
+    ids[200:] = np.random.default_rng(2).integers(0, 300, size=200)  # then every cluster
+    tail = [p.detach().clone() for p in model.head.parameters()]
+    nll, count = adapted_cross_entropy(model, ids, seq_len=30, lr=1e-3)
+    total, _ = cross_entropy(model, ids, batch_size=1, seq_len=30)
+    assert count == 399 and np.isfinite(nll).all() and nll.sum() != pytest.approx(total, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(tail, model.head.parameters()))
+
+
+def test_eval_adapt_command_line(trained, tmp_path):
+    run_dir, text = trained
+    result = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text, "--adapt", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+    report = json.loads(result.stdout)
+    static = evaluate_file(run_dir, text)
+    assert report["streams"] == 1 and report["seq_len"] == 50 and report["adapt_lr"] > 0
+    assert report["nats_per_char"] < static["nats_per_char"]   # a text it was trained on, read again
+    plain = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text, "--adapt-lr", "1e-3")
+    assert plain.returncode == 0 and "learning as it reads (--adapt-lr 0.001)" in plain.stdout
+    for flags, words in ((["--adapt", "--batch-size", "4"], "one stream"), (["--adapt-lr", "0"], "positive"),
+                         (["--adapt-lr", "nan"], "finite"), (["--seq-len", "0"], "positive")):
+        bad = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text, *flags)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, flags
+        assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_durations():

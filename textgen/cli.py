@@ -16,12 +16,14 @@ import sys
 from dataclasses import fields
 
 from . import __version__
-from .errors import UsageError
+from .errors import UsageError, check_finite
 from .tokenizer import UnknownCharactersError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # "(default: None)" tells nothing: such a flag's help says what happens without it.
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -410,6 +412,7 @@ def _interactive(gen, config, out, prompt: str, say) -> None:
 # ---------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
+    from .evaluate import ADAPT_LR, ADAPT_SEQ_LEN
     p = _Parser(
         prog="textgen-eval", formatter_class=_Formatter,
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
@@ -418,8 +421,15 @@ def eval_parser() -> argparse.ArgumentParser:
     add_checkpoint(p)
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
     add_unknown(p, "leave them out and count them")
-    p.add_argument("--batch-size", type=int, default=16, help="parallel streams the file is read as")
-    p.add_argument("--seq-len", type=int, default=256, help="characters per chunk")
+    p.add_argument("--batch-size", type=int, default=None, help="parallel streams the file is read as (default 16; 1 with --adapt)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="characters per chunk (default 256, or %d with --adapt)" % ADAPT_SEQ_LEN)
+    p.add_argument("--adapt", action="store_true",
+                   help="dynamic evaluation: read the file as one stream and let the model keep learning from "
+                        "what it has read, a step after each chunk is scored (never from text ahead); the "
+                        "figure to set beside a compressor's, which also learns from the file as it goes")
+    p.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                   help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_common(p)
     return p
@@ -433,18 +443,29 @@ def _eval(argv) -> int:
     import json
 
     from .checkpoint import latest_run
-    from .evaluate import evaluate_file
+    from .evaluate import ADAPT_LR, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
-    if args.batch_size < 1 or args.seq_len < 1:
+    if (args.batch_size is not None and args.batch_size < 1) or (args.seq_len is not None and args.seq_len < 1):
         raise UsageError("--batch-size and --seq-len must be positive integers")
-    report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size, args.seq_len,
-                           resolve_device(args.device), progress=not args.quiet and sys.stderr.isatty())
+    adapt_lr = None
+    if args.adapt or args.adapt_lr is not None:
+        adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
+        check_finite({"adapt-lr": adapt_lr})
+        if not adapt_lr > 0:
+            raise UsageError(f"--adapt-lr must be a positive number, got {adapt_lr}")
+        if args.batch_size not in (None, 1):
+            raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
+                             "text of another that comes before it); leave out --batch-size")
+    report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size or 16,
+                           args.seq_len, resolve_device(args.device),
+                           progress=not args.quiet and sys.stderr.isatty(), adapt_lr=adapt_lr)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted "
-          f"in {report['streams']} streams")
+    how = (f"as one stream, learning as it reads (--adapt-lr {report['adapt_lr']:g})" if report["adapt_lr"]
+           else f"in {report['streams']} streams")
+    print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted {how}")
     if report["skipped_unknown"]:
         print(f"left out {report['skipped_unknown']:,} characters the model never saw")
     print(f"cross-entropy {report['nats_per_char']:.4f} nats/char = {report['bits_per_char']:.4f} bits/char "
