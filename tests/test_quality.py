@@ -391,6 +391,16 @@ def test_a_text_read_many_times_gets_the_strong_regularisers_and_given_ones_win(
     assert "weight_dropout" not in given.regularisers and given.regularisers["locked_dropout"] is True
 
 
+def test_the_warm_up_timing_takes_the_fastest_step_not_the_first_slow_ones(monkeypatch):
+    """Steps of 9, 7, 5, 2 and 3 clock units (the first two untimed): the step costs 2 units."""
+    ticks = iter([0, 9, 16, 21, 21, 23, 23, 26])   # an untimed step reads only its start
+    monkeypatch.setattr(sizing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    config = ModelConfig(30, hidden_size=16, layers=1)
+    x = torch.zeros(2, 5, dtype=torch.long)
+    seconds = sizing.measure(config, (x, x), None, torch.device("cpu"), steps=3, untimed=2)
+    assert seconds == pytest.approx(2 / x.numel() / sizing.cost_per_char(config))
+
+
 def test_parse_size():
     assert sizing.parse_size("auto") is None and sizing.parse_size("3x256") == (3, 256)
     for bad in ("3y", "0x512", "x512", "big"):
