@@ -421,7 +421,8 @@ def eval_parser() -> argparse.ArgumentParser:
     add_checkpoint(p)
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
     add_unknown(p, "leave them out and count them")
-    p.add_argument("--batch-size", type=int, default=None, help="parallel streams the file is read as (default 16; 1 with --adapt)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="parallel streams the file is read as (default 16; 1 with --adapt)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="characters per chunk (default 256, or %d with --adapt)" % ADAPT_SEQ_LEN)
     p.add_argument("--adapt", action="store_true",
