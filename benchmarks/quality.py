@@ -64,7 +64,8 @@ def main() -> None:
     # where training validated on its first --eval-chars only.
     model, tokenizer, _ = load_model(out, prefer_best=True)
     train_cfg = ckpt["train_config"]
-    total, count = cross_entropy(model, tokenizer.encode(tail), train_cfg["batch_size"], train_cfg["seq_len"])
+    tail_tokens = tokenizer.encode(tail)
+    total, count = cross_entropy(model, tail_tokens, train_cfg["batch_size"], train_cfg["seq_len"])
     whole = total / count
     c = ckpt["model_config"]
     print(f"\n{os.path.basename(args.text)}: {c['layers']}x{c['hidden_size']} LSTM, {ckpt['step']} steps in "
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"Witten-Bell {args.order}-gram baseline {baseline:.4f} nats/char ({baseline / LN2:.3f} bits); "
           f"model / baseline = {whole / baseline:.3f}")
     if not args.no_adapt:
-        chunk_nll, count = adapted_cross_entropy(model, tokenizer.encode(tail))
+        chunk_nll, count = adapted_cross_entropy(model, tail_tokens)
         adapted, xz = chunk_nll.sum() / count, xz_conditional(head, tail)
         print(f"learning as it reads (textgen-eval --adapt): {adapted:.4f} nats/char ({adapted / LN2:.3f} bits); "
               f"xz with the head as dictionary {xz:.4f}; adapted / xz = {adapted / xz:.3f}")

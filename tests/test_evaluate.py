@@ -121,7 +121,9 @@ def test_each_chunk_is_scored_before_the_step_it_teaches(trained):
     assert chunk_nll[1] == pytest.approx(float(loss1) * L, rel=1e-5)
 
 
-def test_adapting_an_adaptive_head_skips_the_clusters_a_chunk_never_reaches():
+def test_adapting_an_adaptive_head_keeps_the_clusters_no_target_has_reached_finite():
+    """Tail clusters get zero gradients until a target falls in them: their steps must be 0, not
+    0 / 0, or the scores turn NaN once the text reaches them."""
     torch.manual_seed(0)
     model = CharLSTM(ModelConfig(300, 8, 24, 2, head="adaptive", cutoffs=(20, 100)))
     ids = np.random.default_rng(1).integers(0, 20, size=400)       # head cluster only

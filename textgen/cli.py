@@ -412,7 +412,7 @@ def _interactive(gen, config, out, prompt: str, say) -> None:
 # ---------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    from .evaluate import ADAPT_LR, ADAPT_SEQ_LEN
+    from .evaluate import ADAPT_LR, ADAPT_SEQ_LEN, EVAL_SEQ_LEN, EVAL_STREAMS
     p = _Parser(
         prog="textgen-eval", formatter_class=_Formatter,
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
@@ -422,9 +422,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
     add_unknown(p, "leave them out and count them")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="parallel streams the file is read as (default 16; 1 with --adapt)")
+                   help=f"parallel streams the file is read as (default {EVAL_STREAMS}; 1 with --adapt)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="characters per chunk (default 256, or %d with --adapt)" % ADAPT_SEQ_LEN)
+                   help=f"characters per chunk (default {EVAL_SEQ_LEN}, or {ADAPT_SEQ_LEN} with --adapt)")
     p.add_argument("--adapt", action="store_true",
                    help="dynamic evaluation: read the file as one stream and let the model keep learning from "
                         "what it has read, a step after each chunk is scored (never from text ahead); the "
@@ -444,7 +444,7 @@ def _eval(argv) -> int:
     import json
 
     from .checkpoint import latest_run
-    from .evaluate import ADAPT_LR, evaluate_file
+    from .evaluate import ADAPT_LR, EVAL_STREAMS, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
     if (args.batch_size is not None and args.batch_size < 1) or (args.seq_len is not None and args.seq_len < 1):
@@ -458,7 +458,7 @@ def _eval(argv) -> int:
         if args.batch_size not in (None, 1):
             raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
                              "text of another that comes before it); leave out --batch-size")
-    report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size or 16,
+    report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size or EVAL_STREAMS,
                            args.seq_len, resolve_device(args.device),
                            progress=not args.quiet and sys.stderr.isatty(), adapt_lr=adapt_lr)
     if args.json:

@@ -26,10 +26,12 @@ from .data import eval_windows
 from .model import CharLSTM, detach_state
 
 LN2 = math.log(2)
+EVAL_STREAMS = 16       # textgen-eval's defaults: parallel streams, characters a chunk
+EVAL_SEQ_LEN = 256
 
 
 @torch.no_grad()
-def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = 16, seq_len: int = 256,
+def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_STREAMS, seq_len: int = EVAL_SEQ_LEN,
                   device="cpu", progress=None, shard: tuple[int, int] | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of characters it covers.
 
@@ -93,12 +95,12 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
         inputs, targets = data[start:stop][None], data[start + 1:stop + 1][None]
         mean_nll, state = work(inputs, state, targets=targets)
         chunk_nll[i] = float(mean_nll.detach()) * (stop - start)
-        grads = torch.autograd.grad(mean_nll, params, allow_unused=True)
+        # Every weight joins the graph (an adaptive-head cluster no target reached gets zeros, and
+        # with them a step of 0 / (0 + eps) = 0).
+        grads = torch.autograd.grad(mean_nll, params)
         with torch.no_grad():
             correction = 1 - beta ** (i + 1)
             for k, (p, g) in enumerate(zip(params, grads)):
-                if g is None:           # adaptive-head clusters no target of this chunk was in
-                    continue
                 mean_square[k].mul_(beta).addcmul_(g, g, value=1 - beta)
                 p.addcdiv_(g, (mean_square[k] / correction).sqrt_().add_(1e-8), value=-lr)
                 if trained is not None:
@@ -109,13 +111,13 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     return chunk_nll, n
 
 
-def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", batch_size: int = 16,
+def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", batch_size: int = EVAL_STREAMS,
                   seq_len: int | None = None, device="cpu", progress: bool = False,
                   adapt_lr: float | None = None) -> dict:
     """Cross-entropy of a checkpoint over a whole text file, as a report dict.
 
     adapt_lr: dynamic evaluation with that step size (one stream; ``adapted_cross_entropy``).
-    seq_len defaults to 256 characters a chunk, or ADAPT_SEQ_LEN when adapting.
+    seq_len defaults to EVAL_SEQ_LEN characters a chunk, or ADAPT_SEQ_LEN when adapting.
     """
     import time
 
@@ -147,7 +149,7 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
     start = time.perf_counter()
     try:
         if adapt_lr is None:
-            seq_len = seq_len or 256
+            seq_len = seq_len or EVAL_SEQ_LEN
             total, count = cross_entropy(model, tokens, batch_size, seq_len, device,
                                          progress=bar.update if bar else None)
             streams = eval_streams(len(tokens), batch_size, seq_len)
