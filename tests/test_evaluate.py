@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, run, small_text
+from conftest import ROOT, TINY, run, small_text, train_tiny
 from textgen import checkpoint, schedule
 from textgen.checkpoint import load_model
 from textgen.cli import parse_duration
@@ -135,6 +135,23 @@ def test_adapting_an_adaptive_head_keeps_the_clusters_no_target_has_reached_fini
     assert all(torch.equal(a, b) for a, b in zip(tail, model.head.parameters()))
 
 
+def test_evaluation_runs_float32_whatever_dtype_the_run_trained_with(tmp_path):
+    """A checkpoint trained with bf16 products is scored with float32 ones: the figure does not
+    depend on the training precision, and --adapt's backward pass (no loss scaler) never runs in
+    float16 on a GPU."""
+    run_dir, text = train_tiny(tmp_path, "--dtype", "bfloat16")
+    model, tok, _ = load_model(run_dir)
+    assert model.lstm.matmul_dtype is None
+    ids = tok.encode(open(text, encoding="utf-8").read()[:2000])
+    total, count = cross_entropy(model, ids, batch_size=1, seq_len=50)
+    model.lstm.matmul_dtype = torch.bfloat16
+    low, _ = cross_entropy(model, ids, batch_size=1, seq_len=50)
+    assert abs(low - total) > 1e-6 * total            # bf16 products give another figure (4e-6 here)
+    (tmp_path / "held.txt").write_text(open(text, encoding="utf-8").read()[:2000], encoding="utf-8")
+    report = evaluate_file(run_dir, str(tmp_path / "held.txt"), batch_size=1, seq_len=50)
+    assert report["nats_per_char"] == pytest.approx(total / count, rel=1e-9)
+
+
 def test_eval_adapt_command_line(trained, tmp_path):
     run_dir, text = trained
     result = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text, "--adapt", "--json")
@@ -176,11 +193,15 @@ def test_time_budget_stops_near_its_limit_and_saves(tmp_path):
     assert ckpt["history"][-1]["val_loss"] is not None        # validated at the end
 
 
-def load_ngram():
-    spec = importlib.util.spec_from_file_location("ngram", os.path.join(ROOT, "benchmarks", "ngram.py"))
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_ngram():
+    return load_benchmark("ngram")
 
 
 def test_ngram_gives_the_exact_entropy_of_toy_texts():
@@ -303,3 +324,18 @@ def test_steps_that_slow_down_partway_shorten_the_plan(tmp_path, monkeypatch):
     # The clock stops the run either way; timed only once, it would stop at about half its plan (the
     # learning rate still high), timed again it ends at or near the end of its schedule.
     assert ckpt["step"] >= 0.9 * plans[-1], lines
+
+
+def test_the_prose_corpus_takes_each_docstring_once_and_no_control_characters(monkeypatch):
+    make_corpora = load_benchmark("make_corpora")
+    words = " ".join(["words of plain English prose"] * 10)
+
+    def source(doc):
+        return f'def f():\n    """{doc}"""\n'
+
+    files = [("a.py", source("First. " + words)), ("b.py", source("First. " + words)),      # a copy
+             ("c.py", source("Escaped \\0 here. " + words)), ("d.py", source("Second. " + words))]
+    monkeypatch.setattr(make_corpora, "python_sources", lambda: iter(files))
+    prose = make_corpora.prose_text(10_000)
+    assert prose.count("First.") == 1 and "Second." in prose
+    assert "Escaped" not in prose and "\x00" not in prose
