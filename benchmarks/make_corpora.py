@@ -89,14 +89,15 @@ def prose_text(limit: int) -> str:
     """Each docstring once: some packages repeat theirs word for word (playwright's sync and async
     APIs); before this, 77% of the 100-character stretches of the 10 MB file's tail occurred earlier
     in that tail."""
-    seen: set[str] = set()
+    def each_once():
+        seen: set[str] = set()
+        for _, text in python_sources():
+            for doc in docstrings(text):
+                if doc not in seen:
+                    seen.add(doc)
+                    yield doc
 
-    def first_time(doc: str) -> bool:
-        new = doc not in seen
-        seen.add(doc)
-        return new
-
-    return take((doc for _, text in python_sources() for doc in docstrings(text) if first_time(doc)), limit)
+    return take(each_once(), limit)
 
 
 # Groff markup in man pages: font changes, escapes and named characters, none of them text.

@@ -142,12 +142,13 @@ def test_evaluation_runs_float32_whatever_dtype_the_run_trained_with(tmp_path):
     run_dir, text = train_tiny(tmp_path, "--dtype", "bfloat16")
     model, tok, _ = load_model(run_dir)
     assert model.lstm.matmul_dtype is None
-    ids = tok.encode(open(text, encoding="utf-8").read()[:2000])
+    held_out = open(text, encoding="utf-8").read()[:2000]
+    ids = tok.encode(held_out)
     total, count = cross_entropy(model, ids, batch_size=1, seq_len=50)
     model.lstm.matmul_dtype = torch.bfloat16
     low, _ = cross_entropy(model, ids, batch_size=1, seq_len=50)
     assert abs(low - total) > 1e-6 * total            # bf16 products give another figure (4e-6 here)
-    (tmp_path / "held.txt").write_text(open(text, encoding="utf-8").read()[:2000], encoding="utf-8")
+    (tmp_path / "held.txt").write_text(held_out, encoding="utf-8")
     report = evaluate_file(run_dir, str(tmp_path / "held.txt"), batch_size=1, seq_len=50)
     assert report["nats_per_char"] == pytest.approx(total / count, rel=1e-9)
 

@@ -104,7 +104,7 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
                 mean_square[k].mul_(beta).addcmul_(g, g, value=1 - beta)
                 p.addcdiv_(g, (mean_square[k] / correction).sqrt_().add_(1e-8), value=-lr)
                 if trained is not None:
-                    p.add_(trained[k] - p, alpha=decay)
+                    p.lerp_(trained[k], decay)
         state = detach_state(state)
         if progress is not None:
             progress(stop - start)
