@@ -306,6 +306,33 @@ def test_a_plan_made_from_slow_first_steps_is_made_again_once_they_speed_up(tmp_
     assert ckpt["replans"] == len(schedule.REPLAN_AT) and ckpt["plan"] == plans[-1]
 
 
+def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monkeypatch):
+    """A budgeted run whose validation is cheap validates many times, so best.pt can catch a model
+    that peaks early, but samples and plots only about EVALS_PER_RUN times; a resumed run keeps
+    the count its plan chose."""
+    from textgen.model import ModelConfig
+    from textgen.training import TrainConfig, Trainer
+    monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 40)
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    lines = []
+    config = TrainConfig(text=str(text), batch_size=2, seq_len=8, time_budget=4.0, warmup_steps=2, sample_length=20,
+                         out=str(tmp_path / "run"), quiet=True, eval_chars=200, save_every=10_000)
+    model = ModelConfig(vocab_size=1, embed_size=4, hidden_size=8, layers=1)
+    Trainer(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append).run()
+    ckpt = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
+    validated = [row for row in ckpt["history"] if row["val_loss"] is not None]
+    samples = [line for line in lines if line.startswith("--- sample at step")]
+    assert ckpt["validations"] == 40 and "(40 in the run)" in next(line for line in lines if "planning" in line)
+    assert 30 <= len(validated) <= 42, len(validated)          # the plan shared among 40, and the last step
+    assert schedule.EVALS_PER_RUN - 1 <= len(samples) <= schedule.EVALS_PER_RUN + 2, samples
+    assert ckpt["best_val_loss"] == min(row["val_loss"] for row in validated)
+    assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["best_val_loss"] == ckpt["best_val_loss"]
+    monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 10)
+    resumed = Trainer(None, TrainConfig(), resume=str(tmp_path / "run" / "latest.pt"), log=lambda m: None)
+    assert resumed.validations == 40 and resumed._eval_seconds == ckpt["eval_seconds"] > 0
+
+
 def test_steps_that_slow_down_partway_shorten_the_plan(tmp_path, monkeypatch):
     """Fast for the first 30% of the plan, then 4x slower: the later timings plan fewer steps, so the
     run reaches (nearly) the end of its learning-rate schedule before its time is up."""

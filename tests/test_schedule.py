@@ -31,6 +31,22 @@ def test_a_plan_made_again_late_reserves_only_the_validations_still_to_come():
     assert plan - 700 == int(((1 - schedule.SPARE) * 270.0 - 3 * 20.0) / 0.2)
 
 
+def test_cheap_validations_come_more_often_within_their_share_of_the_budget():
+    assert schedule.validations_for(900.0, 4.9) == schedule.EVALS_PER_RUN      # tiny-shakespeare's 111k-char tail
+    assert schedule.validations_for(900.0, 0.5) == 36                          # 2% of 900 s in 0.5 s validations
+    assert schedule.validations_for(900.0, 0.01) == schedule.MAX_EVALS_PER_RUN
+    assert schedule.validations_for(900.0, 0.0) == schedule.MAX_EVALS_PER_RUN  # too quick to time
+    for seconds in (0.01, 0.1, 0.5, 1.0):
+        count = schedule.validations_for(900.0, seconds)
+        assert count == schedule.EVALS_PER_RUN or count * seconds <= schedule.EVAL_SHARE * 900.0
+    # The plan reserves time for as many as will come.
+    ten = schedule.planned_steps(30, 3.0, 900.0, 0.1, 0.5, 0, validations=10)
+    many = schedule.planned_steps(30, 3.0, 900.0, 0.1, 0.5, 0, validations=36)
+    assert ten - many == int(((1 - schedule.SPARE) * 897.0 - 10 * 0.5) / 0.1) - \
+        int(((1 - schedule.SPARE) * 897.0 - 36 * 0.5) / 0.1)
+    assert schedule.eval_interval(0, 1000, planned=True, validations=40) == 25
+
+
 def test_validation_waits_for_the_plan_then_comes_ten_times():
     assert schedule.eval_interval(25, 1000, planned=False) == 25
     assert schedule.eval_interval(0, 1_000_000, planned=False) == 1_000_001   # not before the plan exists

@@ -176,7 +176,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="train for this long (90s, 15m, 2h; seconds by default) with the schedule planned over it")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=t.eval_every,
-                   help="validate and print a sample every N steps (0: about 10 times over the run)")
+                   help="validate and print a sample every N steps (0: about 10 times over the run, and "
+                        "with a time budget more validations, up to 100, where each is cheap)")
     g.add_argument("--eval-chars", type=int, default=t.eval_chars,
                    help="characters of the validation tail read at each validation (0: all)")
     g.add_argument("--save-every", type=int, default=t.save_every, help="write latest.pt every N steps")

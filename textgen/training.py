@@ -69,7 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     steps: int = 1_000_000           # with a time budget, an upper bound; giving steps drops the default budget
     time_budget: float | None = 180.0  # seconds; the schedule is planned over it (None: run `steps`)
-    eval_every: int = 0              # 0: about EVALS_PER_RUN validations over the planned run
+    eval_every: int = 0              # 0: EVALS_PER_RUN validations over the planned run, more where cheap
     save_every: int = 200
     log_every: int = 25
     val_fraction: float = 0.1
@@ -296,6 +296,8 @@ class Trainer:
         self._budget_mark: tuple[int, float] | None = None
         self._replan_mark: tuple[int, float] | None = None
         self._eval_seconds = 0.0
+        self.validations = schedule.EVALS_PER_RUN     # over the run, when --eval-every is 0
+        self._last_report: int | None = None           # the step of the last sample and plot
         self.last_saved_step: int | None = None
         if ckpt is not None:
             self._restore(ckpt, resume)
@@ -446,6 +448,8 @@ class Trainer:
         self.planned = bool(ckpt.get("planned", True))
         # Checkpoints from before the plan was timed again three times say only whether it was, once.
         self.replans = int(ckpt.get("replans", len(schedule.REPLAN_AT) if ckpt.get("replanned", True) else 0))
+        self.validations = int(ckpt.get("validations", schedule.EVALS_PER_RUN))
+        self._eval_seconds = float(ckpt.get("eval_seconds", 0.0))
         if self.config.time_budget is None:
             self.plan = self.config.steps   # the saved --steps, or a new one given on resume
         self.elapsed = float(ckpt.get("elapsed", 0.0))
@@ -565,6 +569,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "plan": self.plan, "planned": self.planned,
             "replans": self.replans, "elapsed": self.elapsed,
+            "validations": self.validations, "eval_seconds": self._eval_seconds,
             "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
             "carried_state": self.dist.gather_state(self.state),
             "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
@@ -610,12 +615,14 @@ class Trainer:
                 out_of_time, stop_requested = self._stop_decided()
                 last_step = self.step >= self.plan or out_of_time
                 val_loss = None
+                report = False
                 if self.step % self.eval_interval() == 0 or last_step:
+                    report = self._report_due() or last_step
                     with self._out_of_memory_is_a_stop():
-                        val_loss = self._evaluate_and_sample()
+                        val_loss = self._evaluate_and_sample(report)
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
-                if val_loss is not None:
+                if report:
                     self._plot()
                 is_best = self._note_best(val_loss)
                 if self.step % cfg.save_every == 0 or last_step or is_best or stop_requested:
@@ -707,12 +714,14 @@ class Trainer:
             return
         seconds_per_step = (self.elapsed - t0) / (self.step - steps0)
         _, eval_seconds = self._timed_validation()
+        self.validations = self.dist.broadcast(schedule.validations_for(cfg.time_budget, eval_seconds))
         plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step, eval_seconds,
-                                      cfg.eval_every)
+                                      cfg.eval_every, self.validations)
         self.plan, self.planned = self.dist.broadcast(plan), True
         self._eval_seconds = eval_seconds
+        how_often = "" if cfg.eval_every else f" ({self.validations} in the run)"
         self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
-                 f"validation {eval_seconds:.1f}s; planning {self.plan} steps")
+                 f"validation {eval_seconds:.1f}s{how_often}; planning {self.plan} steps")
         if bar is not None:
             bar.total = self.plan
             bar.refresh()
@@ -733,7 +742,7 @@ class Trainer:
             return
         seconds_per_step = (self._step_seconds - seconds0) / (self.step - steps0)
         plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step,
-                                      self._eval_seconds, cfg.eval_every)
+                                      self._eval_seconds, cfg.eval_every, self.validations)
         old, self.plan = self.plan, self.dist.broadcast(plan)
         self.replans += 1
         self._replan_mark = (self.step, self._step_seconds)
@@ -745,16 +754,25 @@ class Trainer:
                 bar.refresh()
 
     def eval_interval(self) -> int:
-        return schedule.eval_interval(self.config.eval_every, self.plan, self.planned)
+        return schedule.eval_interval(self.config.eval_every, self.plan, self.planned, self.validations)
+
+    def _report_due(self) -> bool:
+        """Whether this validation also samples and plots: about EVALS_PER_RUN times a run however
+        often it validates (every validation where --eval-every sets the pace)."""
+        every = schedule.eval_interval(self.config.eval_every, self.plan, self.planned)
+        if self._last_report is not None and self.step // every == self._last_report // every:
+            return False                # only the first validation past each multiple of `every`
+        self._last_report = self.step
+        return True
 
     def _timed_validation(self):
         start = time.perf_counter()
         value = self.validate()
         return value, time.perf_counter() - start
 
-    def _evaluate_and_sample(self) -> float | None:
+    def _evaluate_and_sample(self, report: bool) -> float | None:
         val_loss = self.validate()
-        if self.dist.is_main and self.config.sample_length > 0:
+        if report and self.dist.is_main and self.config.sample_length > 0:
             prompt = "\n" if "\n" in self.tokenizer.chars else ""
             text = sample(self.inference_model(), self.tokenizer, prompt,
                           SampleConfig(length=self.config.sample_length, temperature=0.8,
