@@ -363,7 +363,25 @@ def test_a_small_text_gets_a_small_model_and_a_large_one_a_larger_model():
     assert small.hidden_size < medium.hidden_size < large.hidden_size
     for choice, chars in ((small, 100_000), (medium, 1_000_000)):
         params = ModelConfig(65, hidden_size=choice.hidden_size, layers=choice.layers).num_parameters()
-        assert params <= sizing.PARAMETERS_PER_CHAR * chars and "text limits" in choice.reason
+        limit = sizing.STRONG_PARAMETERS_PER_CHAR if choice.regularisers else sizing.PARAMETERS_PER_CHAR
+        assert params <= limit * chars and f"at most {limit:g} parameters" in choice.reason
+
+
+def test_the_strong_regularisers_loosen_the_texts_limit_unless_one_is_turned_off():
+    base = ModelConfig(vocab_size=65)
+    chars = 100_000
+    read_long = sizing.choose(base, chars, budget_of(1e18), {})
+    read_ten_times = sizing.choose(base, chars, lambda config: 10 * chars, {})
+    without_dropconnect = sizing.choose(base, chars, budget_of(1e18), {"weight_dropout": 0.0})
+
+    def params(choice):
+        return ModelConfig(65, hidden_size=choice.hidden_size, layers=choice.layers).num_parameters()
+
+    assert read_long.regularisers == sizing.STRONG and not read_ten_times.regularisers
+    assert sizing.PARAMETERS_PER_CHAR * chars < params(read_long) <= sizing.STRONG_PARAMETERS_PER_CHAR * chars
+    assert read_long.hidden_size == 256                     # 2x128 at 4 a character, as measured at 0.1 MB
+    for choice in (read_ten_times, without_dropconnect):
+        assert params(choice) <= sizing.PARAMETERS_PER_CHAR * chars < params(read_long)
 
 
 def test_a_short_budget_gets_a_model_it_can_train_in_time():
