@@ -111,7 +111,9 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
         params = config.num_parameters()
         limit = parameters_per_char(config)
         if params > limit * train_chars and hidden != hiddens[0]:
-            why = f"the text limits it (at most {limit:g} parameters a character)"
+            passes = budget_chars(config) / max(1, train_chars)
+            why = (f"the text limits it ({config.layers}x{config.hidden_size}, read {passes:.3g} times, would have "
+                   f"more than {limit:g} parameters a training character)")
             break
         if budget_chars(config) < CHARS_PER_PARAMETER * params and hidden != hiddens[0]:
             why = f"the budget limits it (at least {CHARS_PER_PARAMETER:g} characters read per parameter)"
