@@ -411,6 +411,31 @@ def test_a_text_read_many_times_gets_the_strong_regularisers_and_given_ones_win(
     assert "weight_dropout" not in given.regularisers and given.regularisers["locked_dropout"] is True
 
 
+def test_models_smaller_than_the_reference_are_timed_themselves(tmp_path, monkeypatch):
+    """The reference's time scaled by multiply-adds reads small models fast; those are timed
+    themselves, each once, and the size line's characters read come from their own time."""
+    from textgen.training import TrainConfig, Trainer
+    timed = []
+
+    def fake_measure(config, batch, matmul_dtype, device, steps=3, untimed=2):
+        timed.append((config.layers, config.hidden_size))
+        return 1e-9 * (3.0 if config.hidden_size < 512 else 1.0)      # small ones: 3x slower a unit of cost
+
+    monkeypatch.setattr(sizing, "measure", fake_measure)
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(300), encoding="utf-8")
+    lines = []
+    config = TrainConfig(text=str(text), batch_size=4, seq_len=16, time_budget=60.0, out=str(tmp_path / "run"))
+    trainer = Trainer(ModelConfig(vocab_size=1), config, log=lines.append)
+    chosen = trainer.model_config
+    reference = (sizing.REFERENCE[0], sizing.REFERENCE[1])
+    assert len(timed) == len(set(timed)) and reference not in timed            # each once; none as large
+    assert (chosen.layers, chosen.hidden_size) in timed
+    expected = sizing.TRAINING_SHARE * 60.0 / (3e-9 * sizing.cost_per_char(chosen))
+    line = next(line for line in lines if line.startswith("size auto:"))
+    assert f"about {expected:,.0f} characters read" in line, line
+
+
 def test_the_warm_up_timing_takes_the_fastest_step_not_the_first_slow_ones(monkeypatch):
     """Steps of 9, 7, 5, 2 and 3 clock units (the first two untimed): the step costs 2 units."""
     ticks = iter([0, 9, 16, 21, 21, 23, 23, 26])   # an untimed step reads only its start

@@ -8,8 +8,10 @@ Two limits decide how large a model should be, and the smaller one wins:
   ``STRONG_PARAMETERS_PER_CHAR`` how many where the strong regularisers below hold the model back.
 * the budget: a model must read enough characters in the time it is given to learn anything
   (``CHARS_PER_PARAMETER`` per parameter at least), and a larger one reads fewer, since its
-  cost per character grows with its parameter count. The trainer measures the throughput of
-  one reference model during warm-up (``measure``) and scales it by each candidate's cost.
+  cost per character grows with its parameter count. The trainer times a training step during
+  warm-up (``measure``): each candidate smaller than a reference model itself (small models use the
+  cores less well than their multiply-adds say, and take moments to time), larger ones as the
+  reference's time scaled by their cost.
 
 Dropout then follows from how often the run will read each character: one pass over the text
 cannot be memorised, many passes can (``dropout_for``). Past ``MANY_PASSES`` the regularisers that
