@@ -379,7 +379,7 @@ def test_the_strong_regularisers_loosen_the_texts_limit_unless_one_is_turned_off
 
     assert read_long.regularisers == sizing.STRONG and not read_ten_times.regularisers
     assert sizing.PARAMETERS_PER_CHAR * chars < params(read_long) <= sizing.STRONG_PARAMETERS_PER_CHAR * chars
-    assert read_long.hidden_size == 256                     # 2x128 at 4 a character, as measured at 0.1 MB
+    assert read_long.hidden_size == 256                     # where 4 a character gives 2x128 (measured at 0.1 MB)
     for choice in (read_ten_times, without_dropconnect):
         assert params(choice) <= sizing.PARAMETERS_PER_CHAR * chars < params(read_long)
     assert "(2x384, read " in read_long.reason and "more than 16 parameters a training character" in read_long.reason
