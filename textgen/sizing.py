@@ -36,7 +36,7 @@ HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character,
 STRONG_PARAMETERS_PER_CHAR = 16.0  # or this many where STRONG regularises the model (a small text read long)
 CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter
-REFERENCE = (2, 512)            # the model timed during warm-up (layers, hidden)
+REFERENCE = (2, 512)            # timed during warm-up and scaled to sizes as costly or more (layers, hidden)
 MANY_PASSES = 32                # from here on, STRONG regularisation too
 STRONG = {"weight_dropout": 0.5, "locked_dropout": True, "input_dropout": 0.2}
 TRAINING_SHARE = 0.8            # of a time budget, what goes to forward and backward passes (the rest:
@@ -136,7 +136,8 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
 
 
 def timed_config(base: ModelConfig, fixed: dict) -> ModelConfig:
-    """The model to time during warm-up: the user's own size where they gave it, else REFERENCE."""
+    """The model whose step time is scaled to the sizes that cost as much or more: the user's own
+    size where they gave it, else REFERENCE. Cheaper sizes are timed themselves."""
     layers, hidden = REFERENCE
     config = replace(base, hidden_size=fixed.get("hidden_size", hidden), layers=fixed.get("layers", layers))
     config.resolve_head()

@@ -319,9 +319,6 @@ class Trainer:
             return
         chars_per_step = cfg.batch_size * cfg.seq_len
         timed = sizing.timed_config(model_config, fixed)
-        streams = self.dist.stream_share(cfg.batch_size)[1]
-        window = np.resize(self.train_tokens[: streams * (cfg.seq_len + 1)], streams * (cfg.seq_len + 1))
-        window = torch.from_numpy(window.astype(np.int64)).view(streams, cfg.seq_len + 1).to(self.device)
         measured: dict[tuple[int, int], float] = {}
 
         def seconds_per_unit(config: ModelConfig) -> float:
@@ -330,6 +327,10 @@ class Trainer:
             if key not in measured:
                 seconds = None
                 if self.dist.is_main:
+                    streams = self.dist.stream_share(cfg.batch_size)[1]
+                    size = streams * (cfg.seq_len + 1)
+                    window = np.resize(self.train_tokens[:size], size).astype(np.int64)
+                    window = torch.from_numpy(window).view(streams, cfg.seq_len + 1).to(self.device)
                     seconds = sizing.measure(config, (window[:, :-1], window[:, 1:]), LOW_PRECISION.get(cfg.dtype),
                                              self.device) / self.dist.world_size
                 measured[key] = self.dist.broadcast(seconds)
