@@ -411,6 +411,34 @@ def test_a_text_read_many_times_gets_the_strong_regularisers_and_given_ones_win(
     assert "weight_dropout" not in given.regularisers and given.regularisers["locked_dropout"] is True
 
 
+def test_a_large_vocabulary_read_many_times_gets_embedding_dropout_too():
+    many_passes = lambda config: 100_000 * sizing.MANY_PASSES      # noqa: E731
+    small = sizing.choose(ModelConfig(vocab_size=ADAPTIVE_FROM - 1), 100_000, many_passes, {})
+    large = sizing.choose(ModelConfig(vocab_size=ADAPTIVE_FROM), 100_000, many_passes, {})
+    few = sizing.choose(ModelConfig(vocab_size=ADAPTIVE_FROM), 1_000_000, lambda config: 5_000_000, {})
+    assert "embed_dropout" not in small.regularisers and not few.regularisers
+    assert large.regularisers == {**sizing.STRONG, **sizing.STRONG_LARGE_VOCABULARY}
+    assert "embed dropout 0.3" in large.reason
+    given = sizing.choose(ModelConfig(vocab_size=ADAPTIVE_FROM), 100_000, many_passes, {"embed_dropout": 0.05})
+    assert "embed_dropout" not in given.regularisers and given.regularisers["weight_dropout"] == 0.5
+
+
+def test_the_trainer_gives_a_large_vocabulary_embedding_dropout_unless_the_user_set_it(tmp_path, monkeypatch):
+    from textgen.training import TrainConfig, Trainer
+    monkeypatch.setattr(sizing, "measure", lambda *args, **kwargs: 1e-12)   # every size fast: many passes
+    text = tmp_path / "poems.txt"
+    text.write_text(large_vocabulary_text(), encoding="utf-8")
+
+    def chosen(**given):
+        config = TrainConfig(text=str(text), batch_size=4, seq_len=16, time_budget=600.0,
+                             out=str(tmp_path / f"run{len(given)}"))
+        trainer = Trainer(ModelConfig(vocab_size=1, **given), config, explicit=set(given), log=lambda m: None)
+        return trainer.model_config
+
+    assert chosen().embed_dropout == sizing.STRONG_LARGE_VOCABULARY["embed_dropout"]
+    assert chosen(embed_dropout=0.0).embed_dropout == 0.0
+
+
 def test_models_smaller_than_the_reference_are_timed_themselves(tmp_path, monkeypatch):
     """The reference's time scaled by multiply-adds reads small models fast; those are timed
     themselves, each once, and the size line's characters read come from their own time."""

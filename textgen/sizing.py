@@ -16,7 +16,8 @@ Two limits decide how large a model should be, and the smaller one wins:
 Dropout then follows from how often the run will read each character: one pass over the text
 cannot be memorised, many passes can (``dropout_for``). Past ``MANY_PASSES`` the regularisers that
 slow learning start to pay (a 100 KB text read a thousand times): DropConnect on the recurrent
-weights and locked dropout with input dropout (``STRONG``) come on as well.
+weights and locked dropout with input dropout (``STRONG``) come on as well, and where the vocabulary
+is large, embedding dropout (``STRONG_LARGE_VOCABULARY``).
 
 The constants come from measurements on several kinds of text; benchmarks/README.md has the
 table. Pure functions apart from ``measure``; imports model only.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .model import CharLSTM, ModelConfig
+from .model import ADAPTIVE_FROM, CharLSTM, ModelConfig
 
 HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character,
@@ -39,6 +40,12 @@ CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least thi
 REFERENCE = (2, 512)            # timed during warm-up and scaled to sizes as costly or more (layers, hidden)
 MANY_PASSES = 32                # from here on, STRONG regularisation too
 STRONG = {"weight_dropout": 0.5, "locked_dropout": True, "input_dropout": 0.2}
+# With a vocabulary of ADAPTIVE_FROM characters or more (Chinese, Japanese), each character is rare
+# and its embedding row is memorised along with the text; dropping whole rows for a chunk pays there
+# (0.1 MB of Chinese, 3 seeds each: 0.041 nats better at 0.3, 0.035 at 0.2, 0.015 at 0.1). With 65-100
+# characters it drops a common letter from a whole chunk (tiny-shakespeare, at 0.1: worse), so no.
+STRONG_LARGE_VOCABULARY = {"embed_dropout": 0.3}
+REGULARISERS = (*STRONG, *STRONG_LARGE_VOCABULARY)      # the settings a user's own value overrides
 TRAINING_SHARE = 0.8            # of a time budget, what goes to forward and backward passes (the rest:
                                 # optimizer steps, validation, checkpoints)
 
@@ -89,7 +96,7 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
 
     base: the configuration with everything but the size settled (vocabulary, embedding, head).
     budget_chars(config): how many characters the run will read with that model.
-    fixed: the settings the user gave ("layers", "hidden_size", "dropout", and any of STRONG's),
+    fixed: the settings the user gave ("layers", "hidden_size", "dropout", and any of REGULARISERS),
     which always win.
     """
     def candidate(hidden: int) -> ModelConfig:
@@ -126,7 +133,8 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
     dropout = fixed.get("dropout", dropout_for(epochs))
     regularisers = {}
     if epochs >= MANY_PASSES:
-        regularisers = {name: value for name, value in STRONG.items() if name not in fixed}
+        strong = {**STRONG, **(STRONG_LARGE_VOCABULARY if base.vocab_size >= ADAPTIVE_FROM else {})}
+        regularisers = {name: value for name, value in strong.items() if name not in fixed}
     reason = (f"{chosen.num_parameters() / 1e6:.2f}M parameters for {train_chars:,} training characters, "
               f"about {budget_chars(chosen):,.0f} characters read ({epochs:.3g} passes): {why}")
     if regularisers:
