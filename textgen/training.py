@@ -307,8 +307,8 @@ class Trainer:
         """--size: the hidden size, layers and dropout the user did not give, chosen for this text
         and budget (sizing.py), and one log line saying what and why."""
         cfg = self.config
-        fixed = {name: getattr(model_config, name) for name in ("layers", "hidden_size", "dropout", *sizing.REGULARISERS)
-                 if name in self.explicit}
+        fixed = {name: getattr(model_config, name)
+                 for name in ("layers", "hidden_size", "dropout", *sizing.REGULARISERS) if name in self.explicit}
         given = sizing.parse_size(cfg.size)
         if given is not None:
             fixed.setdefault("layers", given[0])
