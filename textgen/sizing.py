@@ -11,7 +11,12 @@ Two limits decide how large a model should be, and the smaller one wins:
   cost per character grows with its parameter count. The trainer times a training step during
   warm-up (``measure``): each candidate smaller than a reference model itself (small models use the
   cores less well than their multiply-adds say, and take moments to time), larger ones as the
-  reference's time scaled by their cost.
+  reference's time scaled by their cost. A model that reads the text ``MIN_PASSES`` times or
+  more is never held back by the budget: the text's own limit then decides, whatever the
+  machine's speed (on tiny-shakespeare's 15 minutes an Intel Xeon that trains a third slower than
+  an AMD EPYC read 2x512 2.2 characters a parameter and chose 2x384: 1.5005 nats/char against
+  2x512's 1.4668 on that machine; where the text is read less than once, on 100 MB of code, 2x512
+  reading 1.2 a parameter lost to 2x384 reading 2.7).
 
 Dropout then follows from how often the run will read each character: one pass over the text
 cannot be memorised, many passes can (``dropout_for``). Past ``MANY_PASSES`` the regularisers that
@@ -36,7 +41,9 @@ from .model import ADAPTIVE_FROM, CharLSTM, ModelConfig
 HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character,
 STRONG_PARAMETERS_PER_CHAR = 16.0  # or this many where STRONG regularises the model (a small text read long)
-CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter
+CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter,
+MIN_PASSES = 4                  # or the text at least this many times (2x768 reading tiny-shakespeare 4.45
+                                # times, 0.6 characters a parameter, was level with 2x512 reading it 9 times)
 REFERENCE = (2, 512)            # timed during warm-up and scaled to sizes as costly or more (layers, hidden)
 MANY_PASSES = 32                # from here on, STRONG regularisation too
 STRONG = {"weight_dropout": 0.5, "locked_dropout": True, "input_dropout": 0.2}
@@ -124,8 +131,10 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
             why = (f"the text limits it ({config.layers}x{config.hidden_size}, read {passes:.3g} times, would have "
                    f"more than {limit:g} parameters a training character)")
             break
-        if budget_chars(config) < CHARS_PER_PARAMETER * params and hidden != hiddens[0]:
-            why = f"the budget limits it (at least {CHARS_PER_PARAMETER:g} characters read per parameter)"
+        reads = budget_chars(config)
+        if reads < CHARS_PER_PARAMETER * params and reads < MIN_PASSES * train_chars and hidden != hiddens[0]:
+            why = (f"the budget limits it ({config.layers}x{config.hidden_size} would read fewer than "
+                   f"{CHARS_PER_PARAMETER:g} characters a parameter and the text fewer than {MIN_PASSES} times)")
             break
         chosen = config
         why = "the largest size tried"
