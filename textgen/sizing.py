@@ -124,14 +124,13 @@ def choose(base: ModelConfig, train_chars: int, budget_chars: callable, fixed: d
     chosen, why = candidate(hiddens[0]), "the smallest size"
     for hidden in hiddens:
         config = candidate(hidden)
-        params = config.num_parameters()
+        params, reads = config.num_parameters(), budget_chars(config)
         limit = parameters_per_char(config)
         if params > limit * train_chars and hidden != hiddens[0]:
-            passes = budget_chars(config) / max(1, train_chars)
+            passes = reads / max(1, train_chars)
             why = (f"the text limits it ({config.layers}x{config.hidden_size}, read {passes:.3g} times, would have "
                    f"more than {limit:g} parameters a training character)")
             break
-        reads = budget_chars(config)
         if reads < CHARS_PER_PARAMETER * params and reads < MIN_PASSES * train_chars and hidden != hiddens[0]:
             why = (f"the budget limits it ({config.layers}x{config.hidden_size} would read fewer than "
                    f"{CHARS_PER_PARAMETER:g} characters a parameter and the text fewer than {MIN_PASSES} times)")
