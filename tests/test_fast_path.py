@@ -131,9 +131,40 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
             if products == "packed" and fused._PACKED_LINEAR:
                 assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
         for pointwise in ("torch-ops", "c-kernel") if paths.has_kernel else ("torch-ops",):
-            label = f"H={H} B={B} {pointwise} bf16 packed"
-            paths(pointwise, 2, "packed")
-            assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, label)
+            for products in ("packed", "plain"):
+                label = f"H={H} B={B} {pointwise} bf16 {products}"
+                paths(pointwise, 2, products)
+                assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, label)
+                # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
+                assert (paths.spy["packed"] >= 2) == (products == "packed" and fused.packs(torch.bfloat16)), label
+
+
+def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):
+    """As on an AVX2-only CPU (AMD Zen 3), where oneDNN's bf16 reorder raises: the products run
+    as plain bf16 matrix products, float32 ones stay packed, and the layer still matches the cell."""
+    monkeypatch.setattr(fused, "packs", lambda dtype: dtype == torch.float32 and fused._PACKED_LINEAR)
+    inputs, upstream = make_case(32, 129, seed=5)
+    ref = reference(inputs, upstream)
+    paths("torch-ops", 1, "packed")
+    assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, "bf16")
+    assert paths.spy["packed"] == 0
+    assert_matches(run_layer(lstm_layer, inputs, upstream), ref, "float32")
+    assert paths.spy["packed"] >= 2 or not fused._PACKED_LINEAR
+
+
+def test_the_packing_probe_agrees_with_the_cpu():
+    """oneDNN packs bf16 weights given avx512bw+vl+dq or avx_ne_convert (its own error message says
+    so on CPUs without them); the probe must say the same, or training in bf16 raises mid-run."""
+    from textgen.machine import cpu_flags
+    if not fused._PACKED_LINEAR:
+        pytest.skip("this PyTorch has no oneDNN packed products")
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    can = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert fused.packs(torch.float32)
+    assert fused.packs(torch.bfloat16) == can
+    assert not fused.packs(torch.float16)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 4, 8, 31])

@@ -50,6 +50,23 @@ _PACKED_LINEAR = _has_packed_linear()
 _SMALL_PRODUCT = 1 << 20
 
 
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU.
+
+    float32 packs wherever oneDNN runs; bfloat16 needs avx512bw/vl/dq or avx_ne_convert, and
+    on a CPU without them (AMD Zen 3, say) the reorder raises. So ask oneDNN once, on a tiny weight.
+    """
+    if not _PACKED_LINEAR or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(4, 4, dtype=dtype), 2)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 4, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def _packed_weight(weight: torch.Tensor, batch: int):
     """weight reordered once into oneDNN's blocked layout for products with `batch` rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
@@ -72,7 +89,7 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
         low_precision = None          # the casts would cost more than the low-precision product saves
     if low_precision is not None:
         weight = weight.to(low_precision)
-    if _PACKED_LINEAR and not small and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+    if not small and weight.device.type == "cpu" and packs(weight.dtype):
         packed = _packed_weight(weight, batch)
         linear = torch.ops.mkldnn._linear_pointwise
         if low_precision is not None:
