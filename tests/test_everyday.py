@@ -61,7 +61,25 @@ def test_plot_writes_a_png(run_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("every", [0.0, 30.0])
+def test_training_draws_loss_png_at_reports_at_most_every_plot_every_s_and_at_the_end(every, tmp_path, monkeypatch):
+    """A short run draws loss.png once, at its last step (three reports come within a second);
+    with no minimum spacing every report draws it."""
+    pytest.importorskip("matplotlib")
+    from textgen import run_folder, training
+    from conftest import train_tiny
+    drawn = []
+    real = run_folder.RunFolder.plot
+    monkeypatch.setattr(run_folder.RunFolder, "plot", lambda folder: drawn.append(1) or real(folder))
+    monkeypatch.setattr(training, "PLOT_EVERY_S", every)
+    out, _ = train_tiny(tmp_path, "--steps", "30")                 # validations (and reports) at 10, 20, 30
+    assert len(drawn) == (3 if every == 0 else 1)
+    assert open(os.path.join(out, "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(run_dir, monkeypatch, capsys):
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)                    # as if never imported by an earlier test
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
     assert plot_main([run_dir]) == 2
     assert 'pip install -e ".[plot]"' in capsys.readouterr().err

@@ -139,6 +139,10 @@ LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # float16 gradients underflow without loss scaling: when the scale has been halved
 # this far (from 65536) the gradients overflow whatever the scale, i.e. training diverged.
 MIN_LOSS_SCALE = 1.0
+# loss.png is redrawn at a report only when this long has passed since the last drawing (and at the
+# last step): a drawing costs 0.3-0.7 s of the run's time on these CPUs, and a short run's
+# validations can come seconds apart.
+PLOT_EVERY_S = 30.0
 
 # Settings that may change when resuming; changing any other is refused.
 RESUMABLE_CHANGES = {"steps", "time_budget", "eval_every", "save_every", "log_every", "lr", "min_lr_ratio",
@@ -298,6 +302,7 @@ class Trainer:
         self._eval_seconds = 0.0
         self.validations = schedule.EVALS_PER_RUN     # over the run, when --eval-every is 0
         self._last_report: int | None = None           # the step of the last sample and plot
+        self._last_plot: float | None = None            # perf_counter() of the last drawing (or the run's start)
         self.last_saved_step: int | None = None
         if ckpt is not None:
             self._restore(ckpt, resume)
@@ -634,7 +639,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last_step or val_loss is not None:
                     self._log_interval(val_loss, bar)
                 if report:
-                    self._plot()
+                    self._plot(last_step)
                 is_best = self._note_best(val_loss)
                 if self.step % cfg.save_every == 0 or last_step or is_best or stop_requested:
                     self.save(is_best)
@@ -818,9 +823,13 @@ class Trainer:
                 self.log(f"step {self.step}/{self.plan} loss {entry['train_loss']:.4f} val {val} "
                          f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
 
-    def _plot(self) -> None:
-        if self.dist.is_main:
-            self.folder.plot()
+    def _plot(self, last_step: bool) -> None:
+        now = time.perf_counter()
+        since = now - (self._run_started if self._last_plot is None else self._last_plot)
+        if not self.dist.is_main or not (last_step or since >= PLOT_EVERY_S):
+            return
+        self._last_plot = now
+        self.folder.plot()
 
     def _config_doc(self) -> dict:
         return {"model": asdict(self.model_config), "train": asdict(self.config), "corpus": self.corpus.info,
