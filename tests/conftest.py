@@ -51,6 +51,33 @@ def run(script: str, *args, cwd=None, input=None, timeout=300, env_extra=None):
                           env=env)
 
 
+def train_here(*args, cwd=None, env_extra=None):
+    """train.py's main in this process, for runs that are references or setup rather than the
+    command line under test (a subprocess pays 5 s to import torch and its compiler stack);
+    returns what run() returns: returncode, stdout, stderr."""
+    import contextlib
+    import io
+    import types
+    from textgen.cli import train_main
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {name: os.environ.get(name) for name in (env_extra or {})}
+    saved_cwd = os.getcwd()
+    os.environ.update(env_extra or {})
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train_main([str(a) for a in args])
+    finally:
+        os.chdir(saved_cwd)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def assert_user_error(result, *fragments, code=2):
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import pathlib
+import socket
 import stat
 import subprocess
 import sys
@@ -208,6 +209,12 @@ ROWS = [
     Row("eval with a hostile pickle", "textgen", ["eval", "--checkpoint", "{ckpts}/hostile.pt", "--text", "{text}"],
         says=("could run code",)),
     Row("plot a folder with no metrics", "textgen", ["plot", "{files}/no-files"], says=("no metrics.jsonl",)),
+    Row("serve a missing folder", "textgen", ["serve", "{root}/nowhere"], says=("no such run folder",)),
+    Row("serve a folder with no runs", "textgen", ["serve", "{files}"], says=("holds no trained runs",)),
+    Row("serve --slots 0", "textgen", ["serve", "{run}", "--slots", "0"], says=("--slots must be at least 1",)),
+    Row("serve --port 70000", "textgen", ["serve", "{run}", "--port", "70000"], says=("--port must be from 0 to 65535",)),
+    Row("serve on a port in use", "textgen", ["serve", "{run}", "--port", "{port}"], context="port in use",
+        says=("is in use",)),
     Row("resume from a truncated checkpoint", "train", ["--resume", "{ckpts}/truncated.pt"], says=("truncated",)),
     # -- run folders ------------------------------------------------------------------------
     Row("a new run into an existing run folder", "train", train("--out", "{run}"),
@@ -287,6 +294,12 @@ def situation(row: Row, w: dict, monkeypatch):
             yield
         finally:
             holder.release()
+    elif row.context == "port in use":
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            w["port"] = str(taken.getsockname()[1])
+            yield
     elif row.context == "disk full":
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -313,9 +326,9 @@ def test_a_bad_input_is_one_sentence_and_changes_nothing(row, world, tmp_path, m
         pytest.skip("root reads files whatever their permissions")
     fresh = os.path.join(world["root"], f"fresh-{abs(hash(row.name))}")
     w = {**world, "fresh": fresh}
-    args = [a.format(**w) if isinstance(a, str) else a for a in row.args]
     monkeypatch.chdir(world["root"])          # a default run folder would appear here, and be caught
     with situation(row, w, monkeypatch):
+        args = [a.format(**w) if isinstance(a, str) else a for a in row.args]
         before = snapshot(world["root"], fresh)
         if row.command == "api":
             with pytest.raises(UsageError) as raised:
@@ -351,7 +364,7 @@ def test_a_bad_input_is_one_sentence_and_changes_nothing(row, world, tmp_path, m
 def test_the_catalogue_holds_at_least_forty_rows_across_every_command():
     commands = {row.command for row in ROWS}
     assert len(ROWS) >= 40 and {"train", "generate", "textgen", "api", "process"} <= commands
-    assert {"eval", "info", "plot"} <= {row.args[0] for row in ROWS if row.command == "textgen"}
+    assert {"eval", "info", "plot", "serve"} <= {row.args[0] for row in ROWS if row.command == "textgen"}
 
 
 def test_the_api_words_cli_messages_with_its_argument_names():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run, small_text
+from conftest import ROOT, small_text, train_here
 from textgen import checkpoint
 
 # float32 and no dropout: one process and two then compute the same thing.
@@ -40,7 +40,7 @@ def assert_close_models(a, b, rtol=1e-5):
 # The adaptive head with clusters so small and rare that on some steps a rank has no target in one.
 @pytest.mark.parametrize("head", [[], ["--head", "adaptive", "--cutoffs", "4,12"]], ids=["full", "adaptive"])
 def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head):
-    single = run("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "single"))
+    single = train_here(text, *FLAGS, *head, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     ddp = torchrun("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr + ddp.stdout
@@ -62,10 +62,10 @@ def test_a_distributed_checkpoint_resumes_in_one_process(text, tmp_path):
     ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "run"))
     assert ddp.returncode == 0, ddp.stderr
     # Resume the distributed run's step-10 checkpoint in one process and train to step 20.
-    resumed = run("train.py", "--resume", str(tmp_path / "run" / "step-0000010.pt"))
+    resumed = train_here("--resume", str(tmp_path / "run" / "step-0000010.pt"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 10 of 20" in resumed.stdout
-    straight = run("train.py", text, *FLAGS, "--out", str(tmp_path / "straight"))
+    straight = train_here(text, *FLAGS, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0
     assert_close_models(checkpoint.load(str(tmp_path / "run" / "latest.pt")),
                         checkpoint.load(str(tmp_path / "straight" / "latest.pt")))
@@ -98,11 +98,11 @@ def test_a_failing_rank_ends_the_job(text, tmp_path):
 
 def test_an_elastic_restart_resumes_from_the_run_folder(text, tmp_path):
     out = str(tmp_path / "run")
-    first = run("train.py", text, *FLAGS, "--steps", "10", "--out", out)
+    first = train_here(text, *FLAGS, "--steps", "10", "--out", out)
     assert first.returncode == 0
     # What torchrun --max-restarts sets when it restarts a failed job with the same arguments.
     before = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
-    again = run("train.py", text, *FLAGS, "--out", out, env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
+    again = train_here(text, *FLAGS, "--out", out, env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
     assert again.returncode == 0, again.stderr
     assert "resuming at step 10" in again.stdout
     history = checkpoint.load(os.path.join(out, "latest.pt"))["history"]
@@ -144,7 +144,7 @@ def test_under_torchrun_rank_0_holds_the_run_folder(text, tmp_path):
             time.sleep(0.05)
         with open(os.path.join(out, ".textgen.lock")) as f:
             holder = int(f.read())
-        second = run("train.py", "--resume", out)
+        second = train_here("--resume", out)
         assert second.returncode == 2 and f"in use by another training process (pid {holder})" in second.stderr
         with open(f"/proc/{holder}/environ", "rb") as f:                # the holder is one of the job's ranks ...
             environ = f.read().split(b"\0")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, run, small_text
+from conftest import ROOT, TINY, run, small_text, train_here
 from textgen.cli import info_main, plot_main
 
 
@@ -32,10 +32,10 @@ def test_run_folder_holds_config_metrics_and_checkpoints(run_dir):
 def test_default_run_folder_and_name(tmp_path):
     text = tmp_path / "my story.txt"
     text.write_text(small_text(), encoding="utf-8")
-    assert run("train.py", str(text), *TINY, "--steps", "5", "-q", cwd=str(tmp_path)).returncode == 0
+    assert train_here(str(text), *TINY, "--steps", "5", "-q", cwd=str(tmp_path)).returncode == 0
     (folder,) = os.listdir(tmp_path / "checkpoints")
     assert re.fullmatch(r"my story-\d{8}-\d{6}", folder)
-    assert run("train.py", str(text), *TINY, "--steps", "5", "-q", "--name", "mine", cwd=str(tmp_path)).returncode == 0
+    assert train_here(str(text), *TINY, "--steps", "5", "-q", "--name", "mine", cwd=str(tmp_path)).returncode == 0
     assert os.path.exists(tmp_path / "checkpoints" / "mine" / "latest.pt")
     again = run("generate.py", "--length", "10", "--seed", "1", cwd=str(tmp_path))   # the most recent run
     assert again.returncode == 0 and "checkpoints/mine" in again.stderr

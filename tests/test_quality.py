@@ -1,13 +1,12 @@
 """Issue 18's model features against references: the adaptive head (exact distribution, the same
 answer on every path), the bf16 output layer, and each regulariser doing what it says."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ran_the_chosen_path, run, small_text
+from conftest import ran_the_chosen_path, run, small_text, train_here
 from textgen import checkpoint, model as model_module
 from textgen.model import (ADAPTIVE_FROM, AdaptiveHead, CharLSTM, ModelConfig, Stepper, adaptive_cutoffs, dropout,
                            lstm_layer_reference)
@@ -513,7 +512,7 @@ def test_train_py_sizes_the_model_for_its_budget_and_says_why(tmp_path):
     assert "training characters" in line and "passes" in line
     if "many passes" in line:                      # a small text for 4 s: read many times over
         assert config["weight_dropout"] == sizing.STRONG["weight_dropout"] and config["locked_dropout"]
-    fixed = run("train.py", str(text), *flags, "--steps", "3", "--size", "1x40", "--dropout", "0.3",
+    fixed = train_here(str(text), *flags, "--steps", "3", "--size", "1x40", "--dropout", "0.3",
                 "--out", str(tmp_path / "fixed"))
     assert fixed.returncode == 0, fixed.stderr
     config = checkpoint.load(str(tmp_path / "fixed" / "latest.pt"))["model_config"]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import textgen
-from conftest import ROOT, TINY, assert_user_error, run, small_text
+from conftest import ROOT, TINY, assert_user_error, small_text, train_here
 from textgen import checkpoint
 from textgen.run_folder import RunFolder, default_path, survey
 
@@ -22,7 +22,7 @@ def corpus(tmp_path):
 
 
 def train(corpus, out, *flags, steps=3):
-    return run("train.py", corpus, *TINY, "--steps", str(steps), "--save-every", "1", "--sample-length", "0",
+    return train_here(corpus, *TINY, "--steps", str(steps), "--save-every", "1", "--sample-length", "0",
                "-q", "--out", out, *flags)
 
 
@@ -86,7 +86,7 @@ def test_a_second_trainer_on_a_running_folder_is_refused_with_the_holders_pid(co
     first = start(corpus, out)
     try:
         wait_for(os.path.join(out, "latest.pt"), first)
-        resumed = run("train.py", "--resume", out)
+        resumed = train_here("--resume", out)
         assert_user_error(resumed, f"the run folder {out} is in use by another training process (pid {first.pid})")
         new = train(corpus, out, "--overwrite")
         assert_user_error(new, "in use by another training process", f"pid {first.pid}")
@@ -102,7 +102,7 @@ def test_a_killed_trainer_leaves_no_stale_lock(corpus, tmp_path):
     wait_for(os.path.join(out, checkpoint.step_filename(4)), proc)
     proc.kill()
     proc.communicate(timeout=60)
-    resumed = run("train.py", "--resume", out)                 # the kernel dropped the dead process's lock
+    resumed = train_here("--resume", out)                      # the kernel dropped the dead process's lock
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 40
 

@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from conftest import TINY, assert_user_error, run, small_text
+from conftest import TINY, assert_user_error, run, small_text, train_here
 from textgen import checkpoint
 from textgen.cli import train_main
 
 
 def test_train_then_resume_continues_at_the_next_step(text_file, tmp_path):
     out = str(tmp_path / "run")
-    first = run("train.py", text_file, *TINY, "--steps", "20", "--out", out)
+    first = train_here(text_file, *TINY, "--steps", "20", "--out", out)
     assert first.returncode == 0, first.stderr
     assert "new best val loss" in first.stdout and "--- sample at step 10 ---" in first.stdout
     for name in ("latest.pt", "best.pt", "config.json", "metrics.jsonl", "step-0000020.pt"):
