@@ -108,13 +108,28 @@ def test_a_moved_checkpoint_generates_the_same_text(run_dir, tmp_path):
     assert textgen.generate(str(moved), "ANNA:\n", length=80, seed=12) == here
 
 
-@pytest.mark.parametrize("script, command", [("train.py", []), ("generate.py", []), ("-m textgen", ["eval"])])
-def test_version_and_help_show_defaults(script, command):
+def test_version_and_help_show_defaults_from_the_command_line():
     from textgen import __version__
-    version = run(script, *command, "--version")
+    version = run("train.py", "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"textgen {__version__}"
-    help_text = run(script, *command, "--help").stdout
+    help_text = run("train.py", "--help").stdout
     assert "(default:" in help_text and "--device" in help_text and "--quiet" in help_text
+
+
+@pytest.mark.parametrize("command", [["generate"], ["eval"]])
+def test_version_and_help_show_defaults(command, capsys):
+    """The other commands' parsers, in this process (generate.py and `-m textgen` run as processes
+    in test_generate and test_evaluate)."""
+    from textgen import __version__
+    from textgen.cli import generate_main, textgen_main
+    main = generate_main if command == ["generate"] else (lambda argv: textgen_main(["eval", *argv]))
+    for flag in ("--version", "--help"):
+        with pytest.raises(SystemExit) as done:
+            main([flag])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"textgen {__version__}\n")
+    assert "(default:" in out and "--device" in out and "--quiet" in out
 
 
 def test_api_rejects_unknown_settings():
