@@ -38,7 +38,8 @@ class Row:
     command: str                       # train, generate, textgen, api, process
     args: list = field(default_factory=list)
     code: int = 2                      # exit code; for api rows, ignored
-    says: tuple = ()                   # fragments the one line (or the exception) must hold
+    says: tuple = ()                   # fragments the one line (or the exception) must hold; commands' fragments
+                                       # are formatted with the world's names, as args are
     api: object = None                 # for api rows: world -> None, must raise UsageError
     stdin: bytes | None = None
     context: str | None = None         # a situation set up around the row (lock held, disk full)
@@ -214,7 +215,7 @@ ROWS = [
     Row("serve --slots 0", "textgen", ["serve", "{run}", "--slots", "0"], says=("--slots must be at least 1",)),
     Row("serve --port 70000", "textgen", ["serve", "{run}", "--port", "70000"], says=("--port must be from 0 to 65535",)),
     Row("serve on a port in use", "textgen", ["serve", "{run}", "--port", "{port}"], context="port in use",
-        says=("is in use",)),
+        says=("port {port}", "is in use")),
     Row("resume from a truncated checkpoint", "train", ["--resume", "{ckpts}/truncated.pt"], says=("truncated",)),
     # -- run folders ------------------------------------------------------------------------
     Row("a new run into an existing run folder", "train", train("--out", "{run}"),
@@ -352,7 +353,7 @@ def test_a_bad_input_is_one_sentence_and_changes_nothing(row, world, tmp_path, m
             else:
                 assert lines == [], err
             for fragment in row.says:
-                assert fragment in err, (fragment, err)
+                assert fragment.format(**w) in err, (fragment, err)
         after = snapshot(world["root"], fresh)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
                              if before.get(k) != after.get(k)}
