@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun on CPU/gloo: same result as one process over the same streams."""
+"""Data-parallel training on CPU/gloo, under torchrun and under train.py --workers (which starts the
+ranks itself through torch's elastic launcher): the same result as one process over the same streams."""
 import os
 import subprocess
 import sys
@@ -7,8 +8,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, small_text, train_here
+from conftest import ROOT, run, small_text, train_here
 from textgen import checkpoint
+from textgen.errors import UsageError
 
 # float32 and no dropout: one process and two then compute the same thing.
 FLAGS = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--dropout", "0", "--dtype", "float32",
@@ -21,6 +23,11 @@ def torchrun(*args, nproc=2, timeout=240, env_extra=None):
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def workers(*args, nproc=2, env_extra=None):
+    """train.py starting its own ranks, as a user runs it: `train.py ... --workers 2`."""
+    return run("train.py", *args, "--workers", str(nproc), env_extra={"TEXTGEN_DIST_TIMEOUT": "30", **(env_extra or {})})
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +49,12 @@ def assert_close_models(a, b, rtol=1e-5):
 def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head):
     single = train_here(text, *FLAGS, *head, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    ddp = torchrun("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
+    # One launch each way: torchrun, and train.py --workers starting the ranks itself.
+    launch = workers if head else torchrun
+    ddp = launch("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "ddp")) if launch is torchrun else \
+        launch(text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr + ddp.stdout
-    assert ddp.stdout.count("run folder") == 1                    # only rank 0 speaks
+    assert ddp.stdout.count("run folder") == 1 and ", 2 processes" in ddp.stdout      # only rank 0 speaks
     a = checkpoint.load(str(tmp_path / "single" / "latest.pt"))
     b = checkpoint.load(str(tmp_path / "ddp" / "latest.pt"))
     assert a["step"] == b["step"] == 20
@@ -117,7 +127,7 @@ def test_a_distributed_run_resumes_exactly_with_the_same_world_size(text, tmp_pa
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(full / "step-0000010.pt", resumed / "step-0000010.pt")
-    again = torchrun("train.py", "--resume", str(resumed / "step-0000010.pt"))
+    again = workers("--resume", str(resumed / "step-0000010.pt"))       # torchrun's ranks, resumed by --workers
     assert again.returncode == 0, again.stderr
     a, b = checkpoint.load(str(full / "latest.pt")), checkpoint.load(str(resumed / "latest.pt"))
     assert a["step"] == b["step"] == 20
@@ -156,3 +166,93 @@ def test_under_torchrun_rank_0_holds_the_run_folder(text, tmp_path):
         finally:
             log.close()
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] >= 10
+
+
+def test_workers_auto_takes_one_process_a_core_where_the_streams_divide(monkeypatch):
+    from textgen import launch
+    for name in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS", launch.LAUNCHED):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert launch.choose_workers("auto", "cpu", 64)[0] == 4
+    assert launch.choose_workers("auto", "cpu", 24)[0] == 3           # 4 does not divide 24
+    assert launch.choose_workers("auto", "cpu", 16)[0] == 2           # 4 would leave each rank 4 streams
+    assert launch.choose_workers("auto", "cpu", 13)[0] == 1
+    assert launch.choose_workers("auto", "cpu", None)[0] == 1         # a resumed run whose batch is unknown
+    assert launch.choose_workers("auto", "cuda", 64)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                        # the cores shared out by the user
+    assert launch.choose_workers("auto", "cpu", 64)[0] == 1
+    assert launch.choose_workers(3, "cpu", 63)[0] == 3                # asked for, whatever the cores
+    with pytest.raises(UsageError, match="divisible by --workers 3"):
+        launch.choose_workers(3, "cpu", 64)
+    with pytest.raises(UsageError, match="torchrun"):
+        launch.choose_workers(2, "cuda", 64)
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(UsageError, match="--workers must be auto or a whole number"):
+            launch.parse_workers(bad)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.choose_workers("auto", "cpu", 64)[0] == 1           # a rank never launches ranks
+    with pytest.raises(UsageError, match="--nproc_per_node"):
+        launch.choose_workers(2, "cpu", 64)
+
+
+def test_a_mistake_under_workers_is_one_sentence_from_rank_0(text, tmp_path):
+    missing = workers(str(tmp_path / "missing.txt"), *FLAGS)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: no such file"]
+    uneven = workers(text, *FLAGS, "--batch-size", "5")               # refused before any rank starts
+    assert uneven.returncode == 2 and "divisible by --workers 2" in uneven.stderr
+    assert len(uneven.stderr.strip().splitlines()) == 1
+
+
+def ranks_of(mark: str) -> list[int]:
+    """The pids of live processes whose environment holds mark."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_stopping_train_py_stops_its_ranks_and_they_save(text, tmp_path, how):
+    """Ctrl-C reaches the launching process only (the ranks sit in sessions of their own); even a
+    SIGKILL of it leaves no rank training on."""
+    import signal
+    import uuid
+    out = str(tmp_path / "run")
+    mark = f"TEXTGEN_TEST_MARK={uuid.uuid4()}"
+    env = dict(os.environ, TEXTGEN_DIST_TIMEOUT="30", PYTHONUNBUFFERED="1", TEXTGEN_WORKERS="2",
+               OMP_NUM_THREADS="2", TEXTGEN_TEST_MARK=mark.split("=")[1])
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    flags = [f if f != "20" else "100000" for f in FLAGS]                  # runs until stopped
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen([sys.executable, "train.py", text, *flags, "--out", out], cwd=ROOT, env=env,
+                           stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "latest.pt")):
+            assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()
+            time.sleep(0.05)
+        assert len(ranks_of(mark)) == 3                                   # train.py and its two ranks
+        job.send_signal(getattr(signal, how))
+        assert job.wait(timeout=120) == (0 if how == "SIGINT" else -signal.SIGKILL)
+        deadline = time.time() + 60
+        while ranks_of(mark):
+            assert time.time() < deadline, "ranks still running after their launcher stopped"
+            time.sleep(0.1)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.close()
+    said = (tmp_path / "job.log").read_text()
+    signal_name = "SIGINT" if how == "SIGINT" else "SIGTERM"                # a dead parent sends SIGTERM
+    assert said.count(f"{signal_name}: finishing this step") == 1, said    # said once, by rank 0
+    assert said.count(f"stopped by {signal_name} at step") == 1, said
+    stopped_at = int(said.split(f"stopped by {signal_name} at step ")[1].split(";")[0])
+    assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == stopped_at

@@ -62,3 +62,9 @@ def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
     assert set(imports_of("server")) == {"batching", "checkpoint", "errors", "evaluate", "sampling"}
     assert imports_of("cli")["server"] == {"serve_parser", "_serve"}
+
+
+def test_only_the_command_line_starts_ranks():
+    """launch.py (train.py --workers) needs nothing of ours but errors, and only cli uses it."""
+    assert set(imports_of("launch")) == {"errors"}
+    assert [m for m in MODULES if "launch" in imports_of(m)] == ["cli"]

@@ -95,10 +95,10 @@ def run_main(main, argv) -> int:
     try:
         return main(argv) or 0
     except (UsageError, UnknownCharactersError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_error(e)
         return 2
     except (StopTraining, KernelUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_error(e)
         return 1
     except MemoryError:
         print("error: out of memory; choose a smaller model, --batch-size or --num-samples", file=sys.stderr)
@@ -110,6 +110,12 @@ def run_main(main, argv) -> int:
         # the reader went away (e.g. `| head`): not an error of ours
         sys.stderr.close()
         return 0
+
+
+def _say_error(e: BaseException) -> None:
+    from .launch import launched_rank
+    if not launched_rank():         # of the ranks --workers started, rank 0 says what they all met
+        print(f"error: {e}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +201,11 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training model: a slower start for faster steps where it pays "
                         "(GPUs above all; see benchmarks/README.md for the CPU)")
+    g.add_argument("--workers", default=os.environ.get("TEXTGEN_WORKERS", "1"), metavar="auto|N",
+                   help="data-parallel processes on this machine's CPU, one thread each, sharing the --batch-size "
+                        "streams (auto: one per core, or per OMP_NUM_THREADS where set; 1 on a GPU); "
+                        "$TEXTGEN_WORKERS sets the default. On 2 cores it runs level with one process "
+                        "(benchmarks/README.md)")
     g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds an old one, deleting the old run's files first "
@@ -228,6 +239,12 @@ def _train(argv) -> int:
             model_config.validate(vocabulary_known=False)
         except ValueError as e:
             raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    from .launch import follow_parent
+    follow_parent()
+    workers = _workers(args, explicit)
+    if workers > 1:
+        from .launch import run_ranks
+        return run_ranks(workers, list(sys.argv[1:] if argv is None else argv))
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts > 0 and args.resume is None:
         # torchrun restarted the job after a failure: carry on from the run folder's latest.pt.
@@ -245,6 +262,19 @@ def _train(argv) -> int:
         raise
     distributed.shutdown()
     return 0
+
+
+def _workers(args, explicit: set[str]) -> int:
+    """How many processes --workers asks for on this machine (1 inside a rank)."""
+    from . import launch
+    requested = launch.parse_workers(args.workers)
+    if launch.under_torchrun() or requested == 1:
+        return launch.choose_workers(requested, "cpu", None)[0]
+    from .devices import resolve_device
+    batch_size = args.batch_size
+    if args.resume is not None and "batch_size" not in explicit:
+        batch_size = launch.resumed_batch_size(args.resume)
+    return launch.choose_workers(requested, resolve_device(args.device).type, batch_size)[0]
 
 
 def _log(message: str) -> None:

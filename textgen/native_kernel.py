@@ -410,5 +410,6 @@ def describe() -> str:
     _, note = _load()
     if kernel is None:
         return f"PyTorch ops (no C kernel: {note})"
-    threads = f"threaded, up to {torch.get_num_threads()} threads" if kernel.threaded else "one thread"
+    threaded = kernel.threaded and torch.get_num_threads() > 1
+    threads = f"threaded, up to {torch.get_num_threads()} threads" if threaded else "one thread"
     return f"C kernel ({threads}{'; ' + note if note else ''})"

@@ -810,7 +810,8 @@ class Trainer:
             "step": self.step, "time": round(self.elapsed, 3), "train_loss": s.loss / s.steps,
             "val_loss": val_loss, "lr": lr_at(self.step - 1, self.plan, self.config),
             "grad_norm": s.grad_norm / max(1, s.steps - s.skipped),
-            "chars_per_sec": round(s.chars * self.dist.world_size / max(s.seconds, 1e-9)),
+            # s.chars counts every rank's streams already (batch_size is the global number)
+            "chars_per_sec": round(s.chars / max(s.seconds, 1e-9)),
             "epoch": round(self.loader.epoch, 4),
         }
         if self.scaler.is_enabled():
@@ -873,9 +874,12 @@ class Trainer:
         def request_stop(signum, frame):
             if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now; checkpoints are written atomically
+            if self.stop_signal is not None:
+                return          # asked again (a dead launcher's threads each send SIGTERM): once is enough
             self.stop_signal = signum
-            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                             f"(Ctrl-C again to quit at once)\n")
+            if self.dist.is_main:
+                sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                                 f"(Ctrl-C again to quit at once)\n")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, request_stop)
