@@ -173,15 +173,15 @@ def test_workers_auto_takes_one_process_a_core_where_the_streams_divide(monkeypa
     for name in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS", launch.LAUNCHED):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert launch.choose_workers("auto", "cpu", 64)[0] == 4
-    assert launch.choose_workers("auto", "cpu", 24)[0] == 3           # 4 does not divide 24
-    assert launch.choose_workers("auto", "cpu", 16)[0] == 2           # 4 would leave each rank 4 streams
-    assert launch.choose_workers("auto", "cpu", 13)[0] == 1
-    assert launch.choose_workers("auto", "cpu", None)[0] == 1         # a resumed run whose batch is unknown
-    assert launch.choose_workers("auto", "cuda", 64)[0] == 1
+    assert launch.choose_workers("auto", "cpu", 64) == 4
+    assert launch.choose_workers("auto", "cpu", 24) == 3           # 4 does not divide 24
+    assert launch.choose_workers("auto", "cpu", 16) == 2           # 4 would leave each rank 4 streams
+    assert launch.choose_workers("auto", "cpu", 13) == 1
+    assert launch.choose_workers("auto", "cpu", None) == 1         # a resumed run whose batch is unknown
+    assert launch.choose_workers("auto", "cuda", 64) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")                        # the cores shared out by the user
-    assert launch.choose_workers("auto", "cpu", 64)[0] == 1
-    assert launch.choose_workers(3, "cpu", 63)[0] == 3                # asked for, whatever the cores
+    assert launch.choose_workers("auto", "cpu", 64) == 1
+    assert launch.choose_workers(3, "cpu", 63) == 3                # asked for, whatever the cores
     with pytest.raises(UsageError, match="divisible by --workers 3"):
         launch.choose_workers(3, "cpu", 64)
     with pytest.raises(UsageError, match="torchrun"):
@@ -191,9 +191,19 @@ def test_workers_auto_takes_one_process_a_core_where_the_streams_divide(monkeypa
             launch.parse_workers(bad)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launch.choose_workers("auto", "cpu", 64)[0] == 1           # a rank never launches ranks
+    assert launch.choose_workers("auto", "cpu", 64) == 1           # a rank never launches ranks
     with pytest.raises(UsageError, match="--nproc_per_node"):
         launch.choose_workers(2, "cpu", 64)
+
+
+def test_workers_auto_reads_a_resumed_runs_batch_size_from_its_folder(tmp_path):
+    from textgen import launch
+    (tmp_path / "config.json").write_text('{"train": {"batch_size": 48}}', encoding="utf-8")
+    assert launch.resumed_batch_size(str(tmp_path)) == 48
+    assert launch.resumed_batch_size(str(tmp_path / "step-0000010.pt")) == 48      # a file in the folder
+    (tmp_path / "config.json").write_text("not json", encoding="utf-8")
+    assert launch.resumed_batch_size(str(tmp_path)) is None
+    assert launch.resumed_batch_size(str(tmp_path / "elsewhere")) is None
 
 
 def test_a_mistake_under_workers_is_one_sentence_from_rank_0(text, tmp_path):

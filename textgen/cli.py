@@ -269,12 +269,12 @@ def _workers(args, explicit: set[str]) -> int:
     from . import launch
     requested = launch.parse_workers(args.workers)
     if launch.under_torchrun() or requested == 1:
-        return launch.choose_workers(requested, "cpu", None)[0]
+        return launch.choose_workers(requested, "cpu", None)
     from .devices import resolve_device
     batch_size = args.batch_size
     if args.resume is not None and "batch_size" not in explicit:
         batch_size = launch.resumed_batch_size(args.resume)
-    return launch.choose_workers(requested, resolve_device(args.device).type, batch_size)[0]
+    return launch.choose_workers(requested, resolve_device(args.device).type, batch_size)
 
 
 def _log(message: str) -> None:

@@ -84,12 +84,12 @@ def resumed_batch_size(resume: str) -> int | None:
         return None
 
 
-def choose_workers(requested: str | int, device_type: str, batch_size: int | None) -> tuple[int, str]:
-    """How many processes to train with, and why (for the log)."""
+def choose_workers(requested: str | int, device_type: str, batch_size: int | None) -> int:
+    """How many processes to train with: 1 inside a rank, on a GPU, or where the streams do not divide."""
     if under_torchrun():
         if requested not in ("auto", 1) and not os.environ.get(LAUNCHED):
             raise UsageError("--workers starts processes itself; under torchrun, give --nproc_per_node instead")
-        return 1, "under torchrun"
+        return 1
     if requested != "auto":
         if requested > 1 and device_type != "cpu":
             raise UsageError(f"--workers {requested} runs CPU processes; for several GPUs launch train.py with "
@@ -97,16 +97,13 @@ def choose_workers(requested: str | int, device_type: str, batch_size: int | Non
         if batch_size is not None and batch_size % requested:
             raise UsageError(f"--batch-size {batch_size} must be divisible by --workers {requested} so every "
                              "process reads the same number of streams")
-        return requested, "--workers"
-    if device_type != "cpu":
-        return 1, f"one process drives the {device_type} device"
-    cores = cores_available()
-    if batch_size is None:
-        return 1, "the resumed run's batch size is unknown"
-    for workers in range(cores, 1, -1):
+        return requested
+    if device_type != "cpu" or batch_size is None:       # None: a resumed run whose batch size is unknown
+        return 1
+    for workers in range(cores_available(), 1, -1):
         if batch_size % workers == 0 and batch_size // workers >= MIN_STREAMS_PER_WORKER:
-            return workers, f"{cores} cores"
-    return 1, f"{cores} core{'s' if cores > 1 else ''}"
+            return workers
+    return 1
 
 
 def run_ranks(workers: int, argv: list[str]) -> int:

@@ -15,8 +15,9 @@ Two limits decide how large a model should be, and the smaller one wins:
   more is never held back by the budget: the text's own limit then decides, whatever the
   machine's speed (on tiny-shakespeare's 15 minutes an Intel Xeon that trains a third slower than
   an AMD EPYC read 2x512 2.2 characters a parameter and chose 2x384: 1.5005 nats/char against
-  2x512's 1.4668 on that machine; where the text is read less than once, on 100 MB of code, 2x512
-  reading 1.2 a parameter lost to 2x384 reading 2.7).
+  2x512's 1.4668 on that machine, and an AMD EPYC Zen 3 where 2x512 reads it 3.8 times: 1.4708
+  against 2x384's 1.4919; where the text is read less than once, on 100 MB of code, 2x512 reading
+  1.2 a parameter lost to 2x384 reading 2.7).
 
 Dropout then follows from how often the run will read each character: one pass over the text
 cannot be memorised, many passes can (``dropout_for``). Past ``MANY_PASSES`` the regularisers that
@@ -42,8 +43,10 @@ HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character,
 STRONG_PARAMETERS_PER_CHAR = 16.0  # or this many where STRONG regularises the model (a small text read long)
 CHARS_PER_PARAMETER = 2.5       # the budget's limit: the run reads at least this many characters per parameter,
-MIN_PASSES = 4                  # or the text at least this many times (2x768 reading tiny-shakespeare 4.45
-                                # times, 0.6 characters a parameter, was level with 2x512 reading it 9 times)
+MIN_PASSES = 3                  # or the text at least this many times (2x768 reading tiny-shakespeare 4.45
+                                # times, 0.6 characters a parameter, was level with 2x512 reading it 9 times;
+                                # on an AMD EPYC Zen 3 2x512 reading it 3.8 times beat 2x384 reading it 5.5
+                                # times by 0.021 nats)
 REFERENCE = (2, 512)            # timed during warm-up and scaled to sizes as costly or more (layers, hidden)
 MANY_PASSES = 32                # from here on, STRONG regularisation too
 STRONG = {"weight_dropout": 0.5, "locked_dropout": True, "input_dropout": 0.2}
