@@ -50,9 +50,10 @@ def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head)
     single = train_here(text, *FLAGS, *head, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     # One launch each way: torchrun, and train.py --workers starting the ranks itself.
-    launch = workers if head else torchrun
-    ddp = launch("train.py", text, *FLAGS, *head, "--out", str(tmp_path / "ddp")) if launch is torchrun else \
-        launch(text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
+    if head:
+        ddp = workers(text, *FLAGS, *head, "--out", str(tmp_path / "ddp"))
+    else:
+        ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "ddp"))
     assert ddp.returncode == 0, ddp.stderr + ddp.stdout
     assert ddp.stdout.count("run folder") == 1 and ", 2 processes" in ddp.stdout      # only rank 0 speaks
     a = checkpoint.load(str(tmp_path / "single" / "latest.pt"))
