@@ -267,3 +267,21 @@ def test_stopping_train_py_stops_its_ranks_and_they_save(text, tmp_path, how):
     assert said.count(f"stopped by {signal_name} at step") == 1, said
     stopped_at = int(said.split(f"stopped by {signal_name} at step ")[1].split(";")[0])
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == stopped_at
+
+
+def test_of_the_ranks_workers_started_only_rank_0_reports_a_failure(monkeypatch, capsys):
+    from textgen import launch
+    from textgen.cli import run_main
+
+    def out_of_memory(argv):
+        raise MemoryError
+
+    def bad_flag(argv):
+        raise UsageError("--lr must be positive")
+    monkeypatch.setenv(launch.LAUNCHED, "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_main(out_of_memory, []) == 1 and run_main(bad_flag, []) == 2
+        err = capsys.readouterr().err
+        assert ("error: out of memory" in err and "error: --lr must be positive" in err) == said, (rank, err)
+        assert err == "" or said

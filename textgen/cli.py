@@ -101,7 +101,7 @@ def run_main(main, argv) -> int:
         _say_error(e)
         return 1
     except MemoryError:
-        print("error: out of memory; choose a smaller model, --batch-size or --num-samples", file=sys.stderr)
+        _say_error("out of memory; choose a smaller model, --batch-size or --num-samples")
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; checkpoints already written are intact", file=sys.stderr)
@@ -112,7 +112,7 @@ def run_main(main, argv) -> int:
         return 0
 
 
-def _say_error(e: BaseException) -> None:
+def _say_error(e: BaseException | str) -> None:
     from .launch import launched_rank
     if not launched_rank():         # of the ranks --workers started, rank 0 says what they all met
         print(f"error: {e}", file=sys.stderr)
