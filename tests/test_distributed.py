@@ -138,21 +138,31 @@ def test_a_distributed_run_resumes_exactly_with_the_same_world_size(text, tmp_pa
         assert torch.equal(h, h2) and torch.equal(c, c2)
 
 
+def start_until_saved(cmd, env, out, log_path):
+    """Popen a training job (output to a file, not a pipe: nothing left behind can block the test)
+    and wait until it has written latest.pt; returns (job, log)."""
+    log = open(log_path, "w")
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "latest.pt")):
+        if job.poll() is not None or time.time() >= deadline:
+            job.kill()
+            log.close()
+            pytest.fail(open(log_path).read())
+        time.sleep(0.05)
+    return job, log
+
+
 def test_under_torchrun_rank_0_holds_the_run_folder(text, tmp_path):
     """A second trainer is refused while a 2-rank job trains, and the pid it names is rank 0's."""
     import signal
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1", TEXTGEN_DIST_TIMEOUT="30", PYTHONUNBUFFERED="1")
     flags = [f if f != "20" else "100000" for f in FLAGS]                  # runs until stopped
-    log = open(tmp_path / "job.log", "w")          # a file, not a pipe: nothing left behind can block the test
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "train.py", text, *flags, "--out", out], cwd=ROOT, env=env, start_new_session=True,
-                           stdout=log, stderr=subprocess.STDOUT)
+    job, log = start_until_saved([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node=2", "train.py", text, *flags, "--out", out],
+                                 env, out, tmp_path / "job.log")
     try:
-        deadline = time.time() + 120
-        while not os.path.exists(os.path.join(out, "latest.pt")):
-            assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()
-            time.sleep(0.05)
         with open(os.path.join(out, ".textgen.lock")) as f:
             holder = int(f.read())
         second = train_here("--resume", out)
@@ -237,19 +247,15 @@ def test_stopping_train_py_stops_its_ranks_and_they_save(text, tmp_path, how):
     import signal
     import uuid
     out = str(tmp_path / "run")
-    mark = f"TEXTGEN_TEST_MARK={uuid.uuid4()}"
+    marker = str(uuid.uuid4())
     env = dict(os.environ, TEXTGEN_DIST_TIMEOUT="30", PYTHONUNBUFFERED="1", TEXTGEN_WORKERS="2",
-               OMP_NUM_THREADS="2", TEXTGEN_TEST_MARK=mark.split("=")[1])
+               OMP_NUM_THREADS="2", TEXTGEN_TEST_MARK=marker)
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    mark = f"TEXTGEN_TEST_MARK={marker}"
     flags = [f if f != "20" else "100000" for f in FLAGS]                  # runs until stopped
-    log = open(tmp_path / "job.log", "w")
-    job = subprocess.Popen([sys.executable, "train.py", text, *flags, "--out", out], cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT)
+    job, log = start_until_saved([sys.executable, "train.py", text, *flags, "--out", out], env, out,
+                                 tmp_path / "job.log")
     try:
-        deadline = time.time() + 120
-        while not os.path.exists(os.path.join(out, "latest.pt")):
-            assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()
-            time.sleep(0.05)
         assert len(ranks_of(mark)) == 3                                   # train.py and its two ranks
         job.send_signal(getattr(signal, how))
         assert job.wait(timeout=120) == (0 if how == "SIGINT" else -signal.SIGKILL)
