@@ -7,6 +7,7 @@ in the same process, in interleaved rounds. A version is a git revision or a fol
 
     python benchmarks/ab_model.py HEAD~1                         # the last commit against the working tree
     python benchmarks/ab_model.py 3597110 HEAD --config 2,256,32,128
+    python benchmarks/ab_model.py HEAD --config 2,512,64,50 --dropout 0.15   # with dropout between layers
     TEXTGEN_NATIVE=0 python benchmarks/ab_model.py HEAD          # the PyTorch-op path (no C kernel)
 
 Prints training chars/s (forward + backward + clip + AdamW, float32, and bf16 products) with
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("versions", nargs="+", help="git revisions or folders holding a textgen package")
     parser.add_argument("--config", action="append", help="layers,hidden,streams,chunk (default: four configs)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout between layers, per step (default 0)")
     args = parser.parse_args()
     versions = list(args.versions) + ([ROOT] if len(args.versions) == 1 else [])
     scratch = tempfile.mkdtemp(prefix="textgen-ab-")
@@ -85,7 +87,7 @@ def main() -> None:
                 for bf16 in ((False, True) if module is not None else (False,)):
                     torch.manual_seed(0)
                     source = module or next(iter(modules.values()))
-                    model = source.CharLSTM(source.ModelConfig(VOCAB, EMBED, hidden, layers, 0.0))
+                    model = source.CharLSTM(source.ModelConfig(VOCAB, EMBED, hidden, layers, args.dropout))
                     if module is None:
                         model = TorchLSTMModel(model)
                     else:

@@ -183,6 +183,22 @@ def test_locked_dropout_holds_one_mask_per_stream_for_the_whole_chunk():
     assert torch.equal(dropout(x, 0.5, False, locked=True), x)        # evaluation drops nothing
 
 
+def test_dropout_per_step_keeps_each_unit_with_probability_one_minus_the_rate_and_scales_it():
+    """The CPU's own mask (a uniform draw, not F.dropout's Bernoulli): the rate dropped, the rest
+    scaled by 1/(1-p), gradients through the kept units only, and the same mask for the same seed."""
+    rate = 0.15
+    x = torch.randn(50, 64, 512, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, rate, True, locked=False)
+    kept = y != 0
+    assert abs((~kept).float().mean().item() - rate) < 0.002
+    torch.testing.assert_close(y[kept], x[kept] / (1 - rate))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - rate))
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, rate, True, locked=False), y)
+
+
 def test_dropconnect_masks_the_recurrent_weights_once_per_chunk(monkeypatch):
     """The layer receives W_hh with a fixed mask for the chunk: the outputs are the gate-by-gate
     reference's with that one masked matrix, and the mask drops about the rate, scaled by 1/(1-p)."""
