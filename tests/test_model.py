@@ -126,6 +126,22 @@ def test_forget_gate_bias_starts_at_one_and_shapes_match_config():
     assert len(state) == 2 and state[0][0].shape == (2, 16)
 
 
+def test_each_gates_recurrent_matrix_starts_orthogonal_and_the_rest_uniform():
+    """W_hh's four (H, H) gate blocks are orthogonal (Q Q^T = I), each a different draw; W_ih keeps
+    nn.LSTM's uniform draw within 1/sqrt(H)."""
+    torch.manual_seed(2)
+    H = 24
+    lstm = StackedLSTM(input_size=10, hidden_size=H, layers=3)
+    for k in range(3):
+        w_hh = getattr(lstm, f"weight_hh_l{k}").detach()
+        blocks = [w_hh[g * H:(g + 1) * H] for g in range(4)]
+        for q in blocks:
+            torch.testing.assert_close(q @ q.t(), torch.eye(H), atol=1e-5, rtol=0)
+        assert not torch.allclose(blocks[0], blocks[1])
+        w_ih = getattr(lstm, f"weight_ih_l{k}").detach()
+        assert w_ih.abs().max() <= H ** -0.5 and w_ih.abs().max() > 0.9 * H ** -0.5
+
+
 def test_overfitting_one_batch_drives_the_loss_near_zero():
     torch.manual_seed(6)
     model = CharLSTM(ModelConfig(vocab_size=10, embed_size=16, hidden_size=64, layers=2, dropout=0.0))

@@ -253,6 +253,13 @@ class StackedLSTM(nn.Module):
                 # cell starts out remembering instead of forgetting (Jozefowicz et al. 2015).
                 getattr(self, f"bias_ih_l{k}")[H : 2 * H].fill_(0.5)
                 getattr(self, f"bias_hh_l{k}")[H : 2 * H].fill_(0.5)
+                # Each gate's recurrent matrix orthogonal: it neither shrinks nor stretches the state it
+                # reads, so gradients through many steps start out neither vanishing nor exploding. On
+                # tiny-shakespeare (2x512, 2,000 steps, one-thread pair side by side) 0.009 nats/char
+                # better than the uniform draw, ahead from step 1,200 on (benchmarks/README.md).
+                w_hh = getattr(self, f"weight_hh_l{k}")
+                for gate in range(4):
+                    nn.init.orthogonal_(w_hh[gate * H : (gate + 1) * H])
 
     def layer_weights(self, k: int):
         return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
