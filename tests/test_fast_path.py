@@ -211,7 +211,11 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
     (ref_out * upstream).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
     for name, p in ours.lstm.named_parameters():
-        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-4, rtol=1e-4)
+        # Each gradient sums 6,400 positions (bias gradients reach ~440 here), so float32's rounding of
+        # that sum is relative to the tensor's scale, not to each element: an element near zero among
+        # large ones differs by up to ~1e-6 of the largest.
+        expected = dict(ref.named_parameters())[name].grad
+        torch.testing.assert_close(p.grad, expected, atol=max(1e-4, 2e-6 * float(expected.abs().max())), rtol=1e-4)
     assert counting.slices and set(counting.slices) == {torch.get_num_threads()}
     if fused._PACKED_LINEAR:
         assert 128 in packs
