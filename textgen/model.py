@@ -310,8 +310,9 @@ def dropout(x: torch.Tensor, rate: float, training: bool, locked: bool) -> torch
     if not locked:
         if x.device.type != "cpu":
             return F.dropout(x, rate, True)
-        # On the CPU, F.dropout's Bernoulli draw costs 2.5 times a uniform draw (2x512 at 64x50,
-        # two of these a step: 16 ms against 9 each); the same mask, keep with probability 1 - rate.
+        # On the CPU, F.dropout's Bernoulli draw costs nearly twice a uniform draw (forward and backward
+        # of a (50, 64, 512) dropout, two a step: 13.8 ms against 7.7 on an AMD EPYC with AVX512-BF16,
+        # interleaved); the same mask, keep with probability 1 - rate.
         mask = torch.rand(x.shape, dtype=x.dtype).ge_(rate).mul_(1 / (1 - rate))
         return x * mask
     mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - rate).div_(1 - rate)
