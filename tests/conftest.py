@@ -148,3 +148,36 @@ def pointwise(request, monkeypatch):
 
 def ran_the_chosen_path(pointwise) -> bool:
     return pointwise is None or pointwise.calls > 0
+
+
+class NNLSTMStack:
+    """The reference for a StackedLSTM: one torch.nn.LSTM per layer with that layer's weights copied,
+    each layer after the first adding its input to its output where the stack is residual."""
+
+    NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def __init__(self, stack):
+        import torch
+        self.residual = stack.residual
+        self.layers = []
+        for k in range(stack.layers):
+            layer = torch.nn.LSTM(stack.input_size if k == 0 else stack.hidden_size, stack.hidden_size)
+            layer.load_state_dict({f"{name}_l0": getattr(stack, f"{name}_l{k}").detach().clone() for name in self.NAMES})
+            self.layers.append(layer)
+
+    def __call__(self, x, state):
+        """x (T, B, I), state (h0, c0) each (layers, B, H) as nn.LSTM takes it -> out, (h, c) likewise."""
+        import torch
+        h0, c0 = state
+        out, hs, cs = x, [], []
+        for k, layer in enumerate(self.layers):
+            y, (h, c) = layer(out, (h0[k:k + 1], c0[k:k + 1]))
+            out = y + out if self.residual and k > 0 else y
+            hs.append(h[0])
+            cs.append(c[0])
+        return out, (torch.stack(hs), torch.stack(cs))
+
+    def grad(self, name: str):
+        """The gradient of our parameter `name` (e.g. weight_ih_l1) in the reference."""
+        base, k = name.rsplit("_l", 1)
+        return getattr(self.layers[int(k)], f"{base}_l0").grad

@@ -16,7 +16,7 @@ def make_payload(hidden=16):
     model = CharLSTM(ModelConfig(vocab_size=tok.vocab_size, embed_size=8, hidden_size=hidden, layers=2))
     payload = {"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
                "model_config": {"vocab_size": tok.vocab_size, "embed_size": 8, "hidden_size": hidden,
-                                "layers": 2, "dropout": 0.1},
+                                "layers": 2, "dropout": 0.1, "residual": True},
                "vocab": tok.to_dict(), "model": model.state_dict(), "step": 7}
     return model, payload
 
@@ -31,6 +31,24 @@ def test_save_load_gives_identical_logits_and_loads_weights_only(tmp_path):
     tokens = torch.randint(0, tok.vocab_size, (2, 9))
     model.eval(), loaded.eval()
     assert torch.equal(model(tokens)[0], loaded(tokens)[0])
+
+
+def test_a_checkpoint_from_before_residual_connections_loads_as_the_plain_stack_it_was(tmp_path):
+    """Files written before ModelConfig.residual existed have no such key: their models had no
+    residual connections, and must load (and generate) as they were trained, not as today's default."""
+    tok = CharTokenizer.from_text("abcdefgh \n")
+    torch.manual_seed(0)
+    old = CharLSTM(ModelConfig(vocab_size=tok.vocab_size, embed_size=8, hidden_size=16, layers=3, residual=False))
+    payload = {"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
+               "model_config": {"vocab_size": tok.vocab_size, "embed_size": 8, "hidden_size": 16, "layers": 3},
+               "vocab": tok.to_dict(), "model": old.state_dict(), "step": 7}
+    path = str(tmp_path / "old.pt")
+    checkpoint.atomic_save(payload, path)
+    loaded, _ = checkpoint.build_model(checkpoint.load(path), path)
+    assert loaded.config.residual is False and loaded.lstm.residual is False
+    tokens = torch.randint(0, tok.vocab_size, (2, 9))
+    assert torch.equal(old.eval()(tokens)[0], loaded.eval()(tokens)[0])
+    assert checkpoint.summary(checkpoint.load(path))["residual"] is False
 
 
 def test_run_folder_keeps_last_k_and_best(tmp_path):

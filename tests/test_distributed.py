@@ -38,10 +38,16 @@ def text(tmp_path_factory):
 
 
 def assert_close_models(a, b, rtol=1e-5):
+    """Each tensor within rtol of the other, measured over the whole tensor. Not element by element:
+    Adam's first steps move a weight whose gradient is near its eps (1e-8) by lr * g / (|g| + eps),
+    so two ranks rounding that gradient's sum differently can move that one weight by a good part of
+    lr (seen: 1.6e-5 on one element of 2,048, the rest within 1e-7), where a real divergence moves them all."""
     for name, tensor in a["model"].items():
         other = b["model"][name]
-        scale = tensor.abs().max().clamp_min(1e-12)
-        assert ((tensor - other).abs().max() / scale) <= rtol, name
+        if tensor.is_floating_point():
+            assert ((tensor - other).norm() / tensor.norm().clamp_min(1e-12)) <= rtol, name
+        else:
+            assert torch.equal(tensor, other), name
 
 
 # The adaptive head with clusters so small and rare that on some steps a rank has no target in one.

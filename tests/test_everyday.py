@@ -48,7 +48,7 @@ def test_info_names_the_right_numbers(run_dir, capsys):
     model, tok, _ = load_model(run_dir)
     ckpt = load(os.path.join(run_dir, "latest.pt"))
     assert f"parameters   {model.num_parameters():,}" in out
-    assert "2 x LSTM 32, embedding 16" in out
+    assert "2 x LSTM 32 with residual connections, embedding 16" in out
     assert f"vocabulary   {tok.vocab_size} characters" in out and "É" in out and "\\n" in out
     assert "steps        30 of 30" in out
     assert f"{ckpt['best_val_loss']:.4f} nats/char" in out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import textgen.fused_lstm as fused
-from conftest import CountingKernel, c_kernel_or_skip
+from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
 from textgen import native_kernel
 from textgen.fused_lstm import lstm_layer
 from textgen.model import CharLSTM, ModelConfig, lstm_layer_reference
@@ -195,8 +195,8 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
     torch.manual_seed(11)
     config = ModelConfig(vocab_size=65, dropout=0.0)       # the default sizes: 2 layers of 512, embedding 64
     ours = CharLSTM(config)
-    ref = torch.nn.LSTM(config.embed_size, config.hidden_size, config.layers)
-    ref.load_state_dict(ours.lstm.state_dict())
+    assert ours.lstm.residual                               # the default stack, compared as it is
+    ref = NNLSTMStack(ours.lstm)
     x = torch.randn(50, 128, config.embed_size)
     state = tuple((torch.randn(128, 512) * 0.5, torch.randn(128, 512)) for _ in range(2))
     h0 = [torch.stack([s[i] for s in state]).requires_grad_() for i in (0, 1)]
@@ -214,7 +214,7 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
         # Each gradient sums 6,400 positions (bias gradients reach ~440 here), so float32's rounding of
         # that sum is relative to the tensor's scale, not to each element: an element near zero among
         # large ones differs by up to ~1e-6 of the largest.
-        expected = dict(ref.named_parameters())[name].grad
+        expected = ref.grad(name)
         torch.testing.assert_close(p.grad, expected, atol=max(1e-4, 2e-6 * float(expected.abs().max())), rtol=1e-4)
     assert counting.slices and set(counting.slices) == {torch.get_num_threads()}
     if fused._PACKED_LINEAR:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import textgen.fused_lstm
-from conftest import c_kernel_or_skip, ran_the_chosen_path
+from conftest import NNLSTMStack, c_kernel_or_skip, ran_the_chosen_path
 from textgen import native_kernel
 from textgen.fused_lstm import FusedLSTMLayer
 from textgen.model import CharLSTM, ModelConfig, StackedLSTM, Stepper, detach_state
@@ -42,6 +42,30 @@ def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise):
     assert ran_the_chosen_path(pointwise)
 
 
+def test_residual_stack_equals_nn_lstm_layers_each_plus_its_input(pointwise):
+    """Residual: layer k >= 1 hands up its input plus its LSTM's output; the first layer (input size
+    differs) hands up its output alone; the states are each layer's own LSTM state."""
+    torch.manual_seed(10)
+    ours = StackedLSTM(7, 13, layers=3, residual=True)
+    ref = NNLSTMStack(ours)
+    x = torch.randn(11, 4, 7)
+    state = random_state(3, 4, 13)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, new_state = ours(x1, state)
+    ref_out, (ref_h, ref_c) = ref(x2, as_nn_state(state))
+    h, c = as_nn_state(new_state)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=0)
+    weights = torch.randn_like(out)
+    ((out * weights).sum() + h.sum() + 2 * c.sum()).backward()
+    ((ref_out * weights).sum() + ref_h.sum() + 2 * ref_c.sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref.grad(name), atol=1e-5, rtol=1e-5)
+    assert ran_the_chosen_path(pointwise)
+
+
 def test_fused_layer_matches_gate_by_gate_reference(pointwise):
     torch.manual_seed(1)
     model = CharLSTM(ModelConfig(vocab_size=11, embed_size=6, hidden_size=10, layers=2, dropout=0.0))
@@ -67,10 +91,11 @@ def test_gradcheck_fused_layer_float64():
     assert torch.autograd.gradcheck(FusedLSTMLayer.apply, args, eps=1e-6, atol=1e-5)
 
 
-def test_gradcheck_stacked_model_float64():
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradcheck_stacked_model_float64(residual):
     """Inputs, initial state and every weight of a 2-layer stack, through the fused path."""
     torch.manual_seed(3)
-    stack = StackedLSTM(4, 5, layers=2).double()
+    stack = StackedLSTM(4, 5, layers=2, residual=residual).double()
     names = [n for n, _ in stack.named_parameters()]
     x = torch.randn(3, 2, 4, dtype=torch.double, requires_grad=True)
     h0 = torch.randn(2, 5, dtype=torch.double, requires_grad=True)
@@ -102,9 +127,11 @@ def test_three_chunks_with_carried_state_equal_the_whole_sequence(pointwise):
     assert ran_the_chosen_path(pointwise)
 
 
-def test_stepper_equals_forward_one_character_at_a_time(pointwise):
+@pytest.mark.parametrize("layers,residual", [(2, False), (3, True)])
+def test_stepper_equals_forward_one_character_at_a_time(pointwise, layers, residual):
     torch.manual_seed(5)
-    model = CharLSTM(ModelConfig(vocab_size=17, embed_size=8, hidden_size=16, layers=2, dropout=0.3)).eval()
+    model = CharLSTM(ModelConfig(vocab_size=17, embed_size=8, hidden_size=16, layers=layers, dropout=0.3,
+                                 residual=residual)).eval()
     tokens = torch.randint(0, 17, (3, 12))
     logits, final = model(tokens)
     step, state, outs = Stepper(model), model.initial_state(3), []
@@ -112,7 +139,9 @@ def test_stepper_equals_forward_one_character_at_a_time(pointwise):
         out, state = step(tokens[:, t], state)
         outs.append(out)
     torch.testing.assert_close(torch.stack(outs, 1), logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(state[-1][1], final[-1][1], atol=1e-5, rtol=0)
+    for (h, c), (final_h, final_c) in zip(state, final):
+        torch.testing.assert_close(h, final_h, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, final_c, atol=1e-5, rtol=0)
     assert ran_the_chosen_path(pointwise)
 
 

@@ -193,6 +193,7 @@ def model_config_of(ckpt: dict) -> ModelConfig:
     # missing keys fall back to the dataclass defaults so new code reads old files.
     saved = dict(ckpt["model_config"])
     saved.setdefault("head", "full")          # written before the adaptive head existed
+    saved.setdefault("residual", False)       # written before layers had residual connections
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
@@ -209,7 +210,8 @@ def summary(ckpt: dict) -> dict:
     averaged = ckpt.get("averaged_model") is not None
     return {
         "layers": config.layers, "hidden_size": config.hidden_size, "embed_size": config.embed_size,
-        "head": config.head, "cutoffs": list(config.cutoffs) if config.head == "adaptive" else [],
+        "residual": config.residual, "head": config.head,
+        "cutoffs": list(config.cutoffs) if config.head == "adaptive" else [],
         "regularisers": {name: getattr(config, name) for name in DROPOUT_FIELDS if getattr(config, name)},
         "locked_dropout": config.locked_dropout,
         "averaged_weights": averaged, "ema": ckpt.get("train_config", {}).get("ema") if averaged else None,

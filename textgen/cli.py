@@ -152,6 +152,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="chance that a character loses its whole embedding for a chunk")
     g.add_argument("--weight-dropout", type=float, default=m.weight_dropout,
                    help="DropConnect on the recurrent weights, one mask per chunk")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=m.residual,
+                   help="layers after the first add their input to their output (a residual connection)")
     g.add_argument("--head", choices=("auto", "full", "adaptive"), default=m.head,
                    help="output layer: a full softmax, or an adaptive softmax (fast for large vocabularies; "
                         "auto: adaptive from a few thousand characters)")
@@ -523,7 +525,9 @@ def _info(argv) -> int:
     info = summary(ckpt)
     corpus, best = info["corpus"], info["best_val_loss"]
     print(f"checkpoint   {path} (format {info['version']}, written {info['created'] or '?'})")
-    print(f"model        {info['layers']} x LSTM {info['hidden_size']}, embedding {info['embed_size']}, "
+    print(f"model        {info['layers']} x LSTM {info['hidden_size']}"
+          + (" with residual connections" if info["residual"] and info["layers"] > 1 else "")
+          + f", embedding {info['embed_size']}, "
           + ("adaptive softmax (cutoffs " + ", ".join(map(str, info["cutoffs"])) + ")" if info["head"] == "adaptive"
              else "full softmax"))
     regularisers = [f"{name.replace('_', ' ')} {value:g}" for name, value in info["regularisers"].items()]

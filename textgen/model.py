@@ -67,6 +67,7 @@ class ModelConfig:
     input_dropout: float = 0.0
     embed_dropout: float = 0.0
     weight_dropout: float = 0.0
+    residual: bool = True            # layers after the first add their input to their output (see StackedLSTM)
     head: str = "auto"               # "full": a linear layer; "adaptive": nn.AdaptiveLogSoftmaxWithLoss;
                                      # "auto": adaptive from ADAPTIVE_FROM characters on (resolved when built)
     cutoffs: tuple = ()              # the adaptive head's cluster boundaries, in frequency ranks
@@ -224,13 +225,19 @@ def _check_batch(batch: int, time: int | None = None) -> None:
 # ---------------------------------------------------------------------------
 
 class StackedLSTM(nn.Module):
-    """Layers of LSTM with dropout between them; parameters named like nn.LSTM."""
+    """Layers of LSTM with dropout between them; parameters named like nn.LSTM.
+
+    With ``residual``, each layer after the first adds its (dropped-out) input to its output:
+    layer k >= 1 gives x + LSTM_k(x), so the upper layer learns a correction to the lower
+    one's features instead of a replacement for them, and gradients reach the lower layer past
+    it. The state a layer carries (h, c) is its LSTM's own; only what it hands upward has the sum.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float = 0.0,
-                 locked_dropout: bool = False, weight_dropout: float = 0.0):
+                 locked_dropout: bool = False, weight_dropout: float = 0.0, residual: bool = False):
         super().__init__()
         self.input_size, self.hidden_size, self.layers, self.dropout = input_size, hidden_size, layers, dropout
-        self.locked_dropout, self.weight_dropout = locked_dropout, weight_dropout
+        self.locked_dropout, self.weight_dropout, self.residual = locked_dropout, weight_dropout, residual
         # A run-time choice, not architecture: torch.bfloat16 (or torch.float16) runs the
         # matrix products in that dtype (faster on CPUs with avx512_bf16 and on GPUs); None is float32.
         self.matmul_dtype: torch.dtype | None = None
@@ -294,9 +301,10 @@ class StackedLSTM(nn.Module):
                 # costs one elementwise product per chunk, not one per step.
                 w_hh = F.dropout(w_hh, self.weight_dropout, True)
             if reference:
-                x, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
+                out, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
             else:
-                x, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
+                out, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
+            x = out + x if self.residual and k > 0 else out
             new_state.append((h, c))
         return x, tuple(new_state)
 
@@ -400,7 +408,7 @@ class CharLSTM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
         self.lstm = StackedLSTM(config.embed_size, config.hidden_size, config.layers, config.dropout,
-                                config.locked_dropout, config.weight_dropout)
+                                config.locked_dropout, config.weight_dropout, config.residual)
         if config.head == "adaptive":
             self.head = AdaptiveHead(config.hidden_size, config.vocab_size, config.cutoffs, config.head_div)
         else:
@@ -508,6 +516,7 @@ class Stepper:
     def __init__(self, model: CharLSTM):
         lstm = model.lstm
         self.model, self.hidden_size, self.vocab_size = model, lstm.hidden_size, model.config.vocab_size
+        self.residual = lstm.residual
         w_ih0, _, b_ih0, b_hh0 = lstm.layer_weights(0)
         self.token_gates = torch.addmm(b_ih0 + b_hh0, model.embedding.weight, w_ih0.t())  # (V, 4H)
         self.layers = []
@@ -566,8 +575,9 @@ class Stepper:
                 gates[:, 2 * H : 3 * H].mul_(step.g_scale)      # as the step function expects (see forward_steps)
             c_prev.copy_(c)
             step(0, gates)
-            x, c = h_out.clone(), c_out.clone()
-            new_state.append((x, c))
+            h, c = h_out.clone(), c_out.clone()
+            x = h + x if self.residual and k > 0 else h
+            new_state.append((h, c))
         if self.head_weight_t is None:
             return self.model.logits(x), tuple(new_state)
         return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

@@ -188,9 +188,9 @@ def describe(ckpt: dict, file: str) -> dict:
     """What `textgen info` shows of a checkpoint, as JSON."""
     info = summary(ckpt)
     best = info["best_val_loss"]
-    return {"file": file, **{key: info[key] for key in ("layers", "hidden_size", "embed_size", "head", "cutoffs",
-                                                         "regularisers", "locked_dropout", "averaged_weights",
-                                                         "parameters")},
+    return {"file": file, **{key: info[key] for key in ("layers", "hidden_size", "embed_size", "residual", "head",
+                                                         "cutoffs", "regularisers", "locked_dropout",
+                                                         "averaged_weights", "parameters")},
             "vocab_size": len(info["vocab"]), "steps": info["steps"], "plan": info["plan"],
             "best_val_bits_per_char": None if best is None else round(best / LN2, 4), "created": info["created"]}
 
