@@ -19,7 +19,8 @@ From the inside out:
   (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, gate order
   i, f, g, o), so ``nn.LSTM.load_state_dict`` takes our state dict as it is. Dropout sits
   between layers (CharLSTM adds one before the output layer), per step or locked for a chunk;
-  DropConnect masks W_hh once per chunk.
+  DropConnect masks W_hh once per chunk; with ``residual`` each layer after the first adds its
+  input to its output.
 * ``CharLSTM`` is embedding -> stacked LSTM -> output layer: a linear layer, or for large
   vocabularies an adaptive softmax (``AdaptiveHead``). Embedding and input dropout act on its way in.
 * ``Stepper`` runs one character at a time for generation, with the embedding folded into
