@@ -180,13 +180,18 @@ def test_time_budget_stops_near_its_limit_and_saves(tmp_path):
     out = str(tmp_path / "run")
     result = run("train.py", str(text), *TINY, "--time", "4s", "--out", out, "--eval-every", "50")
     assert result.returncode == 0, result.stderr
-    assert "time budget 4s:" in result.stdout and "planning" in result.stdout
     ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
     # No wall-clock bound here (schedule.planned_steps is tested on its own): the run ended at
-    # the step count it planned from its timing, or was cut by the budget and said so.
-    assert ckpt["step"] == ckpt["plan"] or "time budget of 4s spent" in result.stdout
+    # the step count it planned from its timing, or was cut by the budget and said so. On a loaded
+    # machine the 4 s can run out before the steps that are timed for the plan (seen in CI with
+    # other work beside it): then there is no plan, and the run must still stop, say so and save.
+    planned = "time budget 4s:" in result.stdout and "planning" in result.stdout
+    spent = "time budget of 4s spent" in result.stdout
+    assert planned or spent
+    assert ckpt["planned"] == planned
+    assert ckpt["step"] == ckpt["plan"] or spent
     assert ckpt["elapsed"] > 0
-    assert ckpt["planned"] and ckpt["best_val_loss"] is not None
+    assert ckpt["best_val_loss"] is not None
     assert ckpt["history"][-1]["val_loss"] is not None        # validated at the end
 
 
