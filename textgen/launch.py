@@ -130,9 +130,11 @@ def run_ranks(workers: int, argv: list[str]) -> int:
             try:
                 elastic_launch(config, sys.executable)("-m", "textgen", "train", *argv)
             except ChildFailedError as e:
+                # Rank 0's status where it exited by itself; a rank the launcher killed (a negative
+                # status) after another one failed did not: that one's status says what went wrong.
                 failures = e.failures
-                first = failures.get(0) or failures[min(failures)]
-                return first.exitcode if first.exitcode > 0 else 1
+                statuses = [failures[rank].exitcode for rank in sorted(failures, key=lambda r: (r != 0, r))]
+                return next((status for status in statuses if status > 0), 1)
             except SignalException:
                 pass    # the launcher passed the signal on; the ranks finished their step, saved and said so
         return 0
