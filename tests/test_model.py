@@ -19,13 +19,22 @@ def as_nn_state(state):
     return torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
 
 
-def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise):
+@pytest.mark.parametrize("residual,inputs,hidden,steps,batch", [(False, 12, 24, 9, 5), (True, 7, 13, 11, 4)])
+def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise, residual, inputs, hidden, steps, batch):
+    """Plain: one 3-layer nn.LSTM takes our state dict as it is (same names, shapes, gate order).
+    Residual: one nn.LSTM per layer (NNLSTMStack), layer k >= 1 handing up its input plus its output,
+    the first (input size differs) its output alone; the states are each layer's own LSTM state."""
     torch.manual_seed(0)
-    ours = StackedLSTM(12, 24, layers=3)
-    ref = torch.nn.LSTM(12, 24, num_layers=3)
-    ref.load_state_dict(ours.state_dict())          # same names, same shapes, same gate order
-    x = torch.randn(9, 5, 12)
-    state = random_state(3, 5, 24)
+    ours = StackedLSTM(inputs, hidden, layers=3, residual=residual)
+    if residual:
+        ref = NNLSTMStack(ours)
+        ref_grad = ref.grad
+    else:
+        ref = torch.nn.LSTM(inputs, hidden, num_layers=3)
+        ref.load_state_dict(ours.state_dict())
+        ref_grad = lambda name: dict(ref.named_parameters())[name].grad  # noqa: E731
+    x = torch.randn(steps, batch, inputs)
+    state = random_state(3, batch, hidden)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, new_state = ours(x1, state)
     ref_out, (ref_h, ref_c) = ref(x2, as_nn_state(state))
@@ -38,31 +47,7 @@ def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise):
     ((ref_out * weights).sum() + ref_h.sum() + 2 * ref_c.sum()).backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-5, rtol=1e-5)
-    assert ran_the_chosen_path(pointwise)
-
-
-def test_residual_stack_equals_nn_lstm_layers_each_plus_its_input(pointwise):
-    """Residual: layer k >= 1 hands up its input plus its LSTM's output; the first layer (input size
-    differs) hands up its output alone; the states are each layer's own LSTM state."""
-    torch.manual_seed(10)
-    ours = StackedLSTM(7, 13, layers=3, residual=True)
-    ref = NNLSTMStack(ours)
-    x = torch.randn(11, 4, 7)
-    state = random_state(3, 4, 13)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, new_state = ours(x1, state)
-    ref_out, (ref_h, ref_c) = ref(x2, as_nn_state(state))
-    h, c = as_nn_state(new_state)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=0)
-    torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=0)
-    weights = torch.randn_like(out)
-    ((out * weights).sum() + h.sum() + 2 * c.sum()).backward()
-    ((ref_out * weights).sum() + ref_h.sum() + 2 * ref_c.sum()).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref.grad(name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(p.grad, ref_grad(name), atol=1e-5, rtol=1e-5)
     assert ran_the_chosen_path(pointwise)
 
 
