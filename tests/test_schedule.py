@@ -53,3 +53,10 @@ def test_validation_waits_for_the_plan_then_comes_ten_times():
     assert schedule.eval_interval(0, 1000, planned=True) == 1000 // schedule.EVALS_PER_RUN
     assert schedule.eval_interval(0, 5, planned=True) == 1
     assert schedule.timing_starts_at(50) == 10 and schedule.timing_starts_at(0) == 2
+
+
+def test_budget_text_keeps_a_budget_under_a_second():
+    assert schedule.seconds_text(900.0) == "900s"
+    assert schedule.seconds_text(4.0) == "4s"
+    assert schedule.seconds_text(0.5) == "0.5s"     # once "0s", which read as no budget at all
+    assert schedule.seconds_text(2.5) == "2.5s"

@@ -60,3 +60,9 @@ def eval_interval(eval_every: int, plan: int, planned: bool, validations: int = 
     if not planned:
         return plan + 1                 # not before the time budget is planned
     return max(1, plan // validations)
+
+
+def seconds_text(seconds: float) -> str:
+    """A budget as the log shows it: whole seconds, but a budget under 10 s with its significant
+    digits, so that 0.5 s does not read as "0s"."""
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.2g}s"

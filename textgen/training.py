@@ -46,7 +46,7 @@ from .data import StreamLoader, check_trainable, split_tokens
 from .devices import check_fits, native_bf16, resolve_device, resolve_dtype
 from .errors import StopTraining, UsageError, check_finite
 from .run_folder import RunFolder, checkpoint_folder, default_path
-from .schedule import EVALS_PER_RUN
+from .schedule import EVALS_PER_RUN, seconds_text
 from .evaluate import LN2, cross_entropy
 from .model import AdaptiveHead, CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
@@ -658,7 +658,7 @@ class Trainer:
                              f"Resume with: python train.py --resume {self.run_dir}")
                     break
                 if out_of_time:
-                    self.log(f"time budget of {cfg.time_budget:.0f}s spent at step {self.step}")
+                    self.log(f"time budget of {seconds_text(cfg.time_budget)} spent at step {self.step}")
                     break
         finally:
             self._restore_signal_handlers()
@@ -742,7 +742,7 @@ class Trainer:
         self.plan, self.planned = self.dist.broadcast(plan), True
         self._eval_seconds = eval_seconds
         how_often = "" if cfg.eval_every else f" ({self.validations} in the run)"
-        self.log(f"time budget {cfg.time_budget:.0f}s: {seconds_per_step * 1000:.0f} ms/step, "
+        self.log(f"time budget {seconds_text(cfg.time_budget)}: {seconds_per_step * 1000:.0f} ms/step, "
                  f"validation {eval_seconds:.1f}s{how_often}; planning {self.plan} steps")
         if bar is not None:
             bar.total = self.plan
