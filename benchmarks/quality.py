@@ -7,7 +7,9 @@ The split is train.py's (last --val-fraction of the file for validation); the
 baseline is an interpolated Witten-Bell 5-gram counted on the same head. The
 tail is also scored the way `textgen-eval --adapt` does (dynamic evaluation:
 one stream, learning from what it has read) beside xz's conditional figure,
-which likewise draws on the tail read so far (--no-adapt leaves both out).
+which likewise draws on the tail read so far (--no-adapt leaves both out). Both
+are also given with a match model mixed in (`textgen-eval --match --history`,
+textgen/match.py): it copies from the head and the tail read so far, as xz does.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ngram import WittenBell, split, xz_conditional  # noqa: E402
 from textgen.cli import parse_duration, train_main  # noqa: E402
 from textgen.checkpoint import load, load_model  # noqa: E402
-from textgen.evaluate import adapted_cross_entropy, cross_entropy  # noqa: E402
+from textgen.evaluate import adapted_cross_entropy, cross_entropy, match_mixed  # noqa: E402
+from textgen.tokenizer import codepoints  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -65,8 +70,12 @@ def main() -> None:
     model, tokenizer, _ = load_model(out, prefer_best=True)
     train_cfg = ckpt["train_config"]
     tail_tokens = tokenizer.encode(tail)
-    total, count = cross_entropy(model, tail_tokens, train_cfg["batch_size"], train_cfg["seq_len"])
+    positions = np.full(len(tail_tokens), np.nan)
+    total, count = cross_entropy(model, tail_tokens, train_cfg["batch_size"], train_cfg["seq_len"],
+                                 positions=positions)
     whole = total / count
+    head_codes, tail_codes = codepoints(head), codepoints(tail)
+    matched = np.nansum(match_mixed(positions, tail_codes, head_codes)) / count
     c = ckpt["model_config"]
     print(f"\n{os.path.basename(args.text)}: {c['layers']}x{c['hidden_size']} LSTM, {ckpt['step']} steps in "
           f"{ckpt['elapsed']:.0f}s")
@@ -75,11 +84,16 @@ def main() -> None:
           f"({whole / LN2:.3f} bits)")
     print(f"Witten-Bell {args.order}-gram baseline {baseline:.4f} nats/char ({baseline / LN2:.3f} bits); "
           f"model / baseline = {whole / baseline:.3f}")
+    print(f"with a match model over the head and the tail read so far (textgen-eval --match --history): "
+          f"{matched:.4f} nats/char ({matched / LN2:.3f} bits)")
     if not args.no_adapt:
-        chunk_nll, count = adapted_cross_entropy(model, tail_tokens)
+        positions = np.full(len(tail_tokens), np.nan)
+        chunk_nll, count = adapted_cross_entropy(model, tail_tokens, positions=positions)
         adapted, xz = chunk_nll.sum() / count, xz_conditional(head, tail)
+        adapted_matched = np.nansum(match_mixed(positions, tail_codes, head_codes)) / count
         print(f"learning as it reads (textgen-eval --adapt): {adapted:.4f} nats/char ({adapted / LN2:.3f} bits); "
-              f"xz with the head as dictionary {xz:.4f}; adapted / xz = {adapted / xz:.3f}")
+              f"with the match model too {adapted_matched:.4f}; xz with the head as dictionary {xz:.4f}; "
+              f"adapted / xz = {adapted / xz:.3f}, with the match model {adapted_matched / xz:.3f}")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,9 @@ def test_only_the_command_line_starts_ranks():
     """launch.py (train.py --workers) needs nothing of ours but errors, and only cli uses it."""
     assert set(imports_of("launch")) == {"errors"}
     assert [m for m in MODULES if "launch" in imports_of(m)] == ["cli"]
+
+
+def test_the_match_model_serves_evaluation_only():
+    """match.py needs nothing of ours, and only evaluation mixes it in: sampling draws from the LSTM alone."""
+    assert set(imports_of("match")) == set()
+    assert [m for m in MODULES if "match" in imports_of(m)] == ["evaluate"]

@@ -464,6 +464,13 @@ def eval_parser() -> argparse.ArgumentParser:
                         "figure to set beside a compressor's, which also learns from the file as it goes")
     p.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
                    help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
+    p.add_argument("--match", action="store_true",
+                   help="mix in a match model, as compressors do: the character that followed the last time "
+                        "the last few characters occurred in the text read so far, weighted by how often such "
+                        "matches have come true; the model's own figure is printed beside it")
+    p.add_argument("--history", metavar="FILE", default=None,
+                   help="with --match: a text read before --text that the match model may copy from too, such "
+                        "as the training text (what xz is given for its conditional figure)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_common(p)
     return p
@@ -477,7 +484,7 @@ def _eval(argv) -> int:
     import json
 
     from .checkpoint import latest_run
-    from .evaluate import ADAPT_LR, EVAL_STREAMS, evaluate_file
+    from .evaluate import ADAPT_LR, EVAL_STREAMS, LN2, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
     if (args.batch_size is not None and args.batch_size < 1) or (args.seq_len is not None and args.seq_len < 1):
@@ -491,9 +498,12 @@ def _eval(argv) -> int:
         if args.batch_size not in (None, 1):
             raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
                              "text of another that comes before it); leave out --batch-size")
+    if args.history is not None and not args.match:
+        raise UsageError("--history is the match model's text; add --match")
     report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size or EVAL_STREAMS,
                            args.seq_len, resolve_device(args.device),
-                           progress=not args.quiet and sys.stderr.isatty(), adapt_lr=adapt_lr)
+                           progress=not args.quiet and sys.stderr.isatty(), adapt_lr=adapt_lr,
+                           match=args.match, history_path=args.history)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -502,8 +512,15 @@ def _eval(argv) -> int:
     print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted {how}")
     if report["skipped_unknown"]:
         print(f"left out {report['skipped_unknown']:,} characters the model never saw")
+    if report["match"]:
+        source = (f"{report['history']} ({report['history_characters']:,} characters) and the text read so far"
+                  if report["history"] else "the text read so far")
+        print(f"mixed with a match model over {source}")
     print(f"cross-entropy {report['nats_per_char']:.4f} nats/char = {report['bits_per_char']:.4f} bits/char "
           f"({report['seconds']:.1f}s)")
+    if report["match"]:
+        print(f"the model alone {report['lstm_nats_per_char']:.4f} nats/char = "
+              f"{report['lstm_nats_per_char'] / LN2:.4f} bits/char")
     return 0
 
 

@@ -12,7 +12,12 @@ step on it, so later text is predicted by a model that has learnt from
 everything before it, and nothing after. That is how a compressor such as xz
 scores text (it copies from what it has read), and the fair figure beside one.
 
-Imports data, model, tokenizer and errors; never training or cli.
+``match_mixed`` mixes a match model (``match``) into either: the character that
+followed the last occurrence of the current context, in a history (say the
+training text, as xz is given it for its conditional figure) or in the text
+read so far.
+
+Imports data, model, match, tokenizer and errors; never training or cli.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from .data import eval_windows
+from .match import match_predictions, mix
 from .model import CharLSTM, detach_state
 
 LN2 = math.log(2)
@@ -32,10 +38,13 @@ EVAL_SEQ_LEN = 256
 
 @torch.no_grad()
 def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_STREAMS, seq_len: int = EVAL_SEQ_LEN,
-                  device="cpu", progress=None, shard: tuple[int, int] | None = None) -> tuple[float, int]:
+                  device="cpu", progress=None, shard: tuple[int, int] | None = None,
+                  positions: np.ndarray | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of characters it covers.
 
-    shard (rank, world_size) reads only that rank's share of the streams.
+    shard (rank, world_size) reads only that rank's share of the streams. positions, a float
+    array as long as tokens, receives each predicted character's negative log-likelihood at
+    its index (the others are left as they are).
     """
     was_training = model.training
     model.eval()
@@ -50,8 +59,13 @@ def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_ST
             targets = window[:, 1:]
             # The model's own loss path: exact -log p(target) under the full distribution, but the
             # adaptive head computes only the clusters a target is in, not every class at every position.
-            mean_nll, state = model(window[:, :-1], state, targets=targets)
-            total += float(mean_nll) * targets.numel()
+            if positions is None:
+                mean_nll, state = model(window[:, :-1], state, targets=targets)
+                total += float(mean_nll) * targets.numel()
+            else:
+                nll, state = model(window[:, :-1], state, targets=targets, reduction="none")
+                positions[idx[:, 1:]] = nll.float().cpu().numpy()
+                total += float(nll.sum())
             count += targets.numel()
             if progress is not None:
                 progress(idx.shape[0] * (idx.shape[1] - 1))
@@ -70,7 +84,7 @@ ADAPT_BETA = 0.99
 
 def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = ADAPT_SEQ_LEN,
                           lr: float = ADAPT_LR, decay: float = ADAPT_DECAY, beta: float = ADAPT_BETA,
-                          device="cpu", progress=None) -> tuple[np.ndarray, int]:
+                          device="cpu", progress=None, positions: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Dynamic evaluation: summed negative log-likelihood (nats) of each chunk, and the characters covered.
 
     The text is one stream of seq_len-character chunks. Each chunk is scored with the weights
@@ -79,7 +93,8 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     correction), then a pull of ``decay`` back toward the trained weights. Several streams
     would leak: a step learnt on one stream would then predict earlier text of another.
 
-    The caller's model is left as it was: the steps go to a copy. Dropout stays off.
+    The caller's model is left as it was: the steps go to a copy. Dropout stays off. positions
+    (as in ``cross_entropy``) receives each character's negative log-likelihood.
     """
     work = copy.deepcopy(model).to(device)
     work.eval()
@@ -93,7 +108,12 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     for i, start in enumerate(range(0, n, seq_len)):
         stop = min(start + seq_len, n)
         inputs, targets = data[start:stop][None], data[start + 1:stop + 1][None]
-        mean_nll, state = work(inputs, state, targets=targets)
+        if positions is None:
+            mean_nll, state = work(inputs, state, targets=targets)
+        else:
+            nll, state = work(inputs, state, targets=targets, reduction="none")
+            positions[start + 1:stop + 1] = nll.detach()[0].float().cpu().numpy()
+            mean_nll = nll.mean()
         chunk_nll[i] = float(mean_nll.detach()) * (stop - start)
         # Every weight joins the graph (an adaptive-head cluster no target reached gets zeros, and
         # with them a step of 0 / (0 + eps) = 0).
@@ -111,13 +131,31 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     return chunk_nll, n
 
 
+def match_mixed(positions: np.ndarray, codes: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+    """Per-character negative log-likelihoods with a match model mixed in (``match``).
+
+    positions: the model's negative log-likelihood of each character of the text (NaN where it
+    predicted none), codes: the text's character codes, history: codes of a text read before
+    it (none: the match model draws on the text read so far only). Returns the mixture's
+    figures, NaN where positions is.
+    """
+    history = np.zeros(0, dtype=np.int64) if history is None else np.asarray(history, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    predicted, length = match_predictions(np.concatenate([history, codes]), len(history))
+    predicted, length = predicted[len(history):], length[len(history):]
+    return mix(positions, predicted == codes, length)[0]
+
+
 def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", batch_size: int = EVAL_STREAMS,
                   seq_len: int | None = None, device="cpu", progress: bool = False,
-                  adapt_lr: float | None = None) -> dict:
+                  adapt_lr: float | None = None, match: bool = False, history_path: str | None = None) -> dict:
     """Cross-entropy of a checkpoint over a whole text file, as a report dict.
 
     adapt_lr: dynamic evaluation with that step size (one stream; ``adapted_cross_entropy``).
     seq_len defaults to EVAL_SEQ_LEN characters a chunk, or ADAPT_SEQ_LEN when adapting.
+    match: mix in a match model (``match_mixed``) over the text read so far, after the text of
+    history_path where given; the report's nats_per_char is then the mixture's, and
+    lstm_nats_per_char the model's alone.
     """
     import time
 
@@ -129,6 +167,7 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
 
     model, tokenizer, _ = load_model(checkpoint_path, prefer_best=True, device=device)
     text = read_text(text_path)
+    history = codepoints(read_text(history_path)) if history_path is not None else None
     cps = codepoints(text)
     missing = tokenizer.unknown_chars(text)
     skipped = 0
@@ -146,23 +185,28 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(tokens) - 1, unit="char", unit_scale=True, file=__import__("sys").stderr)
+    positions = np.full(len(tokens), np.nan) if match else None
     start = time.perf_counter()
     try:
         if adapt_lr is None:
             seq_len = seq_len or EVAL_SEQ_LEN
             total, count = cross_entropy(model, tokens, batch_size, seq_len, device,
-                                         progress=bar.update if bar else None)
+                                         progress=bar.update if bar else None, positions=positions)
             streams = eval_streams(len(tokens), batch_size, seq_len)
         else:
             seq_len = seq_len or ADAPT_SEQ_LEN
             chunk_nll, count = adapted_cross_entropy(model, tokens, seq_len, adapt_lr, device=device,
-                                                     progress=bar.update if bar else None)
+                                                     progress=bar.update if bar else None, positions=positions)
             total, streams = float(chunk_nll.sum()), 1
     finally:
         if bar:
             bar.close()
-    nats = total / count
+    lstm_nats = nats = total / count
+    if match:
+        nats = float(np.nansum(match_mixed(positions, cps, history))) / count
     return {"checkpoint": checkpoint_path, "text": text_path, "characters": int(len(cps) + skipped),
             "predicted": count, "skipped_unknown": skipped, "nats_per_char": nats, "bits_per_char": nats / LN2,
-            "streams": streams, "seq_len": seq_len, "adapt_lr": adapt_lr, "seconds": time.perf_counter() - start}
+            "streams": streams, "seq_len": seq_len, "adapt_lr": adapt_lr, "match": match,
+            "history": history_path, "history_characters": 0 if history is None else int(len(history)),
+            "lstm_nats_per_char": lstm_nats, "seconds": time.perf_counter() - start}
 

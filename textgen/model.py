@@ -357,8 +357,10 @@ class AdaptiveHead(nn.Module):
         by_rank = self.softmax.log_prob(flat)
         return by_rank.index_select(1, self.rank).reshape(*x.shape[:-1], -1)
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor, low_precision: torch.dtype | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood of targets (N,) given x (N, H), touching only the clusters hit.
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, low_precision: torch.dtype | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Mean negative log-likelihood of targets (N,) given x (N, H), touching only the clusters hit
+        (reduction "none": each target's, shape (N,)).
 
         The same arithmetic as nn.AdaptiveLogSoftmaxWithLoss's forward (tested against it), written
         out so that the products can run in low_precision while every softmax stays float32."""
@@ -380,7 +382,7 @@ class AdaptiveHead(nn.Module):
             logp = F.log_softmax(_linear(hidden, output.weight, None, low_precision), dim=1)
             local = (ranks.index_select(0, rows) - bounds[i]).unsqueeze(1)
             nll = nll.index_add(0, rows, -logp.gather(1, local).squeeze(1))
-        return nll.mean()
+        return nll.mean() if reduction == "mean" else nll
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -417,18 +419,19 @@ class CharLSTM(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False,
-                targets: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, reduction: str = "mean"):
         """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state.
 
         With targets (B, T), the mean cross-entropy over them comes back instead of the logits:
         training's path, which lets the adaptive head skip the clusters no target is in, and runs
         the output layer's products in the LSTM's low precision (``lstm.matmul_dtype``) where set.
+        reduction "none" gives each target's negative log-likelihood instead, shaped (B, T).
         """
         out, state = self.lstm(self._embed(tokens), state, reference=reference)   # (T, B, H)
         out = dropout(out, self.dropout, self.training, self.config.locked_dropout)
         if targets is None:
             return self.logits(out).transpose(0, 1), state
-        return self._loss(out, targets), state
+        return self._loss(out, targets, reduction), state
 
     def read(self, tokens: torch.Tensor, state: State | None = None):
         """Read a prompt: tokens (B, T) -> logits of the last position only (B, vocab_size), new state.
@@ -446,7 +449,9 @@ class CharLSTM(nn.Module):
             return self.head.log_probs(out)
         return self.head(out)
 
-    def _loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, out: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if not isinstance(targets, torch.Tensor) or targets.shape != out.shape[1::-1]:
             raise ValueError(f"targets must be shaped like the tokens, (batch, time) = {tuple(out.shape[1::-1])}; "
                              f"got {_describe(targets)}")
@@ -458,8 +463,11 @@ class CharLSTM(nn.Module):
         if low == torch.float16 and flat.device.type == "cpu":
             low = None
         if isinstance(self.head, AdaptiveHead):
-            return self.head.loss(flat, flat_targets, low)
-        return F.cross_entropy(_linear(flat, self.head.weight, self.head.bias, low), flat_targets)
+            nll = self.head.loss(flat, flat_targets, low, reduction)
+        else:
+            nll = F.cross_entropy(_linear(flat, self.head.weight, self.head.bias, low), flat_targets,
+                                  reduction=reduction)
+        return nll if reduction == "mean" else nll.reshape(targets.shape[::-1]).t()
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> the LSTM's input (T, B, E), with embedding and input dropout in training."""
