@@ -14,8 +14,9 @@ match length, learnt online from the characters already scored:
     p(c) = (1 - w) p_lstm(c) + w [c == predicted]
 
 It is a distribution over the characters for any w in [0, 1), it is the LSTM's own where there
-is no match, and it costs only as much as the match has earned: w falls to 0 where matches of
-that length have been no better than the LSTM. Nothing at position i depends on text from i on.
+is no match, and w falls back towards 0 where matches of that length have been no better than the
+LSTM; learning it online still costs a little where matches add nothing (0.005 nats a character on
+tiny-shakespeare read with --adapt). Nothing at position i depends on text from i on.
 
 Used by evaluation only (``textgen-eval --match``). Sampling draws from the LSTM alone: a copy
 model pulls a sample towards repeating the text it was trained on.
@@ -33,7 +34,7 @@ import numpy as np
 MIN_MATCH = 4       # characters of context a match must share before it predicts
 MIX_LR = 0.01       # step of the online weight update
 MAX_WEIGHT = 0.999  # keeps p > 0 for every character the LSTM gives mass to
-BUCKETS = 16        # match lengths by powers of two: [4, 8), [8, 16), ... , >= 2**15
+BUCKETS = 16        # 0: no match; then lengths by powers of two: [4, 8), [8, 16), ... , >= 2**16
 
 _BASE = np.uint64(1_000_003)
 
