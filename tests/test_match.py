@@ -149,6 +149,12 @@ def test_evaluation_hands_over_each_characters_loss(tiny_run):
     assert np.isnan(positions[0]) and not np.isnan(positions[1:]).any()
     assert np.nansum(positions) == pytest.approx(chunk_nll.sum(), rel=1e-6)
     assert adapted_cross_entropy(model, ids, seq_len=37)[0].sum() == pytest.approx(chunk_nll.sum(), rel=1e-4)
+    # Each figure lands on the character it scores: one stream read with fixed weights gives the
+    # same figure at every index as reading it without a step, and none for the first character.
+    one_stream, still = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+    cross_entropy(model, ids, batch_size=1, seq_len=41, positions=one_stream)
+    adapted_cross_entropy(model, ids, seq_len=37, lr=0.0, positions=still)
+    assert np.isnan(one_stream[0]) and np.allclose(one_stream[1:], still[1:], atol=1e-4)
 
 
 def test_matching_helps_on_a_text_that_repeats_and_the_history_helps_more(tiny_run, tmp_path):
