@@ -44,6 +44,8 @@ class Row:
     stdin: bytes | None = None
     context: str | None = None         # a situation set up around the row (lock held, disk full)
     root_ignores_permissions: bool = False
+    not_says: tuple = ()               # fragments the line must not hold (another flag's name)
+    stdout: str | None = None          # for process rows: a file standard output is sent to (/dev/full)
 
 
 class Evil:
@@ -84,7 +86,9 @@ def world(tmp_path_factory):
     torch.save({"state_dict": payload["model"]}, ckpts / "foreign.pt")
     torch.save({**payload, "extra": Evil(str(root / "pwned"))}, ckpts / "hostile.pt")
     torch.save({**payload, "version": checkpoint.FORMAT_VERSION + 1}, ckpts / "newer.pt")
-    torch.save({**payload, "model_config": {**payload["model_config"], "hidden_size": 48}}, ckpts / "mismatched.pt")
+    # Written with its own digest, as a buggy writer would: its tensors fit another config.
+    checkpoint.atomic_save({**payload, "model_config": {**payload["model_config"], "hidden_size": 48}},
+                           str(ckpts / "mismatched.pt"))
     (root / "metrics-only").mkdir()
     (root / "metrics-only" / "metrics.jsonl").write_text('{"step": 1, "time": 0.1, "train_loss": 3.0}\n')
     # A run folder that also holds a file textgen did not write (--overwrite must leave it alone).
@@ -93,11 +97,31 @@ def world(tmp_path_factory):
     for name in ("latest.pt", "config.json", "metrics.jsonl"):
         (mixed / name).write_bytes(pathlib.Path(run_dir, name).read_bytes())
     (mixed / "notes.txt").write_text("my notes about this run\n")
+    # A bit flipped in latest.pt, which best.pt and step-0000030.pt are hard links of; step 20 is its own file.
+    flipped = root / "flipped"
+    subprocess.run(["cp", "-a", run_dir, str(flipped)], check=True)
+    with open(flipped / "latest.pt", "r+b") as f:
+        f.seek(len(data) // 2)
+        byte = f.read(1)
+        f.seek(len(data) // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    old = {k: v for k, v in payload.items() if k != "integrity"}          # as written before digests
+    torch.save(old, ckpts / "old.pt")
+    frozen = root / "frozen"                                               # made immutable by its rows
+    subprocess.run(["cp", "-a", run_dir, str(frozen)], check=True)
     (root / "checkpoints").mkdir()
     named = root / "checkpoints" / "named"
     named.mkdir()
     (named / "latest.pt").write_bytes(data)
-    w.update(files=str(files), ckpts=str(ckpts), mixed=str(mixed))
+    # /dev/full's own device (1, 7) under a name of our own where we may make one (as root): a writer that
+    # renamed over it would replace this node, not the machine's /dev/full.
+    full = files / "full"
+    try:
+        os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except OSError:
+        full = pathlib.Path("/dev/full")
+    w.update(files=str(files), ckpts=str(ckpts), mixed=str(mixed), flipped=str(flipped), frozen=str(frozen),
+             full=str(full))
     return w
 
 
@@ -190,11 +214,11 @@ ROWS = [
     Row("eval --adapt with several streams", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--adapt",
                                                           "--batch-size", "4"], says=("one stream",)),
     Row("eval --adapt-lr 0", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--adapt-lr", "0"],
-        says=("positive",)),
+        says=("--adapt-lr must be from 1e-9 to 10", "got 0")),
     Row("eval --adapt-lr nan", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--adapt-lr", "nan"],
         says=("finite",)),
     Row("eval --seq-len 0", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--seq-len", "0"],
-        says=("positive",)),
+        says=("--seq-len must be a whole number from 1",)),
     # -- checkpoints ------------------------------------------------------------------------
     Row("a truncated checkpoint", "generate", ["--checkpoint", "{ckpts}/truncated.pt"], says=("truncated",)),
     Row("a foreign pickle", "generate", ["--checkpoint", "{ckpts}/foreign.pt"], says=("not a textgen checkpoint",)),
@@ -220,7 +244,7 @@ ROWS = [
     # -- run folders ------------------------------------------------------------------------
     Row("a new run into an existing run folder", "train", train("--out", "{run}"),
         says=("already holds a textgen run", "--resume", "--overwrite")),
-    Row("a new run into an existing --name", "train", [*train(), "--out", "", "--name", "named"],
+    Row("a new run into an existing --name", "train", [*train()[:-2], "--name", "named"],
         says=("already holds a textgen run",)),
     Row("a folder that is a file", "train", train("--out", "{files}/a-file"), says=("is a file",)),
     Row("a folder holding other files", "train", train("--out", "{files}/holiday-photos"),
@@ -228,12 +252,101 @@ ROWS = [
     Row("--overwrite on a folder with other files too", "train", train("--out", "{mixed}", "--overwrite"),
         says=("notes.txt", "left the folder alone")),
     Row("--overwrite with --resume", "train", ["--resume", "{run}", "--overwrite"], says=("--overwrite", "--resume")),
-    Row("resuming a run another trainer holds", "train", ["--resume", "{run}"], context="locked",
+    Row("resuming a run another trainer holds", "train", ["--resume", "{run}", "--steps", "60"], context="locked",
         says=("in use by another training process", "pid")),
     Row("a new run into a folder another trainer holds", "train", train("--out", "{run}", "--overwrite"),
         context="locked", says=("in use by another training process",)),
     Row("an unwritable folder", "train", train("--out", "/proc/textgen-catalogue/run"), says=("cannot write",)),
     Row("a full disk", "train", train(), code=1, context="disk full", says=("disk full",)),
+    # -- the second hostile round: outputs, digests, names, contradictions, negative and huge numbers --
+    Row("--output over best.pt (latest.pt and a step file are the same file)", "generate",
+        gen("--output", "{run}/best.pt"), says=("is a checkpoint", "never writes over")),
+    Row("--output over any checkpoint, known by its content", "generate", gen("--output", "{ckpts}/truncated.pt"),
+        says=("is a checkpoint",)),
+    Row("--output over a file of a run folder", "generate", gen("--output", "{run}/config.json"),
+        says=("a training run's folder",)),
+    Row("--output a folder", "generate", gen("--output", "{files}"), says=("is a folder",)),
+    Row("--output in a missing folder", "generate", gen("--output", "{root}/nowhere/out.txt"), says=("does not exist",)),
+    Row("--output ''", "generate", gen("--output", ""), says=("--output must name a file",)),
+    Row("--output /dev/full", "generate", gen("--output", "{full}"), code=1, says=("cannot write to {full}",)),
+    Row("generate.py > /dev/full", "process", ["generate.py", "--checkpoint", "{run}", "-q", "--length", "5"],
+        stdout="{full}", code=1, says=("cannot write the output", "no space left")),
+    Row("train.py > /dev/full trains on and says so once", "process",
+        ["train.py", *[a for a in train() if a != "-q"]], stdout="{full}", code=0,
+        says=("cannot write the training log", "metrics.jsonl")),
+    Row("plot --output /dev/full", "textgen", ["plot", "{run}", "--output", "{full}"], code=1,
+        says=("cannot write to {full}",)),
+    Row("plot --output over a checkpoint", "textgen", ["plot", "{run}", "--output", "{run}/latest.pt"],
+        says=("is a checkpoint",)),
+    Row("generate from a checkpoint with one bit flipped", "generate", ["--checkpoint", "{flipped}", "-q"],
+        says=("is corrupt", "digest", "step-0000020.pt")),
+    Row("info on a flipped checkpoint", "textgen", ["info", "{flipped}"], says=("is corrupt",)),
+    Row("eval on a flipped checkpoint", "textgen", ["eval", "--checkpoint", "{flipped}", "--text", "{text}"],
+        says=("is corrupt",)),
+    Row("resume a flipped checkpoint", "train", ["--resume", "{flipped}", "--steps", "60", "-q"],
+        says=("latest.pt is corrupt", "step-0000020.pt")),
+    Row("a checkpoint from before digests loads, with a note", "generate",
+        ["--checkpoint", "{ckpts}/old.pt", "-q", "--length", "3"], code=0, says=("loaded unchecked",)),
+    Row("--name ../../escape", "train", [*train()[:-2], "--name", "../../escape"],
+        says=("--name must be one plain folder name",)),
+    Row("--name a/b", "train", [*train()[:-2], "--name", "a/b"], says=("--name must be one plain folder name",)),
+    Row("--name ''", "train", [*train()[:-2], "--name", ""], says=("--name must not be empty",)),
+    Row("--name ..", "train", [*train()[:-2], "--name", ".."], says=("--name must be one plain folder name",)),
+    Row("--out with --name", "train", train("--name", "other"), says=("--out and --name cannot be used together",)),
+    Row("--allow-new-text without --resume", "train", train("--allow-new-text"), says=("--allow-new-text is for",)),
+    Row("--cutoffs with --head full", "train", train("--head", "full", "--cutoffs", "5"),
+        says=("--cutoffs shapes the adaptive head",)),
+    Row("--head-div with --head full", "train", train("--head", "full", "--head-div", "2"),
+        says=("--head-div shapes the adaptive head",)),
+    Row("--eval-chars with --val-fraction 0", "train", train("--val-fraction", "0", "--eval-chars", "100"),
+        says=("--eval-chars and --val-fraction 0",)),
+    Row("--resume with --out and --overwrite", "train", ["--resume", "{run}", "--out", "{fresh}", "--overwrite"],
+        says=("--resume and --overwrite cannot be used together",)),
+    Row("--time -5m", "train", train("--time", "-5m"), says=("--time must be a positive",)),
+    Row("--time 999999999h", "train", train("--time", "999999999h"), says=("--time must be", "at most 100 years")),
+    Row("--cutoffs -5,10", "train", train("--cutoffs", "-5,10"), says=("--cutoffs must be positive",)),
+    Row("--keep -1 names --keep alone", "train", train("--keep", "-1"), says=("--keep must be", "got -1"),
+        not_says=("--warmup-steps", "--sample-length", "--eval-chars")),
+    Row("--sample-length -1", "train", train("--sample-length", "-1"), says=("--sample-length must be",),
+        not_says=("--keep",)),
+    Row("--eval-chars -1", "train", train("--eval-chars", "-1"), says=("--eval-chars must be",), not_says=("--keep",)),
+    Row("--eval-every -1", "train", train("--eval-every", "-1"), says=("--eval-every must be",)),
+    Row("--save-every -5", "train", train("--save-every", "-5"), says=("--save-every must be",)),
+    Row("--dropout -.5", "train", train("--dropout", "-.5"), says=("--dropout must be in [0, 1)",)),
+    Row("--steps 10**21", "train", train("--steps", str(10**21)), says=("--steps must be a whole number from 1",)),
+    Row("--lr 1e308", "train", train("--lr", "1e308"), says=("--lr must be from 1e-9 to 10", "1e308")),
+    Row("--lr 1e-308", "train", train("--lr", "1e-308"), says=("--lr must be from 1e-9 to 10",)),
+    Row("--lr -inf", "train", train("--lr", "-inf"), says=("--lr must be a finite number",)),
+    Row("--weight-decay 1e308", "train", train("--weight-decay", "1e308"), says=("--weight-decay must be", "1/lr")),
+    Row("--grad-clip 1e-308", "train", train("--grad-clip", "1e-308"), says=("--grad-clip must be from 1e-6",)),
+    Row("--head-div 1e308", "train", train("--head", "adaptive", "--cutoffs", "5,10", "--head-div", "1e308"),
+        says=("--head-div", "no width")),
+    Row("--resume a run that has done its --steps", "train", ["--resume", "{run}", "-q"],
+        says=("--steps must be more than the 30 steps", "nothing left to do")),
+    Row("--resume into an immutable folder", "train", ["--resume", "{frozen}", "--steps", "60", "-q"],
+        context="immutable", says=("cannot write", "operation not permitted")),
+    Row("--temperature 1e308 --top-p 0.5", "generate", gen("--temperature", "1e308", "--top-p", "0.5"),
+        says=("--temperature must be 0 (greedy) or from 1e-6 to 1e6", "1e308")),
+    Row("--temperature 1e-40", "generate", gen("--temperature", "1e-40"), says=("--temperature must be",)),
+    Row("--temperature -0.5", "generate", gen("--temperature", "-0.5"), says=("--temperature must be", "got -0.5")),
+    Row("--top-p -.5", "generate", gen("--top-p", "-.5"), says=("--top-p must be in (0, 1]",)),
+    Row("--length -5", "generate", gen("--length", "-5"), says=("--length must be from 1",)),
+    Row("--paragraphs -2", "generate", gen("--paragraphs", "-2"), says=("--paragraphs must be at least 1",)),
+    Row("eval --batch-size -2", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--batch-size", "-2"],
+        says=("--batch-size must be",), not_says=("--seq-len",)),
+    Row("eval --adapt-lr 1e308", "textgen", ["eval", "--checkpoint", "{run}", "--text", "{text}", "--adapt-lr",
+                                            "1e308"], says=("--adapt-lr must be from 1e-9 to 10",)),
+    Row("api: load a flipped checkpoint", "api", api=lambda w: textgen.load(w["flipped"]), says=("is corrupt",)),
+    Row("api: temperature=1e308", "api", api=lambda w: textgen.load(w["run"]).generate(temperature=1e308),
+        says=("temperature must be 0 (greedy) or from 1e-6 to 1e6",)),
+    Row("api: lr=1e308", "api", api=lambda w: textgen.train(w["text"], lr=1e308, out=w["fresh"], steps=2),
+        says=("lr must be from 1e-9 to 10",)),
+    Row("api: keep=-1", "api", api=lambda w: textgen.train(w["text"], keep=-1, out=w["fresh"], steps=2),
+        says=("keep must be",)),
+    Row("api: name='../x'", "api", api=lambda w: textgen.train(w["text"], name="../x", steps=2),
+        says=("name must be one plain folder name",)),
+    Row("api: resume a finished run", "api", api=lambda w: textgen.train(resume=w["run"]),
+        says=("steps must be more than the 30 steps",)),
     # -- prompts and interactive input ---------------------------------------------------------
     Row("a prompt with characters the model never saw", "generate", gen("--prompt", "\u2603 snow"),
         says=("not in the model's vocabulary", "--unknown skip")),
@@ -274,6 +387,8 @@ def snapshot(root: str, fresh: str) -> dict:
         dirs[:] = [d for d in dirs if os.path.join(folder, d) != fresh]
         seen[os.path.relpath(folder, root) + "/"] = None
         for name in files:
+            if name == ".textgen.lock":
+                continue          # a lock file holds its last holder's pid, rewritten by every claim
             path = os.path.join(folder, name)
             try:
                 if not stat.S_ISREG(os.lstat(path).st_mode):           # the FIFO (opening it would block), links
@@ -301,6 +416,15 @@ def situation(row: Row, w: dict, monkeypatch):
             taken.listen()
             w["port"] = str(taken.getsockname()[1])
             yield
+    elif row.context == "immutable":
+        if subprocess.run(["chattr", "+i", w["frozen"]], capture_output=True).returncode != 0:
+            if os.environ.get("CI") == "true":
+                pytest.fail("chattr +i failed: CI runs as root on a filesystem that takes it")
+            pytest.skip("chattr +i needs root and a filesystem that supports it")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", w["frozen"]], check=True)
     elif row.context == "disk full":
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -340,8 +464,10 @@ def test_a_bad_input_is_one_sentence_and_changes_nothing(row, world, tmp_path, m
                 assert fragment in message, (fragment, message)
         else:
             if row.command == "process":
-                done = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], input=row.stdin,
-                                      capture_output=True, timeout=120, cwd=world["root"])
+                with open(row.stdout.format(**w), "wb") if row.stdout else contextlib.nullcontext(subprocess.PIPE) as out:
+                    done = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]],
+                                          input=row.stdin, stdout=out, stderr=subprocess.PIPE, timeout=120,
+                                          cwd=world["root"])
                 code, err = done.returncode, done.stderr.decode("utf-8", "replace")
             else:
                 code, err = run_command(row, args, capsys)
@@ -354,10 +480,14 @@ def test_a_bad_input_is_one_sentence_and_changes_nothing(row, world, tmp_path, m
                 assert lines == [], err
             for fragment in row.says:
                 assert fragment.format(**w) in err, (fragment, err)
+            for fragment in row.not_says:
+                assert fragment not in err, (fragment, err)
         after = snapshot(world["root"], fresh)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
                              if before.get(k) != after.get(k)}
     assert not os.path.exists(os.path.join(world["root"], "pwned")), "a hostile pickle ran code"
+    for device in (world["full"], "/dev/full", "/dev/null"):      # written through, never renamed over
+        assert stat.S_ISCHR(os.stat(device).st_mode), f"{device} is no longer a device"
     if row.code != 0 and row.context != "disk full":
         assert not os.path.exists(fresh), "a refused run left a folder behind"
 

@@ -349,7 +349,10 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     assert ckpt["best_val_loss"] == min(row["val_loss"] for row in validated)
     assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["best_val_loss"] == ckpt["best_val_loss"]
     monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 10)
-    resumed = Trainer(None, TrainConfig(), resume=str(tmp_path / "run" / "latest.pt"), log=lambda m: None)
+    # The plan is done, so the resume asks for more steps (a finished run alone is refused: nothing to do).
+    resumed = Trainer(None, TrainConfig(steps=ckpt["step"] + 10, time_budget=None),
+                      resume=str(tmp_path / "run" / "latest.pt"), explicit={"steps", "time_budget"},
+                      log=lambda m: None)
     assert resumed.validations == 40 and resumed._eval_seconds == ckpt["eval_seconds"] > 0
 
 

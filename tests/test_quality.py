@@ -516,7 +516,7 @@ def test_the_warm_up_timing_takes_the_fastest_step_not_the_first_slow_ones(monke
 def test_parse_size():
     assert sizing.parse_size("auto") is None and sizing.parse_size("3x256") == (3, 256)
     for bad in ("3y", "0x512", "x512", "big"):
-        with pytest.raises(ValueError, match="--size must be auto"):
+        with pytest.raises(ValueError, match="size must be auto"):
             sizing.parse_size(bad)
 
 

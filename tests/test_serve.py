@@ -307,15 +307,16 @@ def test_connection_threads_are_bounded(runs):
 
 @pytest.mark.parametrize("body, status, fragment", [
     ({"model": "alpha", "prompt": "Zebra ×"}, 400, "not in the model's vocabulary"),
-    ({"model": "alpha", "temperature": -1}, 400, "--temperature must be 0 (greedy) or more"),
-    ({"model": "alpha", "top_p": 1.5}, 400, "--top-p must be in (0, 1]"),
-    ({"model": "alpha", "top_k": 0}, 400, "--top-k must be at least 1"),
-    ({"model": "alpha", "length": 0}, 400, "--length must be from 1"),
-    ({"model": "alpha", "length": 20_001}, 400, "at most 20,000 on this server"),
+    ({"model": "alpha", "temperature": -1}, 400, "temperature must be 0 (greedy) or from 1e-6 to 1e6"),
+    ({"model": "alpha", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ({"model": "alpha", "top_k": 0}, 400, "top_k must be at least 1"),
+    ({"model": "alpha", "length": 0}, 400, "length must be from 1"),
+    ({"model": "alpha", "length": 20_001}, 400, "length must be at most 20,000 on this server"),
+    ({"model": "alpha", "temperature": 1e308, "top_p": 0.5}, 400, "temperature must be 0 (greedy) or from 1e-6"),
     ({"model": "alpha", "prompt": "a" * 10_001}, 400, "at most 10,000"),
-    ({"model": "alpha", "num_samples": 5}, 400, "at most 4 here"),
-    ({"model": "alpha", "seed": -3}, 400, "--seed must be a whole number"),
-    ({"model": "alpha", "stop": ""}, 400, "--stop must not be empty"),
+    ({"model": "alpha", "num_samples": 5}, 400, "num_samples must be at most 4 here"),
+    ({"model": "alpha", "seed": -3}, 400, "seed must be a whole number"),
+    ({"model": "alpha", "stop": ""}, 400, "stop must not be empty"),
     ({"model": "alpha", "unknown": "maybe"}, 400, "unknown must be 'error' or 'skip'"),
     ({"model": "alpha", "length": "long"}, 400, "length must be int"),
     ({"model": "alpha", "temperature": True}, 400, "temperature must be"),
@@ -327,7 +328,7 @@ def test_connection_threads_are_bounded(runs):
     ({"model": "alpha", "continue": "nope"}, 400, "there is no session 'nope'"),
     ([1, 2], 400, "must be a JSON object"),
 ])
-def test_bad_requests_get_400_with_the_clis_sentence(served, body, status, fragment):
+def test_bad_requests_get_400_with_a_sentence_in_the_apis_words(served, body, status, fragment):
     code, headers, payload = served.request("POST", "/api/generate", body)
     assert code == status and fragment in json.loads(payload)["error"], payload
     assert "\n" not in json.loads(payload)["error"]

@@ -7,9 +7,9 @@
 __version__ = "0.1.0"
 
 from .api import TextModel, generate, load, train  # noqa: E402
-from .errors import StopTraining, UsageError  # noqa: E402
+from .errors import OutputError, SettingError, StopTraining, UsageError  # noqa: E402
 from .model import CharLSTM, ModelConfig  # noqa: E402
 from .tokenizer import CharTokenizer  # noqa: E402
 
-__all__ = ["CharLSTM", "CharTokenizer", "ModelConfig", "StopTraining", "TextModel", "UsageError", "generate", "load",
-           "train", "__version__"]
+__all__ = ["CharLSTM", "CharTokenizer", "ModelConfig", "OutputError", "SettingError", "StopTraining", "TextModel",
+           "UsageError", "generate", "load", "train", "__version__"]

@@ -15,7 +15,7 @@ import re
 from dataclasses import fields
 
 from .checkpoint import load_model
-from .errors import UsageError
+from .errors import SettingError, UsageError
 from .model import ModelConfig
 from .sampling import Generator, SampleConfig
 
@@ -37,6 +37,8 @@ def _speaks_arguments(function):
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
+        except SettingError as e:
+            raise SettingError(e.field, e.problem) from None       # already in the arguments' words
         except UsageError as e:
             raise UsageError(as_arguments(str(e))) from None
     return wrapper

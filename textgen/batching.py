@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from .errors import SettingError, UsageError
 from .model import CharLSTM, Stepper
 from .sampling import SampleConfig, draw, encode_text, next_token_probs, opening_text, uniforms
 from .tokenizer import CharTokenizer
@@ -154,8 +154,8 @@ class BatchingEngine:
     def submit(self, job: Job) -> Job:
         """Queue a job (checked first: a bad one raises UsageError and is never queued)."""
         if job.samples > self.slots:
-            raise UsageError(f"--num-samples must be at most {self.slots} here (the server's batch size), "
-                             f"got {job.samples}")
+            raise SettingError("num_samples", f"must be at most {self.slots} here (the server's batch size), "
+                                              f"got {job.samples}")
         with self.lock:
             if job.continues is not None and job.continues not in self.sessions:
                 raise UsageError(f"there is no session {job.continues!r} to continue on this model "

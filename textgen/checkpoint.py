@@ -17,6 +17,8 @@ never runs code from the file):
     rng                      torch (cpu and cuda), numpy and Python generator states
     history                  logged metrics, one dict per log line
     best_val_loss, elapsed, corpus, created
+    integrity                {"sha256": ...} of everything above (``digest``), checked on every load:
+                             a bit that changed on disk is found, not trained or sampled from
 
 A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
 ``step-0001234.pt`` (hard links to what latest.pt was when written, so
@@ -26,14 +28,16 @@ Imports model (to rebuild it), tokenizer and errors; never training, sampling or
 """
 from __future__ import annotations
 
-import errno
+import hashlib
 import os
 import pickle
+import sys
 import zipfile
 from dataclasses import fields
 
 import torch
 
+from . import files
 from .errors import UsageError
 from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
@@ -43,58 +47,39 @@ FORMAT_VERSION = 1
 LATEST, BEST = "latest.pt", "best.pt"
 
 
-class DiskFullError(OSError):
-    """Writing a checkpoint ran out of space; the previous checkpoint is intact."""
+def digest(payload: dict) -> str:
+    """sha256 of a checkpoint's contents, integrity aside: every key, number, string and tensor
+    (dtype, shape and bytes), walked in a fixed order, so the same contents give the same digest
+    before torch.save and after torch.load."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "integrity"})
+    return h.hexdigest()
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+def _feed(h, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(b"D%d;" % len(value))
+        for key in sorted(value, key=repr):
+            _feed(h, key)
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"L%d;" % len(value))
+        for item in value:
+            _feed(h, item)
+    else:            # str, int, float (repr is exact), bool, None
+        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def atomic_save(payload: dict, path: str) -> None:
-    """Write payload to path so that a crash at any moment leaves the old file or the new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(e.errno, f"disk full while writing {path}; the previous checkpoint is intact") from None
-        raise
-    _fsync_dir(folder)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Make dst the same file as src, replacing dst atomically."""
-    tmp = dst + ".link-tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    try:
-        os.link(src, tmp)
-    except OSError:  # no hard links on this filesystem: copy instead
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Write payload, with its digest, to path so that a crash at any moment leaves the old file or the new one."""
+    payload = {**payload, "integrity": {"sha256": digest(payload)}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with files.output(path, "wb", replace="checkpoint") as f:
+        torch.save(payload, f)
 
 
 def step_filename(step: int) -> str:
@@ -109,13 +94,13 @@ def save_run_checkpoint(payload: dict, run_dir: str, keep: int, is_best: bool) -
             os.unlink(os.path.join(run_dir, name))   # left by a run killed mid-save
     atomic_save(payload, latest)
     if keep > 0:
-        _link_or_copy(latest, os.path.join(run_dir, step_filename(payload["step"])))
+        files.link(latest, os.path.join(run_dir, step_filename(payload["step"])))
         steps = sorted(f for f in os.listdir(run_dir) if f.startswith("step-") and f.endswith(".pt"))
         for old in steps[:-keep]:
             os.unlink(os.path.join(run_dir, old))
     if is_best:
-        _link_or_copy(latest, os.path.join(run_dir, BEST))
-    _fsync_dir(run_dir)
+        files.link(latest, os.path.join(run_dir, BEST))
+    files.fsync_folder(run_dir)
     return latest
 
 
@@ -146,8 +131,10 @@ def latest_run(root: str = "checkpoints") -> str:
     return max(runs)[1]
 
 
-def load(path: str, map_location="cpu") -> dict:
-    """Load and check a checkpoint file; every way it can be wrong is a UsageError."""
+def load(path: str, map_location="cpu", note=None) -> dict:
+    """Load and check a checkpoint file, its digest included; every way it can be wrong is a UsageError.
+
+    note(message) hears that a checkpoint from before digests loaded unchecked (default: stderr)."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; pass a checkpoint file or use resolve()")
     if not os.path.isfile(path):
@@ -180,7 +167,52 @@ def load(path: str, map_location="cpu") -> dict:
     for key in ("model_config", "vocab", "model", "step"):
         if key not in ckpt:
             raise UsageError(f"{path} is an incomplete textgen checkpoint (no {key!r})")
+    _check_integrity(ckpt, path, note)
     return ckpt
+
+
+def _check_integrity(ckpt: dict, path: str, note) -> None:
+    saved = ckpt.get("integrity")
+    if saved is None:
+        (note or _note_once)(f"{path} was written before checkpoints carried a digest, so it is loaded unchecked")
+        return
+    if not isinstance(saved, dict) or saved.get("sha256") != digest(ckpt):
+        sibling = _older_sibling(path)
+        advice = (f"{sibling}, another step checkpoint of the same run, is a separate file: resume or "
+                  f"generate from it" if sibling else "no other step checkpoint of the run is a separate file")
+        raise UsageError(f"{path} is corrupt: its contents no longer match the digest written with them (a bit "
+                         f"changed on disk or on the way); {advice}")
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _older_sibling(path: str) -> str | None:
+    """The newest step-*.pt beside path that is not the same file under another name (step files are
+    hard links to what latest.pt was, so the newest is often this very file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        this = os.stat(path)
+        names = sorted((n for n in os.listdir(folder) if n.startswith("step-") and n.endswith(".pt")), reverse=True)
+    except OSError:
+        return None
+    own = os.path.basename(path)
+    for name in names:
+        if own.startswith("step-") and name >= own:
+            continue                          # a corrupt step file: only earlier steps are "before" it
+        other = os.path.join(folder, name)
+        try:
+            if not os.path.samestat(this, os.stat(other)):
+                return os.path.join(os.path.dirname(path), name)
+        except OSError:
+            continue
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,13 +10,15 @@ except __main__.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import re
 import sys
 from dataclasses import fields
 
 from . import __version__
-from .errors import UsageError, check_finite
+from .errors import OutputError, SettingError, UsageError, check_range
 from .tokenizer import UnknownCharactersError
 
 
@@ -26,20 +28,46 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+# The flag of each setting whose flag is not its field's name with dashes.
+_FLAGS = {"time_budget": "time"}
+
+
+def flag_of(field: str) -> str:
+    """A setting's field as the command line names it: top_p -> --top-p, time_budget -> --time."""
+    return "--" + _FLAGS.get(field, field).replace("_", "-")
+
+
+# A value that starts with a minus sign: argparse would take "-5m" or "-5,10" for a flag.
+_NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (argparse's usage block would be many), exit 2."""
+    """argparse, but a bad flag is one line on stderr (argparse's usage block would be many), exit 2,
+    and a negative number is a value like any other (--time -5m reaches --time's own range check)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        glued = []
+        for arg in args:
+            flag = glued[-1] if glued and "--" not in glued[:-1] else ""
+            if flag.startswith("--") and flag != "--" and "=" not in flag and _NEGATIVE_VALUE.match(arg):
+                glued[-1] = f"{flag}={arg}"
+            else:
+                glued.append(arg)
+        return super().parse_known_args(glued, namespace)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '2h', '1h30m' or plain seconds -> seconds."""
-    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
-    if not text.strip() or not parts or not any(parts.groups()):
+    """'90s', '15m', '2h', '1h30m' or plain seconds -> seconds ('-5m' -> -300.0: the range check says why not)."""
+    parts = re.fullmatch(r"\s*(-?)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                         text)
+    if not text.strip() or not parts or not any(parts.groups()[1:]):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 90s, 15m, 2h or 1h30m")
-    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
-    return h * 3600 + m * 60 + s
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups()[1:])
+    return (-1 if parts[1] else 1) * (h * 3600 + m * 60 + s)
 
 
 def _int_list(text: str) -> tuple:
@@ -56,15 +84,24 @@ def _unescape(text: str) -> str:
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """The destinations the user actually set on the command line (not left at their default)."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action in parser._actions:
-            action.default = defaults[action.dest]
+    """The destinations the user actually set on the command line (not left at their default).
+
+    argparse fills in a default only where the namespace has no value yet, so a namespace that
+    starts with a marker in every destination keeps the marker exactly where no flag was given."""
+    unset = object()
+    marked = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args(argv))})
+    parsed = vars(parser.parse_args(argv, namespace=marked))
+    # An optional positional (TEXT) is filled with its default None whatever the namespace holds;
+    # no value typed on a command line parses to None.
+    return {dest for dest, value in parsed.items() if value is not unset and value is not None}
+
+
+def refuse_together(args, explicit: set[str], pairs) -> None:
+    """Flags that contradict each other are refused, never one of them silently ignored.
+    pairs: (dest, dest, why) where each dest counts as given when it is in explicit."""
+    for first, second, why in pairs:
+        if first in explicit and second in explicit:
+            raise UsageError(f"{flag_of(first)} and {flag_of(second)} cannot be used together: {why}")
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
@@ -94,11 +131,21 @@ def run_main(main, argv) -> int:
     from .model import KernelUnavailable
     try:
         return main(argv) or 0
+    except SettingError as e:
+        _say_error(e.worded(flag_of))
+        return 2
     except (UsageError, UnknownCharactersError) as e:
         _say_error(e)
         return 2
-    except (StopTraining, KernelUnavailable) as e:
+    except (StopTraining, KernelUnavailable, OutputError) as e:
         _say_error(e)
+        return 1
+    except OSError as e:
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        # Standard output on a full disk or a device that refuses it (> /dev/full).
+        _say_error(f"cannot write the output: {(e.strerror or str(e)).lower()}")
+        _silence_stdout()
         return 1
     except MemoryError:
         _say_error("out of memory; choose a smaller model, --batch-size or --num-samples")
@@ -110,6 +157,20 @@ def run_main(main, argv) -> int:
         # the reader went away (e.g. `| head`): not an error of ours
         sys.stderr.close()
         return 0
+
+
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that what Python still holds for it can be flushed at
+    exit without a second error about the same full disk."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass          # not a real file (a test's capture): nothing is flushed at exit
 
 
 def _say_error(e: BaseException | str) -> None:
@@ -236,11 +297,21 @@ def _train(argv) -> int:
     model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
                                                if f.name != "vocab_size"})
     train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
+    refuse_together(args, explicit, TRAIN_CONFLICTS)
+    if args.allow_new_text and args.resume is None:
+        raise UsageError("--allow-new-text is for --resume (a new run trains on any text); drop it or add --resume")
+    if args.val_fraction == 0 and "eval_chars" in explicit:
+        raise UsageError("--eval-chars and --val-fraction 0 cannot be used together: --val-fraction 0 keeps no "
+                         "text to validate on")
+    if args.head == "full" and explicit & {"cutoffs", "head_div"}:
+        raise UsageError(f"{flag_of(min(explicit & {'cutoffs', 'head_div'}))} shapes the adaptive head, and "
+                         f"--head full has none; drop it or pass --head adaptive")
     if args.resume is None:
         try:
             model_config.validate(vocabulary_known=False)
         except ValueError as e:
-            raise UsageError(f"--{str(e).replace('_', '-')}") from None
+            from .training import model_setting_error
+            raise model_setting_error(e) from None
     from .launch import follow_parent
     follow_parent()
     workers = _workers(args, explicit)
@@ -266,6 +337,12 @@ def _train(argv) -> int:
     return 0
 
 
+TRAIN_CONFLICTS = (
+    ("out", "name", "both name the run folder (--name N is --out checkpoints/N); pass one"),
+    ("resume", "overwrite", "--overwrite starts a new run and --resume continues one"),
+)
+
+
 def _workers(args, explicit: set[str]) -> int:
     """How many processes --workers asks for on this machine (1 inside a rank)."""
     from . import launch
@@ -280,10 +357,25 @@ def _workers(args, explicit: set[str]) -> int:
 
 
 def _log(message: str) -> None:
-    """Training messages on stdout, above the progress bar when there is one."""
+    """Training messages on stdout, above the progress bar when there is one.
+
+    A standard output that stops taking text (> /dev/full, a full disk) does not stop the run: it
+    is said once on stderr, and training goes on with its log in metrics.jsonl."""
     from tqdm import tqdm
-    tqdm.write(message, file=sys.stdout)
-    sys.stdout.flush()
+    global _log_lost
+    if _log_lost:
+        return
+    try:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+    except OSError as e:
+        _log_lost = True
+        _silence_stdout()
+        print(f"warning: cannot write the training log to standard output ({(e.strerror or str(e)).lower()}); "
+              f"training goes on, and metrics.jsonl in the run folder keeps the log", file=sys.stderr, flush=True)
+
+
+_log_lost = False
 
 
 # ---------------------------------------------------------------------------
@@ -334,8 +426,9 @@ def _generate(argv) -> int:
     config = SampleConfig(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, num_samples=args.num_samples, stop=args.stop)
     config.validate()
-    if args.paragraphs is not None and args.paragraphs < 1:
-        raise UsageError(f"--paragraphs must be at least 1, got {args.paragraphs}")
+    check_range("paragraphs", args.paragraphs, 1, None, "at least 1")
+    if args.output is not None:
+        _check_output(args.output)            # before a model is loaded or a character generated
     if args.interactive and (args.num_samples != 1 or args.paragraphs):
         raise UsageError("--interactive works with one sample and no --paragraphs")
     if args.paragraphs and args.num_samples != 1:
@@ -347,14 +440,7 @@ def _generate(argv) -> int:
     model, tokenizer, ckpt = load_model(path, prefer_best=True, device=device)
     gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn)
     say(f"checkpoint {path} (step {ckpt['step']}), seed {gen.seed}")
-    if args.output:
-        try:
-            out = open(args.output, "w", encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
-    else:
-        out = sys.stdout
-    try:
+    with _output(args.output) as out:
         if args.interactive:
             _interactive(gen, config, out, args.prompt, say)
         elif args.paragraphs:
@@ -368,10 +454,28 @@ def _generate(argv) -> int:
             _write(out, args.prompt)
             _stream_one(gen, config, out)
             _write(out, "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0
+
+
+def _check_output(path: str) -> None:
+    """Refuse an --output the writer would refuse, or whose folder is not there, before any work."""
+    from .files import refusal
+    if path == "":
+        raise SettingError("output", "must name a file (leave it out to write to standard output)")
+    reason = refusal(path)
+    if reason is None and not os.path.isdir(os.path.dirname(os.path.realpath(path))):
+        reason = f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist"
+    if reason:
+        raise UsageError(reason)
+
+
+def _output(path: str | None):
+    """--output through the one writer (the file appears whole when generation ends; a Ctrl-C keeps
+    what was generated so far), or standard output as it is."""
+    if path is None:
+        return contextlib.nullcontext(sys.stdout)
+    from .files import output
+    return output(path, "w", keep_on_interrupt=True)
 
 
 def _check_text(what: str, text: str | None) -> None:
@@ -487,14 +591,12 @@ def _eval(argv) -> int:
     from .evaluate import ADAPT_LR, EVAL_STREAMS, LN2, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
-    if (args.batch_size is not None and args.batch_size < 1) or (args.seq_len is not None and args.seq_len < 1):
-        raise UsageError("--batch-size and --seq-len must be positive integers")
+    for name in ("batch_size", "seq_len"):
+        check_range(name, getattr(args, name), 1, 10**9, "a whole number from 1 to 1,000,000,000")
     adapt_lr = None
     if args.adapt or args.adapt_lr is not None:
         adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
-        check_finite({"adapt-lr": adapt_lr})
-        if not adapt_lr > 0:
-            raise UsageError(f"--adapt-lr must be a positive number, got {adapt_lr}")
+        check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
         if args.batch_size not in (None, 1):
             raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
                              "text of another that comes before it); leave out --batch-size")

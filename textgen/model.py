@@ -57,6 +57,15 @@ DROPOUT_FIELDS = {
 HEADS = ("full", "adaptive")
 
 
+def narrowest_width(hidden_size: int, head_div: float, clusters: int) -> int:
+    """The adaptive head's last cluster's projection width: hidden_size / head_div ** clusters, rounded
+    down (0 where the power overflows a float: a head_div of 1e308 leaves no width at all)."""
+    try:
+        return int(hidden_size // head_div ** clusters)
+    except OverflowError:
+        return 0
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -77,10 +86,10 @@ class ModelConfig:
     def resolve_head(self) -> None:
         """Turn head "auto" into the head this vocabulary gets, and give an adaptive head its cutoffs."""
         if self.head == "auto":
-            self.head = "adaptive" if self.vocab_size >= ADAPTIVE_FROM else "full"
+            self.head = "adaptive" if self.vocab_size >= ADAPTIVE_FROM or self.cutoffs else "full"   # cutoffs ask for it
         if self.head == "adaptive" and not self.cutoffs:
             cutoffs = adaptive_cutoffs(self.vocab_size)
-            while len(cutoffs) > 1 and self.hidden_size // self.head_div ** len(cutoffs) < 1:
+            while len(cutoffs) > 1 and narrowest_width(self.hidden_size, self.head_div, len(cutoffs)) < 1:
                 cutoffs = cutoffs[:-1]          # a small model: fewer, larger clusters, each of some width
             self.cutoffs = cutoffs
         self.cutoffs = tuple(self.cutoffs)
@@ -106,10 +115,10 @@ class ModelConfig:
                                  f"{self.vocab_size}, got {cutoffs}")
         if not self.head_div >= 1:
             raise ValueError(f"head_div must be 1 or more, got {self.head_div}")
-        if self.head == "adaptive" and cutoffs and self.hidden_size // self.head_div ** len(cutoffs) < 1:
+        if self.head == "adaptive" and cutoffs and narrowest_width(self.hidden_size, self.head_div, len(cutoffs)) < 1:
             raise ValueError(f"head_div {self.head_div:g} leaves the last of the adaptive head's {len(cutoffs)} "
                              f"clusters no width at hidden size {self.hidden_size}; use fewer cutoffs or a "
-                             f"smaller --head-div")
+                             f"smaller head_div")
 
     def num_parameters(self) -> int:
         """What CharLSTM(self).num_parameters() will be, known before anything is allocated."""

@@ -3,14 +3,16 @@
 matplotlib is an optional extra (`pip install -e ".[plot]"`); without it the
 command says so and training simply skips its plot.
 
-Imports errors; never training or cli.
+Imports errors and files (the one writer); never training or cli.
 """
 from __future__ import annotations
 
 import json
 import os
 
+from . import files
 from .errors import UsageError
+from .files import refusal
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -23,7 +25,9 @@ def read_metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
-def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
+def plot_runs(run_dirs: list[str], output: str | None = None, replace: str = "user") -> str:
+    """Draw the runs' curves into output (default: loss.png in the first run folder, which that run
+    owns). replace is the writer's rule for what may stand at output (files.output)."""
     try:
         # The Figure API with the Agg canvas, not pyplot: no GUI backend is looked for, nothing
         # global is kept between plots, and the import costs half of pyplot's (0.5 s against 1 s).
@@ -31,7 +35,12 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
         from matplotlib.figure import Figure
     except ImportError:
         raise UsageError('plotting needs matplotlib: pip install -e ".[plot]"') from None
-    output = output or os.path.join(run_dirs[0], "loss.png")
+    own = os.path.join(run_dirs[0], "loss.png")
+    if output is None or os.path.realpath(output) == os.path.realpath(own):
+        output, replace = output or own, "own"        # the first run's own picture, drawn again
+    reason = refusal(output, replace)
+    if reason:
+        raise UsageError(reason)             # before the metrics are read or anything is drawn
     fig = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
@@ -49,11 +58,8 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    # A hidden name of this process's own, renamed over the target: a reader (or a second plotter)
-    # sees the old picture or the new one. run_folder counts such leftovers as textgen's.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, output)
+    with files.output(output, "wb", replace) as f:     # renamed into place: a reader sees old or new
+        fig.savefig(f, format="png", dpi=100)
     return output
 
 

@@ -29,7 +29,7 @@ import os
 import re
 from datetime import datetime
 
-from . import checkpoint
+from . import checkpoint, files
 from .errors import UsageError
 
 try:
@@ -37,9 +37,10 @@ try:
 except ImportError:              # Windows: no flock; runs are then not protected from a second trainer
     fcntl = None
 
-LOCK, CONFIG, METRICS, PLOT = ".textgen.lock", "config.json", "metrics.jsonl", "loss.png"
+CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "loss.png"
+LOCK = files.RUN_MARK            # every run folder holds it from its first claim: the writer knows them by it
 _CHECKPOINT = re.compile(r"(latest|best)\.pt|step-\d{7}\.pt")
-# What an interrupted write leaves: checkpoint.atomic_save's and _link_or_copy's temporaries, and ours.
+# What an interrupted write leaves: the writer's temporaries (files.output's and files.link's).
 _LEFTOVER = re.compile(r"\..+\.tmp-\d+(\.png)?|.+\.link-tmp")
 
 
@@ -195,10 +196,7 @@ class RunFolder:
         self._clear_before_writing = False
 
     def _replace(self, name: str, text: str) -> None:
-        partial = os.path.join(self.path, f".{name}.tmp-{os.getpid()}")
-        with open(partial, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(partial, os.path.join(self.path, name))
+        files.write_text(os.path.join(self.path, name), text, replace="own")
 
     def write_config(self, doc: dict) -> None:
         self._replace(CONFIG, json.dumps(doc, indent=2))
@@ -209,13 +207,12 @@ class RunFolder:
 
     def append_metrics(self, entry: dict) -> None:
         # One write of one whole line; readers skip a last line without its newline.
-        with open(os.path.join(self.path, METRICS), "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        files.append_text(os.path.join(self.path, METRICS), json.dumps(entry) + "\n")
 
     def plot(self) -> None:
         from .plot import matplotlib_available, plot_runs
         if matplotlib_available():
-            plot_runs([self.path], output=os.path.join(self.path, PLOT))      # written atomically
+            plot_runs([self.path])          # its own loss.png, written atomically
 
 
 def checkpoint_folder(resume: str) -> str:

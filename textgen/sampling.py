@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import UsageError, check_finite
+from .errors import SettingError, UsageError, check_range
 from .model import CharLSTM, Stepper, State
 from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
@@ -42,21 +42,24 @@ class SampleConfig:
     stop: str | None = None
 
     def validate(self) -> None:
-        check_finite({"temperature": self.temperature, "top_p": self.top_p})
-        if not 1 <= self.length <= MAX_LENGTH:
-            raise UsageError(f"--length must be from 1 to {MAX_LENGTH:,} characters, got {self.length}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 1 <= self.num_samples <= MAX_SAMPLES:
-            raise UsageError(f"--num-samples must be from 1 to {MAX_SAMPLES:,}, got {self.num_samples}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
+        """SettingError naming the field for a value out of its range. A temperature outside
+        [MIN_TEMPERATURE, MAX_TEMPERATURE] breaks float32 (1e-40 divides a logit into infinity,
+        1e308 does not fit at all), so it is refused before any work, as NaN is."""
+        check_range("length", self.length, 1, MAX_LENGTH, f"from 1 to {MAX_LENGTH:,} characters")
+        check_range("temperature", self.temperature, 0, MAX_TEMPERATURE, TEMPERATURE_RANGE)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise SettingError("temperature", f"must be {TEMPERATURE_RANGE}, got {self.temperature:g}")
+        check_range("top_k", self.top_k, 1, None, "at least 1")
+        check_range("top_p", self.top_p, 0, 1, "in (0, 1]", low_open=True)
+        check_range("num_samples", self.num_samples, 1, MAX_SAMPLES, f"from 1 to {MAX_SAMPLES:,}")
+        check_range("seed", self.seed, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
         if self.stop == "":
-            raise UsageError("--stop must not be empty")
+            raise SettingError("stop", "must not be empty")
+
+
+# 0 is greedy; between these, any temperature keeps every logit / temperature finite in float32.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+TEMPERATURE_RANGE = "0 (greedy) or from 1e-6 to 1e6"
 
 
 def next_token_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) -> torch.Tensor:
@@ -99,6 +102,7 @@ def next_token_probs(logits: torch.Tensor, temperature, top_k=None, top_p=None) 
             p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(N).unsqueeze(1)
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
             keep_sorted &= (mass_before < p * sorted_probs.sum(-1, keepdim=True)) | (p >= 1)
+        keep_sorted[:, 0] = True        # the most likely token always stays: a top-p of 1e-300 is greedy, not empty
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)

@@ -46,7 +46,7 @@ from importlib import resources
 
 from .batching import BatchingEngine, Busy, Job, Scheduler
 from .checkpoint import BEST, LATEST, build_model, load, resolve, summary
-from .errors import UsageError
+from .errors import SettingError, UsageError
 from .evaluate import LN2
 from .sampling import SampleConfig
 
@@ -227,7 +227,7 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
                           seed=body.get("seed"), num_samples=get("num_samples", 1), stop=body.get("stop"))
     config.validate()
     if config.length > limits.max_length:
-        raise UsageError(f"--length must be at most {limits.max_length:,} on this server, got {config.length:,}")
+        raise SettingError("length", f"must be at most {limits.max_length:,} on this server, got {config.length:,}")
     unknown = get("unknown", "error")
     if unknown not in ("error", "skip"):
         raise UsageError(f"unknown must be 'error' or 'skip', got {unknown!r}")

@@ -97,7 +97,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
     if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise ValueError(f"--size must be auto or LAYERSxHIDDEN such as 2x512, got {text!r}")
+        raise ValueError(f"size must be auto or LAYERSxHIDDEN such as 2x512, got {text!r}")
     return int(match[1]), int(match[2])
 
 

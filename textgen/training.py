@@ -44,7 +44,7 @@ from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
 from .devices import check_fits, native_bf16, resolve_device, resolve_dtype
-from .errors import StopTraining, UsageError, check_finite
+from .errors import OutputError, SettingError, StopTraining, UsageError, check_range, number
 from .run_folder import RunFolder, checkpoint_folder, default_path
 from .schedule import EVALS_PER_RUN, seconds_text
 from .evaluate import LN2, cross_entropy
@@ -97,40 +97,79 @@ class TrainConfig:
             explicit.add("time_budget")
 
     def validate(self) -> None:
-        check_finite({"lr": self.lr, "min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
-                      "ema": self.ema, "grad_clip": self.grad_clip, "val_fraction": self.val_fraction,
-                      "time": self.time_budget})
-        positive = ("batch_size", "seq_len", "steps", "save_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if not self.grad_clip > 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
-        if not 0 <= self.val_fraction < 1:
-            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.eval_every < 0:
-            raise UsageError(f"--eval-every must be 0 (about {EVALS_PER_RUN} per run) or a number of steps, "
-                             f"got {self.eval_every}")
-        if self.warmup_steps < 0 or self.keep < 0 or self.sample_length < 0 or self.eval_chars < 0:
-            raise UsageError("--warmup-steps, --keep, --sample-length and --eval-chars must be 0 or more")
-        if not 0 <= self.ema < 1:
-            raise UsageError(f"--ema must be 0 (off) or a decay in (0, 1) such as 0.999, got {self.ema}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
+        """SettingError naming the field for a value out of its range: the range where it means
+        something and the arithmetic carries it (a learning rate of 1e308 overflows float32)."""
+        for name in ("batch_size", "seq_len", "steps", "save_every", "log_every"):
+            check_range(name, getattr(self, name), 1, MAX_COUNT, f"a whole number from 1 to {MAX_COUNT:,}")
+        for name in ("warmup_steps", "keep", "eval_chars", "eval_every"):
+            check_range(name, getattr(self, name), 0, MAX_COUNT, f"a whole number from 0 to {MAX_COUNT:,}")
+        check_range("sample_length", self.sample_length, 0, MAX_SAMPLE_LENGTH,
+                    f"a whole number from 0 to {MAX_SAMPLE_LENGTH:,}")
+        check_range("lr", self.lr, MIN_LR, MAX_LR, f"from {number(MIN_LR)} to {number(MAX_LR)}")
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1, "in [0, 1]")
+        # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign.
+        check_range("weight_decay", self.weight_decay, 0, 1 / self.lr,
+                    f"0 or more, and at most 1/lr = {number(1 / self.lr)} (each step scales the weights by "
+                    f"1 - lr x weight decay)")
+        check_range("ema", self.ema, 0, 1, "0 (off) or a decay in (0, 1) such as 0.999")
+        if self.ema == 1:
+            raise SettingError("ema", "must be 0 (off) or a decay in (0, 1) such as 0.999, got 1")
+        check_range("grad_clip", self.grad_clip, MIN_GRAD_CLIP, MAX_GRAD_CLIP,
+                    f"from {number(MIN_GRAD_CLIP)} to {number(MAX_GRAD_CLIP)}")
+        check_range("val_fraction", self.val_fraction, 0, 1, "in [0, 1)")
+        if self.val_fraction == 1:
+            raise SettingError("val_fraction", "must be in [0, 1), got 1")
+        check_range("seed", self.seed, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
         if self.dtype not in ("auto", *LOW_PRECISION, "float32"):
-            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype}")
+            raise SettingError("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype}")
         try:
             sizing.parse_size(self.size)
         except ValueError as e:
-            raise UsageError(str(e)) from None
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise UsageError(f"--time must be a positive duration, got {self.time_budget}s")
+            raise SettingError("size", str(e).split(" ", 1)[1]) from None
+        check_range("time_budget", self.time_budget, 0, MAX_TIME_S,
+                    f"a positive number of seconds (or a duration such as 15m) of at most "
+                    f"{MAX_TIME_S / 86400 / 365:.0f} years", low_open=True)
+        for name in ("out", "name", "cache_dir"):
+            if getattr(self, name) == "":
+                raise SettingError(name, "must not be empty")
+        if self.name is not None and not is_plain_name(self.name):
+            raise SettingError("name", f"must be one plain folder name (no /, no .., not hidden), got "
+                                       f"{self.name!r}; the run folder becomes checkpoints/NAME")
+
+
+# Ranges of the settings, wide enough for any real run; outside them the arithmetic breaks or the
+# value can only be a typo.
+MAX_COUNT = 10**12                  # steps, intervals, characters
+MAX_SAMPLE_LENGTH = 100_000
+MIN_LR, MAX_LR = 1e-9, 10.0         # AdamW's step is about lr per weight: 10 is far past any useful rate
+MIN_GRAD_CLIP, MAX_GRAD_CLIP = 1e-6, 1e9
+MAX_TIME_S = 100 * 365 * 86400.0
+
+
+def model_setting_error(e: ValueError) -> SettingError:
+    """ModelConfig.validate's ValueError ("hidden_size must be ...") as the setting's error."""
+    field, _, problem = str(e).partition(" ")
+    return SettingError(field, problem)
+
+
+def check_steps_left(ckpt: dict, config: TrainConfig, resume: str) -> None:
+    """A resumed run that has nothing left to do says so, before a folder is claimed or a file read."""
+    done = int(ckpt["step"])
+    if config.time_budget is None:
+        goal = config.steps
+    elif ckpt.get("planned") and ckpt.get("plan") is not None:
+        goal = min(int(ckpt["plan"]), config.steps)      # a budget already turned into its plan of steps
+    else:
+        return
+    if done >= goal:
+        raise SettingError("steps", f"must be more than the {done:,} steps {resume} has already trained "
+                                    f"(it has nothing left to do at {goal:,})")
+
+
+def is_plain_name(name: str) -> bool:
+    """One folder name: no separator, not . or .., not hidden, no control characters."""
+    return (bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name
+            and os.sep not in name and (os.altsep or "/") not in name and name.isprintable())
 
 
 # --dtype names whose LSTM matrix products run in low precision (the rest stays float32).
@@ -197,6 +236,8 @@ class Trainer:
             config = self._merge_resumed_config(ckpt, config, explicit)
             model_config = self._check_architecture(ckpt, model_config, explicit)
         config.validate()
+        if ckpt is not None:
+            check_steps_left(ckpt, config, resume)
         self.config = config
         # The folder is claimed (locked, checked) before anything is prepared, so a second trainer
         # or a run into a finished run's folder stops at once, having written nothing.
@@ -256,7 +297,7 @@ class Trainer:
                 model_config.validate()
                 self._choose_size(model_config)
             except ValueError as e:
-                raise UsageError(str(e)) from None
+                raise model_setting_error(e) from None
             check_fits(model_config.num_parameters(), self.device)      # before a byte is allocated
             self.model = CharLSTM(model_config)
             if isinstance(self.model.head, AdaptiveHead):
@@ -607,8 +648,9 @@ class Trainer:
             return
         try:
             checkpoint.save_run_checkpoint(payload, self.run_dir, self.config.keep, is_best)
-        except checkpoint.DiskFullError as e:
-            raise StopTraining(f"{e}; free some space and resume with --resume {self.run_dir}") from None
+        except (OutputError, UsageError) as e:         # a full disk, or a folder that stopped taking files
+            raise StopTraining(f"{e}; free some space or fix the folder, then resume with --resume "
+                               f"{self.run_dir}") from None
         self.last_saved_step = self.step
         if is_best:
             self.log(f"step {self.step}: new best val loss {self.best_val_loss:.4f} "
