@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from . import files
+from .errors import OutputError, UsageError
 from .machine import cache_root
 from .tokenizer import CharTokenizer, UnknownCharactersError, codepoints
 
@@ -153,9 +154,9 @@ def _scan(paths: list[str], separator: str, progress) -> tuple[str, np.ndarray, 
 
 
 def _encode_into(paths, separator, tokenizer: CharTokenizer, out_path: str, progress) -> int:
-    """Pass two: the ids of the whole corpus appended to out_path; returns how many."""
+    """Pass two: the ids of the whole corpus written to out_path (whole, or not at all); returns how many."""
     count = 0
-    with open(out_path, "wb") as out:
+    with files.output(out_path, "wb") as out:
         for k, path in enumerate(paths):
             if k:
                 ids = tokenizer.encode(separator)
@@ -166,8 +167,6 @@ def _encode_into(paths, separator, tokenizer: CharTokenizer, out_path: str, prog
                 out.write(ids.tobytes())
                 count += len(ids)
                 progress(len(raw))
-        out.flush()
-        os.fsync(out.fileno())
     return count
 
 
@@ -213,14 +212,10 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
         if entry is None:
             entry = os.path.join(cache_dir, f"{sha[:32]}-{_vocab_key(tokenizer)}")
             os.makedirs(entry, exist_ok=True)
-            tmp = os.path.join(entry, f".tokens.tmp-{os.getpid()}")
             try:
-                count = _encode_into(paths, separator, tokenizer, tmp, bar.update)
-                os.replace(tmp, os.path.join(entry, "tokens.bin"))
-            except OSError as e:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise UsageError(f"cannot write the token cache in {entry} ({e.strerror}); "
+                count = _encode_into(paths, separator, tokenizer, os.path.join(entry, "tokens.bin"), bar.update)
+            except (OutputError, files.WriteError) as e:     # the text's own errors pass as they are
+                raise UsageError(f"cannot write the token cache in {entry} ({e}); "
                                  f"free some space or pass --cache-dir") from None
             meta = {"format": CACHE_FORMAT, "sha256": sha, "vocab": tokenizer.chars, "dtype": tokenizer.dtype.str,
                     "tokens": count, "characters": characters, "size_bytes": total,
@@ -271,10 +266,7 @@ def _open_entry(entry: str, stats: list[dict], separator: str) -> PreparedCorpus
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(doc))
 
 
 def _bar(enabled: bool, total: int, description: str):

@@ -36,6 +36,10 @@ _TORCH_MAGIC = b"PK\x03\x04"              # torch.save writes a zip archive
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+class WriteError(UsageError):
+    """A folder or device that would not take the file (read-only, immutable, gone): exit 2."""
+
+
 def is_checkpoint_file(path: str) -> bool:
     """A regular file that holds a PyTorch checkpoint (a zip archive with a data.pkl)."""
     try:
@@ -115,14 +119,14 @@ def output(path: str, mode: str = "w", replace: str = "user", keep_on_interrupt:
     except FileNotFoundError:
         special = False
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {_reason(e)}") from None
+        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
     if special:
         with _through(path, mode) as f:
             yield f
         return
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist")
+        raise WriteError(f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist")
     partial = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
     try:
         f = open(partial, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {}))
@@ -185,14 +189,14 @@ def _through(path: str, mode: str) -> Iterator[IO]:
 
 def _failure(e: OSError, path: str, existed: bool, special: bool = False) -> Exception:
     if special:                            # a device or a pipe: there is no old file to keep
-        return (OutputError if e.errno in _FULL or e.errno == errno.EIO else UsageError)(
+        return (OutputError if e.errno in _FULL or e.errno == errno.EIO else WriteError)(
             f"cannot write to {path}: {_reason(e)}")
     kept = f"{path} was left as it was" if existed else "nothing was written"
     if e.errno in _FULL:
         return OutputError(f"disk full while writing {path}; {kept}")
     if e.errno == errno.ENOENT:
-        return UsageError(f"cannot write {path}: its folder is gone; {kept}")
-    return UsageError(f"cannot write {path}: {_reason(e)}; {kept}")
+        return WriteError(f"cannot write {path}: its folder is gone; {kept}")
+    return WriteError(f"cannot write {path}: {_reason(e)}; {kept}")
 
 
 def link(source: str, path: str) -> None:

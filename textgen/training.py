@@ -38,7 +38,7 @@ from datetime import datetime
 import numpy as np
 import torch
 
-from . import checkpoint, schedule, sizing
+from . import checkpoint, files, schedule, sizing
 from .rng import rng_state, seed_everything, set_rng_state
 from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
@@ -648,7 +648,7 @@ class Trainer:
             return
         try:
             checkpoint.save_run_checkpoint(payload, self.run_dir, self.config.keep, is_best)
-        except (OutputError, UsageError) as e:         # a full disk, or a folder that stopped taking files
+        except (OutputError, files.WriteError) as e:   # a full disk, or a folder that stopped taking files
             raise StopTraining(f"{e}; free some space or fix the folder, then resume with --resume "
                                f"{self.run_dir}") from None
         self.last_saved_step = self.step
