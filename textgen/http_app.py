@@ -143,8 +143,11 @@ class App:
         if length is None:
             raise Refused(411, "a POST needs a Content-Length header")
         if int(length) > self.limits.max_body:
+            # Up to a few times the limit, the body is read and dropped after this answer, so a client still
+            # sending it reads the answer rather than a broken pipe; a larger one is not worth reading.
+            close = {"Connection": "close"} if int(length) > 4 * self.limits.max_body else {}
             raise Refused(413, f"the body is {int(length):,} bytes; this server takes at most {self.limits.max_body:,}",
-                          {"Connection": "close"})      # not worth reading through to the next request
+                          close)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             raise Refused(415, "send the body as JSON (Content-Type: application/json)")
