@@ -66,6 +66,7 @@ def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("http_app")) == {"batching", "errors", "server"}
     assert set(imports_of("http_server")) == {"http_app", "server"}
     assert [m for m in MODULES if "http_server" in imports_of(m)] == ["server"]
+    assert [m for m in MODULES if "http_app" in imports_of(m)] == ["http_server"]
     assert imports_of("cli")["server"] == {"serve_parser", "_serve"}
 
 

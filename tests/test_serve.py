@@ -426,3 +426,14 @@ def test_a_public_address_is_warned_about(runs):
         out, err = proc.communicate(timeout=15)
     assert "warning: serving on 0.0.0.0: anyone who can reach this machine" in err and proc.returncode == 0
 
+
+
+def test_serving_without_the_serve_extra_is_one_sentence(runs, monkeypatch, capsys):
+    from textgen.cli import serve_main
+    monkeypatch.setitem(sys.modules, "uvicorn", None)        # as after a plain `pip install -e .`
+    with pytest.raises(SystemExit) as done:
+        serve_main(["--help"])                               # the flags are still there to read
+    assert done.value.code == 0 and "--max-waiting" in capsys.readouterr().out
+    assert serve_main([os.path.join(runs[0], "alpha"), "--port", "0"]) == 2
+    assert capsys.readouterr().err == \
+        'error: serving needs the [serve] extra (uvicorn and starlette): pip install -e ".[serve]"\n'
