@@ -7,13 +7,14 @@ import io
 import itertools
 import json
 import selectors
+import signal
 import socket
 import threading
 import time
 
 import pytest
 
-from test_serve import Served
+from test_serve import Served, start_serve
 
 HEAD_S = BODY_S = 2.0           # the deadlines of the shared server below (10 s and 20 s by default)
 
@@ -257,6 +258,22 @@ def test_a_body_that_trickles_past_its_deadline_never_becomes_a_job(served):
     assert len(seen) == 8 and all(s["generations"] == 0 and s["models"].get("run", {}).get("busy_slots", 0) == 0
                                   and s["models"].get("run", {}).get("waiting", 0) == 0 for s in seen), seen
     assert served.idle()
+
+
+def test_at_shutdown_a_request_still_arriving_gets_503_at_once(tiny_run):
+    """It has no job yet: it must not hold the exit for the 3 s grace and then be cut with a plain 500."""
+    proc, port, _ = start_serve(tiny_run[0])
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = json.dumps({"length": 10}).encode()
+    slow.sendall(post(body).replace(b"{HOST}", f"127.0.0.1:{port}".encode())[:-1])
+    time.sleep(0.3)                                        # the head is in; the body never completes
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    answer = read_to_close(slow)
+    slow.close()
+    out, err = proc.communicate(timeout=15)
+    assert _error_of(answer) == ("HTTP/1.1 503 Service Unavailable", "the server is shutting down; try again shortly")
+    assert proc.returncode == 0 and "Traceback" not in err and time.monotonic() - began < 3.0, err
 
 
 # ---------------------------------------------------------------------------

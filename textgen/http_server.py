@@ -90,6 +90,14 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        # A request whose body is still arriving has no job yet: nothing to finish, so it is answered now
+        # rather than holding the exit for the grace period and then being cut with a plain-text 500.
+        if self.conn.their_state is h11.SEND_BODY and not self.cycle.response_started:
+            self._refuse(503, "the server is shutting down; try again shortly", {"Retry-After": "1"})
+        else:
+            super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn calls this inside `except h11.RemoteProtocolError:`, so that error is the one being handled.
         status, message = framing_error(sys.exc_info()[1])
