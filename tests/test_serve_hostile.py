@@ -76,7 +76,8 @@ ROWS = [
     ("Content-Length abc", post(b"{}", "Content-Length: abc"), 400, "Content-Length header is malformed"),
     ("two different Content-Lengths", post(b"{}", "Content-Length: 2", "Content-Length: 3"), 400,
      "Content-Length header is malformed"),
-    ("a 25-digit Content-Length", post(b"{}", "Content-Length: " + "9" * 25), 400, "Content-Length header is malformed"),
+    ("a 25-digit Content-Length", post(b"{}", "Content-Length: " + "9" * 25), 400,
+     "Content-Length header is malformed"),
     ("a Content-Length past the limit", post(b"", "Content-Length: 300000"), 413, "at most 262,144"),
     ("a 1 MB body, sent whole", post(b"x" * 1_000_000), 413, "the body is 1,000,000 bytes"),
     ("no Content-Length", post(b""), 411, "needs a Content-Length"),
@@ -125,7 +126,8 @@ def test_an_http10_client_gets_a_stream_it_can_read(served):
     status, headers, payload = exchange(served.port, post(body, version="1.0"))
     assert status == 200 and "Transfer-Encoding" not in headers and headers["Connection"] == "close"
     events = [json.loads(line) for line in payload.decode().splitlines()]
-    assert events[0]["model"] == "run" and events[-1] == {"end": "length", "characters": 300, "session": events[0]["id"]}
+    assert events[0]["model"] == "run"
+    assert events[-1] == {"end": "length", "characters": 300, "session": events[0]["id"]}
     same = served.generate(model="run", length=300, seed=4, temperature=1.0)        # HTTP/1.1, chunked
     assert "".join(e.get("text", "") for e in events) == "".join(e.get("text", "") for e in same)
     status, headers, payload = exchange(served.port, raw("GET /api/models HTTP/1.0"))
@@ -155,7 +157,8 @@ def read_to_close(sock) -> bytes:
 
 def test_pipelined_requests_are_answered_in_order(served):
     sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
-    three = raw("GET /api/status HTTP/1.1") + raw("GET /app.css HTTP/1.1") + raw("GET /nothing HTTP/1.1", "Connection: close")
+    three = (raw("GET /api/status HTTP/1.1") + raw("GET /app.css HTTP/1.1")
+             + raw("GET /nothing HTTP/1.1", "Connection: close"))
     sock.sendall(three.replace(b"{HOST}", f"127.0.0.1:{served.port}".encode()))
     received = _Received(read_to_close(sock))              # all three, then the close that the last asked for
     sock.close()
@@ -229,7 +232,8 @@ def test_the_next_head_on_a_kept_alive_connection_has_its_own_deadline(served):
     response = http.client.HTTPResponse(sock)
     response.begin()
     assert response.status == 200 and json.loads(response.read())["generations"] == 0
-    answer, seconds = trickle_until_closed(sock, b"GET /api/status HTTP/1.1\r\nX-Slow: " + b"a" * 1000, 0.05, HEAD_S + 3)
+    endless = b"GET /api/status HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+    answer, seconds = trickle_until_closed(sock, endless, every=0.05, limit=HEAD_S + 3)
     sock.close()
     assert seconds < HEAD_S + 1.5 and _error_of(answer)[0] == "HTTP/1.1 408 Request Timeout"
 
@@ -290,7 +294,7 @@ class Tricklers:
         self.head = f"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode() + b"a" * 10_000
         self.selector = selectors.DefaultSelector()
         self.open: dict[socket.socket, list] = {}          # each open connection: [bytes sent, when opened]
-        self.due: list = []                                # heap of (when, tiebreak, a socket's next byte or None: open one)
+        self.due: list = []                                # heap of (when, tiebreak, socket to send on or None to open)
         self.answers: collections.Counter = collections.Counter()      # status codes the server cut us off with
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -94,7 +94,9 @@ class App:
 
     async def _respond(self, request: Request) -> Response:
         scope = request.scope
-        if len(scope["raw_path"]) + sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > MAX_HEAD:
+        head = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
+                                                                        for k, v in scope["headers"])
+        if head > MAX_HEAD:
             raise Refused(431, f"the request line and headers take more than {MAX_HEAD // 1024} KiB")
         if "transfer-encoding" in request.headers:
             # Closed after the answer: with a Content-Length beside it, it may be an attempt at request
@@ -109,12 +111,7 @@ class App:
         if path == "/api/generate":
             return await self._generate(await self._json_body(request))
         if path == "/api/stop":
-            body = await self._json_body(request)
-            job_id = body.get("id") if isinstance(body, dict) else None
-            job = self.jobs.get(job_id) if isinstance(job_id, str) else None
-            if job is not None:
-                job.cancel()
-            return json_response(200, {"stopped": job is not None})
+            return self._stop(await self._json_body(request))
         raise Refused(404, f"no API endpoint {path[:200]}")
 
     def _check_host(self, request: Request) -> None:
@@ -158,6 +155,13 @@ class App:
         engine, name = await asyncio.to_thread(self._engine, name)      # may load a checkpoint: off the loop
         engine.submit(job)
         return JobStream(job, name, self.jobs)
+
+    def _stop(self, body) -> Response:
+        job_id = body.get("id") if isinstance(body, dict) else None
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is not None:
+            job.cancel()
+        return json_response(200, {"stopped": job is not None})
 
     def _engine(self, name):
         if name is None:

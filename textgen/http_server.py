@@ -9,12 +9,13 @@ leaves out, `GuardedH11Protocol` adds:
 * deadlines: the whole request head must arrive within `head_timeout` of the connection opening
   (or of the previous response ending), and the body within `body_timeout` of the head. Bytes
   that trickle in never restart them, where uvicorn's keep-alive timeout restarts on every byte.
-  Past one, a partly sent request gets 408 and the connection closes; a body that never
-  completes never reaches the app, so it never takes a generation slot;
+  Past one, a partly sent request gets 408 and the connection closes. The app submits a job only
+  once the whole body is here, so a body that never completes never takes a generation slot;
 * a connection cap: past `max_connections` (lowered to what the open-file limit allows), a new
   connection gets 503 at once; uvicorn's limit_concurrency answers only once a head has arrived;
 * a request that is not valid HTTP (a malformed Content-Length, a head over 16 KiB, a bad request
-  line) gets its status and a JSON sentence, where uvicorn answers in plain text.
+  line) gets its status and a JSON sentence, where uvicorn answers in plain text;
+* at shutdown, a request whose body is still arriving gets 503 at once instead of holding the exit.
 
 The model work stays on the caller's thread (`serve` runs it on the main thread).
 
@@ -73,7 +74,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections:             # this one counted
             self._refuse(503, "too many connections; try again shortly", {"Retry-After": "1"})
         else:
             self._watch()
@@ -93,7 +94,8 @@ class GuardedH11Protocol(H11Protocol):
     def shutdown(self) -> None:
         # A request whose body is still arriving has no job yet: nothing to finish, so it is answered now
         # rather than holding the exit for the grace period and then being cut with a plain-text 500.
-        if self.conn.their_state is h11.SEND_BODY and not self.cycle.response_started:
+        if self.conn.their_state is h11.SEND_BODY and not self.cycle.response_started \
+                and not self.transport.is_closing():
             self._refuse(503, "the server is shutting down; try again shortly", {"Retry-After": "1"})
         else:
             super().shutdown()
