@@ -50,6 +50,7 @@ def serve(run: str, mode: str, slots: int) -> None:
     """The server process: print the port, serve until killed."""
     from textgen import batching, server
     from textgen.checkpoint import load_model
+    from textgen.http_server import PlaygroundServer
     from textgen.sampling import Generator
 
     class Unbatched:
@@ -80,9 +81,10 @@ def serve(run: str, mode: str, slots: int) -> None:
     catalogue = server.Catalogue(run, "cpu", limits, scheduler)
     engine = Unbatched()
     catalogue.engine = lambda name: (engine, name)
-    httpd = server.PlaygroundServer(("127.0.0.1", 0), catalogue, limits)
-    print(httpd.server_address[1], flush=True)
-    httpd.serve_forever()
+    httpd = PlaygroundServer(("127.0.0.1", 0), catalogue, limits)
+    httpd.start()
+    print(httpd.port, flush=True)
+    httpd.wait()
 
 
 def one_client(port: int, seed: int, chars: int, received: list) -> None:

@@ -60,7 +60,13 @@ def test_sizing_knows_only_the_model():
 
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
-    assert set(imports_of("server")) == {"batching", "checkpoint", "errors", "evaluate", "sampling"}
+    server = imports_of("server")
+    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "sampling", "http_server"}
+    assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
+    assert set(imports_of("http_app")) == {"batching", "errors", "server"}
+    assert set(imports_of("http_server")) == {"http_app", "server"}
+    assert [m for m in MODULES if "http_server" in imports_of(m)] == ["server"]
+    assert [m for m in MODULES if "http_app" in imports_of(m)] == ["http_server"]
     assert imports_of("cli")["server"] == {"serve_parser", "_serve"}
 
 

@@ -16,6 +16,7 @@ from conftest import ROOT, run, train_tiny
 from textgen import server as served_module
 from textgen.batching import BatchingEngine, Job, Scheduler
 from textgen.checkpoint import load_model
+from textgen.http_server import PlaygroundServer
 from textgen.sampling import Generator, SampleConfig
 
 
@@ -35,20 +36,22 @@ def runs(tmp_path_factory):
 
 
 class Served:
+    """The server as `textgen serve` runs it (uvicorn on a thread of its own), with the scheduler on another."""
+
     def __init__(self, path, **limits):
         self.limits = served_module.Limits(**limits)
         self.scheduler = Scheduler()
         self.catalogue = served_module.Catalogue(path, "cpu", self.limits, self.scheduler)
-        self.httpd = served_module.PlaygroundServer(("127.0.0.1", 0), self.catalogue, self.limits)
-        self.port = self.httpd.server_address[1]
+        self.httpd = PlaygroundServer(("127.0.0.1", 0), self.catalogue, self.limits)
+        self.port = self.httpd.port
         self.scheduler.run_in_thread()
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.httpd.start()
 
     def close(self):
         self.httpd.shutdown()
         self.scheduler.stop()
         self.catalogue.close()
-        self.httpd.server_close()
+        self.httpd.wait(timeout=10)
 
     def request(self, method, path, body=None, headers=None, raw=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -59,7 +62,7 @@ class Served:
         response = conn.getresponse()
         payload = response.read()
         conn.close()
-        return response.status, dict(response.getheaders()), payload
+        return response.status, response.headers, payload     # headers: looked up by name in any case, as HTTP says
 
     def generate(self, **body):
         """Every event of a finished stream."""
@@ -424,3 +427,14 @@ def test_a_public_address_is_warned_about(runs):
         out, err = proc.communicate(timeout=15)
     assert "warning: serving on 0.0.0.0: anyone who can reach this machine" in err and proc.returncode == 0
 
+
+
+def test_serving_without_the_serve_extra_is_one_sentence(runs, monkeypatch, capsys):
+    from textgen.cli import serve_main
+    monkeypatch.setitem(sys.modules, "uvicorn", None)        # as after a plain `pip install -e .`
+    with pytest.raises(SystemExit) as done:
+        serve_main(["--help"])                               # the flags are still there to read
+    assert done.value.code == 0 and "--max-waiting" in capsys.readouterr().out
+    assert serve_main([os.path.join(runs[0], "alpha"), "--port", "0"]) == 2
+    assert capsys.readouterr().err == \
+        'error: serving needs the [serve] extra (uvicorn and starlette): pip install -e ".[serve]"\n'

@@ -3,7 +3,8 @@
 A ``BatchingEngine`` owns a fixed number of slots (rows of one batch); a ``Scheduler`` steps
 every engine that has work, in turn, on the one thread that runs it (the server's main thread:
 on a few cores PyTorch's threads run markedly faster called from there, and models that take
-turns beat models fighting over the cores).
+turns beat models fighting over the cores). A job's events go out through a queue that can wake
+an asyncio reader, so the server's event loop never blocks on the model.
 A request (a ``Job``) waits in a bounded queue until enough slots are free, joins the
 running batch at the next character, and leaves it when it ends, is stopped or its client
 goes away; the others never wait for it. Each step draws one character for every busy row.
@@ -50,6 +51,25 @@ class Session:
     rng_state: torch.Tensor
 
 
+class Events(queue.SimpleQueue):
+    """A job's output queue, which also wakes a reader that said it waits (the server's event loop).
+
+    The reader sets `waiter` and then looks at the queue once more before it sleeps; a put calls the
+    waiter after queueing. Either the reader sees the event or the put sees the waiter: no event
+    is missed, and the model's thread pays nothing while nobody waits.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.waiter = None                  # called once (from the model's thread), then cleared
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter()
+
+
 class Job:
     """One request: its settings, its own random generator, and a queue of what it produced.
 
@@ -61,7 +81,7 @@ class Job:
         self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
         self.samples = config.num_samples
         self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = Events()
         self.produced = 0                   # characters per sample so far
         self.finished = threading.Event()
         self._cancelled = threading.Event()

@@ -1,15 +1,24 @@
 """`textgen serve`: a generation playground in the browser and an HTTP API that streams.
 
-The standard library's HTTP server, with what a real server needs on top:
+Three modules, one job each:
 
-* a bounded number of connection threads (past it, 503 at once) and, per model, a bounded
-  queue of generations waiting for a slot in the batch (past it, 503);
-* a request-body limit, and per request a maximum length and prompt size;
-* Host header checks against DNS rebinding, and an Origin check on POSTs; a model is named
-  only from the served list, never by a path;
-* generated text leaves as JSON strings, and the page inserts it as text, under a Content
-  Security Policy that allows no inline script;
-* a client that goes away, or presses Stop, ends its generation at the next character.
+* here, what is served and how a request is read: the limits, the catalogue of served runs
+  (loaded on first use), a generate request's checks, and `serve()`, which runs the model work
+  (a `batching.Scheduler` stepping every engine) on the main thread until Ctrl-C or SIGTERM;
+* `http_app`, the endpoints, on starlette's requests and responses: Host and Origin checks, the
+  body limit, JSON lines streamed from a job's queue without ever blocking the event loop;
+* `http_server`, uvicorn (h11, asyncio) on a thread of its own: an idle or slow connection costs
+  a socket, never a thread; the request head and the body each have a deadline however slowly
+  bytes trickle in; past a connection cap a new connection gets 503 at once; a request that is
+  not valid HTTP gets a JSON answer.
+
+What a real server needs, in all: per model a bounded number of generation slots and a bounded
+queue waiting for one (past it, 503); a request-body limit and per request a maximum length and
+prompt size; a job is submitted only once its whole body has arrived, so a slow client never holds
+a slot; Host header checks against DNS rebinding and an Origin check on POSTs; a model is named
+only from the served list, never by a path; generated text leaves as JSON strings under a Content
+Security Policy that allows no inline script; a client that goes away, or presses Stop, ends its
+generation at the next character.
 
 API (JSON in, JSON lines out; see README, "Playground"):
 
@@ -23,37 +32,28 @@ API (JSON in, JSON lines out; see README, "Playground"):
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
 
-Imports checkpoint, batching, sampling, evaluate (LN2) and errors; never training or cli.
+Imports checkpoint, batching, sampling, evaluate (LN2) and errors, and in serve() http_server;
+never training or cli. Needs nothing outside the core install until serve() is called.
 """
 from __future__ import annotations
 
 import collections
 import errno
 import ipaddress
+import itertools
 import json
 import os
-import queue
-import select
+import re
 import signal
 import socket
-import sys
 import threading
-import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 
-from .batching import BatchingEngine, Busy, Job, Scheduler
+from .batching import BatchingEngine, Job, Scheduler
 from .checkpoint import BEST, LATEST, build_model, load, resolve, summary
 from .errors import SettingError, UsageError
 from .evaluate import LN2
 from .sampling import SampleConfig
-
-# A stream writes at most this often. The text still looks continuous (50 updates a second), and
-# at thousands of characters a second a write per character would cost more than the model step.
-STREAM_INTERVAL_S = 0.02
-
 
 @dataclass
 class Limits:
@@ -63,6 +63,10 @@ class Limits:
     max_prompt: int = 10_000         # characters of prompt per request
     max_body: int = 256 * 1024       # bytes of request body
     max_loaded: int = 4              # models kept in memory at once
+    # Not flags (tests shorten them): an asyncio server holds this many sockets without a thread each.
+    max_connections: int = 1024      # open connections; past it a new one gets 503 at once
+    head_timeout: float = 10.0       # seconds for a whole request head, however slowly it trickles in
+    body_timeout: float = 20.0       # seconds for a request body, from the end of its head
 
     def validate(self) -> None:
         for name in ("slots", "max_length", "max_prompt", "max_body", "max_loaded"):
@@ -72,6 +76,8 @@ class Limits:
             raise UsageError(f"--max-waiting must be 0 or more, got {self.max_waiting}")
         if self.slots > 1024:
             raise UsageError(f"--slots must be at most 1024, got {self.slots}")
+        if min(self.max_connections, self.head_timeout, self.body_timeout) <= 0:
+            raise UsageError("max_connections, head_timeout and body_timeout must be more than 0")
 
 
 # ---------------------------------------------------------------------------
@@ -234,266 +240,50 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"))
 
 
-def _static(name: str) -> bytes:
-    return resources.files("textgen").joinpath("static", name).read_bytes()
+# Deeper than this is never a generate request, and json's recursion would fail on it.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/app.css": ("app.css", "text/css; charset=utf-8")}
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: "PlaygroundServer"
-    protocol_version = "HTTP/1.1"
-    server_version = "textgen"
-    sys_version = ""
-    timeout = 30                    # seconds a client may take to send a request or read what we send
-
-    def log_message(self, format, *args):  # noqa: A002
-        if self.server.verbose:
-            sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-    # -- answers ----------------------------------------------------------------------
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in {**SECURITY_HEADERS, **(extra or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, payload: dict, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", extra)
-
-    def _error(self, status: int, message: str, extra: dict | None = None) -> None:
-        self._json(status, {"error": message}, extra)
-
-    def _host_allowed(self) -> bool:
-        host = self.headers.get("Host")
-        if host is None or host.lower() not in self.server.allowed_hosts:
-            self._error(HTTPStatus.FORBIDDEN, f"Host {host!r} is not this server's address; open "
-                                              f"{self.server.url} (this guards against DNS rebinding)")
-            return False
-        origin = self.headers.get("Origin")
-        if self.command == "POST" and origin is not None and origin.lower() not in self.server.allowed_origins:
-            self._error(HTTPStatus.FORBIDDEN, f"requests from pages at {origin} are refused")
-            return False
-        return True
-
-    # -- GET --------------------------------------------------------------------------
-
-    def do_HEAD(self):  # noqa: N802
-        self.do_GET()
-
-    def do_GET(self):  # noqa: N802
-        if not self._host_allowed():
-            return
-        path = self.path.split("?", 1)[0]
-        if path in STATIC:
-            name, kind = STATIC[path]
-            self._send(HTTPStatus.OK, _static(name), kind)
-        elif path == "/api/models":
-            self._json(HTTPStatus.OK, {"models": self.server.catalogue.models(), "limits": self.server.public_limits})
-        elif path == "/api/status":
-            self._json(HTTPStatus.OK, {"models": self.server.catalogue.status(),
-                                       "generations": len(self.server.jobs)})
-        elif path.startswith("/api/"):
-            self._error(HTTPStatus.NOT_FOUND, f"no API endpoint {path}")
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"nothing at {path}")
-
-    # -- POST -------------------------------------------------------------------------
-
-    def _body(self):
-        """The JSON body, or None after answering with the error."""
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            self._error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
-            return None
-        if length is None or not length.isdigit():
-            self._error(HTTPStatus.LENGTH_REQUIRED, "a POST needs a Content-Length header")
-            return None
-        if int(length) > self.server.limits.max_body:
-            self.close_connection = True               # the unread body must not be taken for a next request
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"the body is {int(length):,} bytes; this server takes at most {self.server.limits.max_body:,}")
-            return None
-        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        raw = self.rfile.read(int(length))
-        if kind != "application/json":
-            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the body as JSON (Content-Type: application/json)")
-            return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            self._error(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON in UTF-8 ({str(e).splitlines()[0]})")
-            return None
-
-    def do_POST(self):  # noqa: N802
-        if not self._host_allowed():
-            return
-        path = self.path.split("?", 1)[0]
-        if path not in ("/api/generate", "/api/stop"):
-            self._error(HTTPStatus.NOT_FOUND, f"no API endpoint {path}")
-            return
-        body = self._body()
-        if body is None:
-            return
-        if path == "/api/stop":
-            job_id = body.get("id") if isinstance(body, dict) else None
-            job = self.server.jobs.get(job_id) if isinstance(job_id, str) else None
-            if job is not None:
-                job.cancel()
-            self._json(HTTPStatus.OK, {"stopped": job is not None})
-            return
-        try:
-            name, job = parse_request(body, self.server.limits)
-            catalogue = self.server.catalogue
-            if name is None:
-                models = list(catalogue.files())
-                if len(models) != 1:
-                    raise UsageError(f"name the model: this server serves {len(models)} (GET /api/models lists them)")
-                name = models[0]
-            engine, name = catalogue.engine(name)
-            engine.submit(job)
-        except UsageError as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e))
-            return
-        except Busy as e:
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"{e}; try again shortly", {"Retry-After": "1"})
-            return
-        self.server.jobs[job.id] = job
-        try:
-            self._stream(job, name)
-        finally:
-            job.cancel()                  # a no-op if it ended; if we failed to write, it stops at once
-            self.server.jobs.pop(job.id, None)
-            self.close_connection = True
-
-    # -- streaming ----------------------------------------------------------------------
-
-    def _chunk(self, lines: list[dict]) -> None:
-        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def _client_gone(self) -> bool:
-        """The client closed its side: readable with nothing to read."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _stream(self, job: Job, name: str) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
-        self.send_header("X-Accel-Buffering", "no")
-        for key, value in SECURITY_HEADERS.items():
-            self.send_header(key, value)
-        self.end_headers()
-        try:
-            self._chunk([{"id": job.id, "model": name, "seed": job.seed, "samples": job.samples}])
-            while True:
-                try:
-                    events = [job.events.get(timeout=0.1)]
-                except queue.Empty:
-                    if self._client_gone():
-                        job.cancel()
-                        return
-                    continue
-                while True:                   # everything produced meanwhile goes out in one write
-                    try:
-                        events.append(job.events.get_nowait())
-                    except queue.Empty:
-                        break
-                lines, pieces, end = [], {}, None
-                for kind, value in events:
-                    if kind == "end":
-                        end = value
-                    elif kind == "warning":
-                        lines.append({"warning": value})
-                    else:
-                        pieces.setdefault(kind, []).append(value)
-                for sample, chars in sorted(pieces.items()):
-                    lines.append({"text": "".join(chars)} if job.samples == 1 else
-                                 {"text": "".join(chars), "sample": sample})
-                if end is not None:
-                    lines.append({"end": end, "characters": job.produced, "session": job.id})
-                if lines:
-                    self._chunk(lines)
-                if end is not None:
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
-                    return
-                time.sleep(STREAM_INTERVAL_S)     # let characters gather: fewer, larger writes
-        except OSError:                       # the client went away mid-write
-            job.cancel()
+def parse_json(raw: bytes):
+    """A request body -> its JSON value; UsageError unless it is JSON in UTF-8, nested at most MAX_JSON_DEPTH deep."""
+    try:
+        text = raw.decode("utf-8")
+        structure = re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text))     # brackets in strings are text
+        depth = max(itertools.accumulate(1 if ch in "[{" else -1 for ch in structure), default=0)
+        if depth > MAX_JSON_DEPTH:
+            raise UsageError(f"the JSON is nested {depth:,} levels deep; this server takes at most {MAX_JSON_DEPTH}")
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"the body is not valid JSON in UTF-8 ({str(e).splitlines()[0]})") from None
 
 
 # ---------------------------------------------------------------------------
-# The server
+# Addresses
 # ---------------------------------------------------------------------------
 
-class PlaygroundServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connection threads: past it a connection gets 503 at once."""
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128          # the listen backlog: socketserver's 5 resets a burst of clients
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket; OSError (e.g. the port is in use) is the caller's to word."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # restart at once, not after TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)             # a short backlog resets a burst of clients
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, address, catalogue: Catalogue, limits: Limits, allow_hosts=(), verbose=False):
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        super().__init__(address, Handler)
-        self.catalogue, self.limits, self.verbose = catalogue, limits, verbose
-        self.jobs: dict[str, Job] = {}
-        self.max_connections = limits.slots + limits.max_waiting + 32
-        self.connections = threading.BoundedSemaphore(self.max_connections)
-        host, port = self.server_address[:2]
-        self.url = f"http://{_url_host(address[0], host)}:{port}/"
-        names = {address[0], host, "localhost", "127.0.0.1", "[::1]", *allow_hosts}
-        if _is_wildcard(address[0]):
-            names |= {socket.gethostname(), *_local_addresses()}
-        names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names if n}
-        self.allowed_hosts = {f"{n}:{port}".lower() for n in names} | ({n.lower() for n in names} if port == 80 else set())
-        self.allowed_origins = {f"http://{h}" for h in self.allowed_hosts}
-        self.public_limits = {"slots": limits.slots, "max_length": limits.max_length, "max_prompt": limits.max_prompt}
 
-    def process_request(self, request, client_address):
-        if not self.connections.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 52\r\n\r\n"
-                                b'{"error": "too many connections; try again shortly"}')
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        thread = threading.Thread(target=self._serve_then_release, args=(request, client_address), daemon=True)
-        thread.start()
-
-    def _serve_then_release(self, request, client_address):
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            self.connections.release()
-
-    def handle_error(self, request, client_address):
-        if self.verbose:
-            super().handle_error(request, client_address)
+def addresses(asked: str, bound: str, port: int, allow_hosts=()) -> tuple[str, set[str]]:
+    """(the URL to print, the Host header values this server answers to)."""
+    url = f"http://{_url_host(asked, bound)}:{port}/"
+    names = {asked, bound, "localhost", "127.0.0.1", "[::1]", *allow_hosts}
+    if _is_wildcard(asked):
+        names |= {socket.gethostname(), *_local_addresses()}
+    names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names if n}
+    hosts = {f"{n}:{port}".lower() for n in names} | ({n.lower() for n in names} if port == 80 else set())
+    return url, hosts
 
 
 def _is_wildcard(host: str) -> bool:
@@ -525,9 +315,19 @@ def _local_addresses() -> set[str]:
     return found
 
 
+def _need_the_serve_extra() -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError('serving needs the [serve] extra (uvicorn and starlette): pip install -e ".[serve]"') from None
+
+
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, device="cpu", limits: Limits | None = None,
           allow_hosts=(), say=print, warn=None, verbose=False) -> int:
     """Serve until Ctrl-C (or SIGTERM); returns the exit code."""
+    _need_the_serve_extra()
+    from .http_server import PlaygroundServer
     limits = limits or Limits()
     limits.validate()
     if not 0 <= port <= 65535:
@@ -544,15 +344,13 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, device="cpu", li
         warn(f"serving on {host or 'every address'}: anyone who can reach this machine can use the server "
              f"(there is no login); bind to 127.0.0.1 unless you mean it")
     models = catalogue.files()
+    server.start()
     say(f"serving {len(models)} model{'s' if len(models) != 1 else ''} from {path} at {server.url}  (Ctrl-C stops)")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
         else None
-    http = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="textgen-http",
-                            daemon=True)
-    http.start()
     try:
         scheduler.run()                     # the model work runs here, on the main thread
     except KeyboardInterrupt:
@@ -560,11 +358,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, device="cpu", li
     finally:
         server.shutdown()                   # no new connections...
         catalogue.close()                   # ...running generations end with "shutdown"...
-        deadline = time.monotonic() + 3
-        while server.jobs and time.monotonic() < deadline:
-            time.sleep(0.02)                # ...and their streams say so before the process ends
-        server.server_close()
+        server.wait(timeout=5)              # ...and their streams say so before the process ends
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
