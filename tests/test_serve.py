@@ -38,11 +38,11 @@ def runs(tmp_path_factory):
 class Served:
     """The server as `textgen serve` runs it (uvicorn on a thread of its own), with the scheduler on another."""
 
-    def __init__(self, path, **limits):
+    def __init__(self, path, allow_hosts=(), **limits):
         self.limits = served_module.Limits(**limits)
         self.scheduler = Scheduler()
         self.catalogue = served_module.Catalogue(path, "cpu", self.limits, self.scheduler)
-        self.httpd = PlaygroundServer(("127.0.0.1", 0), self.catalogue, self.limits)
+        self.httpd = PlaygroundServer(("127.0.0.1", 0), self.catalogue, self.limits, allow_hosts=allow_hosts)
         self.port = self.httpd.port
         self.scheduler.run_in_thread()
         self.httpd.start()
@@ -80,6 +80,15 @@ class Served:
 
     def status(self):
         return json.loads(self.request("GET", "/api/status")[2])
+
+    def until(self, holds, timeout=5.0):
+        """Poll /api/status until holds(status) is true or the deadline passes; the last status seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if holds(status) or time.monotonic() > deadline:
+                return status
+            time.sleep(0.02)
 
     def idle(self, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -252,12 +261,11 @@ def test_a_client_that_goes_away_stops_its_generation(served):
             while b'"text"' not in received:
                 received += sock.recv(65536)
         else:
-            time.sleep(0.3)
-            assert served.status()["models"]["alpha"]["waiting"] == 1
+            waiting = lambda status: status["models"]["alpha"]["waiting"]  # noqa: E731
+            assert waiting(served.until(lambda status: waiting(status) == 1)) == 1
         sock.close()
         if when == "waiting":
-            time.sleep(0.5)
-            assert served.status()["models"]["alpha"]["waiting"] == 0     # gone from the queue...
+            assert waiting(served.until(lambda status: waiting(status) == 0)) == 0     # gone from the queue...
             for conn, _, first in holders:
                 served.request("POST", "/api/stop", {"id": first["id"]})
                 conn.close()
@@ -286,6 +294,51 @@ def test_past_the_slots_requests_wait_and_past_the_queue_get_503(served):
         t.join(30)
         assert not t.is_alive()
     assert served.idle()
+
+
+def test_past_max_loaded_the_least_recently_used_model_is_let_go(runs):
+    s = Served(runs[0], max_loaded=1)
+    try:
+        first = text_of(s.generate(model="alpha", length=30, seed=1))
+        assert list(s.status()["models"]) == ["alpha"]
+        s.generate(model="beta", length=30, seed=1)
+        assert list(s.status()["models"]) == ["beta"]                  # alpha was let go...
+        assert text_of(s.generate(model="alpha", length=30, seed=1)) == first    # ...and comes back the same
+        assert list(s.status()["models"]) == ["alpha"]
+    finally:
+        s.close()
+
+
+def test_allow_host_lets_that_name_in_and_no_other(runs):
+    s = Served(runs[0], allow_hosts=["textgen.example.org"])
+    try:
+        for host, status in (("textgen.example.org", 200), (f"textgen.example.org:{s.port}", 200),
+                             ("other.example.org", 403), (f"127.0.0.1:{s.port}", 200)):
+            code, _, payload = s.request("GET", "/api/models", headers={"Host": host})
+            assert code == status, (host, payload)
+        for origin, status in (("https://textgen.example.org", 200), ("http://textgen.example.org", 200),
+                               ("https://other.example.org", 403)):
+            code, _, payload = s.request("POST", "/api/generate", {"model": "alpha", "length": 5},
+                                         headers={"Host": "textgen.example.org", "Origin": origin})
+            assert code == status, (origin, payload)
+    finally:
+        s.close()
+
+
+def test_a_run_that_appears_while_the_server_is_up_is_listed_and_served(runs, tmp_path):
+    import shutil
+    folder = tmp_path / "served"
+    folder.mkdir()
+    shutil.copytree(os.path.join(runs[0], "alpha"), folder / "alpha")
+    s = Served(str(folder))
+    try:
+        names = lambda: {m["name"] for m in json.loads(s.request("GET", "/api/models")[2])["models"]}  # noqa: E731
+        assert names() == {"alpha"}
+        shutil.copytree(os.path.join(runs[0], "beta"), folder / "gamma")          # trained meanwhile
+        assert names() == {"alpha", "gamma"}
+        assert len(text_of(s.generate(model="gamma", length=20, seed=2))) == 20
+    finally:
+        s.close()
 
 
 def test_connection_threads_are_bounded(runs):

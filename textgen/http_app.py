@@ -68,7 +68,8 @@ class App:
 
     def __init__(self, catalogue: Catalogue, limits: Limits, url: str, hosts: set[str]):
         self.catalogue, self.limits, self.url = catalogue, limits, url
-        self.hosts, self.origins = hosts, {f"http://{h}" for h in hosts}
+        # A proxy in front may serve the page over TLS: its origin is https://NAME.
+        self.hosts, self.origins = hosts, {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
         self.jobs: dict[str, Job] = {}
         self.public_limits = {"slots": limits.slots, "max_length": limits.max_length, "max_prompt": limits.max_prompt}
         self.pages = {path: (resources.files("textgen").joinpath("static", name).read_bytes(), kind)

@@ -283,6 +283,9 @@ def addresses(asked: str, bound: str, port: int, allow_hosts=()) -> tuple[str, s
         names |= {socket.gethostname(), *_local_addresses()}
     names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names if n}
     hosts = {f"{n}:{port}".lower() for n in names} | ({n.lower() for n in names} if port == 80 else set())
+    # A name given with --allow-host is the one a proxy in front answers to, on its own port: its
+    # Host header carries the bare name (port 80 or 443), so the bare name counts too.
+    hosts |= {(f"[{n}]" if ":" in n and not n.startswith("[") else n).lower() for n in allow_hosts if n}
     return url, hosts
 
 
