@@ -28,10 +28,12 @@ MODULES = sorted(name[:-3] for name in os.listdir(PACKAGE) if name.endswith(".py
 
 
 def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
-    assert set(imports_of("model")) == {"fused_lstm"}
+    assert set(imports_of("model")) == {"fused_lstm", "settings"}      # settings: how a field is declared
     assert set(imports_of("fused_lstm")) == {"native_kernel"}
     assert set(imports_of("native_kernel")) == {"machine"}
     assert set(imports_of("tokenizer")) == set() and set(imports_of("machine")) == set()
+    assert set(imports_of("settings")) == {"errors"} and set(imports_of("errors")) == set()
+    assert set(imports_of("files")) == {"errors"}                       # the one writer: a leaf
     assert [m for m in MODULES if "fused_lstm" in imports_of(m)] == ["model"]          # only the model
     assert [m for m in MODULES if "native_kernel" in imports_of(m)] == ["fused_lstm"]
 
@@ -61,7 +63,7 @@ def test_sizing_knows_only_the_model():
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
     server = imports_of("server")
-    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "sampling", "http_server"}
+    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "sampling", "settings", "http_server"}
     assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
     assert set(imports_of("http_app")) == {"batching", "errors", "server"}
     assert set(imports_of("http_server")) == {"http_app", "server"}

@@ -60,16 +60,22 @@ class TextModel:
         return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown)
 
     @_speaks_arguments
-    def generate(self, prompt: str = "", length: int = 500, temperature: float = 0.8, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
-                 stop: str | None = None, unknown: str = "error"):
-        """The continuation of prompt (without the prompt); a list of strings when num_samples > 1."""
-        config = SampleConfig(length, temperature, top_k, top_p, seed, num_samples, stop)
+    def generate(self, prompt: str = "", unknown: str = "error", **sampling):
+        """The continuation of prompt (without the prompt); a list of strings when num_samples > 1.
+
+        sampling: SampleConfig's settings, with their defaults there: length (500), temperature (0.8),
+        top_k, top_p, seed, num_samples (1), stop. unknown: "error" or "skip" for prompt characters
+        the model never saw."""
+        extra = set(sampling) - {f.name for f in fields(SampleConfig)}
+        if extra:
+            raise UsageError(f"unknown sampling settings: {', '.join(sorted(extra))}; they are "
+                             f"{', '.join(f.name for f in fields(SampleConfig))}")
+        config = SampleConfig(**sampling)
         config.validate()
-        gen = self.generator(seed, num_samples, unknown)
+        gen = self.generator(config.seed, config.num_samples, unknown)
         gen.feed(prompt)
         texts = gen.generate(config)
-        return texts[0] if num_samples == 1 else texts
+        return texts[0] if config.num_samples == 1 else texts
 
     def __repr__(self) -> str:
         c = self.config

@@ -17,7 +17,8 @@ import re
 import sys
 from dataclasses import fields
 
-from . import __version__
+from . import __version__, settings
+from .settings import flag_of
 from .errors import OutputError, SettingError, UsageError, check_range
 from .tokenizer import UnknownCharactersError
 
@@ -25,16 +26,8 @@ from .tokenizer import UnknownCharactersError
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         # "(default: None)" tells nothing: such a flag's help says what happens without it.
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-# The flag of each setting whose flag is not its field's name with dashes.
-_FLAGS = {"time_budget": "time"}
-
-
-def flag_of(field: str) -> str:
-    """A setting's field as the command line names it: top_p -> --top-p, time_budget -> --time."""
-    return "--" + _FLAGS.get(field, field).replace("_", "-")
+        hidden = action.default is None or getattr(action, "hide_default", False)
+        return action.help if hidden else super()._get_help_string(action)
 
 
 # A value that starts with a minus sign: argparse would take "-5m" or "-5,10" for a flag.
@@ -58,29 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '15m', '2h', '1h30m' or plain seconds -> seconds ('-5m' -> -300.0: the range check says why not)."""
-    parts = re.fullmatch(r"\s*(-?)\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
-                         text)
-    if not text.strip() or not parts or not any(parts.groups()[1:]):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 90s, 15m, 2h or 1h30m")
-    h, m, s = (float(g) if g else 0.0 for g in parts.groups()[1:])
-    return (-1 if parts[1] else 1) * (h * 3600 + m * 60 + s)
-
-
-def _int_list(text: str) -> tuple:
-    """'256,1024' -> (256, 1024)."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
-
-
-def _unescape(text: str) -> str:
-    """'\\n\\n' typed on a command line -> two newlines."""
-    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -184,9 +154,10 @@ def _say_error(e: BaseException | str) -> None:
 # ---------------------------------------------------------------------------
 
 def train_parser() -> argparse.ArgumentParser:
+    """train.py's flags: every setting of ModelConfig and TrainConfig, built from their declarations,
+    and the few that say what to do rather than how (TEXT, --resume, --overwrite, --workers)."""
     from .model import ModelConfig
     from .training import TrainConfig
-    m, t = ModelConfig(vocab_size=1), TrainConfig()
     p = _Parser(
         prog="train.py", formatter_class=_Formatter,
         description="Train a character-level LSTM on a UTF-8 text file.",
@@ -196,86 +167,23 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default=None, metavar="TEXT",
                    help="UTF-8 text to train on: a file, a folder of files or a quoted glob "
                         "(default: the embedded corpus in corpora/)")
-    g = p.add_argument_group("model")
-    g.add_argument("--size", default=t.size, metavar="auto|LAYERSxHIDDEN",
-                   help="auto: the hidden size, layers and dropout chosen from the text's length, its vocabulary "
-                        "and the throughput measured at the start, for the budget (--time or --steps); or a "
-                        "fixed size such as 2x512. --hidden-size, --layers and --dropout given win")
-    g.add_argument("--hidden-size", type=int, default=m.hidden_size, help="LSTM units per layer")
-    g.add_argument("--layers", type=int, default=m.layers, help="stacked LSTM layers")
-    g.add_argument("--embed-size", type=int, default=m.embed_size, help="character embedding size")
-    g.add_argument("--dropout", type=float, default=m.dropout, help="dropout between layers and before the output")
-    g.add_argument("--locked-dropout", action=argparse.BooleanOptionalAction, default=m.locked_dropout,
-                   help="dropout masks held for a whole chunk (variational dropout) instead of drawn per character")
-    g.add_argument("--input-dropout", type=float, default=m.input_dropout,
-                   help="dropout on the embedded characters going into the first layer")
-    g.add_argument("--embed-dropout", type=float, default=m.embed_dropout,
-                   help="chance that a character loses its whole embedding for a chunk")
-    g.add_argument("--weight-dropout", type=float, default=m.weight_dropout,
-                   help="DropConnect on the recurrent weights, one mask per chunk")
-    g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=m.residual,
-                   help="layers after the first add their input to their output (a residual connection)")
-    g.add_argument("--head", choices=("auto", "full", "adaptive"), default=m.head,
-                   help="output layer: a full softmax, or an adaptive softmax (fast for large vocabularies; "
-                        "auto: adaptive from a few thousand characters)")
-    g.add_argument("--cutoffs", type=_int_list, default=m.cutoffs, metavar="N,N,...",
-                   help="the adaptive head's cluster boundaries in frequency ranks (default: 256, 1024, 4096, ...)")
-    g.add_argument("--head-div", type=float, default=m.head_div,
-                   help="the adaptive head narrows each rarer cluster's projection by this factor")
-    g = p.add_argument_group("data")
-    g.add_argument("--batch-size", type=int, default=t.batch_size, help="parallel streams read side by side")
-    g.add_argument("--seq-len", type=int, default=t.seq_len, help="chunk length in characters (backprop window)")
-    g.add_argument("--val-fraction", type=float, default=t.val_fraction, help="tail of the file kept for validation")
-    g.add_argument("--separator", type=_unescape, default=t.separator,
-                   help="text put between the files of a folder or glob corpus (escapes like \\n work)")
-    g.add_argument("--cache-dir", default=None,
-                   help="where prepared corpora are cached (default: $TEXTGEN_CACHE_DIR, else $XDG_CACHE_HOME/textgen or ~/.cache/textgen)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=t.lr, help="peak AdamW learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio, help="final lr as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay on matrices")
-    g.add_argument("--grad-clip", type=float, default=t.grad_clip, help="clip the gradient norm to this")
-    g.add_argument("--ema", type=float, default=t.ema,
-                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
-                        "validate, keep best.pt and generate with it (0: off)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="train exactly this many steps (replaces the default time budget; reproducible)")
-    g.add_argument("--time", type=parse_duration, default="3m", dest="time_budget",
-                   help="train for this long (90s, 15m, 2h; seconds by default) with the schedule planned over it")
-    g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=t.eval_every,
-                   help="validate and print a sample every N steps (0: about 10 times over the run, and "
-                        "with a time budget more validations, up to 100, where each is cheap)")
-    g.add_argument("--eval-chars", type=int, default=t.eval_chars,
-                   help="characters of the validation tail read at each validation (0: all)")
-    g.add_argument("--save-every", type=int, default=t.save_every, help="write latest.pt every N steps")
-    g.add_argument("--log-every", type=int, default=t.log_every, help="log a metrics line every N steps")
-    g.add_argument("--sample-length", type=int, default=t.sample_length,
-                   help="characters sampled at each validation (0: none)")
-    g.add_argument("--keep", type=int, default=t.keep, help="step checkpoints kept besides latest.pt and best.pt")
-    g.add_argument("--out", default=None, help="run folder (default: checkpoints/<corpus>-<date>-<time>)")
-    g.add_argument("--name", default=None, help="run name: the run folder becomes checkpoints/NAME")
-    g.add_argument("--seed", type=int, default=t.seed, help="seed for initialisation and dropout")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=t.dtype,
-                   help="bfloat16 runs the LSTM's matrix products in bf16 (the cell state stays float32): faster "
-                        "on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is native. "
-                        "float16 does the same in fp16 with loss scaling, for GPUs without bf16")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training model: a slower start for faster steps where it pays "
-                        "(GPUs above all; see benchmarks/README.md for the CPU)")
-    g.add_argument("--workers", default=os.environ.get("TEXTGEN_WORKERS", "1"), metavar="auto|N",
-                   help="data-parallel processes on this machine's CPU, one thread each, sharing the --batch-size "
-                        "streams (auto: one per core, or per OMP_NUM_THREADS where set; 1 on a GPU); "
-                        "$TEXTGEN_WORKERS sets the default. On 2 cores it runs level with one process "
-                        "(benchmarks/README.md)")
-    g.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that holds an old one, deleting the old run's files first "
-                        "(without it, such a folder is refused)")
-    g.add_argument("--allow-new-text", action="store_true",
-                   help="when resuming, continue on a different text with the old vocabulary")
-    add_common(p)
+    groups = {name: p.add_argument_group(name) for name in ("model", "regularisation", "data", "optimisation", "run")}
+    settings.add_flags(p, TrainConfig, only=("size",), groups=groups)
+    settings.add_flags(p, ModelConfig, groups=groups)
+    settings.add_flags(p, TrainConfig, only=tuple(f.name for f in settings.declared(TrainConfig)
+                                                  if f.name not in ("size", "quiet")), groups=groups)
+    run = groups["run"]
+    run.add_argument("--workers", default=os.environ.get("TEXTGEN_WORKERS", "1"), metavar="auto|N",
+                     help="data-parallel processes on this machine's CPU, one thread each, sharing the --batch-size "
+                          "streams (auto: one per core, or per OMP_NUM_THREADS where set; 1 on a GPU); "
+                          "$TEXTGEN_WORKERS sets the default. On 2 cores it runs level with one process "
+                          "(benchmarks/README.md)")
+    run.add_argument("--resume", default=None, metavar="RUN_FOLDER_OR_FILE", help="continue a run from its latest.pt")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in a folder that holds an old one, deleting the old run's files first "
+                          "(without it, such a folder is refused)")
+    add_version(p)
+    settings.add_flags(p, TrainConfig, only=("quiet",))
     return p
 
 
@@ -384,7 +292,6 @@ _log_lost = False
 
 def generate_parser() -> argparse.ArgumentParser:
     from .sampling import SampleConfig
-    s = SampleConfig()
     p = _Parser(
         prog="generate.py", formatter_class=_Formatter,
         description="Generate text from a trained textgen model. The prompt and the generated text go to "
@@ -394,14 +301,7 @@ def generate_parser() -> argparse.ArgumentParser:
                "  python generate.py --interactive")
     add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text the output starts from; it is fed into the model first")
-    p.add_argument("--length", type=int, default=s.length, help="characters to generate (per paragraph or turn)")
-    p.add_argument("--temperature", type=float, default=s.temperature, help="0 = always the most likely character")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of this probability mass")
-    p.add_argument("--seed", type=int, default=None,
-                   help="same seed, same checkpoint, same text on the same machine (default: random, printed)")
-    p.add_argument("--num-samples", type=int, default=s.num_samples, help="independent samples, drawn as a batch")
-    p.add_argument("--stop", default=None, help="end the output once it ends with this string")
+    settings.add_flags(p, SampleConfig)
     p.add_argument("--paragraphs", type=int, default=None,
                    help="generate N paragraphs (each ends at a blank line or --length), each continuing the state")
     p.add_argument("--interactive", action="store_true",
@@ -423,8 +323,7 @@ def _generate(argv) -> int:
     args = generate_parser().parse_args(argv)
     for flag, text in (("--prompt", args.prompt), ("--stop", args.stop)):
         _check_text(flag, text)
-    config = SampleConfig(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, num_samples=args.num_samples, stop=args.stop)
+    config = settings.from_values(SampleConfig, vars(args))
     config.validate()
     check_range("paragraphs", args.paragraphs, 1, None, "at least 1")
     if args.output is not None:

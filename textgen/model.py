@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .settings import parse_int_list, setting
 from .fused_lstm import (KernelUnavailable, describe_step_path, forward_steps, lstm_layer, low_precision_mm,  # noqa: F401
                          recurrent_product)
 
@@ -68,20 +69,30 @@ def narrowest_width(hidden_size: int, head_div: float, clusters: int) -> int:
 
 @dataclass
 class ModelConfig:
+    """The architecture, and the only description of it: a checkpoint stores asdict(config). Each
+    field but vocab_size is a setting declared once, with the help train.py's flag shows."""
     vocab_size: int
-    embed_size: int = 64
-    hidden_size: int = 512
-    layers: int = 2
-    dropout: float = 0.2
-    locked_dropout: bool = False     # one dropout mask per stream for a whole chunk (variational), not per step
-    input_dropout: float = 0.0
-    embed_dropout: float = 0.0
-    weight_dropout: float = 0.0
-    residual: bool = True            # layers after the first add their input to their output (see StackedLSTM)
-    head: str = "auto"               # "full": a linear layer; "adaptive": nn.AdaptiveLogSoftmaxWithLoss;
-                                     # "auto": adaptive from ADAPTIVE_FROM characters on (resolved when built)
-    cutoffs: tuple = ()              # the adaptive head's cluster boundaries, in frequency ranks
-    head_div: float = 4.0            # each tail cluster's projection is this much narrower than the last
+    embed_size: int = setting(64, "character embedding size", group="model")
+    hidden_size: int = setting(512, "LSTM units per layer", group="model")
+    layers: int = setting(2, "stacked LSTM layers", group="model")
+    dropout: float = setting(0.2, "dropout between layers and before the output", group="regularisation")
+    locked_dropout: bool = setting(False, "dropout masks held for a whole chunk (variational dropout) instead of "
+                                   "drawn per character", group="regularisation", toggle=True)
+    input_dropout: float = setting(0.0, "dropout on the embedded characters going into the first layer",
+                                   group="regularisation")
+    embed_dropout: float = setting(0.0, "chance that a character loses its whole embedding for a chunk",
+                                   group="regularisation")
+    weight_dropout: float = setting(0.0, "DropConnect on the recurrent weights, one mask per chunk",
+                                    group="regularisation")
+    residual: bool = setting(True, "layers after the first add their input to their output (a residual "
+                             "connection; see StackedLSTM)", group="model", toggle=True)
+    head: str = setting("auto", "output layer: a full softmax, or an adaptive softmax (fast for large "
+                        "vocabularies; auto: adaptive from a few thousand characters, or where --cutoffs are given)",
+                        group="model", choices=("auto", "full", "adaptive"))
+    cutoffs: tuple = setting((), "the adaptive head's cluster boundaries in frequency ranks (default: 256, 1024, "
+                             "4096, ...)", group="model", parse=parse_int_list, metavar="N,N,...", shown=None)
+    head_div: float = setting(4.0, "the adaptive head narrows each rarer cluster's projection by this factor",
+                              group="model")
 
     def resolve_head(self) -> None:
         """Turn head "auto" into the head this vocabulary gets, and give an adaptive head its cutoffs."""

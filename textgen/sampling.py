@@ -21,7 +21,9 @@ from typing import Iterator
 
 import torch
 
+from . import settings
 from .errors import SettingError, UsageError, check_range
+from .settings import setting
 from .model import CharLSTM, Stepper, State
 from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
@@ -33,26 +35,28 @@ MAX_LENGTH = 100_000_000
 
 @dataclass
 class SampleConfig:
-    length: int = 500
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    num_samples: int = 1
-    stop: str | None = None
+    """How to sample. Each field is a setting declared once, with its default, its help and its range:
+    generate.py's flags, the API's arguments and the server's JSON fields are all built from them."""
+    length: int = setting(500, "characters to generate (per paragraph or turn)", low=1, high=MAX_LENGTH,
+                          within=f"from 1 to {MAX_LENGTH:,} characters")
+    temperature: float = setting(0.8, "0 = always the most likely character; else from 1e-6 to 1e6")
+    top_k: int | None = setting(None, "sample only from the k most likely characters", low=1, within="at least 1")
+    top_p: float | None = setting(None, "sample only from the nucleus of this probability mass (the most likely "
+                                  "character always stays)", low=0, high=1, low_open=True, within="in (0, 1]")
+    seed: int | None = setting(None, "same seed, same checkpoint, same text on the same machine (default: random, "
+                               "printed)", low=0, high=2**63 - 1, within="a whole number from 0 to 2**63 - 1")
+    num_samples: int = setting(1, "independent samples, drawn as a batch (separated by ---)", low=1,
+                               high=MAX_SAMPLES, within=f"from 1 to {MAX_SAMPLES:,}")
+    stop: str | None = setting(None, "end the output once it ends with this string")
 
     def validate(self) -> None:
         """SettingError naming the field for a value out of its range. A temperature outside
         [MIN_TEMPERATURE, MAX_TEMPERATURE] breaks float32 (1e-40 divides a logit into infinity,
         1e308 does not fit at all), so it is refused before any work, as NaN is."""
-        check_range("length", self.length, 1, MAX_LENGTH, f"from 1 to {MAX_LENGTH:,} characters")
+        settings.check(self)
         check_range("temperature", self.temperature, 0, MAX_TEMPERATURE, TEMPERATURE_RANGE)
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise SettingError("temperature", f"must be {TEMPERATURE_RANGE}, got {self.temperature:g}")
-        check_range("top_k", self.top_k, 1, None, "at least 1")
-        check_range("top_p", self.top_p, 0, 1, "in (0, 1]", low_open=True)
-        check_range("num_samples", self.num_samples, 1, MAX_SAMPLES, f"from 1 to {MAX_SAMPLES:,}")
-        check_range("seed", self.seed, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
         if self.stop == "":
             raise SettingError("stop", "must not be empty")
 

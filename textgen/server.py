@@ -54,6 +54,7 @@ from .checkpoint import BEST, LATEST, build_model, load, resolve, summary
 from .errors import SettingError, UsageError
 from .evaluate import LN2
 from .sampling import SampleConfig
+from .settings import declared, kind
 
 @dataclass
 class Limits:
@@ -205,9 +206,12 @@ def describe(ckpt: dict, file: str) -> dict:
 # Requests
 # ---------------------------------------------------------------------------
 
-FIELDS = {"model": (str,), "prompt": (str,), "length": (int,), "temperature": (int, float), "top_k": (int,),
-          "top_p": (int, float), "seed": (int,), "num_samples": (int,), "stop": (str,), "unknown": (str,),
-          "continue": (str,)}
+# A request's fields: the request's own, then every sampling setting (SampleConfig's, declared once),
+# each with the JSON types it may take.
+_SAMPLING = {f.name: kind(f) for f in declared(SampleConfig)}            # {"top_p": "float", ...}
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
+FIELDS = {"model": (str,), "prompt": (str,), "unknown": (str,), "continue": (str,),
+          **{name: _JSON_TYPES[k] for name, k in _SAMPLING.items()}}
 
 
 def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
@@ -228,9 +232,9 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
             raise UsageError(f"{what} is not valid text (it holds a lone surrogate)")
     if len(prompt) > limits.max_prompt:
         raise UsageError(f"the prompt is {len(prompt):,} characters; this server takes at most {limits.max_prompt:,}")
-    config = SampleConfig(length=get("length", 500), temperature=float(get("temperature", 0.8)),
-                          top_k=body.get("top_k"), top_p=None if body.get("top_p") is None else float(body["top_p"]),
-                          seed=body.get("seed"), num_samples=get("num_samples", 1), stop=body.get("stop"))
+    # A field left out or null takes the setting's default; JSON's integers stand for floats too.
+    config = SampleConfig(**{name: float(body[name]) if k == "float" else body[name]
+                             for name, k in _SAMPLING.items() if body.get(name) is not None})
     config.validate()
     if config.length > limits.max_length:
         raise SettingError("length", f"must be at most {limits.max_length:,} on this server, got {config.length:,}")

@@ -44,7 +44,9 @@ from . import distributed as dist_util
 from .corpus import PreparedCorpus, prepare
 from .data import StreamLoader, check_trainable, split_tokens
 from .devices import check_fits, native_bf16, resolve_device, resolve_dtype
+from . import settings
 from .errors import OutputError, SettingError, StopTraining, UsageError, check_range, number
+from .settings import parse_duration, setting, unescape
 from .run_folder import RunFolder, checkpoint_folder, default_path
 from .schedule import EVALS_PER_RUN, seconds_text
 from .evaluate import LN2, cross_entropy
@@ -56,37 +58,81 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "corpora", "the_lighthouse_keepers.txt")
 
 
+# Ranges of the settings, wide enough for any real run; outside them the arithmetic breaks or the
+# value can only be a typo.
+MAX_COUNT = 10**12                  # steps, intervals, characters
+MAX_SAMPLE_LENGTH = 100_000
+MIN_LR, MAX_LR = 1e-9, 10.0         # AdamW's step is about lr per weight: 10 is far past any useful rate
+MIN_GRAD_CLIP, MAX_GRAD_CLIP = 1e-6, 1e9
+MAX_TIME_S = 100 * 365 * 86400.0
+_COUNT = dict(low=1, high=MAX_COUNT, within=f"a whole number from 1 to {MAX_COUNT:,}")
+_COUNT0 = dict(low=0, high=MAX_COUNT, within=f"a whole number from 0 to {MAX_COUNT:,}")
+
+
 @dataclass
 class TrainConfig:
-    text: str | None = None          # corpus path; None = the embedded default corpus
-    batch_size: int = 64             # parallel streams (64 learned most per second on 2 CPU cores: benchmarks/)
-    seq_len: int = 50                # chunk length (truncated BPTT; the state carries on regardless)
-    lr: float = 5e-3                 # 3e-3 learned 0.03 nats less in the same steps, 1.2e-2 0.02 less (benchmarks/)
-    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.3        # with residual layers 0.024 nats under 0.1 at the same steps; 0.6 worse (benchmarks/)
-    ema: float = 0.995               # decay of an average of the weights used to validate and generate (0: off)
-    grad_clip: float = 1.0
-    steps: int = 1_000_000           # with a time budget, an upper bound; giving steps drops the default budget
-    time_budget: float | None = 180.0  # seconds; the schedule is planned over it (None: run `steps`)
-    eval_every: int = 0              # 0: EVALS_PER_RUN validations over the planned run, more where cheap
-    save_every: int = 200
-    log_every: int = 25
-    val_fraction: float = 0.1
-    eval_chars: int = 200_000        # validation reads this much of the tail (0: all of it)
-    sample_length: int = 200
-    keep: int = 3                    # step checkpoints kept besides latest.pt and best.pt
-    out: str | None = None           # run folder; default checkpoints/<corpus>-<time>
-    name: str | None = None
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"              # float32, bfloat16 or float16 LSTM products; auto: bf16 where native
-    size: str = "auto"               # auto: hidden size, layers and dropout from the text and budget; or "2x512"
-    compile: bool = False            # torch.compile the training model
-    quiet: bool = False
-    allow_new_text: bool = False
-    cache_dir: str | None = None     # token cache; default $XDG_CACHE_HOME/textgen or ~/.cache/textgen
-    separator: str = "\n\n"          # between the files of a folder or glob corpus
+    """How a run trains. Each field but text is a setting declared once (settings.setting) with its
+    default, its help and its range: train.py's flags are built from them, textgen.train() takes them
+    as arguments, and every checkpoint stores them."""
+    text: str | None = None          # corpus path; None = the embedded default corpus (train.py's TEXT)
+    # 64 streams learned most per second on 2 CPU cores (benchmarks/)
+    batch_size: int = setting(64, "parallel streams read side by side", group="data", **_COUNT)
+    seq_len: int = setting(50, "chunk length in characters (backprop window)", group="data", **_COUNT)
+    val_fraction: float = setting(0.1, "tail of the file kept for validation", group="data", low=0, high=1,
+                                  within="in [0, 1)")
+    separator: str = setting("\n\n", "text put between the files of a folder or glob corpus (escapes like \\n "
+                             "work)", group="data", parse=unescape, shown="\\n\\n")
+    cache_dir: str | None = setting(None, "where prepared corpora are cached (default: $TEXTGEN_CACHE_DIR, else "
+                                    "$XDG_CACHE_HOME/textgen or ~/.cache/textgen)", group="data")
+    # 3e-3 learned 0.03 nats less in the same steps, 1.2e-2 0.02 less (benchmarks/)
+    lr: float = setting(5e-3, "peak AdamW learning rate", group="optimisation", low=MIN_LR, high=MAX_LR,
+                        within=f"from {number(MIN_LR)} to {number(MAX_LR)}")
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of --lr", group="optimisation", low=0, high=1,
+                                  within="in [0, 1]")
+    warmup_steps: int = setting(50, "linear warm-up steps", group="optimisation", **_COUNT0)
+    # with residual layers 0.024 nats under 0.1 at the same steps; 0.6 worse (benchmarks/)
+    weight_decay: float = setting(0.3, "AdamW weight decay on matrices", group="optimisation")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this", group="optimisation", low=MIN_GRAD_CLIP,
+                               high=MAX_GRAD_CLIP, within=f"from {number(MIN_GRAD_CLIP)} to {number(MAX_GRAD_CLIP)}")
+    ema: float = setting(0.995, "keep an exponential moving average of the weights with this decay (e.g. 0.999) "
+                         "and validate, keep best.pt and generate with it (0: off)", group="optimisation",
+                         low=0, high=1, within="0 (off) or a decay in (0, 1) such as 0.999")
+    # with a time budget, an upper bound; giving steps drops the default budget
+    steps: int = setting(1_000_000, "train exactly this many steps (replaces the default time budget; "
+                         "reproducible)", group="optimisation", shown=None, **_COUNT)
+    time_budget: float | None = setting(180.0, "train for this long (90s, 15m, 2h; seconds by default) with the "
+                                        "schedule planned over it", group="optimisation", flag="time",
+                                        parse=parse_duration, shown="3m", metavar="DURATION", low=0, high=MAX_TIME_S, low_open=True,
+                                        within=f"a positive number of seconds (or a duration such as 15m) of at "
+                                               f"most {MAX_TIME_S / 86400 / 365:.0f} years")
+    eval_every: int = setting(0, "validate and print a sample every N steps (0: about 10 times over the run, and "
+                              "with a time budget more validations, up to 100, where each is cheap)", group="run",
+                              **_COUNT0)
+    eval_chars: int = setting(200_000, "characters of the validation tail read at each validation (0: all)",
+                              group="run", **_COUNT0)
+    save_every: int = setting(200, "write latest.pt every N steps", group="run", **_COUNT)
+    log_every: int = setting(25, "log a metrics line every N steps", group="run", **_COUNT)
+    sample_length: int = setting(200, "characters sampled at each validation (0: none)", group="run", low=0,
+                                 high=MAX_SAMPLE_LENGTH, within=f"a whole number from 0 to {MAX_SAMPLE_LENGTH:,}")
+    keep: int = setting(3, "step checkpoints kept besides latest.pt and best.pt", group="run", **_COUNT0)
+    out: str | None = setting(None, "run folder (default: checkpoints/<corpus>-<date>-<time>)", group="run")
+    name: str | None = setting(None, "run name: the run folder becomes checkpoints/NAME", group="run")
+    seed: int = setting(1337, "seed for initialisation and dropout", group="run", low=0, high=2**63 - 1,
+                        within="a whole number from 0 to 2**63 - 1")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", group="run")
+    dtype: str = setting("auto", "bfloat16 runs the LSTM's matrix products in bf16 (the cell state stays float32): "
+                         "faster on CPUs with AVX512-BF16 or AMX and on recent GPUs; auto picks it where it is "
+                         "native. float16 does the same in fp16 with loss scaling, for GPUs without bf16",
+                         group="run", choices=("auto", "float32", "bfloat16", "float16"))
+    size: str = setting("auto", "auto: the hidden size, layers and dropout chosen from the text's length, its "
+                        "vocabulary and the throughput measured at the start, for the budget (--time or --steps); "
+                        "or a fixed size such as 2x512. --hidden-size, --layers and --dropout given win",
+                        group="model", metavar="auto|LAYERSxHIDDEN")
+    compile: bool = setting(False, "torch.compile the training model: a slower start for faster steps where it "
+                            "pays (GPUs above all; see benchmarks/README.md for the CPU)", group="run")
+    quiet: bool = setting(False, "print only results and errors", short="-q", group="run")
+    allow_new_text: bool = setting(False, "when resuming, continue on a different text with the old vocabulary",
+                                   group="run")
 
     @staticmethod
     def steps_replace_time(settings: dict, explicit: set[str]) -> None:
@@ -97,53 +143,28 @@ class TrainConfig:
             explicit.add("time_budget")
 
     def validate(self) -> None:
-        """SettingError naming the field for a value out of its range: the range where it means
-        something and the arithmetic carries it (a learning rate of 1e308 overflows float32)."""
-        for name in ("batch_size", "seq_len", "steps", "save_every", "log_every"):
-            check_range(name, getattr(self, name), 1, MAX_COUNT, f"a whole number from 1 to {MAX_COUNT:,}")
-        for name in ("warmup_steps", "keep", "eval_chars", "eval_every"):
-            check_range(name, getattr(self, name), 0, MAX_COUNT, f"a whole number from 0 to {MAX_COUNT:,}")
-        check_range("sample_length", self.sample_length, 0, MAX_SAMPLE_LENGTH,
-                    f"a whole number from 0 to {MAX_SAMPLE_LENGTH:,}")
-        check_range("lr", self.lr, MIN_LR, MAX_LR, f"from {number(MIN_LR)} to {number(MAX_LR)}")
-        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1, "in [0, 1]")
+        """SettingError naming the field for a value out of its range, the declared ranges and those
+        that depend on another setting: where it means something and the arithmetic carries it (a
+        learning rate of 1e308 overflows float32)."""
+        settings.check(self)
         # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign.
         check_range("weight_decay", self.weight_decay, 0, 1 / self.lr,
                     f"0 or more, and at most 1/lr = {number(1 / self.lr)} (each step scales the weights by "
                     f"1 - lr x weight decay)")
-        check_range("ema", self.ema, 0, 1, "0 (off) or a decay in (0, 1) such as 0.999")
         if self.ema == 1:
             raise SettingError("ema", "must be 0 (off) or a decay in (0, 1) such as 0.999, got 1")
-        check_range("grad_clip", self.grad_clip, MIN_GRAD_CLIP, MAX_GRAD_CLIP,
-                    f"from {number(MIN_GRAD_CLIP)} to {number(MAX_GRAD_CLIP)}")
-        check_range("val_fraction", self.val_fraction, 0, 1, "in [0, 1)")
         if self.val_fraction == 1:
             raise SettingError("val_fraction", "must be in [0, 1), got 1")
-        check_range("seed", self.seed, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
-        if self.dtype not in ("auto", *LOW_PRECISION, "float32"):
-            raise SettingError("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype}")
         try:
             sizing.parse_size(self.size)
         except ValueError as e:
             raise SettingError("size", str(e).split(" ", 1)[1]) from None
-        check_range("time_budget", self.time_budget, 0, MAX_TIME_S,
-                    f"a positive number of seconds (or a duration such as 15m) of at most "
-                    f"{MAX_TIME_S / 86400 / 365:.0f} years", low_open=True)
         for name in ("out", "name", "cache_dir"):
             if getattr(self, name) == "":
                 raise SettingError(name, "must not be empty")
         if self.name is not None and not is_plain_name(self.name):
             raise SettingError("name", f"must be one plain folder name (no /, no .., not hidden), got "
                                        f"{self.name!r}; the run folder becomes checkpoints/NAME")
-
-
-# Ranges of the settings, wide enough for any real run; outside them the arithmetic breaks or the
-# value can only be a typo.
-MAX_COUNT = 10**12                  # steps, intervals, characters
-MAX_SAMPLE_LENGTH = 100_000
-MIN_LR, MAX_LR = 1e-9, 10.0         # AdamW's step is about lr per weight: 10 is far past any useful rate
-MIN_GRAD_CLIP, MAX_GRAD_CLIP = 1e-6, 1e9
-MAX_TIME_S = 100 * 365 * 86400.0
 
 
 def model_setting_error(e: ValueError) -> SettingError:
