@@ -508,13 +508,29 @@ def test_the_catalogue_holds_at_least_forty_rows_across_every_command():
     assert {"eval", "info", "plot", "serve"} <= {row.args[0] for row in ROWS if row.command == "textgen"}
 
 
-def test_the_api_words_cli_messages_with_its_argument_names():
-    from textgen.api import as_arguments
-    assert as_arguments("runs/a already holds a textgen run; continue it with --resume runs/a, or start over "
-                        "with --overwrite") == ("runs/a already holds a textgen run; continue it with "
-                                                "resume='runs/a', or start over with overwrite=True")
-    assert as_arguments("--time must be a finite number; --top-p too; pass --unknown skip") == \
-        "time_budget must be a finite number; top_p too; pass unknown='skip'"
+def test_each_front_end_words_a_sentence_in_its_own_terms():
+    """No message is translated back: a sentence names its settings, and the command line, the Python
+    API and HTTP each word them (the API's regex over --flags is gone)."""
+    from textgen.cli import cli_words
+    from textgen.errors import SettingError
+    from textgen.http_app import http_words
+    from textgen.run_folder import RunFolder as Folder
+    from textgen.settings import flag_of
+    from textgen.training import TrainConfig  # noqa: F401  (its flags are registered with the parser)
+    from textgen.cli import train_parser
+    train_parser()
+    error = UsageError("runs/a already holds a textgen run; continue it with {resume}, or start over with "
+                       "{overwrite}", resume="runs/a", overwrite=True)
+    assert str(error) == ("runs/a already holds a textgen run; continue it with resume='runs/a', or start over "
+                          "with overwrite=True")
+    assert error.worded(cli_words) == ("runs/a already holds a textgen run; continue it with --resume runs/a, "
+                                       "or start over with --overwrite")
+    assert error.worded(http_words) == ('runs/a already holds a textgen run; continue it with "resume": "runs/a", '
+                                        'or start over with "overwrite": true')
+    late = SettingError("time_budget", "must be a positive number of seconds, got -3")
+    assert (str(late), late.worded(cli_words)) == ("time_budget must be a positive number of seconds, got -3",
+                                                 "--time must be a positive number of seconds, got -3")
+    assert Folder is RunFolder
 
 
 def test_a_disk_that_fills_mid_run_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,7 @@ from dataclasses import fields
 import pytest
 
 from textgen import settings
-from textgen.cli import generate_parser, train_parser
+from textgen.cli import cli_words, generate_parser, train_parser
 from textgen.errors import SettingError
 from textgen.model import ModelConfig
 from textgen.sampling import SampleConfig
@@ -44,4 +44,4 @@ def test_a_declared_range_is_checked_and_names_its_field(config, field):
     with pytest.raises(SettingError) as raised:
         config.validate()
     assert raised.value.field == field and str(raised.value).startswith(f"{field} must be")
-    assert raised.value.worded(settings.flag_of).startswith(settings.flag_of(field) + " must be")
+    assert raised.value.worded(cli_words).startswith(settings.flag_of(field) + " must be")

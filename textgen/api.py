@@ -11,7 +11,6 @@ Never cli.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import fields
 
 from .checkpoint import load_model
@@ -20,27 +19,15 @@ from .model import ModelConfig
 from .sampling import Generator, SampleConfig
 
 
-# The API's names for the few settings whose flag says it differently.
-_ARGUMENTS = {"time": "time_budget", "checkpoint": "path"}
-
-
-def as_arguments(message: str) -> str:
-    """A message written for the command line, with each --flag turned into the argument it is here."""
-    message = message.replace("--unknown skip", "unknown='skip'").replace("--overwrite", "overwrite=True")
-    message = re.sub(r"--resume ([^\s,;]+)", r"resume='\1'", message)
-    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: _ARGUMENTS.get(m[1], m[1].replace("-", "_")), message)
-
-
 def _speaks_arguments(function):
-    """The API raises the CLI's errors, worded for a Python caller."""
+    """The API raises textgen's errors as they are (their str() names settings as arguments:
+    lr, resume='runs/a'), without the frames of textgen's own code behind them."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except SettingError as e:
-            raise SettingError(e.field, e.problem) from None       # already in the arguments' words
         except UsageError as e:
-            raise UsageError(as_arguments(str(e))) from None
+            raise e.with_traceback(None) from None
     return wrapper
 
 

@@ -127,7 +127,8 @@ def latest_run(root: str = "checkpoints") -> str:
                 if os.path.isfile(p):
                     runs.append((os.path.getmtime(p), os.path.join(root, name)))
     if not runs:
-        raise UsageError(f"no trained run found under {root}/; train one with `python train.py` or pass --checkpoint")
+        raise UsageError(f"no trained run found under {root}/; train one first, or name one with {{checkpoint}}",
+                         checkpoint=...)
     return max(runs)[1]
 
 

@@ -95,19 +95,27 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
 
 
+def cli_words(name: str, value) -> str:
+    """A setting as the command line names it: --lr, --resume runs/a, --overwrite."""
+    return flag_of(name) if value is ... or value is True else f"{flag_of(name)} {value}"
+
+
 def run_main(main, argv) -> int:
     """Run a command; turn user errors into one sentence and an exit code."""
     from .errors import StopTraining
     from .model import KernelUnavailable
     try:
         return main(argv) or 0
-    except SettingError as e:
-        _say_error(e.worded(flag_of))
+    except UsageError as e:
+        _say_error(e.worded(cli_words))
         return 2
-    except (UsageError, UnknownCharactersError) as e:
+    except UnknownCharactersError as e:
         _say_error(e)
         return 2
-    except (StopTraining, KernelUnavailable, OutputError) as e:
+    except StopTraining as e:
+        _say_error(e.worded(cli_words))
+        return 1
+    except (KernelUnavailable, OutputError) as e:
         _say_error(e)
         return 1
     except OSError as e:

@@ -185,7 +185,8 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create the cache folder {cache_dir} ({e.strerror}); pass --cache-dir") from None
+        raise UsageError(f"cannot create the cache folder {cache_dir} ({e.strerror}); choose another with {{cache_dir}}",
+                         cache_dir=...) from None
     key, stats = _fingerprint(paths, separator)
     pointer = os.path.join(cache_dir, f"files-{key[:32]}.json")
     sha = None
@@ -216,7 +217,7 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
                 count = _encode_into(paths, separator, tokenizer, os.path.join(entry, "tokens.bin"), bar.update)
             except (OutputError, files.WriteError) as e:     # the text's own errors pass as they are
                 raise UsageError(f"cannot write the token cache in {entry} ({e}); "
-                                 f"free some space or pass --cache-dir") from None
+                                 f"free some space or choose another folder with {{cache_dir}}", cache_dir=...) from None
             meta = {"format": CACHE_FORMAT, "sha256": sha, "vocab": tokenizer.chars, "dtype": tokenizer.dtype.str,
                     "tokens": count, "characters": characters, "size_bytes": total,
                     "own_vocabulary": tokenizer == own}

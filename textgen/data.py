@@ -35,12 +35,13 @@ def check_trainable(n_train: int, n_val: int, batch_size: int, seq_len: int, val
     if n_train < need:
         raise UsageError(
             f"the training text has {n_train} characters but {batch_size} streams of {seq_len + 1} "
-            f"need at least {need}; use a longer text or lower --batch-size / --seq-len"
+            f"need at least {need}; use a longer text or lower {{batch_size}} or {{seq_len}}",
+            batch_size=..., seq_len=...
         )
     if val_fraction > 0 and n_val < seq_len + 1:
         raise UsageError(
             f"the validation tail has {n_val} characters, less than one chunk of {seq_len + 1}; "
-            f"raise --val-fraction, lower --seq-len, or pass --val-fraction 0"
+            f"raise {{val_fraction}}, lower {{seq_len}}, or set {{val_fraction}} to 0", val_fraction=..., seq_len=...
         )
 
 

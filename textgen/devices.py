@@ -26,13 +26,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"{{device}} {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps", device=...) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+        raise UsageError("{device} cuda was asked for but no CUDA GPU is available", device=...)
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps was asked for but MPS is not available")
+        raise UsageError("{device} mps was asked for but MPS is not available", device=...)
     if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+        raise UsageError(f"{{device}} {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps", device=...)
     return device
 
 
@@ -86,4 +86,5 @@ def check_fits(parameters: int, device: torch.device, what: str = "the model") -
     if free is not None and needed > free:
         raise UsageError(f"{what} has {parameters:,} parameters and needs about {_gigabytes(needed)} for its weights, "
                          f"gradients and AdamW moments, but {_gigabytes(free)} of memory is available on "
-                         f"{device.type}; choose a smaller --hidden-size, --embed-size or --layers")
+                         f"{device.type}; choose a smaller {{hidden_size}}, {{embed_size}} or {{layers}}",
+                         hidden_size=..., embed_size=..., layers=...)

@@ -36,8 +36,8 @@ class DistContext:
     def stream_share(self, batch_size: int) -> tuple[int, int]:
         """The first global stream this rank reads and how many."""
         if batch_size % self.world_size:
-            raise UsageError(f"--batch-size {batch_size} must be divisible by the number of processes "
-                             f"({self.world_size}) so every rank reads the same number of streams")
+            raise UsageError(f"{{batch_size}} {batch_size} must be divisible by the number of processes "
+                             f"({self.world_size}) so every rank reads the same number of streams", batch_size=...)
         per_rank = batch_size // self.world_size
         return self.rank * per_rank, per_rank
 

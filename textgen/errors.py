@@ -13,24 +13,58 @@ import math
 import re
 
 
-class UsageError(Exception):
-    pass
+class Worded(Exception):
+    """One sentence that may name settings, each front end in its own words.
+
+    In the message, {lr} stands for the setting lr; mentions gives each named setting's value, or
+    ... where only its name is meant: UsageError("continue it with {resume}", resume="runs/a") reads
+    `--resume runs/a` on the command line, `resume='runs/a'` in the Python API (str()) and
+    `"resume": "runs/a"` over HTTP. Nothing translates messages back: each front end calls worded()."""
+
+    def __init__(self, message: str, **mentions):
+        self.template, self.mentions = message, mentions
+        super().__init__(self.worded(api_words))
+
+    def worded(self, speak) -> str:
+        """The sentence with each named setting in speak(name, value)'s words."""
+        sentence = self.template
+        for name, value in self.mentions.items():      # only {name} of a mention: other braces stay as they are
+            sentence = sentence.replace("{" + name + "}", speak(name, value))
+        return sentence
+
+    def __reduce__(self):                  # pickled whole (between ranks), not as its rendered text
+        return _rebuild, (type(self), self.template, self.mentions)
 
 
-class SettingError(UsageError):
+def _rebuild(cls, template: str, mentions: dict):
+    error = Exception.__new__(cls)
+    Worded.__init__(error, template, **mentions)
+    if issubclass(cls, SettingError):
+        error.field = next(iter(mentions))
+        error.problem = template.split(" ", 1)[1]
+    return error
+
+
+def api_words(name: str, value) -> str:
+    """A setting as the Python API names it: lr, or resume='runs/a' with its value."""
+    return name if value is ... else f"{name}={value!r}"
+
+
+class UsageError(Worded):
+    """A mistake a user can make (a bad file, flag, setting or checkpoint): exit 2."""
+
+
+class SettingError(UsageError, ValueError):
     """A setting's value outside its range. It names the setting by its field (``top_p``),
     and each front end words it in its own terms (``--top-p`` on the command line,
-    ``top_p`` in the Python API, ``"top_p"`` over HTTP) with ``worded``."""
+    ``top_p`` in the Python API, ``"top_p"`` over HTTP)."""
 
     def __init__(self, field: str, problem: str):
         self.field, self.problem = field, problem
-        super().__init__(f"{field} {problem}")
-
-    def worded(self, name_of) -> str:
-        return f"{name_of(self.field)} {self.problem}"
+        super().__init__(f"{{{field}}} {problem}", **{field: ...})
 
 
-class StopTraining(Exception):
+class StopTraining(Worded):
     """Training ended early for a reason the user must hear (divergence, disk full, out of memory): exit 1."""
 
 

@@ -174,7 +174,7 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
     if missing:
         if unknown != "skip":
             raise UsageError(f"{text_path}: {UnknownCharactersError(missing, tokenizer.vocab_size)}; "
-                             f"pass --unknown skip to leave them out of the average")
+                             f"pass {{unknown}} to leave them out of the average", unknown="skip")
         known = np.isin(cps, codepoints(missing), invert=True)
         skipped = int((~known).sum())
         cps = cps[known]            # the model reads the text without them

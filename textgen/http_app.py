@@ -47,6 +47,11 @@ SECURITY_HEADERS = {
 }
 
 
+
+def http_words(name: str, value) -> str:
+    """A setting as a JSON request names it: "temperature", or "unknown": "skip" with its value."""
+    return json.dumps(name) if value is ... else f"{json.dumps(name)}: {json.dumps(value)}"
+
 class Refused(Exception):
     """A request answered with an error: its status, one sentence, and any headers to add."""
 
@@ -83,7 +88,7 @@ class App:
         except Refused as e:
             response = error_response(e.status, str(e), e.headers)
         except UsageError as e:
-            response = error_response(400, str(e))
+            response = error_response(400, e.worded(http_words))
         except Busy as e:
             response = error_response(503, f"{e}; try again shortly", {"Retry-After": "1"})
         except ClientDisconnect:

@@ -87,7 +87,7 @@ def default_path(stem: str, root: str = "checkpoints") -> str:
             return path
         except FileExistsError:
             continue
-    raise UsageError(f"could not find a free run folder name under {root}; pass --out")
+    raise UsageError(f"could not find a free run folder name under {root}; name one with {{out}}", out=...)
 
 
 class RunFolder:
@@ -107,9 +107,10 @@ class RunFolder:
         Nothing in an existing folder changes unless the claim succeeds: the checks only read.
         """
         if overwrite and not new_run:
-            raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
+            raise UsageError("{overwrite} starts a new run; it cannot be combined with {resume}", overwrite=True,
+                             resume=...)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise UsageError(f"{self.path} is a file, not a run folder; pass a folder to --out")
+            raise UsageError(f"{self.path} is a file, not a run folder; give {{out}} a folder", out=...)
         fd = self._open_lock(create=False)
         try:
             if fd is not None:
@@ -157,13 +158,15 @@ class RunFolder:
             return
         holds_run, ours, others = survey(self.path)
         if holds_run and not overwrite:
-            raise UsageError(f"{self.path} already holds a textgen run; continue it with --resume {self.path}, "
-                             f"or start over with --overwrite (which deletes its checkpoints)")
+            raise UsageError(f"{self.path} already holds a textgen run; continue it with {{resume}}, "
+                             f"or start over with {{overwrite}} (which deletes its checkpoints)", resume=self.path,
+                             overwrite=True)
         if others:
             what = "also holds" if holds_run else "is not empty: it holds"
-            advice = ("--overwrite removes only textgen's own files, so it left the folder alone"
-                      if overwrite and holds_run else "pass a new or empty folder to --out")
-            raise UsageError(f"{self.path} {what} {_listing(others)}, which textgen did not write; {advice}")
+            advice = ("{overwrite} removes only textgen's own files, so it left the folder alone"
+                      if overwrite and holds_run else "give {out} a new or empty folder")
+            raise UsageError(f"{self.path} {what} {_listing(others)}, which textgen did not write; {advice}",
+                             overwrite=True, out=...)
         self._clear_before_writing = holds_run or bool(set(ours) - {LOCK})
 
     def release(self) -> None:

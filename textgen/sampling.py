@@ -134,7 +134,7 @@ def encode_text(tokenizer: CharTokenizer, text: str, unknown: str = "error", war
     if missing:
         if unknown != "skip":
             raise UsageError(str(UnknownCharactersError(missing, tokenizer.vocab_size))
-                             + "; pass --unknown skip to leave them out")
+                             + "; pass {unknown} to leave them out", unknown="skip")
         if warn:
             warn("leaving out character(s) the model never saw: " + " ".join(escape_char(ch) for ch in missing))
         text = "".join(ch for ch in text if ch not in set(missing))

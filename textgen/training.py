@@ -249,7 +249,8 @@ class Trainer:
         self.dist = dist_util.context()
         self.log = log if self.dist.is_main else (lambda message: None)   # only rank 0 speaks
         if overwrite and resume is not None:
-            raise UsageError("--overwrite starts a new run; it cannot be combined with --resume")
+            raise UsageError("{overwrite} starts a new run; it cannot be combined with {resume}", overwrite=True,
+                             resume=...)
         self.explicit = set(explicit)
         ckpt = None
         if resume is not None:
@@ -288,10 +289,10 @@ class Trainer:
                 same = resumed_from is not None and os.path.realpath(path) == os.path.realpath(resumed_from)
                 folder.claim(new_run=not same, overwrite=overwrite)
             except UsageError as e:
-                error = str(e)
+                error = e                        # sent whole, so every front end still words it
         error, path = self.dist.broadcast((error, path))
         if error:
-            raise UsageError(error)
+            raise error
         return folder if self.dist.is_main else RunFolder(path)      # other ranks never write it
 
     def _build(self, model_config: ModelConfig | None, ckpt: dict | None, resume: str | None) -> None:
@@ -508,7 +509,8 @@ class Trainer:
             return
         raise UsageError(
             f"{corpus.info['path']} is not the text this run was trained on ({old.get('path', 'unknown')}, "
-            f"sha256 {old.get('sha256', '?')[:12]}); pass that text, or --allow-new-text to continue on this one"
+            f"sha256 {old.get('sha256', '?')[:12]}); pass that text, or {{allow_new_text}} to continue on this one",
+            allow_new_text=True
         )
 
     # -- setup ---------------------------------------------------------------------
@@ -574,8 +576,8 @@ class Trainer:
         self.scaler.update()
         if overflow and self.scaler.get_scale() < MIN_LOSS_SCALE:
             raise StopTraining(f"training diverged at step {self.step + 1}: the float16 gradients overflow at "
-                               f"every loss scale; latest.pt still holds the last good state. Try --dtype "
-                               f"bfloat16 or float32, or a lower --lr")
+                               f"every loss scale; latest.pt still holds the last good state. Try {{dtype}} "
+                               f"(or float32), or a lower {{lr}}", dtype="bfloat16", lr=...)
         self.state = detach_state(state)
         self.step += 1
         if self.averaged is not None and not overflow:
@@ -621,11 +623,11 @@ class Trainer:
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise StopTraining(f"training diverged at step {self.step + 1}: the loss is {loss} "
                                f"(gradient norm {grad_norm}); latest.pt still holds the last good state. "
-                               f"Try a lower --lr or --grad-clip")
+                               f"Try a lower {{lr}} or {{grad_clip}}", lr=..., grad_clip=...)
         if loss > 3 * self.first_loss + 1:
             raise StopTraining(f"training diverged at step {self.step + 1}: the loss {loss:.3f} is far above "
                                f"its starting value {self.first_loss:.3f}; latest.pt still holds the last good "
-                               f"state. Try a lower --lr")
+                               f"state. Try a lower {{lr}}", lr=...)
 
     def validate(self) -> float | None:
         if len(self.val_tokens) <= self.config.seq_len:
@@ -670,8 +672,8 @@ class Trainer:
         try:
             checkpoint.save_run_checkpoint(payload, self.run_dir, self.config.keep, is_best)
         except (OutputError, files.WriteError) as e:   # a full disk, or a folder that stopped taking files
-            raise StopTraining(f"{e}; free some space or fix the folder, then resume with --resume "
-                               f"{self.run_dir}") from None
+            raise StopTraining(f"{e}; free some space or fix the folder, then resume with {{resume}}",
+                               resume=self.run_dir) from None
         self.last_saved_step = self.step
         if is_best:
             self.log(f"step {self.step}: new best val loss {self.best_val_loss:.4f} "
@@ -919,7 +921,7 @@ class Trainer:
             kept = (f"the checkpoint of step {self.last_saved_step} in {self.run_dir} is kept"
                     if self.last_saved_step is not None else "no checkpoint had been written yet")
             raise StopTraining(f"ran out of memory at step {self.step + 1} ({message[:120]}); {kept}; "
-                               f"try a smaller --batch-size or model") from None
+                               f"try a smaller {{batch_size}} or model", batch_size=...) from None
 
     def _progress_bar(self):
         if self.config.quiet or not self.dist.is_main or not sys.stderr.isatty():
