@@ -105,7 +105,18 @@ def world(tmp_path_factory):
         f.seek(len(data) // 2)
         f.write(bytes([byte[0] ^ 0x10]))
     old = {k: v for k, v in payload.items() if k != "integrity"}          # as written before digests
-    torch.save(old, ckpts / "old.pt")
+    torch.save({**old, "version": 1}, ckpts / "old.pt")
+    torch.save(old, ckpts / "stripped.pt")                                 # a digest taken off a current one
+    loose = root / "downloads"                                             # a checkpoint among a user's files
+    loose.mkdir()
+    (loose / "model.pt").write_bytes(data)
+    (loose / "config.json").write_text('{"my": "settings"}')
+    (loose / "loss.png").write_bytes(b"\x89PNG my own picture")
+    photos = root / "photos"                                               # a user's loss.png, no run at all
+    photos.mkdir()
+    (photos / "loss.png").write_bytes(b"\x89PNG a photo of a loss")
+    (photos / "chapter.link-tmp").write_text("a draft whose name looks like a temporary")
+    (root / "link-to-config.txt").symlink_to(pathlib.Path(run_dir, "config.json"))
     frozen = root / "frozen"                                               # made immutable by its rows
     subprocess.run(["cp", "-a", run_dir, str(frozen)], check=True)
     (root / "checkpoints").mkdir()
@@ -346,6 +357,29 @@ ROWS = [
         says=("name must be one plain folder name",)),
     Row("api: resume a finished run", "api", api=lambda w: textgen.train(resume=w["run"]),
         says=("steps must be more than the 30 steps",)),
+    Row("a checkpoint of today's format with its digest taken off", "generate",
+        ["--checkpoint", "{ckpts}/stripped.pt", "-q"], says=("is corrupt",)),
+    Row("--resume a loose checkpoint among a user's files", "train", ["--resume", "{root}/downloads/model.pt",
+                                                                     "--steps", "40", "-q"],
+        says=("not in a training run's folder", "--out")),
+    Row("--resume a step file behind latest.pt, in place", "train", ["--resume", "{run}/step-0000010.pt",
+                                                                    "--steps", "25", "-q"],
+        says=("is behind", "would replace that run's later checkpoints", "--out")),
+    Row("a new run into a folder holding a user's loss.png", "train", train("--out", "{root}/photos"),
+        says=("loss.png", "textgen did not write")),
+    Row("--output a new file inside a run folder", "generate", gen("--output", "{run}/best-samples.txt"),
+        says=("in a training run's folder",)),
+    Row("--output through a link into a run folder", "generate", gen("--output", "{root}/link-to-config.txt"),
+        says=("in a training run's folder",)),
+    Row("--top-k with --temperature 0", "generate", gen("--temperature", "0", "--top-k", "5"),
+        says=("--top-k and --temperature 0 cannot be used together",)),
+    Row("--num-samples with --temperature 0", "generate", gen("--temperature", "0", "--num-samples", "3"),
+        says=("--num-samples and --temperature 0",)),
+    Row("--eval-chars shorter than a chunk", "train", train("--eval-chars", "1"),
+        says=("--eval-chars must be 0", "at least one chunk"), not_says=("--val-fraction",)),
+    Row("--workers beyond the machine", "train", train("--workers", "100000"), says=("--workers must be at most",)),
+    Row("a path with a newline in it stays one line", "generate", gen("--output", "{root}/no\nsuch/out.txt"),
+        says=("no\\nsuch",)),
     # -- prompts and interactive input ---------------------------------------------------------
     Row("a prompt with characters the model never saw", "generate", gen("--prompt", "\u2603 snow"),
         says=("not in the model's vocabulary", "--unknown skip")),

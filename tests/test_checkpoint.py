@@ -84,13 +84,15 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
 def broken_files(tmp_path):
     _, payload = make_payload()
     good = tmp_path / "good.pt"
-    torch.save(payload, good)
+    checkpoint.atomic_save(payload, str(good))
     data = good.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "random.pt").write_bytes(os.urandom(4096))
     torch.save({**payload, "version": checkpoint.FORMAT_VERSION + 1}, tmp_path / "newer.pt")
     torch.save({"state_dict": payload["model"]}, tmp_path / "foreign.pt")
-    torch.save({**payload, "model_config": {**payload["model_config"], "hidden_size": 32}}, tmp_path / "mismatch.pt")
+    # Written with its own digest, as a buggy writer would: its tensors fit another config.
+    checkpoint.atomic_save({**payload, "model_config": {**payload["model_config"], "hidden_size": 32}},
+                           str(tmp_path / "mismatch.pt"))
 
 
 @pytest.mark.parametrize("name, message", [

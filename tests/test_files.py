@@ -88,17 +88,71 @@ def test_a_checkpoint_is_refused_by_its_content_whatever_its_name(tmp_path):
     files.write_bytes(str(disguised), b"the checkpoint writer itself may", replace="checkpoint")
 
 
-def test_a_run_folders_files_are_refused_unless_its_own_writer_replaces_them(tmp_path):
+def test_nothing_of_a_users_goes_into_a_run_folder_and_only_its_own_writer_replaces_its_files(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / files.RUN_MARK).write_text("123\n")
     (run / "config.json").write_text("{}")
-    with pytest.raises(UsageError, match="a training run's folder"):
-        files.write_text(str(run / "config.json"), "overwritten")
-    assert (run / "config.json").read_text() == "{}"
-    files.write_text(str(run / "sample.txt"), "a new file there is fine")
+    for name in ("config.json", "best.pt", "sample.txt"):       # best.pt new: it would break the run
+        with pytest.raises(UsageError, match="in a training run's folder"):
+            files.write_text(str(run / name), "overwritten")
+    assert sorted(os.listdir(run)) == [files.RUN_MARK, "config.json"] and (run / "config.json").read_text() == "{}"
     files.write_text(str(run / "config.json"), '{"mine": 1}', replace="own")
     assert (run / "config.json").read_text() == '{"mine": 1}'
+
+
+def test_a_run_folder_copied_without_its_dotfile_is_known_by_its_checkpoint(tmp_path):
+    run = tmp_path / "copied"
+    run.mkdir()
+    torch.save({"format": "textgen"}, run / "latest.pt")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UsageError, match="in a training run's folder"):
+        files.write_text(str(run / "metrics.jsonl"), "text")
+
+
+def test_a_link_is_judged_by_what_it_leads_to(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / files.RUN_MARK).write_text("123\n")
+    (run / "config.json").write_text("{}")
+    (tmp_path / "innocent.txt").symlink_to(run / "config.json")
+    (tmp_path / "lock.txt").symlink_to(run / files.RUN_MARK)
+    for link in ("innocent.txt", "lock.txt"):
+        with pytest.raises(UsageError, match="in a training run's folder"):
+            files.write_text(str(tmp_path / link), "text")
+    assert (run / "config.json").read_text() == "{}" and (run / files.RUN_MARK).read_text() == "123\n"
+
+
+def test_a_runs_own_writer_never_follows_a_link_or_writes_a_fifo(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    (run / "loss.png").symlink_to(tmp_path / "notes.txt")
+    os.mkfifo(run / "metrics.jsonl")
+    for name in ("loss.png", "metrics.jsonl"):
+        with pytest.raises(UsageError, match="not a regular file"):
+            files.write_text(str(run / name), "x", replace="own")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_dev_stdout_is_written_through_even_when_the_shell_appends_it_to_a_file(tmp_path):
+    import subprocess
+    import sys
+    log = tmp_path / "app.log"
+    log.write_text("line 1\nline 2\n")
+    code = ("from textgen import files; files.write_text('/dev/stdout', 'generated\\n'); "
+            "files.write_text('/proc/self/fd/1', 'again\\n')")
+    with open(log, "a") as appended:
+        subprocess.run([sys.executable, "-c", code], stdout=appended, check=True)
+    assert log.read_text() == "line 1\nline 2\ngenerated\nagain\n"
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert piped.stdout == b"generated\nagain\n"
+
+
+def test_a_name_at_the_filesystems_limit_still_gets_its_temporary(tmp_path):
+    long_name = tmp_path / ("n" * 250 + ".txt")
+    files.write_text(str(long_name), "fits")
+    assert long_name.read_text() == "fits"
 
 
 def test_a_folder_a_missing_folder_and_a_disk_device_are_one_sentence_each(tmp_path):

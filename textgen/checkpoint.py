@@ -43,7 +43,7 @@ from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
 
 FORMAT = "textgen"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: every checkpoint carries its digest (1: written before digests, loads unchecked)
 LATEST, BEST = "latest.pt", "best.pt"
 
 
@@ -174,7 +174,7 @@ def load(path: str, map_location="cpu", note=None) -> dict:
 
 def _check_integrity(ckpt: dict, path: str, note) -> None:
     saved = ckpt.get("integrity")
-    if saved is None:
+    if saved is None and ckpt.get("version", 1) < 2:
         (note or _note_once)(f"{path} was written before checkpoints carried a digest, so it is loaded unchecked")
         return
     if not isinstance(saved, dict) or saved.get("sha256") != digest(ckpt):

@@ -129,7 +129,9 @@ def run_main(main, argv) -> int:
         _say_error("out of memory; choose a smaller model, --batch-size or --num-samples")
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; checkpoints already written are intact", file=sys.stderr)
+        # A new line first where ^C was echoed on a terminal; elsewhere the sentence stays one line.
+        newline = "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
+        print(f"{newline}interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not an error of ours
@@ -153,8 +155,9 @@ def _silence_stdout() -> None:
 
 def _say_error(e: BaseException | str) -> None:
     from .launch import launched_rank
-    if not launched_rank():         # of the ranks --workers started, rank 0 says what they all met
-        print(f"error: {e}", file=sys.stderr)
+    if not launched_rank() and sys.stderr is not None:   # of the ranks --workers started, rank 0 speaks
+        # One line, whatever the sentence quotes: a newline in a path shows as \n.
+        print("error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -201,8 +204,7 @@ def train_main(argv=None) -> int:
 
 def _train(argv) -> int:
     from .model import ModelConfig
-    from .training import Trainer, TrainConfig
-    from . import distributed
+    from .training import TrainConfig
     parser = train_parser()
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
@@ -230,6 +232,18 @@ def _train(argv) -> int:
             raise model_setting_error(e) from None
     from .launch import follow_parent
     follow_parent()
+    previous = _stop_on_sigterm()
+    try:
+        return _train_here(args, argv, explicit, model_config, train_config)
+    finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train_here(args, argv, explicit, model_config, train_config) -> int:
+    from . import distributed
+    from .training import Trainer
     workers = _workers(args, explicit)
     if workers > 1:
         from .launch import run_ranks
@@ -259,10 +273,31 @@ TRAIN_CONFLICTS = (
 )
 
 
+def _stop_on_sigterm() -> None:
+    """Until the trainer installs its own handlers (which finish the step and save), SIGTERM stops
+    setup as Ctrl-C does: one sentence, and a run folder made for this run and still empty goes."""
+    import signal
+    import threading
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, interrupted)
+    return None
+
+
 def _workers(args, explicit: set[str]) -> int:
     """How many processes --workers asks for on this machine (1 inside a rank)."""
     from . import launch
-    requested = launch.parse_workers(args.workers)
+    try:
+        requested = launch.parse_workers(args.workers)
+    except UsageError as e:
+        if "workers" in explicit or "TEXTGEN_WORKERS" not in os.environ:
+            raise
+        raise UsageError(str(e).replace("--workers", "$TEXTGEN_WORKERS", 1)) from None
+    most = 4 * (os.cpu_count() or 1)
+    if requested != "auto" and requested > most:
+        raise UsageError(f"--workers must be at most {most} on this machine ({os.cpu_count()} cores), got {requested}")
     if launch.under_torchrun() or requested == 1:
         return launch.choose_workers(requested, "cpu", None)
     from .devices import resolve_device
@@ -279,7 +314,7 @@ def _log(message: str) -> None:
     is said once on stderr, and training goes on with its log in metrics.jsonl."""
     from tqdm import tqdm
     global _log_lost
-    if _log_lost:
+    if _log_lost or sys.stdout is None:          # closed (>&-): the log is in metrics.jsonl
         return
     try:
         tqdm.write(message, file=sys.stdout)
@@ -333,6 +368,17 @@ def _generate(argv) -> int:
         _check_text(flag, text)
     config = settings.from_values(SampleConfig, vars(args))
     config.validate()
+    if config.temperature == 0:
+        # Greedy decoding draws nothing: a cut of the distribution or more samples would be ignored.
+        for name, given in (("top_k", args.top_k is not None), ("top_p", args.top_p is not None),
+                            ("num_samples", args.num_samples != 1)):
+            if given:
+                raise UsageError(f"{flag_of(name)} and --temperature 0 cannot be used together: greedy decoding "
+                                 f"always takes the most likely character, so {flag_of(name)} would change nothing")
+    if args.interactive and sys.stdin is None:
+        raise UsageError("--interactive reads standard input, which is closed")
+    if args.output is None and sys.stdout is None:
+        raise UsageError("standard output is closed; write the text to a file with --output")
     check_range("paragraphs", args.paragraphs, 1, None, "at least 1")
     if args.output is not None:
         _check_output(args.output)            # before a model is loaded or a character generated

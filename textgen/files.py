@@ -7,11 +7,13 @@ run's ``best.pt``, ``latest.pt`` and ``step-*.pt`` are often one file under thre
 names). What it will not do:
 
 * rename anything over something that is not a regular file: a FIFO, a terminal,
-  ``/dev/null`` or ``/dev/stdout`` is written through as it is, opened in place;
+  ``/dev/null`` or ``/dev/stdout`` (whatever it leads to, a file opened for appending
+  included) is written through as it is, opened in place; a link is judged by its target;
 * replace a PyTorch checkpoint (found by its content, whatever its name), unless the
   caller is the checkpoint writer itself (``replace="checkpoint"``);
-* replace a file inside a run folder (a folder holding ``RUN_MARK``) unless the caller
-  is that run's own writer for that file (``replace="own"``); a new file there is fine;
+* write a user's file into a training run's folder (one holding ``RUN_MARK`` or a checkpoint),
+  where it could be taken for one of the run's own; only that run's writer replaces its own
+  files there (``replace="own"``), and only as regular files, never through a link;
 * write into a folder that is not there.
 
 Every failure is one sentence that says what was kept: ``UsageError`` (exit 2) for a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from typing import IO, Iterator
 
@@ -57,7 +60,25 @@ def is_checkpoint_file(path: str) -> bool:
 
 
 def in_run_folder(path: str) -> bool:
-    return os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), RUN_MARK))
+    """Whether path lies in a training run's folder: one that holds RUN_MARK (every folder a trainer
+    claimed), or a checkpoint (a run folder copied without its dotfile)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(folder, RUN_MARK)):
+        return True
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))[:20]
+    except OSError:
+        return False
+    return any(is_checkpoint_file(os.path.join(folder, n)) for n in names)
+
+
+_DESCRIPTOR = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|\d+)/fd/\d+")
+
+
+def is_descriptor(path: str) -> bool:
+    """/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N: a stream this process already holds,
+    whatever it leads to (a terminal, a pipe, or a file opened for appending by the shell)."""
+    return bool(_DESCRIPTOR.fullmatch(os.path.normpath(path)))
 
 
 def fsync_folder(folder: str) -> None:
@@ -80,26 +101,34 @@ def _reason(e: OSError) -> str:
 def refusal(path: str, replace: str = "user") -> str | None:
     """Why output(path, replace) would refuse to write path, or None where it may.
 
-    replace: "user" (a file the user named), "own" (a run folder's writer replacing its own
-    file) or "checkpoint" (the checkpoint writer)."""
+    replace: "user" (a file the user named: never a checkpoint, never into a run's folder),
+    "own" (a run's writer replacing its own file there: only a regular file or nothing) or
+    "checkpoint" (the checkpoint writer). A link is judged by what it leads to."""
+    if replace == "user" and is_descriptor(path):
+        return None                          # written through, as the shell set it up
+    real = os.path.realpath(path)
     try:
-        st = os.stat(path)                  # follows a link: what matters is what it points at
+        st = os.stat(real)
     except FileNotFoundError:
-        return None
+        st = None
     except OSError as e:
         return f"cannot write {path}: {_reason(e)}"
-    if stat.S_ISDIR(st.st_mode):
+    if st is not None and stat.S_ISDIR(st.st_mode):
         return f"{path} is a folder; name a file to write"
-    if stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+    if st is not None and (stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
         return f"{path} is a disk or a socket, not a file; name a file to write"
-    if not stat.S_ISREG(st.st_mode):
+    if replace == "own":
+        if os.path.islink(path) or (st is not None and not stat.S_ISREG(st.st_mode)):
+            return f"{path} is not a regular file; a run writes its own files only as regular files"
+        return None
+    if st is not None and not stat.S_ISREG(st.st_mode):
         return None                          # a FIFO, a terminal, /dev/null: written through, never replaced
-    if replace != "checkpoint" and is_checkpoint_file(path):
+    if replace != "checkpoint" and st is not None and is_checkpoint_file(real):
         return (f"{path} is a checkpoint; textgen never writes over one, so name another file "
                 f"(it was left as it was)")
-    if replace == "user" and in_run_folder(path):
-        return (f"{path} is a file of a training run's folder, which textgen never writes over for you; "
-                f"name another file (it was left as it was)")
+    if replace == "user" and in_run_folder(real):
+        return (f"{path} is in a training run's folder, where textgen writes nothing for you (a file there "
+                f"could be taken for the run's own); name a file outside it")
     return None
 
 
@@ -113,9 +142,10 @@ def output(path: str, mode: str = "w", replace: str = "user", keep_on_interrupt:
     reason = refusal(path, replace)
     if reason:
         raise UsageError(reason)
-    target = os.path.realpath(path)          # a link to a file: write the file, keep the link
+    # A link to a file: write the file, keep the link (a run's own file is never a link: refused above).
+    target = path if replace == "own" else os.path.realpath(path)
     try:
-        special = not stat.S_ISREG(os.stat(target).st_mode)
+        special = is_descriptor(path) or not stat.S_ISREG(os.stat(target).st_mode)
     except FileNotFoundError:
         special = False
     except OSError as e:
@@ -127,7 +157,8 @@ def output(path: str, mode: str = "w", replace: str = "user", keep_on_interrupt:
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise WriteError(f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist")
-    partial = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    # A short temporary name: one beside a 250-character name must still fit the filesystem's limit.
+    partial = os.path.join(folder, f".{os.path.basename(target)[:40]}.tmp-{os.getpid()}")
     try:
         f = open(partial, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {}))
     except OSError as e:

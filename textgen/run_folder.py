@@ -53,21 +53,47 @@ def _is_textgen_config(path: str) -> bool:
     return isinstance(doc, dict) and {"model", "train"} <= doc.keys()
 
 
+def _is_textgen_metrics(path: str) -> bool:
+    """A metrics.jsonl whose first line is one of textgen's log lines (a user's own file of that name is not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(10_000)
+        return first == "" or (isinstance(json.loads(first), dict) and "step" in json.loads(first))
+    except (OSError, ValueError):
+        return False
+
+
 def survey(path: str) -> tuple[bool, list[str], list[str]]:
-    """(holds a run, the files of textgen's there, everything else) for a folder that exists."""
-    ours, others, run = [], [], False
-    for name in sorted(os.listdir(path)):
+    """(holds a run, the files of textgen's there, everything else) for a folder that exists.
+
+    A checkpoint, config.json or metrics.jsonl counts as textgen's by its content, not its name
+    alone; the lock, loss.png and a writer's leftover temporaries only in a folder that is a run's
+    (it holds the lock or a run file), so a folder of photos keeps its loss.png."""
+    names = sorted(os.listdir(path))
+    marked = LOCK in names
+    run_files = []
+    for name in names:
         full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            others.append(name)
-        elif _CHECKPOINT.fullmatch(name) or name == METRICS or (name == CONFIG and _is_textgen_config(full)):
-            ours.append(name)
-            run = True
-        elif name in (LOCK, PLOT) or _LEFTOVER.fullmatch(name):
-            ours.append(name)
-        else:
-            others.append(name)
-    return run, ours, others
+        if not os.path.isfile(full) or os.path.islink(full):
+            continue
+        if ((_CHECKPOINT.fullmatch(name) and files.is_checkpoint_file(full))
+                or (name == METRICS and _is_textgen_metrics(full))
+                or (name == CONFIG and _is_textgen_config(full))):
+            run_files.append(name)
+    ours = set(run_files)
+    if marked or run_files:
+        ours |= {n for n in names if (n in (LOCK, PLOT) or _LEFTOVER.fullmatch(n))
+                 and os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n))}
+    return bool(run_files), sorted(ours), [n for n in names if n not in ours]
+
+
+def is_run_folder(path: str) -> bool:
+    """A folder a run may be resumed in place: it holds the lock every trainer leaves, or nothing
+    but textgen's own files (a run folder copied without its dotfile)."""
+    if os.path.exists(os.path.join(path, LOCK)):
+        return True
+    holds_run, _, others = survey(path)
+    return holds_run and not others
 
 
 def _listing(names: list[str], most: int = 3) -> str:

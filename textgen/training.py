@@ -47,7 +47,7 @@ from .devices import check_fits, native_bf16, resolve_device, resolve_dtype
 from . import settings
 from .errors import OutputError, SettingError, StopTraining, UsageError, check_range, number
 from .settings import parse_duration, setting, unescape
-from .run_folder import RunFolder, checkpoint_folder, default_path
+from .run_folder import RunFolder, checkpoint_folder, default_path, is_run_folder, survey
 from .schedule import EVALS_PER_RUN, seconds_text
 from .evaluate import LN2, cross_entropy
 from .model import AdaptiveHead, CharLSTM, ModelConfig, describe_step_path, detach_state
@@ -173,6 +173,22 @@ def model_setting_error(e: ValueError) -> SettingError:
     return SettingError(field, problem)
 
 
+def check_resumable_in_place(file: str, folder: str) -> None:
+    """A run resumed in its checkpoint's folder writes latest.pt, best.pt and step files there: refuse
+    where that would replace files of the user's (a loose checkpoint in a folder of other things) or the
+    run's own later checkpoints (a step file or best.pt behind latest.pt)."""
+    if not is_run_folder(folder):
+        _, _, others = survey(folder)
+        raise UsageError(f"{file} is not in a training run's folder ({folder} also holds "
+                         f"{', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, which textgen did not "
+                         f"write); continue the run in a new folder with {{out}}", out=...)
+    latest = os.path.join(folder, checkpoint.LATEST)
+    if os.path.exists(latest) and not os.path.samefile(file, latest):
+        raise UsageError(f"{file} is behind {latest}: resuming it in {folder} would replace that run's later "
+                         f"checkpoints; continue from it in a new folder with {{out}}, or resume {latest}",
+                         out=...)
+
+
 def check_steps_left(ckpt: dict, config: TrainConfig, resume: str) -> None:
     """A resumed run that has nothing left to do says so, before a folder is claimed or a file read."""
     done = int(ckpt["step"])
@@ -218,7 +234,8 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 def corpus_stem(text_path: str | None) -> str:
     """A tidy folder-name stem for a corpus spec (a folder or glob too)."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(text_path or DEFAULT_CORPUS)))[0]
-    return re.sub(r"[^\w .-]+", "_", stem).strip("_ ") or "corpus"
+    # At most 100 characters (a folder name has 255 bytes, and the date follows); never hidden.
+    return re.sub(r"[^\w .-]+", "_", stem).strip("_ .")[:100].strip() or "corpus"
 
 
 @dataclass
@@ -287,6 +304,8 @@ class Trainer:
                 folder = RunFolder(path, created=created)
                 # Resuming with --out elsewhere forks the run: the new folder gets a new run's rules.
                 same = resumed_from is not None and os.path.realpath(path) == os.path.realpath(resumed_from)
+                if same:
+                    check_resumable_in_place(checkpoint.resolve(resume, prefer_best=False), path)
                 folder.claim(new_run=not same, overwrite=overwrite)
             except UsageError as e:
                 error = e                        # sent whole, so every front end still words it
@@ -305,6 +324,9 @@ class Trainer:
         tokens = self.corpus.tokens                                   # a read-only memory map
         self.train_tokens, self.val_tokens = split_tokens(tokens, config.val_fraction)
         if config.eval_chars:
+            if config.eval_chars < config.seq_len < len(self.val_tokens):     # the cut, not the tail, is short
+                raise SettingError("eval_chars", f"must be 0 (all of the tail) or at least one chunk, "
+                                                 f"{config.seq_len:,} characters, got {config.eval_chars:,}")
             # The same leading stretch of the tail every time, so evaluations stay comparable.
             self.val_tokens = self.val_tokens[: config.eval_chars + 1]
         check_trainable(len(self.train_tokens), len(self.val_tokens), config.batch_size, config.seq_len,
