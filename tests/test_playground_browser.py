@@ -152,7 +152,7 @@ def test_bad_values_show_the_servers_sentence(page):
     page.fill("#temperature", "-1")
     page.click("#generate")
     page.wait_for_function("document.getElementById('status').classList.contains('error')")
-    assert page.text_content("#status") == "temperature must be 0 (greedy) or from 1e-6 to 1e6, got -1"
+    assert page.text_content("#status") == '"temperature" must be 0 (greedy) or from 1e-6 to 1e6, got -1'
 
 
 def test_the_page_fits_a_phone(page):

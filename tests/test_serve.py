@@ -362,17 +362,17 @@ def test_connection_threads_are_bounded(runs):
 
 
 @pytest.mark.parametrize("body, status, fragment", [
-    ({"model": "alpha", "prompt": "Zebra ×"}, 400, "not in the model's vocabulary"),
-    ({"model": "alpha", "temperature": -1}, 400, "temperature must be 0 (greedy) or from 1e-6 to 1e6"),
-    ({"model": "alpha", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    ({"model": "alpha", "top_k": 0}, 400, "top_k must be at least 1"),
-    ({"model": "alpha", "length": 0}, 400, "length must be from 1"),
-    ({"model": "alpha", "length": 20_001}, 400, "length must be at most 20,000 on this server"),
-    ({"model": "alpha", "temperature": 1e308, "top_p": 0.5}, 400, "temperature must be 0 (greedy) or from 1e-6"),
+    ({"model": "alpha", "prompt": "Zebra ×"}, 400, 'not in the model\'s vocabulary of 39: Z b ×; pass "unknown": "skip"'),
+    ({"model": "alpha", "temperature": -1}, 400, '"temperature" must be 0 (greedy) or from 1e-6 to 1e6'),
+    ({"model": "alpha", "top_p": 1.5}, 400, '"top_p" must be in (0, 1]'),
+    ({"model": "alpha", "top_k": 0}, 400, '"top_k" must be at least 1'),
+    ({"model": "alpha", "length": 0}, 400, '"length" must be from 1'),
+    ({"model": "alpha", "length": 20_001}, 400, '"length" must be at most 20,000 on this server'),
+    ({"model": "alpha", "temperature": 1e308, "top_p": 0.5}, 400, '"temperature" must be 0 (greedy) or from 1e-6'),
     ({"model": "alpha", "prompt": "a" * 10_001}, 400, "at most 10,000"),
-    ({"model": "alpha", "num_samples": 5}, 400, "num_samples must be at most 4 here"),
-    ({"model": "alpha", "seed": -3}, 400, "seed must be a whole number"),
-    ({"model": "alpha", "stop": ""}, 400, "stop must not be empty"),
+    ({"model": "alpha", "num_samples": 5}, 400, '"num_samples" must be at most 4 here'),
+    ({"model": "alpha", "seed": -3}, 400, '"seed" must be a whole number'),
+    ({"model": "alpha", "stop": ""}, 400, '"stop" must not be empty'),
     ({"model": "alpha", "unknown": "maybe"}, 400, "unknown must be 'error' or 'skip'"),
     ({"model": "alpha", "length": "long"}, 400, "length must be int"),
     ({"model": "alpha", "temperature": True}, 400, "temperature must be"),
@@ -392,7 +392,7 @@ def test_bad_requests_get_400_with_a_sentence_in_the_apis_words(served, body, st
 
 def test_bad_requests_of_other_kinds(served):
     cases = [
-        (dict(raw=b'{"model": "alpha", "temperature": NaN}'), 400, "temperature must be a finite number"),
+        (dict(raw=b'{"model": "alpha", "temperature": NaN}'), 400, '"temperature" must be a finite number'),
         (dict(raw=b"{not json"), 400, "not valid JSON"),
         (dict(raw=b'{"prompt": "\xff"}'), 400, "not valid JSON in UTF-8"),
         (dict(raw=b"{}", headers={"Content-Type": "text/plain"}), 415, "as JSON"),
@@ -405,10 +405,12 @@ def test_bad_requests_of_other_kinds(served):
     assert served.request("POST", "/api/models", {})[0] == 404
 
 
-def test_unknown_characters_message_is_the_clis(served, runs):
+def test_unknown_characters_message_is_the_clis_in_the_requests_words(served, runs):
     cli = run("generate.py", "--checkpoint", os.path.join(runs[0], "alpha"), "--prompt", "Zebra ×")
     _, _, payload = served.request("POST", "/api/generate", {"model": "alpha", "prompt": "Zebra ×"})
-    assert json.loads(payload)["error"] == cli.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    said = cli.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    assert "pass --unknown skip" in said
+    assert json.loads(payload)["error"] == said.replace("--unknown skip", '"unknown": "skip"')
     events = served.generate(model="alpha", prompt="Zebra ×", length=20, unknown="skip")
     assert "leaving out" in events[1]["warning"] and len(text_of(events)) == 20
 

@@ -33,7 +33,7 @@ import torch
 
 from .errors import SettingError, UsageError
 from .model import CharLSTM, Stepper
-from .sampling import SampleConfig, draw, encode_text, next_token_probs, opening_text, uniforms
+from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids
 from .tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
@@ -217,7 +217,7 @@ class BatchingEngine:
             self.running.clear()
             self.waiting.clear()
             self.rows = [None] * self.slots
-        for job in [job for job, _, _, _ in running] + waiting:
+        for job in [job for job, _, _ in running] + waiting:
             self._finish(job, "shutdown")
 
     # -- the worker ---------------------------------------------------------------------
@@ -250,7 +250,7 @@ class BatchingEngine:
             try:
                 self._step()
             except Exception as e:          # noqa: BLE001  e.g. out of memory: end the jobs, keep serving
-                self._fail([(job, rows) for job, rows, _, _ in self.running.values()], e)
+                self._fail([(job, rows) for job, rows, _ in self.running.values()], e)
 
     def _fail(self, jobs, error: Exception) -> None:
         message = "out of memory" if isinstance(error, (MemoryError, torch.OutOfMemoryError)) else \
@@ -295,10 +295,7 @@ class BatchingEngine:
                 rng.set_state(session.rng_state)           # carry the randomness on too, as --paragraphs does
         else:
             state, logits = self.model.initial_state(n, device=self.device), None
-        ids = self._encode(job.prompt, job, warn=True)
-        if len(ids) == 0 and logits is None:
-            # Nothing to read: start from a newline if the model knows one, as text does.
-            ids = self._encode(opening_text(self.tokenizer), job)
+        ids = opening_ids(self.tokenizer, self._encode(job.prompt, job, warn=True), logits)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
             logits, state = self.model.read(tokens, state)
@@ -311,37 +308,33 @@ class BatchingEngine:
         self.top_k[rows] = cfg.top_k if cfg.top_k is not None else V
         self.top_p[rows] = cfg.top_p if cfg.top_p is not None else 1.0
         with self.lock:
-            self.running[job.id] = (job, rows, rng, [""] * n)
+            self.running[job.id] = (job, rows, Decoding(cfg, rng, n))
 
     @torch.no_grad()
     def _step(self) -> None:
         u = torch.full((self.slots,), 0.5, dtype=torch.float64)
-        for job, rows, rng, _ in self.running.values():
-            u[rows] = uniforms(job.samples, rng)
-        probs = next_token_probs(self.logits, self.temperature, self.top_k, self.top_p)
-        ids = draw(probs, u)
+        for job, rows, decoding in self.running.values():
+            u[rows] = decoding.uniforms()
+        ids = next_tokens(self.logits, self.temperature, self.top_k, self.top_p, u)
         self.logits, self.state = self.stepper(ids.to(self.device), self.state)
         chars = [self.tokenizer.chars[i] for i in ids.tolist()]
         ended = []
-        for job, rows, rng, tails in self.running.values():
-            job.produced += 1
-            stop = job.config.stop
-            for sample, i in enumerate(rows):
-                job.events.put((sample, chars[i]))
-                if stop:
-                    tails[sample] = (tails[sample] + chars[i])[-len(stop):]
+        for job, rows, decoding in self.running.values():
+            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows])):
+                if ch is not None:
+                    job.events.put((sample, ch))
+            job.produced = decoding.produced
             if job.cancelled:
                 ended.append((job, "stopped"))
-            elif stop and job.samples == 1 and tails[0] == stop:
-                ended.append((job, "stop"))
-            elif job.produced >= job.config.length:
-                ended.append((job, "length"))
+            elif decoding.ended:
+                ended.append((job, decoding.ended))
         for job, reason in ended:
             self._leave(job, reason)
 
     def _leave(self, job: Job, reason: str) -> None:
         """Free the job's rows, keeping where it ended as a session."""
-        _, rows, rng, _ = self.running[job.id]
+        _, rows, decoding = self.running[job.id]
+        rng = decoding.rng
         index = torch.tensor(rows, device=self.device)
         session = Session(state=tuple((h[index].clone(), c[index].clone()) for h, c in self.state),
                           logits=self.logits[index].clone(), rng_state=rng.get_state())

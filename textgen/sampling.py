@@ -11,7 +11,11 @@ the same machine and path (tested). Another CPU, thread count, device or
 pointwise path (C kernel or PyTorch ops) may round a logit differently in its
 last bits, and that can change a character where two are nearly tied.
 
-Imports model, tokenizer and errors; never training or cli.
+The loop itself is ``Decoding`` (a request's settings, random stream, count and stop tracking) with
+``next_tokens`` (probabilities to a draw): ``Generator`` drives it for one prompt, and the server's
+batching engine for many requests at once, so the two cannot drift apart.
+
+Imports model, tokenizer, settings and errors; never training or cli.
 """
 from __future__ import annotations
 
@@ -128,6 +132,58 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def next_tokens(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row: the distribution the settings give (next_token_probs), inverted at u."""
+    return draw(next_token_probs(logits, temperature, top_k, top_p), u)
+
+
+class Decoding:
+    """What one request's rows carry from step to step besides the model's state: its settings, its
+    random stream, how many characters it has made and which samples have met their stop string.
+
+    The single-prompt Generator and the server's batching engine both generate through it, so a stop
+    string ends each sample alike, one sample or several, alone or in a crowd."""
+
+    def __init__(self, config: SampleConfig, rng: torch.Generator, samples: int):
+        self.config, self.rng, self.samples = config, rng, samples
+        self.produced = 0                          # characters per sample so far
+        self.tails = [""] * samples                # the last len(stop) characters of each sample
+        self.stopped = [False] * samples
+
+    def uniforms(self) -> torch.Tensor:
+        return uniforms(self.samples, self.rng)
+
+    def advance(self, chars: list[str]) -> list[str | None]:
+        """Take one step's characters, one per sample; what each sample shows (None for one that
+        has already met its stop string: its row goes on stepping, its text has ended)."""
+        self.produced += 1
+        stop, shown = self.config.stop, []
+        for i, ch in enumerate(chars):
+            if self.stopped[i]:
+                shown.append(None)
+                continue
+            shown.append(ch)
+            if stop:
+                self.tails[i] = (self.tails[i] + ch)[-len(stop):]
+                self.stopped[i] = self.tails[i] == stop
+        return shown
+
+    @property
+    def ended(self) -> str | None:
+        """"stop" once every sample met its stop string, "length" once the length is reached, else None."""
+        if all(self.stopped):
+            return "stop"
+        return "length" if self.produced >= self.config.length else None
+
+
+def opening_ids(tokenizer: CharTokenizer, ids: torch.Tensor, logits) -> torch.Tensor:
+    """What to read before generating: the prompt's ids, or, with nothing read at all, the opening
+    text (a newline where the model knows one), as text starts."""
+    if len(ids) == 0 and logits is None:
+        return encode_text(tokenizer, opening_text(tokenizer))
+    return ids
+
+
 def encode_text(tokenizer: CharTokenizer, text: str, unknown: str = "error", warn=None) -> torch.Tensor:
     """Text to ids; characters the model never saw are an error, or with unknown="skip" left out with a warning."""
     missing = tokenizer.unknown_chars(text)
@@ -183,37 +239,28 @@ class Generator:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def stream(self, config: SampleConfig) -> Iterator[list[str]]:
+    def stream(self, config: SampleConfig) -> Iterator[list[str | None]]:
         """Yield one list of num_samples characters per step, carrying the state on.
 
-        Stops after config.length steps or, with one sample, once the output ends
-        with config.stop (the stop string is the last thing yielded).
+        Stops after config.length steps or once every sample's output ends with config.stop (a
+        sample's stop string is the last it yields; after it, its place in the list is None).
         """
         if self.logits is None:
-            # Nothing read yet: start from a newline if the model knows one, as text does.
-            self.feed(opening_text(self.tokenizer))
-        tail = ""
-        for _ in range(config.length):
-            probs = next_token_probs(self.logits, config.temperature, config.top_k, config.top_p)
-            ids = draw(probs, uniforms(self.num_samples, self.rng))
+            self.feed(opening_text(self.tokenizer))     # nothing read yet: start as text does
+        decoding = Decoding(config, self.rng, self.num_samples)
+        while decoding.ended is None:
+            ids = next_tokens(self.logits, config.temperature, config.top_k, config.top_p, decoding.uniforms())
             self.logits, self.state = self.stepper(ids.to(self.device), self.state)
-            chars = [self.tokenizer.chars[i] for i in ids.tolist()]
-            yield chars
-            if config.stop and self.num_samples == 1:
-                tail = (tail + chars[0])[-len(config.stop):]
-                if tail == config.stop:
-                    return
+            yield decoding.advance([self.tokenizer.chars[i] for i in ids.tolist()])
 
     def generate(self, config: SampleConfig) -> list[str]:
         """The generated continuations (without the text fed), one string per sample."""
         pieces = [[] for _ in range(self.num_samples)]
         for chars in self.stream(config):
             for piece, ch in zip(pieces, chars):
-                piece.append(ch)
-        texts = ["".join(p) for p in pieces]
-        if config.stop:
-            texts = [t[: t.index(config.stop) + len(config.stop)] if config.stop in t else t for t in texts]
-        return texts
+                if ch is not None:
+                    piece.append(ch)
+        return ["".join(p) for p in pieces]
 
 
 def sample(model: CharLSTM, tokenizer: CharTokenizer, prompt: str = "", config: SampleConfig | None = None,

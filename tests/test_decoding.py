@@ -1,0 +1,61 @@
+"""One generation loop: the single-prompt Generator and the batching engine both generate through
+sampling.Decoding, so a stop string ends each sample alike, one sample or several, alone or served."""
+import pytest
+import torch
+
+from conftest import train_tiny
+from textgen.batching import BatchingEngine, Job
+from textgen.checkpoint import load_model
+from textgen.sampling import Decoding, Generator, SampleConfig
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    run, _ = train_tiny(tmp_path_factory.mktemp("decoding"))
+    return load_model(run)[:2]
+
+
+def test_decoding_ends_each_sample_at_its_own_stop_and_the_request_when_all_have():
+    config = SampleConfig(length=10, stop="ab", num_samples=2)
+    decoding = Decoding(config, torch.Generator().manual_seed(1), 2)
+    assert decoding.advance(["a", "x"]) == ["a", "x"] and decoding.ended is None
+    assert decoding.advance(["b", "a"]) == ["b", "a"] and decoding.stopped == [True, False]
+    assert decoding.advance(["q", "b"]) == [None, "b"] and decoding.ended == "stop"
+    short = Decoding(SampleConfig(length=2, stop="zz"), torch.Generator(), 1)
+    short.advance(["z"])
+    short.advance(["y"])
+    assert short.ended == "length"
+
+
+def test_several_samples_stop_alike_in_the_generator_and_in_the_server(model):
+    model, tokenizer = model
+    config = SampleConfig(length=300, temperature=1.0, seed=11, num_samples=3, stop="\n")
+    gen = Generator(model, tokenizer, num_samples=3, seed=11)
+    gen.feed("ANNA: ")
+    texts = gen.generate(config)
+    # Each sample ends at its first newline (or runs to the length without one), and only there.
+    for text in texts:
+        assert text.count("\n") <= 1 and (text.endswith("\n") or len(text) == 300), repr(text)
+    # Without the stop string the same seed draws the same characters: each sample is that text, cut.
+    gen = Generator(model, tokenizer, num_samples=3, seed=11)
+    gen.feed("ANNA: ")
+    whole = gen.generate(SampleConfig(length=300, temperature=1.0, seed=11, num_samples=3))
+    for text, full in zip(texts, whole):
+        assert text == (full[: full.index("\n") + 1] if "\n" in full else full)
+    engine = BatchingEngine(model, tokenizer, slots=4, max_waiting=4)
+    try:
+        job = engine.submit(Job("ANNA: ", config))
+        assert job.finished.wait(60)
+        served = ["", "", ""]
+        end = None
+        while not job.events.empty():
+            kind, value = job.events.get()
+            if kind == "end":
+                end = value
+            elif isinstance(kind, int):
+                served[kind] += value
+        assert served == texts, (served, texts)          # the server stopped each sample where --stop did
+        assert end == ("stop" if all(t.endswith("\n") for t in texts) else "length")
+    finally:
+        engine.close()
+        engine.scheduler.stop()
