@@ -614,3 +614,14 @@ def test_running_out_of_memory_mid_run_is_one_sentence_and_keeps_the_last_checkp
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "ran out of memory at step 7" in err and "the checkpoint of step 5" in err and "is kept" in err
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 5
+
+
+def test_a_reader_that_goes_away_is_no_error(world):
+    """generate.py | head: the pipe closes under the writer; exit 0, nothing on stderr (a BrokenPipeError
+    caught as a full disk's OSError once printed a traceback)."""
+    job = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", world["run"], "-q",
+                            "--length", "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(job.stdout.read(10)) == 10
+    job.stdout.close()
+    assert job.wait(120) == 0
+    assert job.stderr.read() == b""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import ROOT, TINY, run, small_text, train_tiny
 from textgen import checkpoint, schedule
 from textgen.checkpoint import load_model
-from textgen.cli import parse_duration
+from textgen.settings import parse_duration
 from textgen.errors import UsageError
 from textgen.evaluate import adapted_cross_entropy, cross_entropy, evaluate_file
 from textgen.model import CharLSTM, ModelConfig

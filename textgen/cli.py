@@ -118,6 +118,10 @@ def run_main(main, argv) -> int:
     except (KernelUnavailable, OutputError) as e:
         _say_error(e)
         return 1
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error of ours
+        _silence_stdout()
+        return 0
     except OSError as e:
         if e.errno not in _CANNOT_WRITE:
             raise
@@ -133,10 +137,6 @@ def run_main(main, argv) -> int:
         newline = "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
         print(f"{newline}interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): not an error of ours
-        sys.stderr.close()
-        return 0
 
 
 _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
