@@ -31,11 +31,15 @@ SUFFIX = {"onnx": ".onnx", "web": ".html", "safetensors": "-safetensors"}
 NEEDS = {"onnx": "onnx", "safetensors": "safetensors"}           # the package each format writes with
 
 
+def run_name(run: str) -> str:
+    """The run folder's name, for a run folder or a checkpoint file in one: checkpoints/abc/best.pt -> abc."""
+    path = os.path.abspath(run)
+    return (os.path.basename(path) if os.path.isdir(path) else os.path.basename(os.path.dirname(path))) or "model"
+
+
 def default_output(run: str, fmt: str) -> str:
     """RUN's name with the format's suffix, in the current folder: checkpoints/abc -> abc.onnx."""
-    path = os.path.abspath(run)
-    name = os.path.basename(path) if os.path.isdir(path) else os.path.basename(os.path.dirname(path))
-    return (name or "model") + SUFFIX[fmt]
+    return run_name(run) + SUFFIX[fmt]
 
 
 def check_output(path: str, fmt: str) -> None:
@@ -133,7 +137,7 @@ def export(run: str, fmt: str, output: str | None = None, quantize: str = "none"
     if fmt == "web":
         from ..files import write_text
         from .web import page
-        info["name"] = os.path.basename(os.path.abspath(run if os.path.isdir(run) else os.path.dirname(run)))
+        info["name"] = run_name(run)
         write_text(output, page(model, info, quantize))
         return [output]
     from .safetensors_files import write
