@@ -12,7 +12,8 @@ from conftest import TINY, small_text
 # Tiny models that learn the text's shape in ~3 s each, so that greedy text is words, not one repeated letter.
 QUICK = [*TINY, "--batch-size", "16", "--seq-len", "32", "--steps", "100", "--lr", "1e-2", "--eval-every", "100",
          "--save-every", "100", "--dropout", "0", "--sample-length", "0", "-q"]
-KINDS = {"plain": ["--no-residual", "--steps", "150"], "residual": [], "adaptive": ["--head", "adaptive", "--cutoffs", "8,20"]}
+KINDS = {"plain": ["--no-residual", "--steps", "150"], "residual": [],
+         "adaptive": ["--head", "adaptive", "--cutoffs", "8,20"]}
 PROMPT = "ANNA:\n"
 
 
@@ -80,7 +81,8 @@ def test_onnx_steps_300_characters_of_two_streams_as_charlstm_does(runs, kind, t
     assert json.loads(meta["textgen.vocab"]) == list(tokenizer.chars)
     assert json.loads(meta["textgen.model_config"])["hidden_size"] == model.config.hidden_size
     assert meta["textgen.version"] == __import__("textgen").__version__ and meta["textgen.opening_text"] == "\n"
-    assert session.get_inputs()[0].shape == ["batch"] and session.get_outputs()[0].shape == ["batch", len(tokenizer.chars)]
+    assert session.get_inputs()[0].shape == ["batch"]
+    assert session.get_outputs()[0].shape == ["batch", len(tokenizer.chars)]
 
     tokens = torch.tensor(np.stack([tokenizer.encode(TEXT[:300]), tokenizer.encode(TEXT[5000:5300])]).astype("int64"))
     with torch.no_grad():
@@ -140,7 +142,8 @@ def test_safetensors_folder_loads_back_to_the_same_logits(runs, tmp_path):
 
 
 @pytest.mark.parametrize("damage, sentence", [
-    (lambda out: _edit_json(out / "config.json", hidden_size=48), "does not fit config.json: lstm.weight_ih_l0 is torch.float32 (128, 16)"),
+    (lambda out: _edit_json(out / "config.json", hidden_size=48),
+     "does not fit config.json: lstm.weight_ih_l0 is torch.float32 (128, 16)"),
     (lambda out: _edit_json(out / "config.json", vocab_size=7), "characters but"),
     (lambda out: (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:100]),
      "is not a readable safetensors file"),

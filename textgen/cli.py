@@ -736,7 +736,8 @@ def export_parser() -> argparse.ArgumentParser:
                 epilog="examples:\n  textgen export checkpoints/my-run --format onnx --output model.onnx\n"
                        "  textgen export checkpoints/my-run --format web --output model.html --quantize int8\n"
                        "  textgen export checkpoints/my-run --format safetensors --output my-run-safetensors")
-    p.add_argument("run", metavar="RUN_FOLDER_OR_FILE", help="a run folder (uses best.pt, else latest.pt) or a checkpoint")
+    p.add_argument("run", metavar="RUN_FOLDER_OR_FILE",
+                   help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--output", default=None,
                    help="the file to write (onnx, web), or a new or empty folder (safetensors); never over a "

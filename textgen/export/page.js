@@ -199,9 +199,11 @@
     const chars = Array.from(text), missing = [...new Set(chars.filter((ch) => !ids.has(ch)))];
     if (missing.length) {
       missing.sort((a, b) => a.codePointAt(0) - b.codePointAt(0));
-      const shown = missing.slice(0, 20).map(escapeChar).join(" ") + (missing.length > 20 ? ` and ${missing.length - 20} more` : "");
-      throw new Error(`the prompt has ${missing.length} character${missing.length > 1 ? "s" : ""} the model never saw ` +
-                      `(${shown}); remove ${missing.length > 1 ? "them" : "it"} to generate`);
+      const many = missing.length > 1;
+      const shown = missing.slice(0, 20).map(escapeChar).join(" ") +
+        (missing.length > 20 ? ` and ${missing.length - 20} more` : "");
+      throw new Error(`the prompt has ${missing.length} character${many ? "s" : ""} the model never saw ` +
+                      `(${shown}); remove ${many ? "them" : "it"} to generate`);
     }
     return chars.map((ch) => ids.get(ch));
   }
@@ -213,13 +215,19 @@
     for (const [key, value] of Object.entries(options)) if (value !== undefined && key in o) o[key] = value;
     for (const key of ["topK", "topP", "seed"]) if (o[key] === "") o[key] = null;
     const bad = (what, must, value) => { throw new Error(`${what} must be ${must}, got ${value}`); };
-    if (!whole(o.length) || o.length < 1 || o.length > MAX_LENGTH) bad("length", "from 1 to 100,000,000 characters", o.length);
+    if (!whole(o.length) || o.length < 1 || o.length > MAX_LENGTH) {
+      bad("length", "from 1 to 100,000,000 characters", o.length);
+    }
     const t = o.temperature;
     if (typeof t !== "number" || !Number.isFinite(t) || !(t === 0 || (t >= 1e-6 && t <= 1e6))) {
       bad("temperature", "0 (greedy) or from 1e-6 to 1e6", t);
     }
-    if (o.topK !== null && (!whole(o.topK) || o.topK < 1)) bad("top-k", "a whole number of at least 1 (empty: off)", o.topK);
-    if (o.topP !== null && (typeof o.topP !== "number" || !(o.topP > 0 && o.topP <= 1))) bad("top-p", "in (0, 1] (empty: off)", o.topP);
+    if (o.topK !== null && (!whole(o.topK) || o.topK < 1)) {
+      bad("top-k", "a whole number of at least 1 (empty: off)", o.topK);
+    }
+    if (o.topP !== null && (typeof o.topP !== "number" || !(o.topP > 0 && o.topP <= 1))) {
+      bad("top-p", "in (0, 1] (empty: off)", o.topP);
+    }
     if (o.seed !== null && (!whole(o.seed) || o.seed < 0 || o.seed > Number.MAX_SAFE_INTEGER)) {
       bad("seed", "a whole number from 0 to 9007199254740991 (empty: random)", o.seed);
     }
@@ -264,7 +272,8 @@
     say("generating…");
     let sliceEnd = performance.now() + SLICE_MS;
     while (produced < settings.length && !stopping) {
-      const token = draw(distribution(session.logits, settings.temperature, settings.topK, settings.topP), session.random());
+      const probs = distribution(session.logits, settings.temperature, settings.topK, settings.topP);
+      const token = draw(probs, session.random());
       const out = step(token, session.state);
       session.state = out.state;
       session.logits = out.logits;
@@ -359,7 +368,8 @@
     `${adaptive ? "adaptive softmax" : "full softmax"}; vocabulary of ${V}; ${spec.parameters.toLocaleString("en")} ` +
     `weights in ${spec.quantize === "int8" ? "int8 with a scale per row" : "float32"}; step ${spec.step}; ` +
     `textgen ${spec.textgen_version}`;
-  window.textgen = Object.freeze({ generate, continue: carryOn, stop, info: Object.freeze({ ...spec, tensors: undefined }) });
+  const info = Object.freeze({ ...spec, tensors: undefined });
+  window.textgen = Object.freeze({ generate, continue: carryOn, stop, info });
   say("ready: everything runs in this page, offline");
   setButtons();
 })();
