@@ -1,4 +1,4 @@
-"""`python -m textgen`: the `textgen` command (train, generate, eval, info, plot, serve). The only module
+"""`python -m textgen`: the `textgen` command (train, generate, eval, info, plot, serve, export). The only module
 of the package that imports cli."""
 import sys
 

@@ -5,7 +5,8 @@
     print(model.generate("ROMEO:", length=200, temperature=0.8, seed=1))
     textgen.train("my.txt", steps=1000)
 
-Imports checkpoint, model and sampling at the top, devices inside load(), training only inside train().
+Imports checkpoint, model and sampling at the top, devices and export.safetensors_files inside load(),
+training only inside train().
 Never cli.
 """
 from __future__ import annotations
@@ -72,8 +73,13 @@ class TextModel:
 
 @_speaks_arguments
 def load(path: str, device: str = "cpu", prefer_best: bool = True) -> TextModel:
-    """A run folder (best.pt, else latest.pt) or a checkpoint file, on any device."""
+    """A run folder (best.pt, else latest.pt) or a checkpoint file, on any device; or a safetensors
+    export (``textgen export RUN --format safetensors``: its folder or its model.safetensors)."""
     from .devices import resolve_device
+    from .export.safetensors_files import is_export, read
+    if is_export(path):          # no checkpoint digest here: read() checks every tensor against config.json
+        model, tokenizer, config = read(path)
+        return TextModel(model.to(resolve_device(device)), tokenizer, config, path)
     model, tokenizer, ckpt = load_model(path, prefer_best=prefer_best, device=resolve_device(device))
     return TextModel(model, tokenizer, ckpt, path)
 

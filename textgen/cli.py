@@ -679,8 +679,46 @@ def _serve(argv) -> int:
                  args.verbose)
 
 
+def export_parser() -> argparse.ArgumentParser:
+    from .export import FORMATS, QUANTIZE
+    p = _Parser(prog="textgen export", formatter_class=_Formatter,
+                description="Write a trained model (the weights generation uses) for another runtime: onnx (the "
+                            "one-character step as an ONNX graph, for onnxruntime and others), web (one HTML file "
+                            "that generates in the browser, offline) or safetensors (a folder of model.safetensors, "
+                            "config.json and vocab.json, which textgen.load reads back). See README, Export.",
+                epilog="examples:\n  textgen export checkpoints/my-run --format onnx --output model.onnx\n"
+                       "  textgen export checkpoints/my-run --format web --output model.html --quantize int8\n"
+                       "  textgen export checkpoints/my-run --format safetensors --output my-run-safetensors")
+    p.add_argument("run", metavar="RUN_FOLDER_OR_FILE",
+                   help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--output", default=None,
+                   help="the file to write (onnx, web), or a new or empty folder (safetensors); never over a "
+                        "checkpoint or a run folder's file (default: the run's name with .onnx, .html or "
+                        "-safetensors, in the current folder)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="web: int8 weights with a scale per row, about a quarter of the float32 page")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_version(p)
+    return p
+
+
+def export_main(argv=None) -> int:
+    return run_main(_export, argv)
+
+
+def _export(argv) -> int:
+    from .export import export
+    args = export_parser().parse_args(argv)
+    written = export(args.run, args.format, args.output, args.quantize)
+    if not args.quiet:
+        for path in written:
+            print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
+    return 0
+
+
 COMMANDS = {"train": train_main, "generate": generate_main, "eval": eval_main, "info": info_main,
-            "plot": plot_main, "serve": serve_main}
+            "plot": plot_main, "serve": serve_main, "export": export_main}
 
 
 def textgen_main(argv=None) -> int:
