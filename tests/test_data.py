@@ -52,7 +52,7 @@ def test_validation_is_the_tail():
 
 
 def test_too_short_text_says_how_short_and_what_to_change():
-    with pytest.raises(UsageError, match="need at least 520.*--batch-size"):
+    with pytest.raises(UsageError, match="need at least 520.*batch_size"):
         check_trainable(300, 100, batch_size=8, seq_len=64, val_fraction=0.1)
 
 

@@ -78,13 +78,14 @@ def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head)
 def test_a_distributed_checkpoint_resumes_in_one_process(text, tmp_path):
     ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "run"))
     assert ddp.returncode == 0, ddp.stderr
-    # Resume the distributed run's step-10 checkpoint in one process and train to step 20.
-    resumed = train_here("--resume", str(tmp_path / "run" / "step-0000010.pt"))
+    # Resume the distributed run's step-10 checkpoint in one process and train to step 20, in a folder of
+    # its own (in place it would replace the run's later checkpoints, which is refused).
+    resumed = train_here("--resume", str(tmp_path / "run" / "step-0000010.pt"), "--out", str(tmp_path / "resumed"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 10 of 20" in resumed.stdout
     straight = train_here(text, *FLAGS, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0
-    assert_close_models(checkpoint.load(str(tmp_path / "run" / "latest.pt")),
+    assert_close_models(checkpoint.load(str(tmp_path / "resumed" / "latest.pt")),
                         checkpoint.load(str(tmp_path / "straight" / "latest.pt")))
 
 
