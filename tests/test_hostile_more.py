@@ -142,3 +142,39 @@ def test_a_file_holding_only_a_byte_order_mark_is_empty(tmp_path):
     text.write_bytes(b"\xef\xbb\xbf")
     with pytest.raises(UsageError, match="is empty"):
         prepare(str(text), cache_dir=str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------
+# 16-18: textgen plot on a metrics.jsonl with lines it cannot read
+# ---------------------------------------------------------------------------
+
+GOOD_LINES = [{"step": s, "time": s / 10, "train_loss": 4 - s / 10, "val_loss": None if s % 2 else 3.9 - s / 10}
+              for s in range(1, 6)]
+BAD_LINES = {"not UTF-8": b"\xff\xfe{\"step\": 9}", "not JSON": b"{\"step\": 3, \"train_lo",
+             "no train_loss": b"{\"step\": 3, \"time\": 1.0}", "not an object": b"[1, 2, 3]",
+             "a loss that is text": b"{\"step\": 3, \"time\": 0.3, \"train_loss\": \"low\"}"}
+
+
+def _run_textgen(*argv):
+    import contextlib as _contextlib
+    import io
+    from textgen.cli import textgen_main
+    out, err = io.StringIO(), io.StringIO()
+    with _contextlib.redirect_stdout(out), _contextlib.redirect_stderr(err):
+        code = textgen_main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_plot_skips_a_line_it_cannot_read_with_one_note(tmp_path, kind):
+    pytest.importorskip("matplotlib")
+    lines = [json.dumps(row).encode() for row in GOOD_LINES]
+    lines.insert(2, BAD_LINES[kind])
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code, out, err = _run_textgen("plot", str(tmp_path), "--output", str(tmp_path / "loss.png"))
+    assert code == 0, err
+    assert err.count("\n") == 1 and "skipped 1 line" in err and "line 3" in err, err
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    from textgen.plot import read_metrics
+    notes = []
+    assert read_metrics(str(tmp_path), note=notes.append) == GOOD_LINES and len(notes) == 1
