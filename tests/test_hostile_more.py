@@ -155,14 +155,21 @@ BAD_LINES = {"not UTF-8": b"\xff\xfe{\"step\": 9}", "not JSON": b"{\"step\": 3, 
              "a loss that is text": b"{\"step\": 3, \"time\": 0.3, \"train_loss\": \"low\"}"}
 
 
-def _run_textgen(*argv):
-    import contextlib as _contextlib
+def _in_process(main, *argv):
+    """(exit code, stdout, stderr) of a command's main run here, argparse's SystemExit included."""
     import io
-    from textgen.cli import textgen_main
     out, err = io.StringIO(), io.StringIO()
-    with _contextlib.redirect_stdout(out), _contextlib.redirect_stderr(err):
-        code = textgen_main(list(argv))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:                    # argparse ends with SystemExit
+            code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def _run_textgen(*argv):
+    from textgen.cli import textgen_main
+    return _in_process(textgen_main, *argv)
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))
@@ -178,3 +185,105 @@ def test_plot_skips_a_line_it_cannot_read_with_one_note(tmp_path, kind):
     from textgen.plot import read_metrics
     notes = []
     assert read_metrics(str(tmp_path), note=notes.append) == GOOD_LINES and len(notes) == 1
+
+
+# ---------------------------------------------------------------------------
+# 26-28: the Python API given the wrong types
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny trained run folder and its text."""
+    return train_tiny(tmp_path_factory.mktemp("hostile-tiny"))
+
+
+WRONG_SAMPLING = [("temperature", "hot", "a number"), ("length", "5", "a whole number"),
+                  ("seed", "x", "a whole number"), ("length", 2.5, "a whole number"),
+                  ("top_k", 2.5, "a whole number"), ("seed", 1.5, "a whole number"), ("stop", 5, "text"),
+                  ("num_samples", 2.0, "a whole number"), ("length", True, "a whole number"),
+                  ("top_p", "0.5", "a number"), ("prompt", None, "text"), ("prompt", 123, "text")]
+
+
+@pytest.mark.parametrize("name, value, kind", WRONG_SAMPLING)
+def test_generate_refuses_a_wrong_type_by_its_argument(tiny, name, value, kind):
+    import textgen
+    model = textgen.load(tiny[0])
+    with pytest.raises(UsageError) as caught:
+        model.generate(**{"length": 3, name: value})
+    assert str(caught.value).startswith(f"{name} must be {kind}, got "), str(caught.value)
+
+
+@pytest.mark.parametrize("arguments, says", [({"seed": 2**64}, "seed must be a whole number from 0 to 2**63 - 1"),
+                                              ({"seed": "1"}, "seed must be a whole number"),
+                                              ({"num_samples": 0}, "num_samples must be"),
+                                              ({"unknown": "drop"}, "unknown must be 'error' or 'skip'")])
+def test_generator_checks_its_arguments(tiny, arguments, says):
+    import textgen
+    with pytest.raises(UsageError, match=says.replace("*", r"\*")):
+        textgen.load(tiny[0]).generator(**arguments)
+
+
+def test_load_refuses_what_is_not_a_path_and_takes_a_pathlib_path(tiny):
+    import pathlib
+    import textgen
+    for wrong in (None, 123, b"run"):
+        with pytest.raises(UsageError, match="path must be a path"):
+            textgen.load(wrong)
+    assert textgen.load(pathlib.Path(tiny[0]), device=torch.device("cpu")).checkpoint["step"] == 30
+
+
+WRONG_TRAINING = [({"text": 123}, "text must be a path"), ({"text": b"x"}, "text must be a path"),
+                  ({"steps": "2"}, "steps must be a whole number, got '2'"), ({"lr": "fast"}, "lr must be a number"),
+                  ({"time_budget": "5m"}, "time_budget must be a number"),
+                  ({"hidden_size": 32.7}, "hidden_size must be a whole number, got 32.7"),
+                  ({"out": 123}, "out must be a path"), ({"name": 5}, "name must be text"),
+                  ({"resume": 5}, "resume must be a path"), ({"steps": True}, "steps must be a whole number"),
+                  ({"locked_dropout": 1}, "locked_dropout must be True or False"),
+                  ({"overwrite": "yes"}, "overwrite must be True or False")]
+
+
+@pytest.mark.parametrize("arguments, says", WRONG_TRAINING)
+def test_train_refuses_a_wrong_type_by_its_argument_and_makes_no_folder(tmp_path, arguments, says):
+    import textgen
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    settings = dict(text=str(text), out=str(tmp_path / "run"), steps=2, hidden_size=16, embed_size=8, batch_size=4,
+                    seq_len=16, sample_length=0, log=lambda message: None)
+    with pytest.raises(UsageError, match=says):
+        textgen.train(**{**settings, **arguments})
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
+
+
+# ---------------------------------------------------------------------------
+# 40-42: settings at the edge of their parsing
+# ---------------------------------------------------------------------------
+
+def test_weight_decay_of_exactly_one_over_lr_is_accepted_despite_rounding():
+    from textgen.errors import SettingError
+    from textgen.training import TrainConfig
+    TrainConfig(lr=1e-9, weight_decay=1e9).validate()             # 1/1e-9 is 999999999.9999999 in floats
+    TrainConfig(lr=3e-3, weight_decay=1 / 3e-3).validate()
+    with pytest.raises(SettingError, match="at most 1/lr = 1e9"):
+        TrainConfig(lr=1e-9, weight_decay=1.001e9).validate()
+
+
+@pytest.mark.parametrize("flags, says", [(["--separator", "\\"], "'\\\\' is not a valid escape sequence"),
+                                         (["--separator", "ab\\x4"], "is not a valid escape sequence"),
+                                         (["--head", "adaptive", "--cutoffs", ","], "',' holds no numbers"),
+                                         (["--cutoffs", ""], "'' holds no numbers")])
+def test_a_flag_that_cannot_be_parsed_is_one_sentence_naming_it(tmp_path, flags, says):
+    text = tmp_path / "corpus.txt"
+    text.write_text(small_text(), encoding="utf-8")
+    from textgen.cli import train_main
+    code, _, err = _in_process(train_main, text, *TINY, "--steps", "2", "--out", tmp_path / "run", *flags)
+    assert code == 2 and says in err and f"argument {flags[-2]}" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_escapes_decode_alone_and_leave_the_text_around_them_as_typed():
+    from textgen.settings import unescape
+    assert unescape("\\n\\n") == "\n\n"
+    assert unescape("é\\t—") == "é\t—"
+    assert unescape("\\u20ac \\x41\\101 \\N{EM DASH}") == "€ AA —"       # \u20ac failed before: not latin-1
+    assert unescape("a\\qb") == "a\\qb"                                 # unknown: kept, as Python keeps it

@@ -147,8 +147,9 @@ class TrainConfig:
         that depend on another setting: where it means something and the arithmetic carries it (a
         learning rate of 1e308 overflows float32)."""
         settings.check(self)
-        # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign.
-        check_range("weight_decay", self.weight_decay, 0, 1 / self.lr,
+        # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign. The
+        # bound allows for rounding: 1/lr is not exact (1e-9 and 1e9 multiply to 1, yet 1/1e-9 < 1e9).
+        check_range("weight_decay", self.weight_decay, 0, (1 + 1e-12) / self.lr,
                     f"0 or more, and at most 1/lr = {number(1 / self.lr)} (each step scales the weights by "
                     f"1 - lr x weight decay)")
         if self.ema == 1:
