@@ -287,3 +287,84 @@ def test_escapes_decode_alone_and_leave_the_text_around_them_as_typed():
     assert unescape("é\\t—") == "é\t—"
     assert unescape("\\u20ac \\x41\\101 \\N{EM DASH}") == "€ AA —"       # \u20ac failed before: not latin-1
     assert unescape("a\\qb") == "a\\qb"                                 # unknown: kept, as Python keeps it
+
+
+# ---------------------------------------------------------------------------
+# 19-22: signed checkpoints whose fields hold what textgen never writes there
+# ---------------------------------------------------------------------------
+
+def _signed(source: str, target: str, change) -> str:
+    """source's checkpoint with change(payload) applied and its digest written afresh, as anybody can."""
+    payload = checkpoint.load(source)
+    payload.pop("integrity")
+    change(payload)
+    checkpoint.atomic_save(payload, target)
+    return target
+
+
+ODD_FIELDS = [("best_val_loss", "low", "its best_val_loss is 'low'"), ("elapsed", "long", "its elapsed is 'long'"),
+              ("step", "thirty", "its step is 'thirty'"), ("corpus", "x", "its corpus is 'x'"),
+              ("train_config", "x", "its train_config is 'x'"), ("model", [1], "its model is a list"),
+              ("model_config", [1, 2], "its model_config is a list"), ("vocab", {"chars": 5}, "its vocabulary is 5"),
+              ("vocab", ["a"], "its vocab is a list"), ("plan", "x", "its plan is 'x'"),
+              ("history", "x", "its history is 'x'"), ("created", 12345, "its created is 12345")]
+
+
+@pytest.mark.parametrize("field, value, says", ODD_FIELDS)
+def test_info_on_a_signed_checkpoint_with_an_odd_field_is_one_sentence(tiny, tmp_path, field, value, says):
+    forged = _signed(os.path.join(tiny[0], "latest.pt"), str(tmp_path / "forged.pt"),
+                     lambda p: p.__setitem__(field, value))
+    code, out, err = _run_textgen("info", forged)
+    assert code == 2 and out == "", (code, out, err)
+    assert err.startswith(f"error: {forged} is not a valid textgen checkpoint: {says}, not "), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value", [("step", "thirty"), ("plan", "x"), ("elapsed", "long"), ("history", "x"),
+                                          ("train_config", "x"), ("interval_sums", {"bogus": 1.0}),
+                                          ("rng", {"torch": 5}), ("carried_state", [[torch.zeros(1), torch.zeros(1)]])])
+def test_resuming_a_signed_checkpoint_with_an_odd_field_is_one_sentence(tiny, tmp_path, field, value):
+    run = tmp_path / "run"
+    shutil.copytree(tiny[0], run)
+    for name in ("latest.pt", "best.pt"):
+        os.unlink(run / name)                            # hard links: the run's other names keep the old file
+    _signed(os.path.join(tiny[0], "latest.pt"), str(run / "latest.pt"), lambda p: p.__setitem__(field, value))
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    result = train_here(tiny[1], "--resume", str(run), "--steps", "40", "-q")
+    assert_user_error(result, "is not a valid textgen checkpoint", field)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
+
+
+def test_generate_on_a_signed_checkpoint_whose_vocabulary_is_a_number_is_one_sentence(tiny, tmp_path):
+    import textgen
+    from textgen.cli import generate_main
+    forged = _signed(os.path.join(tiny[0], "latest.pt"), str(tmp_path / "forged.pt"),
+                     lambda p: p.__setitem__("vocab", {"chars": 5}))
+    code, _, err = _in_process(generate_main, "--checkpoint", forged, "--length", "5")
+    assert code == 2 and "its vocabulary is 5" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(UsageError, match="its vocabulary is 5"):
+        textgen.load(forged)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_checkpoint_holding_a_sparse_tensor_is_digested_and_loads(tiny, tmp_path):
+    sparse = torch.eye(3).to_sparse()
+    forged = _signed(os.path.join(tiny[0], "latest.pt"), str(tmp_path / "sparse.pt"),
+                     lambda p: p.__setitem__("extra", sparse))
+    assert torch.equal(checkpoint.load(forged)["extra"].to_dense(), torch.eye(3))     # its digest verifies
+    other = checkpoint.digest({"extra": torch.eye(3).to_sparse_csr()})                  # any layout is digested
+    assert other != checkpoint.digest({"extra": torch.eye(3)})
+    code, out, err = _run_textgen("info", forged)
+    assert code == 0, err
+    in_the_model = _signed(os.path.join(tiny[0], "latest.pt"), str(tmp_path / "sparse-weight.pt"),
+                           lambda p: p["model"].__setitem__("embedding.weight", p["model"]["embedding.weight"].to_sparse()))
+    with pytest.raises(UsageError, match="its model's embedding.weight is a sparse tensor, not a tensor"):
+        checkpoint.load(in_the_model)
+
+
+def test_the_digest_of_an_ordinary_checkpoint_is_what_it_always_was():
+    """Pinned from before sparse tensors were digested: every checkpoint written so far still verifies."""
+    payload = {"a": torch.arange(6, dtype=torch.float32).view(2, 3).t(), "b": [1, "x", None, 2.5, (3, 4)],
+               "c": {"k": True, 2: torch.zeros(0, dtype=torch.bfloat16)}, "integrity": 5}
+    assert checkpoint.digest(payload) == "9fec813b0e87632f225681504f2b94589a928518dece6d1b81520a35411dddba"
