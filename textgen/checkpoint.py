@@ -20,11 +20,17 @@ never runs code from the file):
     integrity                {"sha256": ...} of everything above (``digest``), checked on every load:
                              a bit that changed on disk is found, not trained or sampled from
 
+Every load also checks what each field textgen reads holds (``_FIELDS``: a step is a whole number,
+the vocabulary text, the weights tensors): a digest can be written again by anybody, so a file
+that was changed and "signed" is refused in one sentence naming the field, not met as a
+TypeError wherever the field is read.
+
 A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
 ``step-0001234.pt`` (hard links to what latest.pt was when written, so
 keeping them costs no extra disk) and ``best.pt``.
 
-Imports model (to rebuild it), tokenizer and errors; never training, sampling or cli.
+Imports model (to rebuild it), tokenizer, settings (the declared kinds), files (the one writer) and
+errors; never training, sampling or cli.
 """
 from __future__ import annotations
 
