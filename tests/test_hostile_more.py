@@ -368,3 +368,48 @@ def test_the_digest_of_an_ordinary_checkpoint_is_what_it_always_was():
     payload = {"a": torch.arange(6, dtype=torch.float32).view(2, 3).t(), "b": [1, "x", None, 2.5, (3, 4)],
                "c": {"k": True, 2: torch.zeros(0, dtype=torch.bfloat16)}, "integrity": 5}
     assert checkpoint.digest(payload) == "9fec813b0e87632f225681504f2b94589a928518dece6d1b81520a35411dddba"
+
+
+# ---------------------------------------------------------------------------
+# 29-31: the server
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_forged(tiny, tmp_path_factory):
+    """A server over a folder of two runs: "good", and "forged", signed with vocab={"chars": 5}."""
+    pytest.importorskip("uvicorn")
+    from test_serve import Served
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copytree(tiny[0], folder / "good")
+    (folder / "forged").mkdir()
+    _signed(os.path.join(tiny[0], "latest.pt"), str(folder / "forged" / "best.pt"),
+            lambda p: p.__setitem__("vocab", {"chars": 5}))
+    server = Served(str(folder))
+    yield server
+    server.close()
+
+
+def test_the_listing_shows_a_forged_model_with_its_error_and_generating_from_it_is_400(served_forged):
+    status, _, payload = served_forged.request("GET", "/api/models")
+    assert status == 200, payload
+    models = {m["name"]: m for m in json.loads(payload)["models"]}
+    assert models["good"]["layers"] == 2 and "error" not in models["good"]
+    assert "its vocabulary is 5" in models["forged"]["error"]
+    status, _, payload = served_forged.request("POST", "/api/generate", {"model": "forged", "length": 5})
+    assert status == 400 and "its vocabulary is 5" in json.loads(payload)["error"], payload
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "length", "seed", "num_samples"])     # top_k: below
+def test_an_integer_too_large_for_a_float_is_400(served_forged, field):
+    raw = b'{"model": "good", "%s": 1%s}' % (field.encode(), b"0" * 400)
+    status, _, payload = served_forged.request("POST", "/api/generate", raw=raw)
+    assert status == 400, payload
+    error = json.loads(payload)["error"]
+    assert error.startswith(f'"{field}" must be'), error
+
+
+def test_a_top_k_past_the_vocabulary_is_no_cut_as_on_the_command_line(served_forged):
+    huge = served_forged.generate(model="good", length=20, seed=3, top_k=10**30)
+    plain = served_forged.generate(model="good", length=20, seed=3)
+    assert huge[-1]["end"] == "length", huge
+    assert "".join(e.get("text", "") for e in huge) == "".join(e.get("text", "") for e in plain)
