@@ -4,8 +4,9 @@
 
 The command line builds its flags from these fields (``add_flags``: ``--lr``), the Python API takes
 them as keyword arguments (``lr=``) and HTTP as JSON fields (``"lr"``). ``check`` enforces the
-declared ranges with a ``SettingError`` naming the field, which each front end words in its own terms;
-a range that depends on another setting (weight decay at most 1/lr) stays in the config's validate().
+declared type (the annotation's: an ``int`` takes no ``'5'``, ``2.5`` or ``True``) and range with a
+``SettingError`` naming the field, which each front end words in its own terms; a range that depends
+on another setting (weight decay at most 1/lr) stays in the config's validate().
 
 Imports errors only; the configs of every layer (model, training, sampling, serving) import it.
 """
