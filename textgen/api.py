@@ -5,19 +5,23 @@
     print(model.generate("ROMEO:", length=200, temperature=0.8, seed=1))
     textgen.train("my.txt", steps=1000)
 
-Imports checkpoint, model and sampling at the top, devices and export.safetensors_files inside load(),
-training only inside train().
-Never cli.
+Every argument is checked at the door, its type included (a setting's by its declared kind, in
+settings.check): a wrong one is a UsageError naming the argument, never a TypeError from deep inside.
+
+Imports checkpoint, model, sampling and settings at the top, devices and export.safetensors_files inside
+load(), training only inside train(). Never cli.
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import fields
 
 from .checkpoint import load_model
 from .errors import SettingError, UsageError
 from .model import ModelConfig
 from .sampling import Generator, SampleConfig
+from .settings import check, shown
 
 
 def _speaks_arguments(function):
@@ -30,6 +34,23 @@ def _speaks_arguments(function):
         except UsageError as e:
             raise e.with_traceback(None) from None
     return wrapper
+
+
+def _path_or_none(name: str, value, optional: bool = True):
+    """A path argument as a str (a pathlib.Path is one too); anything else is the argument's error."""
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise UsageError(f"{{{name}}} must be a path (a str or pathlib.Path){' or None' if optional else ''}, "
+                         f"got {shown(value)}", **{name: ...})
+    return value
+
+
+def _check_unknown(unknown) -> None:
+    if unknown not in ("error", "skip"):
+        raise UsageError(f"{{unknown}} must be 'error' or 'skip', got {shown(unknown)}", unknown=...)
 
 
 class TextModel:
@@ -45,6 +66,8 @@ class TextModel:
     @_speaks_arguments
     def generator(self, seed: int | None = None, num_samples: int = 1, unknown: str = "error") -> Generator:
         """A Generator whose state carries from one feed/generate call to the next."""
+        SampleConfig(seed=seed, num_samples=num_samples).validate()      # their types and ranges
+        _check_unknown(unknown)
         return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown)
 
     @_speaks_arguments
@@ -58,6 +81,9 @@ class TextModel:
         if extra:
             raise UsageError(f"unknown sampling settings: {', '.join(sorted(extra))}; they are "
                              f"{', '.join(f.name for f in fields(SampleConfig))}")
+        if not isinstance(prompt, str):
+            raise UsageError(f"{{prompt}} must be text, got {shown(prompt)}", prompt=...)
+        _check_unknown(unknown)
         config = SampleConfig(**sampling)
         config.validate()
         gen = self.generator(config.seed, config.num_samples, unknown)
@@ -76,6 +102,11 @@ def load(path: str, device: str = "cpu", prefer_best: bool = True) -> TextModel:
     """A run folder (best.pt, else latest.pt) or a checkpoint file, on any device; or a safetensors
     export (``textgen export RUN --format safetensors``: its folder or its model.safetensors)."""
     from .devices import resolve_device
+    path = _path_or_none("path", path, optional=False)
+    import torch
+    device = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(device, str):
+        raise UsageError(f"{{device}} must be a device name such as 'cpu' or 'cuda', got {shown(device)}", device=...)
     from .export.safetensors_files import is_export, read
     if is_export(path):          # no checkpoint digest here: read() checks every tensor against config.json
         model, tokenizer, config = read(path)
@@ -99,7 +130,14 @@ def train(text: str | None = None, resume: str | None = None, log=print, overwri
     unknown = set(settings) - model_fields - train_fields
     if unknown:
         raise UsageError(f"unknown training settings: {', '.join(sorted(unknown))}")
+    text, resume = _path_or_none("text", text), _path_or_none("resume", resume)
+    settings.update({name: _path_or_none(name, settings[name]) for name in ("out", "cache_dir") if name in settings})
+    if not isinstance(overwrite, bool):
+        raise UsageError(f"{{overwrite}} must be True or False, got {shown(overwrite)}", overwrite=...)
+    if not callable(log):
+        raise UsageError(f"{{log}} must be a function that takes a line of text, got {shown(log)}", log=...)
     model_config = ModelConfig(vocab_size=1, **{k: v for k, v in settings.items() if k in model_fields})
+    check(model_config)                       # the types of the model's settings, before a folder is made
     train_settings = {k: v for k, v in settings.items() if k in train_fields}
     explicit = set(settings) | ({"text"} if text else set())
     TrainConfig.steps_replace_time(train_settings, explicit)

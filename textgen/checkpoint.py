@@ -20,11 +20,17 @@ never runs code from the file):
     integrity                {"sha256": ...} of everything above (``digest``), checked on every load:
                              a bit that changed on disk is found, not trained or sampled from
 
+Every load also checks what each field textgen reads holds (``_FIELDS``: a step is a whole number,
+the vocabulary text, the weights tensors): a digest can be written again by anybody, so a file
+that was changed and "signed" is refused in one sentence naming the field, not met as a
+TypeError wherever the field is read.
+
 A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
 ``step-0001234.pt`` (hard links to what latest.pt was when written, so
 keeping them costs no extra disk) and ``best.pt``.
 
-Imports model (to rebuild it), tokenizer and errors; never training, sampling or cli.
+Imports model (to rebuild it), tokenizer, settings (the declared kinds), files (the one writer) and
+errors; never training, sampling or cli.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from dataclasses import fields
 
 import torch
 
-from . import files
+from . import files, settings
 from .errors import UsageError
 from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
@@ -57,7 +63,15 @@ def digest(payload: dict) -> str:
 
 
 def _feed(h, value) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+        # textgen writes none, but a file may hold a sparse tensor: digest its indices and values (as a
+        # tensor of strided layout is digested, ordinary checkpoints keep the digest they were written with)
+        t = value.detach().cpu()
+        t = t if t.layout == torch.sparse_coo else t.to_sparse()
+        h.update(f"S{value.layout}{t.dtype}{tuple(t.shape)};".encode())
+        _feed(h, t._indices())
+        _feed(h, t._values())
+    elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -169,7 +183,92 @@ def load(path: str, map_location="cpu", note=None) -> dict:
         if key not in ckpt:
             raise UsageError(f"{path} is an incomplete textgen checkpoint (no {key!r})")
     _check_integrity(ckpt, path, note)
+    _check_fields(ckpt, path)
     return ckpt
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return _whole(value) or isinstance(value, float)
+
+
+def _tensors(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                           and t.layout == torch.strided for k, t in value.items())
+
+
+# Each field textgen reads from a checkpoint: what it must be, in words, and the test. A digest says only
+# that the file is as it was written; anybody can write a file and its digest ("sign" it), so what the
+# fields hold is checked here, once, rather than met as a TypeError wherever a field is read. A field
+# left out passes: checkpoints from before it existed have none.
+_FIELDS = {
+    "model_config": ("a dict of the model's settings", lambda v: isinstance(v, dict)),
+    "train_config": ("a dict of the training settings", lambda v: isinstance(v, dict)),
+    "vocab": ('a dict holding the vocabulary as "chars"', lambda v: isinstance(v, dict)),
+    "model": ("a dict of tensors", _tensors),
+    "averaged_model": ("a dict of tensors, or None", lambda v: v is None or _tensors(v)),
+    "optimizer": ("a dict", lambda v: isinstance(v, dict)),
+    "step": ("a whole number of 0 or more", lambda v: _whole(v) and v >= 0),
+    "plan": ("a whole number, or None", lambda v: v is None or _whole(v)),
+    "replans": ("a whole number", _whole),
+    "validations": ("a whole number", _whole),
+    "elapsed": ("a number of seconds", _number),
+    "eval_seconds": ("a number of seconds", _number),
+    "best_val_loss": ("a number, or None", lambda v: v is None or _number(v)),
+    "first_loss": ("a number, or None", lambda v: v is None or _number(v)),
+    "history": ("a list of dicts", lambda v: isinstance(v, list) and all(isinstance(row, dict) for row in v)),
+    "loader": ('a dict holding the "train" stream\'s position',
+               lambda v: isinstance(v, dict) and isinstance(v.get("train"), dict)
+               and _whole(v["train"].get("position")) and 0 <= v["train"]["position"] < 2**62),
+    "carried_state": ("a list of (h, c) tensor pairs, or None",
+                      lambda v: v is None or isinstance(v, (list, tuple)) and all(
+                          isinstance(pair, (list, tuple)) and len(pair) == 2
+                          and all(isinstance(t, torch.Tensor) for t in pair) for pair in v)),
+    "rng": ("a dict of random generator states", lambda v: isinstance(v, dict)),
+    "interval_sums": ("a dict of numbers", lambda v: isinstance(v, dict) and all(map(_number, v.values()))),
+    "scaler": ("a dict, or None", lambda v: v is None or isinstance(v, dict)),
+    "corpus": ("a dict describing the text",
+               lambda v: isinstance(v, dict) and all(isinstance(v[k], str) for k in ("path", "sha256") if k in v)
+               and all(_whole(v[k]) for k in ("size_bytes", "characters") if k in v)),
+    "created": ("a date as text, or None", lambda v: v is None or isinstance(v, str)),
+}
+
+
+def _described(value) -> str:
+    """A field's value as a sentence shows it: 'thirty', 5, a list, a sparse tensor."""
+    if value is None or isinstance(value, (str, int, float)):
+        return settings.shown(value)
+    if isinstance(value, torch.Tensor):
+        return "a tensor" if value.layout == torch.strided else "a sparse tensor"
+    return "a dict" if isinstance(value, dict) else "a list" if isinstance(value, (list, tuple)) else \
+        f"a {type(value).__name__}"
+
+
+def _check_fields(ckpt: dict, path: str) -> None:
+    """UsageError, one sentence naming the field, for a field that does not hold what textgen writes there."""
+    def need(label: str, value, ok: bool, expected: str) -> None:
+        if not ok:
+            raise UsageError(f"{path} is not a valid textgen checkpoint: its {label} is {_described(value)}, "
+                             f"not {expected}")
+    for key, (expected, test) in _FIELDS.items():
+        if key in ckpt:
+            value = ckpt[key]
+            if test is _tensors and isinstance(value, dict):        # name the entry that is not a plain tensor
+                for name, tensor in value.items():
+                    need(f"{key}'s {name}", tensor, _tensors({name: tensor}), "a tensor")
+            need(key, value, test(value), expected)
+    chars = ckpt["vocab"].get("chars")
+    need("vocabulary", chars, isinstance(chars, str) and len(chars) > 0 and len(set(chars)) == len(chars),
+         "text holding each of its characters once")
+    config = ckpt["model_config"]
+    need("model_config's vocab_size", config.get("vocab_size"), _whole(config.get("vocab_size")), "a whole number")
+    for f in settings.declared(ModelConfig):
+        if f.name in config:
+            expected = settings.kind_problem(f, config[f.name])
+            need(f"model_config's {f.name}", config[f.name], expected is None, expected or "")
 
 
 def _check_integrity(ckpt: dict, path: str, note) -> None:
@@ -235,11 +334,14 @@ def parameter_count(ckpt: dict) -> int:
     return sum(t.numel() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def summary(ckpt: dict) -> dict:
-    """What a checkpoint holds, without building its model: what `textgen info` prints and the
-    server's model list returns."""
-    config = model_config_of(ckpt)
-    config.resolve_head()
+def summary(ckpt: dict, path: str = "checkpoint") -> dict:
+    """What a checkpoint holds (a loaded one, its fields checked), without building its model: what
+    `textgen info` prints and the server's model list returns."""
+    try:
+        config = model_config_of(ckpt)
+        config.resolve_head()
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise UsageError(f"{path} has an invalid model configuration: {_first_line(e)}") from None
     averaged = ckpt.get("averaged_model") is not None
     return {
         "layers": config.layers, "hidden_size": config.hidden_size, "embed_size": config.embed_size,

@@ -594,7 +594,7 @@ def _info(argv) -> int:
     args = p.parse_args(argv)
     path = resolve(args.checkpoint, prefer_best=False)
     ckpt = load(path, map_location="cpu")
-    info = summary(ckpt)
+    info = summary(ckpt, path)
     corpus, best = info["corpus"], info["best_val_loss"]
     print(f"checkpoint   {path} (format {info['version']}, written {info['created'] or '?'})")
     print(f"model        {info['layers']} x LSTM {info['hidden_size']}"

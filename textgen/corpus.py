@@ -11,22 +11,28 @@ and never holds the whole text:
    the smallest unsigned dtype, to a cache file.
 
 Cache entries live under ``--cache-dir`` (default ``machine.cache_root()``:
-``$TEXTGEN_CACHE_DIR``, ``$XDG_CACHE_HOME/textgen`` or ``~/.cache/textgen``), shared by all runs. An entry is named by the content
-hash and the vocabulary; a small pointer keyed by the files' paths, sizes and
-modification times finds it without reading the files again, so a second run
-on the same corpus starts at once, and an edited file (new size or mtime, then
-a new hash) gets a new entry. Training reads the tokens through a read-only
-memory map: resident memory does not grow with the corpus.
+``$TEXTGEN_CACHE_DIR``, ``$XDG_CACHE_HOME/textgen`` or ``~/.cache/textgen``), shared by all runs.
+An entry is named by the content hash and the vocabulary; a small pointer keyed by the files'
+paths, sizes and modification times finds it without reading the files again, so a second run
+on the same corpus starts at once, and an edited file (new size or mtime, then a new hash) gets
+a new entry. A damaged entry (a pointer or meta.json that is not what preparation wrote, a
+tokens.bin of the wrong size or holding an id past the vocabulary) counts as a miss: the log
+says so and the corpus is prepared again, through the one writer; a cache folder that takes no
+files is one sentence. Training reads the tokens through a read-only memory map: resident
+memory does not grow with the corpus.
 
-Imports tokenizer, errors and machine (the cache location); never model, training or cli.
+Imports tokenizer, errors, files (the one writer) and machine (the cache location); never model,
+training or cli.
 """
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -187,83 +193,171 @@ def prepare(spec: str, cache_dir: str | None = None, separator: str = "\n\n",
     except OSError as e:
         raise UsageError(f"cannot create the cache folder {cache_dir} ({e.strerror}); choose another with {{cache_dir}}",
                          cache_dir=...) from None
+    log = log or (lambda message: None)
     key, stats = _fingerprint(paths, separator)
     pointer = os.path.join(cache_dir, f"files-{key[:32]}.json")
-    sha = None
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            sha = json.load(f).get("sha256")
-        entry = _find_entry(cache_dir, sha, tokenizer)
-        if entry is not None:
-            return _open_entry(entry, stats, separator)
+    damaged: set[str] = set()          # entries found damaged (said once), prepared again below
+    sha = _pointed_sha(pointer, log)
+    found = _cached(cache_dir, sha, tokenizer, stats, separator, log, damaged)
+    if found is not None:
+        return found
 
-    log = log or (lambda message: None)
     log(f"preparing {spec}: {len(paths)} file(s), {total / 2**20:,.1f} MB, cached in {cache_dir}")
     started = time.perf_counter()
     bar = _bar(progress, 2 * total, "preparing")
     try:
         sha, present, characters = _scan(paths, separator, bar.update)
+        if not characters:                                   # a byte-order mark and nothing else
+            raise UsageError(f"{spec} is empty; give a file with some text in it")
         own = CharTokenizer(present.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass"))
         if tokenizer is not None:
             missing = "".join(ch for ch in own.chars if ch not in set(tokenizer.chars))
             if missing:
                 raise UnknownCharactersError(missing, tokenizer.vocab_size)
         tokenizer = tokenizer or own
-        entry = _find_entry(cache_dir, sha, tokenizer)
-        if entry is None:
+        found = _cached(cache_dir, sha, tokenizer, stats, separator, log, damaged)
+        if found is None:
             entry = os.path.join(cache_dir, f"{sha[:32]}-{_vocab_key(tokenizer)}")
-            os.makedirs(entry, exist_ok=True)
-            try:
+            with _writing_cache(cache_dir):
+                os.makedirs(entry, exist_ok=True)
                 count = _encode_into(paths, separator, tokenizer, os.path.join(entry, "tokens.bin"), bar.update)
-            except (OutputError, files.WriteError) as e:     # the text's own errors pass as they are
-                raise UsageError(f"cannot write the token cache in {entry} ({e}); "
-                                 f"free some space or choose another folder with {{cache_dir}}", cache_dir=...) from None
-            meta = {"format": CACHE_FORMAT, "sha256": sha, "vocab": tokenizer.chars, "dtype": tokenizer.dtype.str,
-                    "tokens": count, "characters": characters, "size_bytes": total,
-                    "own_vocabulary": tokenizer == own}
-            _write_json(os.path.join(entry, "meta.json"), meta)
+                meta = {"format": CACHE_FORMAT, "sha256": sha, "vocab": tokenizer.chars,
+                        "dtype": tokenizer.dtype.str, "tokens": count, "characters": characters,
+                        "size_bytes": total, "own_vocabulary": tokenizer == own}
+                _write_json(os.path.join(entry, "meta.json"), meta)
+            found = _open_entry(entry, meta, stats, separator, verify=False)    # just written from the text
     finally:
         bar.close()
-    _write_json(pointer, {"sha256": sha, "files": stats, "separator": separator})
+    with _writing_cache(cache_dir):
+        _write_json(pointer, {"sha256": sha, "files": stats, "separator": separator})
     seconds = time.perf_counter() - started
     log(f"prepared in {seconds:.1f}s ({total / 2**20 / max(seconds, 1e-9):,.0f} MB/s)")
-    return _open_entry(entry, stats, separator)
+    return found
+
+
+@contextlib.contextmanager
+def _writing_cache(cache_dir: str):
+    """A cache folder that will not take the files is one sentence naming {cache_dir}, not a traceback."""
+    try:
+        yield
+    except OutputError as e:                                 # a full disk
+        raise UsageError(f"cannot write the token cache in {cache_dir} ({e}); free some space or choose another "
+                         f"folder with {{cache_dir}}", cache_dir=...) from None
+    except files.WriteError as e:                            # read-only, immutable, gone
+        raise UsageError(f"cannot write the token cache in {cache_dir} ({e}); choose another folder with "
+                         f"{{cache_dir}}", cache_dir=...) from None
+    except OSError as e:                                     # the entry's folder could not be made
+        raise UsageError(f"cannot write the token cache in {cache_dir} ({(e.strerror or str(e)).lower()}); "
+                         f"choose another folder with {{cache_dir}}", cache_dir=...) from None
 
 
 def _vocab_key(tokenizer: CharTokenizer) -> str:
     return hashlib.sha256(tokenizer.chars.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
-def _find_entry(cache_dir: str, sha: str | None, tokenizer: CharTokenizer | None) -> str | None:
-    """The cache entry for this content (and vocabulary, if one is imposed), if complete."""
+class _Damaged(Exception):
+    """A cache file that is not what textgen wrote there (cut short, overwritten, edited)."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:                       # not UTF-8, not JSON, unreadable
+        raise _Damaged(f"{os.path.basename(path)} cannot be read: {str(e).splitlines()[0][:100]}") from None
+    if not isinstance(doc, dict):
+        raise _Damaged(f"{os.path.basename(path)} is not a JSON object")
+    return doc
+
+
+def _pointed_sha(pointer: str, log) -> str | None:
+    """The content hash a pointer names; None where there is none, or it is damaged (the log says so)."""
+    if not os.path.isfile(pointer):
+        return None
+    try:
+        sha = _read_json(pointer).get("sha256")
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise _Damaged(f"{os.path.basename(pointer)} names no content hash")
+        return sha
+    except _Damaged as e:
+        log(f"the token cache is damaged ({e}); preparing the corpus again")
+        return None
+
+
+def _cached(cache_dir: str, sha: str | None, tokenizer: CharTokenizer | None, stats: list[dict], separator: str,
+            log, damaged: set[str]) -> PreparedCorpus | None:
+    """The cache entry for this content (and vocabulary, if one is imposed), opened, if it is there and whole.
+    A damaged entry counts as a miss: the log says so once, and preparation writes it again."""
     if sha is None:
         return None
-    candidates = ([f"{sha[:32]}-{_vocab_key(tokenizer)}"] if tokenizer is not None else
-                  sorted(d for d in os.listdir(cache_dir) if d.startswith(sha[:32] + "-")))
+    if tokenizer is not None:
+        candidates = [f"{sha[:32]}-{_vocab_key(tokenizer)}"]
+    else:
+        try:
+            candidates = sorted(d for d in os.listdir(cache_dir) if d.startswith(sha[:32] + "-"))
+        except OSError:
+            return None                                      # a folder we cannot list holds no hit
     for name in candidates:
         entry = os.path.join(cache_dir, name)
-        meta = os.path.join(entry, "meta.json")
-        if os.path.isfile(meta) and os.path.isfile(os.path.join(entry, "tokens.bin")):
-            with open(meta) as f:
-                m = json.load(f)
+        if entry in damaged or not (os.path.isfile(os.path.join(entry, "meta.json"))
+                                    and os.path.isfile(os.path.join(entry, "tokens.bin"))):
+            continue
+        try:
+            meta = _read_json(os.path.join(entry, "meta.json"))
             # Without an imposed vocabulary, only the content's own will do.
-            if m.get("format") == CACHE_FORMAT and m.get("sha256") == sha and \
-                    (tokenizer is not None or m.get("own_vocabulary")):
-                return entry
+            if meta.get("format") != CACHE_FORMAT or meta.get("sha256") != sha or \
+                    (tokenizer is None and meta.get("own_vocabulary") is not True):
+                continue
+            if tokenizer is not None and meta.get("vocab") != tokenizer.chars:
+                raise _Damaged("meta.json holds another vocabulary than its folder's name says")
+            return _open_entry(entry, meta, stats, separator)
+        except _Damaged as e:
+            damaged.add(entry)
+            log(f"the token cache entry {entry} is damaged ({e}); preparing the corpus again")
     return None
 
 
-def _open_entry(entry: str, stats: list[dict], separator: str) -> PreparedCorpus:
-    with open(os.path.join(entry, "meta.json")) as f:
-        meta = json.load(f)
-    tokenizer = CharTokenizer(meta["vocab"])
-    tokens = np.memmap(os.path.join(entry, "tokens.bin"), dtype=np.dtype(meta["dtype"]), mode="r",
-                       shape=(meta["tokens"],))
+def _open_entry(entry: str, meta: dict, stats: list[dict], separator: str, verify: bool = True) -> PreparedCorpus:
+    """The entry's tokens as a read-only memory map; _Damaged where meta.json or tokens.bin is not what
+    preparation wrote. verify reads the tokens once: an id past the vocabulary (a flipped or overwritten
+    byte) would otherwise fail deep in training, or index out of bounds on a GPU."""
+    chars, dtype, count = meta.get("vocab"), meta.get("dtype"), meta.get("tokens")
+    if not (isinstance(chars, str) and chars and len(set(chars)) == len(chars)):
+        raise _Damaged("meta.json holds no valid vocabulary")
+    if dtype not in ("|u1", "<u2", "<u4") or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise _Damaged("meta.json holds no valid token count or type")
+    if not all(isinstance(meta.get(k), int) for k in ("characters", "size_bytes")):
+        raise _Damaged("meta.json holds no valid sizes")
+    path = os.path.join(entry, "tokens.bin")
+    dtype = np.dtype(dtype)
+    size = os.path.getsize(path)
+    if size != count * dtype.itemsize:
+        raise _Damaged(f"tokens.bin holds {size:,} bytes where meta.json says {count * dtype.itemsize:,}")
+    tokenizer = CharTokenizer(chars)
+    if tokenizer.dtype != dtype:
+        raise _Damaged(f"meta.json says the ids are {dtype}, not {tokenizer.dtype} as its vocabulary needs")
+    try:
+        top = _max_id(path, dtype) if verify else 0
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    except (OSError, ValueError) as e:
+        raise _Damaged(f"tokens.bin cannot be read: {str(e).splitlines()[0][:100]}") from None
+    if top >= tokenizer.vocab_size:
+        raise _Damaged(f"tokens.bin holds the id {top}, past the vocabulary of {tokenizer.vocab_size}")
     paths = [s["path"] for s in stats]
     info = {"path": paths[0] if len(paths) == 1 else os.path.commonpath(paths), "files": paths,
             "separator": separator, "size_bytes": meta["size_bytes"], "characters": meta["characters"],
             "sha256": meta["sha256"], "cache": entry}
     return PreparedCorpus(tokens, tokenizer, info)
+
+
+def _max_id(path: str, dtype: np.dtype) -> int:
+    """The largest id in a tokens file, read in blocks (not mapped: the check leaves resident memory as it was)."""
+    top = 0
+    buffer = bytearray(BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize)
+    with open(path, "rb") as f:
+        while n := f.readinto(buffer):
+            top = max(top, int(np.frombuffer(buffer, dtype, n // dtype.itemsize).max(initial=0)))
+    return top
 
 
 def _write_json(path: str, doc: dict) -> None:

@@ -214,6 +214,17 @@ FIELDS = {"model": (str,), "prompt": (str,), "unknown": (str,), "continue": (str
           **{name: _JSON_TYPES[k] for name, k in _SAMPLING.items()}}
 
 
+MAX_VOCABULARY = 0x110000              # every Unicode code point
+
+
+def _as_float(name: str, value) -> float:
+    """A JSON number as a float; an integer too large for one (1 and 400 zeros) is the field's error."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise SettingError(name, f"must be a finite number, got an integer of {len(str(value)):,} digits") from None
+
+
 def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     """A generate request's JSON -> (model name, job), with the CLI's checks and messages."""
     if not isinstance(body, dict):
@@ -233,9 +244,13 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     if len(prompt) > limits.max_prompt:
         raise UsageError(f"the prompt is {len(prompt):,} characters; this server takes at most {limits.max_prompt:,}")
     # A field left out or null takes the setting's default; JSON's integers stand for floats too.
-    config = SampleConfig(**{name: float(body[name]) if k == "float" else body[name]
+    config = SampleConfig(**{name: _as_float(name, body[name]) if k == "float" else body[name]
                              for name, k in _SAMPLING.items() if body.get(name) is not None})
     config.validate()
+    if config.top_k is not None:
+        # No vocabulary holds more characters than Unicode has, so a larger k cuts nothing, as on the
+        # command line; clamped here, it fits the batch's int64 tensor of one k per row.
+        config.top_k = min(config.top_k, MAX_VOCABULARY)
     if config.length > limits.max_length:
         raise SettingError("length", f"must be at most {limits.max_length:,} on this server, got {config.length:,}")
     unknown = get("unknown", "error")

@@ -4,8 +4,9 @@
 
 The command line builds its flags from these fields (``add_flags``: ``--lr``), the Python API takes
 them as keyword arguments (``lr=``) and HTTP as JSON fields (``"lr"``). ``check`` enforces the
-declared ranges with a ``SettingError`` naming the field, which each front end words in its own terms;
-a range that depends on another setting (weight decay at most 1/lr) stays in the config's validate().
+declared type (the annotation's: an ``int`` takes no ``'5'``, ``2.5`` or ``True``) and range with a
+``SettingError`` naming the field, which each front end words in its own terms; a range that depends
+on another setting (weight decay at most 1/lr) stays in the config's validate().
 
 Imports errors only; the configs of every layer (model, training, sampling, serving) import it.
 """
@@ -45,13 +46,44 @@ def declared(cls) -> list[Field]:
 
 
 def check(config) -> None:
-    """Every declared range and choice of config, in field order; SettingError naming the field."""
+    """Every declared type, range and choice of config, in field order; SettingError naming the field."""
     for f in declared(type(config)):
         meta, value = f.metadata, getattr(config, f.name)
+        expected = kind_problem(f, value)
+        if expected:
+            raise SettingError(f.name, f"must be {expected}, got {shown(value)}")
         if meta["choices"] is not None and value not in meta["choices"]:
             raise SettingError(f.name, f"must be {' or '.join(map(str, meta['choices']))}, got {value}")
         if meta["low"] is not None or meta["high"] is not None:
             check_range(f.name, value, meta["low"], meta["high"], meta["within"], meta["low_open"])
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# A field's declared kind -> (what a value must be, in words; the test). A bool is no number here:
+# True as a step count or a temperature is a mistake, not 1.
+_KINDS = {"int": ("a whole number", _whole),
+          "float": ("a number", lambda v: _whole(v) or isinstance(v, float)),
+          "str": ("text", lambda v: isinstance(v, str)),
+          "bool": ("True or False", lambda v: isinstance(v, bool)),
+          "tuple": ("a list of whole numbers", lambda v: isinstance(v, (list, tuple)) and all(map(_whole, v)))}
+
+
+def kind_problem(f: Field, value) -> str | None:
+    """What value should have been for f's declared type ("a whole number"), or None where it is one
+    (None passes where the annotation allows it: "int | None")."""
+    if value is None and "None" in str(f.type):
+        return None
+    expected, test = _KINDS.get(kind(f), (None, None))
+    return None if test is None or test(value) else expected
+
+
+def shown(value) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def flag_of(name: str) -> str:
@@ -114,13 +146,34 @@ def parse_duration(text: str) -> float:
 
 
 def parse_int_list(text: str) -> tuple:
-    """'256,1024' -> (256, 1024)."""
+    """'256,1024' -> (256, 1024); a list with no number in it (',') is refused, not taken as none."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        numbers = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no numbers; give a comma-separated list of whole numbers "
+                                         f"such as 256,1024")
+    return numbers
+
+
+# Python's escapes, each decoded alone so that the text around them stays as typed (é, €); an unknown
+# one (\\q) stays as typed, as in a Python string.
+_ESCAPE = re.compile(r"\\(?:N(?:\{[^}]*\}?)?|u[0-9a-fA-F]{0,4}|U[0-9a-fA-F]{0,8}|x[0-9a-fA-F]{0,2}|[0-7]{1,3}"
+                     r"|[\\'\"abfnrtv\n]|$)")
 
 
 def unescape(text: str) -> str:
-    """'\\n\\n' typed on a command line -> two newlines."""
-    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    """'\\n\\n' typed on a command line -> two newlines; a broken escape (a lone \\ at the end, \\x4)
+    is the flag's error in one sentence."""
+    def one(match: re.Match) -> str:
+        decoded = match[0].encode("utf-8").decode("unicode_escape")
+        if any("\ud800" <= ch <= "\udfff" for ch in decoded):
+            raise UnicodeError("a lone surrogate")
+        return decoded
+    try:
+        return _ESCAPE.sub(one, text)
+    except UnicodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid escape sequence; write \\\\ for a backslash, \\n for a newline, \\t for "
+            f"a tab, \\xHH or \\uHHHH for a character") from None

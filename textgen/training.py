@@ -147,8 +147,9 @@ class TrainConfig:
         that depend on another setting: where it means something and the arithmetic carries it (a
         learning rate of 1e308 overflows float32)."""
         settings.check(self)
-        # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign.
-        check_range("weight_decay", self.weight_decay, 0, 1 / self.lr,
+        # AdamW scales the weights by 1 - lr * weight_decay each step: past 1 that flips their sign. The
+        # bound allows for rounding: 1/lr is not exact (1e-9 and 1e9 multiply to 1, yet 1/1e-9 < 1e9).
+        check_range("weight_decay", self.weight_decay, 0, (1 + 1e-12) / self.lr,
                     f"0 or more, and at most 1/lr = {number(1 / self.lr)} (each step scales the weights by "
                     f"1 - lr x weight decay)")
         if self.ema == 1:
@@ -547,6 +548,17 @@ class Trainer:
                                  foreach=self.device.type != "cpu" or None)
 
     def _restore(self, ckpt: dict, resume: str) -> None:
+        """The run's state from its checkpoint, whose fields checkpoint.load has checked by type; what
+        their contents cannot restore (a signed file with a state of another shape) is one sentence."""
+        @contextlib.contextmanager
+        def restoring(name: str):
+            try:
+                yield
+            except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UsageError(f"{resume} is not a valid textgen checkpoint: its {name} cannot be restored "
+                                 f"({reason})") from None
+
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -564,17 +576,25 @@ class Trainer:
         self.best_val_loss = ckpt.get("best_val_loss")
         self.history = list(ckpt.get("history", []))
         self.first_loss = ckpt.get("first_loss")
-        self.sums = IntervalSums(**ckpt.get("interval_sums", {}))
-        self.loader.load_state_dict(ckpt["loader"]["train"])
+        with restoring("interval_sums"):
+            self.sums = IntervalSums(**ckpt.get("interval_sums", {}))
+        with restoring("loader"):
+            self.loader.load_state_dict(ckpt["loader"]["train"])
         carried = ckpt.get("carried_state")
         if carried:
+            shape = (self.config.batch_size, self.model_config.hidden_size)
+            if len(carried) != self.model_config.layers or any(tuple(t.shape) != shape for pair in carried for t in pair):
+                raise UsageError(f"{resume} is not a valid textgen checkpoint: its carried_state does not hold "
+                                 f"{self.model_config.layers} layers of {shape[0]} x {shape[1]} states")
             first, count = self.dist.stream_share(self.config.batch_size)
             self.state = tuple((h[first:first + count].to(self.device), c[first:first + count].to(self.device))
                                for h, c in carried)
         if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+            with restoring("rng"):
+                set_rng_state(ckpt["rng"])
         if ckpt.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
+            with restoring("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
         self.last_saved_step = self.step
 
     # -- one step, one evaluation, one save ------------------------------------------
