@@ -82,3 +82,17 @@ def test_the_match_model_serves_evaluation_only():
     """match.py needs nothing of ours, and only evaluation mixes it in: sampling draws from the LSTM alone."""
     assert set(imports_of("match")) == set()
     assert [m for m in MODULES if "match" in imports_of(m)] == ["evaluate"]
+
+
+def test_the_version_and_the_top_level_help_do_not_import_torch():
+    """`textgen --version` and `textgen --help` answer at once: the package's names load on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, textgen.cli\n"
+            "for argv in (['--version'], ['--help']):\n"
+            "    textgen.cli.textgen_main(argv)\n"
+            "import textgen\n"
+            "assert textgen.__version__\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", (done.stdout, done.stderr)
