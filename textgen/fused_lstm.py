@@ -169,14 +169,14 @@ def describe_step_path(device: torch.device | str) -> str:
 
 
 def forward_steps(gates, c0, hs, cs):
-    """The forward step function for a chunk: step(t, pre) -> h_t.
+    """The forward step function for a chunk and how it wants the g rows scaled: (step(t, pre) -> h_t, g_scale).
 
     gates (T, B, 4H) receives each step's activations i, f, g, o (it may be the buffer the
     pre-activations came in: every element is read before it is written); c0 (B, H) is the
     cell state before the chunk; hs (T, B, H) receives h; cs (T, B, H) receives c, or with a
     single slot (1, B, H) is updated in place when no backward pass needs every step's c.
     pre (B, 4H) is step t's pre-activations x W_ih^T + h W_hh^T + biases, with the g rows
-    scaled by step.g_scale: a backend may scale the g pre-activations already in gates when it
+    scaled by g_scale: a backend may scale the g pre-activations already in gates when it
     prepares (the PyTorch one does, see _torch_forward_steps), and the caller scales what it
     adds after that (the recurrent product's g rows) alike.
     """
@@ -222,8 +222,7 @@ def _kernel_forward_steps(kernel, gates, c0, hs, cs):
                     c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes)
         return h_views[t]
     step.keep_alive = (gates, c0, hs, cs)       # the tensors behind the pointers live as long as the step
-    step.g_scale = 1
-    return step
+    return step, 1
 
 
 def _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c):
@@ -275,8 +274,7 @@ def _torch_forward_steps(gates, c0, hs, cs):
         torch.addcmul(minus_one, g_[t], two, out=g_[t])          # g = 2 sigmoid(2 g_pre) - 1 = tanh(g_pre)
         c = torch.addcmul(f_[t] * c_prev, i_[t], g_[t], out=c_out[min(t, last)])      # c = f c_prev + i g
         return torch.mul(o_[t], torch.tanh(c), out=h_out[t])                         # h = o tanh(c)
-    step.g_scale = 2
-    return step
+    return step, 2
 
 
 # Blocks of steps whose gate derivatives the PyTorch backward computes together: large enough to
@@ -343,10 +341,10 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
     cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
-    step = forward_steps(x_proj, c, hs, cs)
-    if step.g_scale != 1:                                     # the backend scaled x_proj's g rows: scale ours
+    step, g_scale = forward_steps(x_proj, c, hs, cs)
+    if g_scale != 1:                                          # the backend scaled x_proj's g rows: scale ours
         weight_hh = weight_hh.detach().clone()
-        weight_hh[2 * H : 3 * H].mul_(step.g_scale)
+        weight_hh[2 * H : 3 * H].mul_(g_scale)
     recurrent = recurrent_product(weight_hh, B, low_precision, overwrite_add=True)   # x_proj[t] is spent
     pre_activations = x_proj.unbind(0)
     for t in range(T):

@@ -572,7 +572,7 @@ class Stepper:
                 input_product = None if k == 0 else recurrent_product(w_ih, N, transposed_copy=True)
                 hidden_product = recurrent_product(w_hh, N, overwrite_add=True, transposed_copy=True)
                 layers.append((input_product, hidden_product, bias.expand(N, -1).contiguous(),
-                               pre[0], c_prev, hs[0], cs[0], forward_steps(pre, c_prev, hs, cs)))
+                               pre[0], c_prev, hs[0], cs[0], *forward_steps(pre, c_prev, hs, cs)))
             self._prepared[N] = layers
         return self._prepared[N]
 
@@ -587,7 +587,7 @@ class Stepper:
         state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         new_state = []
         x = None
-        for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step) in \
+        for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step, g_scale) in \
                 enumerate(self._steps(N)):
             h, c = state[k]
             if k == 0:
@@ -600,8 +600,8 @@ class Stepper:
             else:
                 gates = input_product(x, bias_rows)
             gates = hidden_product(h, gates)       # may be written in place, or a new tensor
-            if step.g_scale != 1:
-                gates[:, 2 * H : 3 * H].mul_(step.g_scale)      # as the step function expects (see forward_steps)
+            if g_scale != 1:
+                gates[:, 2 * H : 3 * H].mul_(g_scale)           # as the step function expects (see forward_steps)
             c_prev.copy_(c)
             step(0, gates)
             h, c = h_out.clone(), c_out.clone()
