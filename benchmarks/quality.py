@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ngram import WittenBell, split, xz_conditional  # noqa: E402
-from textgen.cli import parse_duration, train_main  # noqa: E402
+from textgen.cli import train_main  # noqa: E402
+from textgen.settings import parse_duration  # noqa: E402
 from textgen.checkpoint import load, load_model  # noqa: E402
 from textgen.evaluate import adapted_cross_entropy, cross_entropy, match_mixed  # noqa: E402
 from textgen.tokenizer import codepoints  # noqa: E402
