@@ -318,24 +318,70 @@ def test_a_large_vocabulary_trains_with_the_adaptive_head_then_evaluates_and_gen
     assert len(generated.stdout.strip()) >= 40
 
 
-def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path):
+def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path, monkeypatch, capsys):
+    """--ema 0.9 through train.py's main: the training weights after every step, recorded, give the
+    average by its formula (averaged += (1 - decay)(weights - averaged), decay ramping as
+    min(ema, (1 + t) / (10 + t)) at step t), recomputed here in float64; best.pt holds that average
+    of its own step, its validation figure is the average's, and generate.py samples from it."""
+    from textgen import training
+    from textgen.cli import generate_main
+    from textgen.data import split_tokens
+    from textgen.evaluate import cross_entropy
+    from textgen.sampling import Generator, SampleConfig
+    from textgen.tokenizer import CharTokenizer
+    weights = {}                                     # step -> the training weights after it, float64
+    real_step = training.Trainer.train_step
+
+    def recording_step(self):
+        if not weights:
+            weights[0] = [p.detach().double().clone() for p in self.model.parameters()]   # what the average starts as
+        result = real_step(self)
+        weights[self.step] = [p.detach().double().clone() for p in self.model.parameters()]
+        return result
+
+    monkeypatch.setattr(training.Trainer, "train_step", recording_step)
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(300), encoding="utf-8")
     out = tmp_path / "run"
-    result = run("train.py", str(text), *TRAIN, "--steps", "20", "--ema", "0.9", "--out", str(out))
+    result = train_here(str(text), *TRAIN, "--steps", "20", "--eval-every", "5", "--ema", "0.9", "--out", str(out))
     assert result.returncode == 0, result.stderr
+    assert sorted(weights) == list(range(21))
+    expected = {0: weights[0]}
+    for t in range(1, 21):
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected[t] = [decay * a + (1 - decay) * w for a, w in zip(expected[t - 1], weights[t])]
+
     ckpt = checkpoint.load(str(out / "latest.pt"))
+    best = checkpoint.load(str(out / "best.pt"))
+    names = [name for name, _ in CharLSTM(checkpoint.model_config_of(ckpt)).named_parameters()]
+    for saved in (ckpt, best):
+        for name, reference in zip(names, expected[saved["step"]]):
+            torch.testing.assert_close(saved["averaged_model"][name].double(), reference, atol=1e-6, rtol=1e-5)
+        for name, trained in zip(names, weights[saved["step"]]):
+            assert torch.equal(saved["model"][name].double(), trained), name      # training weights kept to resume
     averaged, _ = checkpoint.build_model(ckpt)
     trained, _ = checkpoint.build_model(ckpt, averaged=False)
     assert not torch.equal(averaged.head.weight, trained.head.weight)
     # The last validation scored the averaged weights: evaluate.cross_entropy of them gives its figure.
-    from textgen.data import split_tokens
-    from textgen.evaluate import cross_entropy
-    from textgen.tokenizer import CharTokenizer
     tokenizer = CharTokenizer.from_dict(ckpt["vocab"])
     _, val = split_tokens(tokenizer.encode(text.read_text(encoding="utf-8")), 0.1)
     total, count = cross_entropy(averaged, val, 4, 16)
     assert math.isclose(total / count, ckpt["history"][-1]["val_loss"], rel_tol=1e-5)
+    # ... and best.pt's figure is its average's: the one validation the average of its step was given.
+    best_averaged, _ = checkpoint.build_model(best)
+    total, count = cross_entropy(best_averaged, val, 4, 16)
+    assert math.isclose(total / count, best["best_val_loss"], rel_tol=1e-5)
+    # generate.py on the run folder samples from best.pt's averaged weights, not its training weights.
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(out), "--prompt", "ANNA:\n", "--length", "80", "--seed", "3", "-q"]) == 0
+    printed = capsys.readouterr().out
+    texts = {}
+    for which in (True, False):
+        model, tok = checkpoint.build_model(best, averaged=which)
+        gen = Generator(model.eval(), tok, seed=3)
+        gen.feed("ANNA:\n")
+        texts[which] = "ANNA:\n" + gen.generate(SampleConfig(length=80))[0] + "\n"
+    assert printed == texts[True] and texts[True] != texts[False]
 
 
 REGULARISED = ["--weight-dropout", "0.3", "--locked-dropout", "--input-dropout", "0.1", "--embed-dropout", "0.1",
