@@ -149,22 +149,70 @@ def test_bad_cutoffs_are_refused(cutoffs):
         config.validate()
 
 
+def head_reference(model, out, targets):
+    """The output layer in float64 as a bf16 run computes it: each product (test_fast_path.Product)
+    with its operands and result rounded to bf16, every softmax exact, the weight gradients rounded
+    once (each is one bf16 product). Returns each target's negative log-likelihood (B, T), the
+    gradients of the mean of them for every head parameter, and for out."""
+    from test_fast_path import Product, bf16
+    head = model.head
+    params = {name: p.detach().double().requires_grad_() for name, p in head.named_parameters()}
+    x = out.detach().reshape(-1, out.shape[-1]).double().requires_grad_()
+    flat = targets.t().reshape(-1)                           # out is time-major: (T, B, H)
+    if not isinstance(head, AdaptiveHead):
+        logits = Product.apply(x, params["weight"].t(), True) + params["bias"]
+        nll = -torch.log_softmax(logits, 1).gather(1, flat[:, None])[:, 0]
+    else:
+        # The shortlist's ranks directly; a rarer one: its cluster's entry in the head, then its place in the cluster.
+        bounds, shortlist, ranks = head.softmax.cutoffs, head.softmax.shortlist_size, head.rank[flat]
+        head_logits = Product.apply(x, params["softmax.head.weight"].t(), True) + params["softmax.head.bias"]
+        head_logp = torch.log_softmax(head_logits, 1)
+        cluster = torch.bucketize(ranks, torch.tensor(bounds[:-1]), right=True)
+        nll = -head_logp.gather(1, torch.where(cluster == 0, ranks, shortlist + cluster - 1)[:, None])[:, 0]
+        for i in range(len(bounds) - 1):
+            rows = (cluster == i + 1).nonzero()[:, 0]
+            projected = Product.apply(x[rows], params[f"softmax.tail.{i}.0.weight"].t(), True)
+            logp = torch.log_softmax(Product.apply(projected, params[f"softmax.tail.{i}.1.weight"].t(), True), 1)
+            nll = nll.index_add(0, rows, -logp.gather(1, (ranks[rows] - bounds[i])[:, None])[:, 0])
+    nll.mean().backward()
+    grads = {name: bf16(p.grad) if name.endswith("weight") else p.grad for name, p in params.items()}
+    return nll.detach().reshape(targets.shape[::-1]).t(), grads, x.grad.reshape(out.shape)
+
+
 def test_low_precision_head_stays_close_and_trains_every_head_weight():
     """The output layer alone (fed the same LSTM outputs): bf16 products where the LSTM's run in
-    bf16, close to float32, the loss itself float32, and a gradient for every head weight."""
+    bf16, close to float32, the loss itself float32, and a gradient for every head weight. Each
+    target's figure and every gradient against head_reference: a head left in float32, a softmax in
+    bf16 or a scaled gradient fail there. The head's weights are scaled up so that the model is sure
+    of itself: an untrained head's loss is about ln V whatever its weights."""
     for head in ("full", "adaptive"):
         torch.manual_seed(3)
         model = CharLSTM(ModelConfig(vocab_size=300, embed_size=8, hidden_size=32, layers=1, dropout=0.0,
                                      head=head, cutoffs=(20, 100) if head == "adaptive" else ()))
-        out, targets = torch.randn(12, 4, 32), torch.randint(0, 300, (4, 12))
+        if head == "adaptive":
+            model.head.order_by_frequency(torch.rand(300, generator=torch.Generator().manual_seed(1)))
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.mul_(4)
+        out, targets = torch.randn(12, 4, 32, requires_grad=True), torch.randint(0, 300, (4, 12))
         full_loss = model._loss(out, targets)
         model.lstm.matmul_dtype = torch.bfloat16
         low_loss = model._loss(out, targets)
         assert low_loss.dtype == torch.float32
         assert abs(low_loss.item() - full_loss.item()) < 0.02, head
         assert low_loss.item() != full_loss.item(), f"{head}: the head did not run in bf16"
+        assert abs(low_loss.item() - math.log(300)) > 1.0, head            # far from an untrained head's figure
         low_loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters()), head
+        each = model._loss(out, targets, reduction="none")
+        ref_nll, ref_grads, ref_out_grad = head_reference(model, out, targets)
+        # Seen: every figure within 6e-6, every gradient within 1e-5 of its norm; float32 products are
+        # off by 3e-4 to 2e-3 of the norm and up to 0.08 nats on one target.
+        torch.testing.assert_close(each.double(), ref_nll, atol=5e-5, rtol=0)
+        for name, p in [*model.head.named_parameters(), ("out", out)]:
+            reference = ref_out_grad if name == "out" else ref_grads[name]
+            assert (p.grad.double() - reference).norm() <= 1e-4 * reference.norm(), (head, name)
+            assert abs(p.grad.norm().item() - reference.norm().item()) <= 1e-5 * reference.norm(), (head, name)
 
 
 # ---------------------------------------------------------------------------
