@@ -307,6 +307,26 @@ def test_the_self_check_rejects_a_kernel_with_the_old_column_split(c_kernel, tmp
     assert native_kernel._self_check(c_kernel) is None
 
 
+@pytest.mark.parametrize("ci", [None, "true"])
+@pytest.mark.parametrize("missing", ["compiler", "TEXTGEN_NATIVE=0"])
+def test_the_c_kernel_tests_skip_without_a_compiler_but_fail_under_ci(monkeypatch, ci, missing):
+    """A machine without a compiler (or with the kernel turned off) skips the C kernel's tests; CI must
+    not: there they fail, naming why, instead of leaving half of this file's paths untested."""
+    from conftest import c_kernel_or_skip, need_c_compiler
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    if missing == "compiler":
+        monkeypatch.setattr(native_kernel, "_compiler", lambda: None)
+    else:
+        monkeypatch.setenv("TEXTGEN_NATIVE", "0")
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    for check in (c_kernel_or_skip, need_c_compiler):
+        with pytest.raises(outcome, match="C compiler" if missing == "compiler" else "TEXTGEN_NATIVE=0"):
+            check()
+
+
 def test_pointer_refuses_any_tensor_the_kernel_would_misread():
     good = torch.zeros(3, 8)
     assert native_kernel.pointer(good, (3, 8), "h") == good.data_ptr()
