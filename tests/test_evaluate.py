@@ -60,6 +60,12 @@ def test_eval_command_line(trained):
     result = run("-m textgen", "eval", "--checkpoint", run_dir, "--text", text)
     assert result.returncode == 0, result.stderr
     assert "nats/char" in result.stdout and "bits/char" in result.stdout
+    # the figures printed are the text's, as evaluate_file computes them (tested against a direct computation)
+    report = evaluate_file(run_dir, text)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("cross-entropy"))
+    assert line.startswith(f"cross-entropy {report['nats_per_char']:.4f} nats/char = "
+                           f"{report['nats_per_char'] / math.log(2):.4f} bits/char")
+    assert f"{report['characters']:,} characters, {report['predicted']:,} predicted" in result.stdout
 
 
 # ---------------------------------------------------------------------------

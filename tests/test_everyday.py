@@ -27,6 +27,12 @@ def test_run_folder_holds_config_metrics_and_checkpoints(run_dir):
         assert row["chars_per_sec"] > 0 and row["lr"] > 0
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [10, 20, 30]
     assert {"latest.pt", "best.pt"} <= set(os.listdir(run_dir))
+    # best.pt is the checkpoint of the step with the lowest validation loss; latest.pt the last step's
+    from textgen.checkpoint import load
+    best_row = min((r for r in rows if r["val_loss"] is not None), key=lambda r: r["val_loss"])
+    best = load(os.path.join(run_dir, "best.pt"))
+    assert best["step"] == best_row["step"] and best["best_val_loss"] == pytest.approx(best_row["val_loss"], rel=1e-12)
+    assert load(os.path.join(run_dir, "latest.pt"))["step"] == 30
 
 
 def test_default_run_folder_and_name(tmp_path):
