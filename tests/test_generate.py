@@ -137,11 +137,20 @@ def test_stop_string_ends_the_output(trained):
     assert text.endswith("\n\n") and text.count("\n\n") == 1
 
 
-def test_num_samples_are_drawn_as_a_batch_and_differ(trained):
+def test_num_samples_are_drawn_as_a_batch_and_differ(trained, monkeypatch):
     gen = generator(trained, seed=2, num_samples=3)
     gen.feed("DMITRI:\n")
     texts = gen.generate(SampleConfig(length=80, temperature=1.0, num_samples=3))
     assert len(texts) == 3 and len(set(texts)) == 3
+    # Each row is the sample one generator alone draws from the same prompt with that row's random
+    # numbers (the i-th of each step's three): the rows share nothing but the prompt.
+    import textgen.sampling as sampling
+    real_uniforms = sampling.uniforms
+    for row in range(3):
+        monkeypatch.setattr(sampling, "uniforms", lambda n, rng: real_uniforms(3, rng)[row:row + 1])
+        alone = generator(trained, seed=2)
+        alone.feed("DMITRI:\n")
+        assert alone.generate(SampleConfig(length=80, temperature=1.0))[0] == texts[row], row
 
 
 def test_cli_num_samples_prints_each_sample_after_the_prompt_separated_by_dashes(trained, capsys):
