@@ -12,6 +12,7 @@ count and batch sizes of one. T is small so that the whole grid stays fast.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import textgen.fused_lstm as fused
 from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
@@ -148,6 +149,11 @@ def assert_close_in_bf16(ours, ref, label):
         assert abs(ours[name].norm().item() - norm) <= BF16_NORM * norm, f"{label}: {name}'s norm"
         worst = (ours[name] - r).abs().max().item()
         assert worst <= BF16_MAX * r.abs().max().item(), f"{label}: {name} differs by {worst:.3g}"
+        # the earlier, looser bounds, kept: within 0.05 for values, cosine 0.99 for gradients
+        if kind == "forward":
+            assert worst <= 5e-2, f"{label}: {name} differs by {worst:.3g}"
+        elif r.abs().max() > 0:
+            assert F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item() >= 0.99, f"{label}: {name}"
 
 
 @pytest.fixture
