@@ -124,11 +124,27 @@ class CountingKernel:
         self.kernel.backward_step(B, H, slices, *pointers)
 
 
-def c_kernel_or_skip():
-    """The compiled kernel; a skip only where there is no compiler (a failed build fails the test)."""
+def need_c_compiler(or_native_off: bool = True) -> None:
+    """Skip where there is no C compiler (or TEXTGEN_NATIVE=0 turns the kernel off), except under CI
+    (CI=true), where .ci/run's scripts/setup installs gcc: there it fails, so that the C kernel's half
+    of the fast path's tests cannot vanish from a run unseen (as the browser test does for Chromium)."""
     from textgen import native_kernel
-    if native_kernel._compiler() is None or native_kernel._disabled():
-        pytest.skip("no C compiler here, or TEXTGEN_NATIVE=0: the C kernel is not built")
+    if native_kernel._compiler() is None:
+        why = "no C compiler here ($CC, cc, gcc or clang)"
+    elif or_native_off and native_kernel._disabled():
+        why = "TEXTGEN_NATIVE=0 turns the C kernel off"
+    else:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: under CI the C kernel's tests must run (scripts/setup installs gcc)")
+    pytest.skip(f"{why}: the C kernel is not built")
+
+
+def c_kernel_or_skip():
+    """The compiled kernel; a skip only where there is no compiler (a failed build fails the test),
+    and under CI=true not even there (need_c_compiler)."""
+    from textgen import native_kernel
+    need_c_compiler()
     kernel = native_kernel.load()
     assert kernel is not None, "a C compiler is here, but the kernel failed to build or its self-check"
     return kernel

@@ -75,7 +75,8 @@ def test_two_ranks_equal_one_process_over_the_same_streams(text, tmp_path, head)
     assert val[0] == pytest.approx(val[1], rel=1e-5)
 
 
-def test_a_distributed_checkpoint_resumes_in_one_process(text, tmp_path):
+def test_a_distributed_checkpoint_resumes_in_one_process_and_a_one_process_one_under_torchrun(text, tmp_path):
+    import shutil
     ddp = torchrun("train.py", text, *FLAGS, "--out", str(tmp_path / "run"))
     assert ddp.returncode == 0, ddp.stderr
     # Resume the distributed run's step-10 checkpoint in one process and train to step 20, in a folder of
@@ -85,8 +86,20 @@ def test_a_distributed_checkpoint_resumes_in_one_process(text, tmp_path):
     assert "resuming at step 10 of 20" in resumed.stdout
     straight = train_here(text, *FLAGS, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0
-    assert_close_models(checkpoint.load(str(tmp_path / "resumed" / "latest.pt")),
-                        checkpoint.load(str(tmp_path / "straight" / "latest.pt")))
+    reference = checkpoint.load(str(tmp_path / "straight" / "latest.pt"))
+    assert_close_models(checkpoint.load(str(tmp_path / "resumed" / "latest.pt")), reference)
+    # ... and the other way: the one-process run's step-10 checkpoint, resumed by two torchrun ranks.
+    (tmp_path / "other").mkdir()
+    shutil.copy(tmp_path / "straight" / "step-0000010.pt", tmp_path / "other" / "step-0000010.pt")
+    other = torchrun("train.py", "--resume", str(tmp_path / "other" / "step-0000010.pt"))
+    assert other.returncode == 0, other.stderr + other.stdout
+    assert "resuming at step 10 of 20" in other.stdout and ", 2 processes" in other.stdout
+    continued = checkpoint.load(str(tmp_path / "other" / "latest.pt"))
+    assert continued["step"] == 20
+    assert_close_models(continued, reference)
+    for (h, c), (h2, c2) in zip(continued["carried_state"], reference["carried_state"]):
+        torch.testing.assert_close(h, h2, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, c2, rtol=1e-4, atol=1e-5)
 
 
 FAILING_RANK = """

@@ -27,6 +27,12 @@ def test_run_folder_holds_config_metrics_and_checkpoints(run_dir):
         assert row["chars_per_sec"] > 0 and row["lr"] > 0
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [10, 20, 30]
     assert {"latest.pt", "best.pt"} <= set(os.listdir(run_dir))
+    # best.pt is the checkpoint of the step with the lowest validation loss; latest.pt the last step's
+    from textgen.checkpoint import load
+    best_row = min((r for r in rows if r["val_loss"] is not None), key=lambda r: r["val_loss"])
+    best = load(os.path.join(run_dir, "best.pt"))
+    assert best["step"] == best_row["step"] and best["best_val_loss"] == pytest.approx(best_row["val_loss"], rel=1e-12)
+    assert load(os.path.join(run_dir, "latest.pt"))["step"] == 30
 
 
 def test_default_run_folder_and_name(tmp_path):
@@ -54,26 +60,60 @@ def test_info_names_the_right_numbers(run_dir, capsys):
     assert f"{ckpt['best_val_loss']:.4f} nats/char" in out
 
 
-def test_plot_writes_a_png(run_dir, tmp_path):
+def test_plot_writes_a_png(run_dir, tmp_path, monkeypatch):
+    """The PNG holds the figure drawn, 1200 x 450 pixels and not blank, and the figure holds each run's
+    metrics: train loss at every logged step and validation loss where there was one, against steps
+    and against seconds, one pair of curves per run, labelled with its name."""
     pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+    from textgen.plot import read_metrics
+    figures, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or real_savefig(fig, *a, **k))
     out = tmp_path / "loss.png"
     assert plot_main([run_dir, run_dir, "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(str(out))
+    assert pixels.shape[:2] == (450, 1200) and len(set(map(tuple, pixels.reshape(-1, pixels.shape[2])))) > 10
+    (figure,) = figures
+    rows = read_metrics(run_dir)
+    val = [r for r in rows if r["val_loss"] is not None]
+    assert len(rows) == 6 and len(val) == 3
+    name = os.path.basename(os.path.normpath(run_dir))
+    for ax, x, label in zip(figure.axes, ("step", "time"), ("step", "seconds")):
+        assert ax.get_xlabel() == label and ax.get_ylabel() == "loss (nats/char)"
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == [f"{name} train", f"{name} val"] * 2
+        for train, validation in (lines[:2], lines[2:]):
+            assert list(train.get_xdata()) == [r[x] for r in rows]
+            assert list(train.get_ydata()) == [r["train_loss"] for r in rows]
+            assert list(validation.get_xdata()) == [r[x] for r in val]
+            assert list(validation.get_ydata()) == [r["val_loss"] for r in val]
 
 
-@pytest.mark.parametrize("every", [0.0, 30.0])
-def test_training_draws_loss_png_at_reports_at_most_every_plot_every_s_and_at_the_end(every, tmp_path, monkeypatch):
-    """A short run draws loss.png once, at its last step (three reports come within a second);
-    with no minimum spacing every report draws it."""
+@pytest.mark.parametrize("every, seconds_per_step, drawn_at", [(0.0, 0.5, [10, 20, 30]), (30.0, 0.5, [30]),
+                                                              (30.0, 2.0, [20, 30])])
+def test_training_draws_loss_png_at_reports_at_most_every_plot_every_s_and_at_the_end(every, seconds_per_step, drawn_at,
+                                                                                     tmp_path, monkeypatch):
+    """Reports (validations) at steps 10, 20 and 30 of a run whose clock is simulated, so that no
+    machine is too slow for it: with no minimum spacing every report draws loss.png; at 30 s, a run of
+    15 s draws it once, at its last step, and one of 60 s at step 20 (40 s in) and at the end (step 10,
+    20 s in, is too soon after the start)."""
     pytest.importorskip("matplotlib")
     from textgen import run_folder, training
     from conftest import train_tiny
-    drawn = []
-    real = run_folder.RunFolder.plot
-    monkeypatch.setattr(run_folder.RunFolder, "plot", lambda folder: drawn.append(1) or real(folder))
+    from test_evaluate import _simulate_the_clock
+    _simulate_the_clock(monkeypatch, lambda step: seconds_per_step)
+    drawn, real_draw, real_plot = [], run_folder.RunFolder.plot, training.Trainer._plot
+
+    def plot(trainer, last_step):
+        monkeypatch.setattr(run_folder.RunFolder, "plot", lambda folder: drawn.append(trainer.step) or real_draw(folder))
+        real_plot(trainer, last_step)
+
+    monkeypatch.setattr(training.Trainer, "_plot", plot)
     monkeypatch.setattr(training, "PLOT_EVERY_S", every)
     out, _ = train_tiny(tmp_path, "--steps", "30")                 # validations (and reports) at 10, 20, 30
-    assert len(drawn) == (3 if every == 0 else 1)
+    assert drawn == drawn_at
     assert open(os.path.join(out, "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,11 +131,30 @@ def readme_python_example() -> str:
 
 
 def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """It trains what it says (60 steps of 64 units, 8 streams of 32 characters, validated at 30 and 60)
+    and prints, after the training log, the 100 characters the best model gives for its prompt and
+    seed, then the chat's reply: what loading the run folder again gives for the same calls."""
+    import textgen
+    from textgen import checkpoint
+    from textgen.sampling import SampleConfig
     monkeypatch.chdir(tmp_path)
     exec(compile(readme_python_example(), "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert os.path.exists(tmp_path / "checkpoints" / "api-demo" / "best.pt")
+    folder = tmp_path / "checkpoints" / "api-demo"
+    assert os.path.exists(folder / "best.pt")
     assert len(printed) > 100
+    latest = checkpoint.load(str(folder / "latest.pt"))
+    assert latest["step"] == 60 and latest["model_config"]["hidden_size"] == 64
+    assert (latest["train_config"]["batch_size"], latest["train_config"]["seq_len"]) == (8, 32)
+    assert [row["step"] for row in latest["history"] if row["val_loss"] is not None] == [30, 60]
+    again = textgen.load(str(folder))
+    assert again.checkpoint["best_val_loss"] == latest["best_val_loss"]
+    first = again.generate("MAREN.\n", length=100, temperature=0.8, seed=1)
+    chat = again.generator(seed=1)
+    chat.feed("TOBIAS.\n")
+    reply = chat.generate(SampleConfig(length=80, stop="\n\n"))[0]
+    assert len(first) == 100 and (len(reply) == 80 or reply.endswith("\n\n") and len(reply) < 80)
+    assert printed.endswith(first + "\n" + reply + "\n")
 
 
 def test_a_moved_checkpoint_generates_the_same_text(run_dir, tmp_path):
@@ -141,18 +200,33 @@ def test_api_rejects_unknown_settings():
 
 def test_compile_flag_trains_with_torch_compile(text_file, tmp_path, monkeypatch):
     """--compile wraps the training model in torch.compile, Dynamo really captures graphs of it, and
-    the run still learns (compilation is slow: a short run, in this process to watch it)."""
+    the run computes what the eager run of the same seed computes (dropout 0, float32): the same
+    losses and weights to float32 rounding (seen: 1.3e-7 of each tensor's norm; the compiled graph
+    runs the PyTorch-op steps fused, the eager one the C kernel). Compilation is slow: a short run, in
+    this process to watch it."""
     import torch
     from torch._dynamo.utils import counters
+    from textgen import checkpoint
     from textgen.cli import train_main
     compiled = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, *a, **k: compiled.append(model) or real_compile(model, *a, **k))
     torch._dynamo.reset()
     counters.clear()
+    flags = [text_file, *TINY, "--steps", "12", "--eval-every", "12", "--dtype", "float32", "--dropout", "0", "-q",
+             "--sample-length", "0"]
     out = tmp_path / "run"
-    assert train_main([text_file, *TINY, "--steps", "12", "--eval-every", "12", "--compile", "--dtype", "float32",
-                       "--out", str(out), "-q", "--sample-length", "0"]) == 0
+    assert train_main([*flags, "--compile", "--out", str(out)]) == 0
     assert len(compiled) == 1 and counters["stats"]["unique_graphs"] >= 1
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert train_main([*flags, "--out", str(tmp_path / "eager")]) == 0
+    assert len(compiled) == 1
+    eager = [json.loads(line) for line in open(tmp_path / "eager" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [r["step"] for r in eager] == [5, 10, 12]
+    for row, reference in zip(rows, eager):
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            assert row[key] == (None if reference[key] is None else pytest.approx(reference[key], rel=1e-5)), key
+    ours, theirs = checkpoint.load(str(out / "latest.pt")), checkpoint.load(str(tmp_path / "eager" / "latest.pt"))
+    for name, tensor in theirs["model"].items():
+        assert (ours["model"][name] - tensor).norm() <= 1e-5 * tensor.norm(), name

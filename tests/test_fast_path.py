@@ -4,7 +4,9 @@ The paths: PyTorch ops; the C kernel with its step split into 1 to 31 column sli
 as threads would take: the split is what decides which columns each thread computes); the
 same slices run on real OpenMP threads; oneDNN's packed recurrent products; bf16 products.
 Each is compared in outputs, final (h, c) and the gradients of every weight, the input and
-the initial h0 and c0, against the gate-by-gate cell run in float64 on the same values.
+the initial h0 and c0, against the gate-by-gate cell run in float64 on the same values; the bf16
+products against that cell with each product's operands and result rounded to bf16 as the layer
+rounds them (``bf16_reference``), and nothing else.
 Sizes include ones that divide by nothing (17, 129, 257, 513), ones smaller than the slice
 count and batch sizes of one. T is small so that the whole grid stays fast.
 """
@@ -24,9 +26,18 @@ SLICES = [1, 2, 3, 4, 6, 8, 16, 31]
 T, INPUT = 3, 5
 # float32 paths against the float64 cell: errors relative to the largest magnitude of each tensor.
 FLOAT32_TOLERANCE = 2e-5
-# bf16 products (8-bit mantissa), float32 cell state: outputs within 0.05 of the cell's, and each
-# gradient at cosine similarity >= 0.99 with the cell's (see also test_model's low-precision test).
-BF16_OUTPUT_TOLERANCE, BF16_GRADIENT_COSINE = 5e-2, 0.99
+# bf16 products, float32 cell state and pointwise work, against bf16_reference: per tensor, the
+# error's norm at most BF16_RMS of the reference's norm (forward values and gradients apart), its own
+# norm within BF16_NORM of the reference's, and no element further off than BF16_MAX of the tensor's
+# largest magnitude. What is left between the two: a product whose float32 sums round to the other
+# side of a bf16 step than the exact sum (a few elements in 10,000, each off by 2**-8 of itself), and
+# in the backward pass those few differences again rounded into bf16 operands. Over this grid (AMD
+# EPYC with AVX512-BF16) the worst were 2.2e-4 (forward), 2.1e-3 (gradients), 4.5e-4 (a gradient's
+# norm) and 7.2e-3 (one element); the cell state rounded to bf16 (README promises float32) puts 99%
+# of the cases past BF16_RMS, and doubled gradients are off by 1.
+BF16_RMS = {"forward": 5e-4, "gradient": 4e-3}
+BF16_NORM = 1e-3
+BF16_MAX = 1.5e-2
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +83,55 @@ def reference(inputs, upstream):
     return run_layer(lstm_layer_reference, inputs, upstream, dtype=torch.float64)
 
 
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bfloat16 and held in float64: what a bf16 product reads, or returns."""
+    return t.to(torch.bfloat16).double()
+
+
+class Product(torch.autograd.Function):
+    """a @ b in float64 as the layer computes it. With in_bf16 (a product the layer runs in bf16) its
+    operands and its result are rounded to bf16, and so are those of the product that carries the
+    gradient back to a; without, it is exact. The gradient of b (a weight) is always the exact product
+    of the bf16-rounded operands, unrounded: the layer sums it over the whole chunk in one bf16 product
+    whatever the size, so the reference rounds the sum once, after backward (bf16_reference)."""
+
+    @staticmethod
+    def forward(ctx, a, b, in_bf16):
+        ctx.save_for_backward(a, b)
+        ctx.in_bf16 = in_bf16
+        return bf16(bf16(a) @ bf16(b)) if in_bf16 else a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = bf16(bf16(grad) @ bf16(b).t()) if ctx.in_bf16 else grad @ b.t()
+        return grad_a, bf16(a).t() @ bf16(grad), None
+
+
+def bf16_reference(inputs, upstream, recurrent_in_bf16):
+    """The gate-by-gate cell in float64 with the layer's bf16 products as Product computes them: the
+    input projection (one product over the chunk), the recurrent product where recurrent_in_bf16 (the
+    layer keeps small ones float32: fused._SMALL_PRODUCT), the weight gradients rounded once."""
+    leaves = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    x, h, c = leaves["x"], leaves["h0"], leaves["c0"]
+    steps, B, I = x.shape
+    projected = Product.apply(x.reshape(steps * B, I), leaves["weight_ih"].t(), True).view(steps, B, -1)
+    projected = projected + leaves["bias_ih"] + leaves["bias_hh"]
+    outputs = []
+    for t in range(steps):
+        i, f, g, o = (projected[t] + Product.apply(h, leaves["weight_hh"].t(), recurrent_in_bf16)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    out = torch.stack(outputs)
+    loss = sum((t * upstream[name].double()).sum() for name, t in (("out", out), ("h", h), ("c", c)))
+    loss.backward()
+    results = {"out": out, "h": h, "c": c, **{f"grad {k}": v.grad for k, v in leaves.items()}}
+    for name in ("grad weight_ih", "grad weight_hh"):
+        results[name] = bf16(results[name])
+    return {k: v.detach() for k, v in results.items()}
+
+
 def assert_matches(ours, ref, label, tolerance=FLOAT32_TOLERANCE):
     for name, r in ref.items():
         error = (ours[name] - r).abs().max().item()
@@ -81,12 +141,19 @@ def assert_matches(ours, ref, label, tolerance=FLOAT32_TOLERANCE):
 
 def assert_close_in_bf16(ours, ref, label):
     for name, r in ref.items():
-        if name in ("out", "h", "c"):
-            error = (ours[name] - r).abs().max().item()
-            assert error <= BF16_OUTPUT_TOLERANCE, f"{label}: {name} differs by {error:.3g}"
+        kind = "forward" if name in ("out", "h", "c") else "gradient"
+        norm = r.norm().item()
+        error = (ours[name] - r).norm().item()
+        assert error <= BF16_RMS[kind] * norm, f"{label}: {name} off by {error / norm:.3g} of its norm"
+        # the scale alone, stated apart: a gradient twice as long fails here whatever its direction
+        assert abs(ours[name].norm().item() - norm) <= BF16_NORM * norm, f"{label}: {name}'s norm"
+        worst = (ours[name] - r).abs().max().item()
+        assert worst <= BF16_MAX * r.abs().max().item(), f"{label}: {name} differs by {worst:.3g}"
+        # the earlier, looser bounds, kept: within 0.05 for values, cosine 0.99 for gradients
+        if kind == "forward":
+            assert worst <= 5e-2, f"{label}: {name} differs by {worst:.3g}"
         elif r.abs().max() > 0:
-            cosine = F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item()
-            assert cosine >= BF16_GRADIENT_COSINE, f"{label}: {name} cosine {cosine:.4f}"
+            assert F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item() >= 0.99, f"{label}: {name}"
 
 
 @pytest.fixture
@@ -130,11 +197,15 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
                 assert counting.slices and set(counting.slices) == {slices}, label
             if products == "packed" and fused._PACKED_LINEAR:
                 assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
+        # "packed": every recurrent product in bf16; "plain": all of them small, so float32 (the layer's rule)
+        bf16_refs = {products: bf16_reference(inputs, upstream, recurrent_in_bf16=products == "packed")
+                     for products in ("packed", "plain")}
         for pointwise in ("torch-ops", "c-kernel") if paths.has_kernel else ("torch-ops",):
             for products in ("packed", "plain"):
                 label = f"H={H} B={B} {pointwise} bf16 {products}"
                 paths(pointwise, 2, products)
-                assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, label)
+                assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
+                                     bf16_refs[products], label)
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
                 assert (paths.spy["packed"] >= 2) == (products == "packed" and fused.packs(torch.bfloat16)), label
 
@@ -146,7 +217,8 @@ def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):
     inputs, upstream = make_case(32, 129, seed=5)
     ref = reference(inputs, upstream)
     paths("torch-ops", 1, "packed")
-    assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16), ref, "bf16")
+    assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
+                         bf16_reference(inputs, upstream, recurrent_in_bf16=True), "bf16")
     assert paths.spy["packed"] == 0
     assert_matches(run_layer(lstm_layer, inputs, upstream), ref, "float32")
     assert paths.spy["packed"] >= 2 or not fused._PACKED_LINEAR
@@ -239,6 +311,31 @@ def test_the_self_check_rejects_a_kernel_with_the_old_column_split(c_kernel, tmp
     problem = native_kernel._self_check(native_kernel.Kernel(ctypes.CDLL(str(library)), str(library), []))
     assert problem is not None and "129, 2 slices" in problem, problem
     assert native_kernel._self_check(c_kernel) is None
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+@pytest.mark.parametrize("missing", ["compiler", "TEXTGEN_NATIVE=0"])
+def test_the_c_kernel_tests_skip_without_a_compiler_but_fail_under_ci(monkeypatch, ci, missing):
+    """A machine without a compiler (or with the kernel turned off) skips the C kernel's tests; CI must
+    not: there they fail, naming why, instead of leaving half of this file's paths untested."""
+    from conftest import c_kernel_or_skip, need_c_compiler
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    if missing == "compiler":
+        monkeypatch.setattr(native_kernel, "_compiler", lambda: None)
+    else:
+        monkeypatch.setenv("TEXTGEN_NATIVE", "0")
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    for check in (c_kernel_or_skip, need_c_compiler):
+        try:                                 # caught here: a skip escaping pytest.raises would skip this test
+            check()
+            outcome = None
+        except (pytest.fail.Exception, pytest.skip.Exception) as e:
+            outcome = e
+        assert type(outcome) is expected, (check.__name__, outcome)
+        assert ("C compiler" if missing == "compiler" else "TEXTGEN_NATIVE=0") in str(outcome)
 
 
 def test_pointer_refuses_any_tensor_the_kernel_would_misread():

@@ -89,6 +89,34 @@ def test_settings_per_row_give_each_row_what_it_would_get_alone():
     assert (together[2] > 0).sum() == 5 and (together[1] > 0).sum() == 1
 
 
+def test_temperature_divides_the_logits_as_a_float64_softmax_does():
+    """softmax(logits / T) written out in float64 is the reference, for one temperature for every row
+    and for one per row (the server's batch), sharpening below 1 and flattening above it; then top-k
+    and top-p cut that tempered distribution and renormalise it. (Comparing the per-row path with
+    the single-row one alone compares the function with itself: logits * T passed that.)"""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(5)) * 3
+    temperatures = [0.05, 0.3, 0.8, 1.7, 4.0, 40.0]
+
+    def reference(row, t):
+        return torch.softmax(logits[row].double() / t, dim=-1)
+
+    per_row = next_token_probs(logits, torch.tensor(temperatures))
+    for row, t in enumerate(temperatures):
+        expected = reference(row, t)
+        alone = next_token_probs(logits[row:row + 1], t)[0]
+        every_row = next_token_probs(logits, t)[row]
+        for probs in (alone, every_row, per_row[row]):
+            torch.testing.assert_close(probs.double(), expected, atol=1e-6, rtol=1e-5)
+        # top-k 5: the five most likely of the tempered distribution, renormalised
+        kept = next_token_probs(logits[row:row + 1], t, top_k=5)[0].double()
+        top = expected.topk(5).indices
+        cut = torch.zeros_like(expected)
+        cut[top] = expected[top] / expected[top].sum()
+        torch.testing.assert_close(kept, cut, atol=1e-6, rtol=1e-5)
+    entropy = [-(reference(0, t) * reference(0, t).log()).sum().item() for t in (0.3, 1.0, 4.0)]
+    assert entropy[0] < entropy[1] < entropy[2]              # the reference itself: below 1 sharper, above flatter
+
+
 def test_carried_state_equals_feeding_everything_as_one_sequence(trained):
     gen = generator(trained, seed=11)
     gen.feed("CLÉO:\n")
@@ -109,11 +137,34 @@ def test_stop_string_ends_the_output(trained):
     assert text.endswith("\n\n") and text.count("\n\n") == 1
 
 
-def test_num_samples_are_drawn_as_a_batch_and_differ(trained):
+def test_num_samples_are_drawn_as_a_batch_and_differ(trained, monkeypatch):
     gen = generator(trained, seed=2, num_samples=3)
     gen.feed("DMITRI:\n")
     texts = gen.generate(SampleConfig(length=80, temperature=1.0, num_samples=3))
     assert len(texts) == 3 and len(set(texts)) == 3
+    # Each row is the sample one generator alone draws from the same prompt with that row's random
+    # numbers (the i-th of each step's three): the rows share nothing but the prompt.
+    import textgen.sampling as sampling
+    real_uniforms = sampling.uniforms
+    for row in range(3):
+        monkeypatch.setattr(sampling, "uniforms", lambda n, rng: real_uniforms(3, rng)[row:row + 1])
+        alone = generator(trained, seed=2)
+        alone.feed("DMITRI:\n")
+        assert alone.generate(SampleConfig(length=80, temperature=1.0))[0] == texts[row], row
+
+
+def test_cli_num_samples_prints_each_sample_after_the_prompt_separated_by_dashes(trained, capsys):
+    """generate.py --num-samples 3: the prompt and each sample, the samples separated by a line of
+    `---`, exactly the texts the batched Generator draws for that seed."""
+    from textgen.cli import generate_main
+    assert generate_main(["--checkpoint", trained, "--prompt", "ANNA:\n", "--length", "40", "--seed", "4",
+                          "--num-samples", "3", "-q"]) == 0
+    printed = capsys.readouterr().out
+    gen = generator(trained, seed=4, num_samples=3)
+    gen.feed("ANNA:\n")
+    texts = gen.generate(SampleConfig(length=40, num_samples=3))
+    assert len(set(texts)) == 3 and all(len(t) == 40 for t in texts)
+    assert printed == "ANNA:\n" + texts[0] + "\n---\n" + "ANNA:\n" + texts[1] + "\n---\n" + "ANNA:\n" + texts[2] + "\n"
 
 
 def test_cli_prints_prompt_then_text_only_and_is_reproducible(trained):

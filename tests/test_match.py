@@ -157,6 +157,25 @@ def test_evaluation_hands_over_each_characters_loss(tiny_run):
     assert np.isnan(one_stream[0]) and np.allclose(one_stream[1:], still[1:], atol=1e-4)
 
 
+def slowest_mixture_cost(nll, first_hit, length_at):
+    """An upper bound on what the mixture pays for nll (the LSTM's figure at each position) when the
+    match model predicts every position from first_hit on, with a match length_at(i), and nothing
+    before. From README's rule alone: p = (1 - w) q + w on a hit, and each hit's weight, one per length
+    bucket (4-7, 8-15, ...; starting at 0), steps by 0.01 d log p / d w = 0.01 (1 - q) / p. With Q the
+    largest q of the hits, that step is at least 0.01 (1 - Q) / (Q + w): the weights grow at least as
+    the b of this loop do (by induction: w + c / (Q + w) increases in w from b's first value on), and a
+    hit costs -log((1 - w) q + w), which falls as w grows."""
+    q = np.exp(-nll[first_hit:])
+    step = 0.01 * (1 - q.max())
+    total, weights = float(np.nansum(nll[:first_hit])), {}
+    for i in range(first_hit, len(nll)):
+        bucket = int(math.log2(length_at(i) // 4))
+        b = weights.get(bucket, 0.0)
+        total += -math.log(b + (1 - b) * math.exp(-nll[i]))
+        weights[bucket] = min(MAX_WEIGHT, b + step / (q.max() + b))
+    return total
+
+
 def test_matching_helps_on_a_text_that_repeats_and_the_history_helps_more(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     model, tok, _ = load_model(run_dir)
@@ -173,6 +192,18 @@ def test_matching_helps_on_a_text_that_repeats_and_the_history_helps_more(tiny_r
     assert alone["nats_per_char"] < 0.75 * plain["nats_per_char"]       # the second copy is copied
     assert both["nats_per_char"] < 0.5 * alone["nats_per_char"]         # and the first, from history
     assert both["history_characters"] == 400 and both["match"]
+    # How much: no 4 characters of the passage (or across its seam with itself) occur twice, so the
+    # match model first predicts at the second copy's 5th character (at the first copy's 5th, read
+    # after the history) and then rightly at every one, the match as long as the text it has copied.
+    grams = [(passage + passage[:3])[i:i + 4] for i in range(403)]
+    assert len(set(grams)) == len(grams)
+    ids = tok.encode(passage + passage)
+    nll = np.full(len(ids), np.nan)
+    cross_entropy(model, ids, batch_size=1, positions=nll)   # what evaluate_file hands the mixture
+    count = len(ids) - 1
+    assert np.nanmean(nll) == pytest.approx(plain["nats_per_char"], rel=1e-5)
+    assert alone["nats_per_char"] <= slowest_mixture_cost(nll, 404, lambda i: i - 400) / count
+    assert both["nats_per_char"] <= slowest_mixture_cost(nll, 4, lambda i: i) / count
 
 
 def test_match_mixed_keeps_unscored_positions_out():

@@ -164,6 +164,58 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, tm
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.parametrize("poison", ["nan", "exploding"])
+def test_a_diverged_step_never_reaches_the_weights_the_average_or_the_optimizer(text_file, tmp_path, monkeypatch,
+                                                                                poison):
+    """Step 7's loss turns NaN, or 50 times its size (an exploding loss): the run stops with StopTraining
+    and the weights, the averaged weights, the AdamW moments and the step are exactly what step 6 left,
+    as is latest.pt (saved after every step). A checkpoint is written before every step here, so a
+    guard placed after optimizer.step() would leave the weights poisoned, and fail."""
+    import copy
+    import torch.nn.functional as F
+    from textgen.errors import StopTraining
+    from textgen.model import ModelConfig
+    from textgen.training import TrainConfig, Trainer
+    real_loss, real_step, before = F.cross_entropy, Trainer.train_step, {}
+
+    def poisoned_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        if before:                                   # step 7's forward pass
+            return loss * float("nan") if poison == "nan" else loss * 50
+        return loss
+
+    def recording_step(self):
+        if self.step == 6:
+            before.update(model=copy.deepcopy(self.model.state_dict()),
+                          averaged=copy.deepcopy(self.averaged.state_dict()),
+                          optimizer=copy.deepcopy(self.optimizer.state_dict()))
+        return real_step(self)
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned_loss)
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    out = str(tmp_path / "run")
+    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
+                      TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=20, time_budget=None, save_every=1,
+                                  eval_every=1000, sample_length=0, warmup_steps=2, out=out, quiet=True),
+                      explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
+    with pytest.raises(StopTraining, match="diverged at step 7" + (": the loss is nan" if poison == "nan" else
+                                                                   ": the loss [0-9.]+ is far above")):
+        trainer.run()
+    assert trainer.step == 6
+    for name, tensor in before["model"].items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    for name, tensor in before["averaged"].items():
+        assert torch.equal(trainer.averaged.state_dict()[name], tensor), name
+    moments = trainer.optimizer.state_dict()["state"]
+    for index, state in before["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(moments[index][key], value), (index, key)
+    saved = checkpoint.load(os.path.join(out, "latest.pt"))
+    assert saved["step"] == 6
+    for name, tensor in before["model"].items():
+        assert torch.equal(saved["model"][name], tensor), name
+
+
 # -- float16: loss scaling is part of the exact state ------------------------------------------
 
 FP16 = ["--hidden-size", "32", "--embed-size", "16", "--layers", "2", "--batch-size", "4", "--seq-len", "16",
