@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from textgen import run_folder  # noqa: E402
 from textgen import checkpoint  # noqa: E402
 from textgen.cli import eval_main  # noqa: E402
 from textgen.export import export, metadata  # noqa: E402
@@ -82,7 +83,7 @@ def browser_speed(path: str, length: int = 2000) -> float | None:
 
 def main(run: str, text_path: str) -> None:
     print(f"CPU: {cpu()}")
-    file = checkpoint.resolve(run, prefer_best=True)
+    file = run_folder.resolve(run, prefer_best=True)
     ckpt = checkpoint.load(file)
     model, tokenizer = checkpoint.build_model(ckpt, file)
     config = model.config
@@ -110,7 +111,7 @@ def main(run: str, text_path: str) -> None:
         quantized.pop("integrity", None)
         int8_run = os.path.join(folder, "int8-run")
         os.mkdir(int8_run)
-        checkpoint.atomic_save(quantized, os.path.join(int8_run, checkpoint.BEST))
+        checkpoint.atomic_save(quantized, os.path.join(int8_run, run_folder.BEST))
         reports = {name: textgen_eval(path, tail) for name, path in (("float32", file), ("int8", int8_run))}
     for name, report in reports.items():
         print(f"textgen-eval, {name} weights, held-out tail ({report['characters']:,} characters): "

@@ -5,6 +5,7 @@ import pathlib
 import pytest
 import torch
 
+from textgen import run_folder
 from textgen import checkpoint
 from textgen.errors import UsageError
 from textgen.model import CharLSTM, ModelConfig
@@ -59,7 +60,7 @@ def test_run_folder_keeps_last_k_and_best(tmp_path):
     names = sorted(os.listdir(tmp_path))
     assert names == ["best.pt", "latest.pt", "step-0000003.pt", "step-0000004.pt", "step-0000005.pt"]
     assert checkpoint.load(str(tmp_path / "best.pt"))["step"] == 2
-    assert checkpoint.load(checkpoint.resolve(str(tmp_path), prefer_best=False))["step"] == 5
+    assert checkpoint.load(run_folder.resolve(str(tmp_path), prefer_best=False))["step"] == 5
 
 
 class Evil:

@@ -63,13 +63,25 @@ def test_sizing_knows_only_the_model():
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
     server = imports_of("server")
-    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "sampling", "settings", "http_server"}
+    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "run_folder", "sampling", "settings",
+                           "http_server"}
     assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
     assert set(imports_of("http_app")) == {"batching", "errors", "server"}
     assert set(imports_of("http_server")) == {"http_app", "server"}
     assert [m for m in MODULES if "http_server" in imports_of(m)] == ["server"]
     assert [m for m in MODULES if "http_app" in imports_of(m)] == ["http_server"]
     assert imports_of("cli")["server"] == {"serve_parser", "_serve"}
+
+
+def test_one_module_owns_the_run_folders_layout():
+    """run_folder knows the names, the root and how to find a run; checkpoint asks it and it never asks back."""
+    uses = imports_of("run_folder")
+    assert set(uses) == {"errors", "files", "plot"} and uses["plot"] == {"plot"}    # a run draws its own loss.png
+    assert "run_folder" in imports_of("checkpoint") and "run_folder" in imports_of("server")
+    for module in MODULES:
+        source = open(os.path.join(PACKAGE, module + ".py"), encoding="utf-8").read()
+        if module != "run_folder":
+            assert '"latest.pt"' not in source and '"checkpoints"' not in source, module
 
 
 def test_only_the_command_line_starts_ranks():

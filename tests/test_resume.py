@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run
+from textgen import run_folder
 from textgen import checkpoint
 
 FLAGS = ["--hidden-size", "48", "--embed-size", "16", "--layers", "2", "--dropout", "0.2", "--batch-size", "8",
@@ -50,7 +51,7 @@ def wait_for_checkpoint(out, proc, step_at_least=20):
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail("training ended before it could be stopped: " + proc.stderr.read())
-        if os.path.exists(os.path.join(out, checkpoint.step_filename(step_at_least))):
+        if os.path.exists(os.path.join(out, run_folder.step_filename(step_at_least))):
             return
         time.sleep(0.02)
     pytest.fail("no checkpoint appeared")

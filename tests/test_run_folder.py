@@ -10,6 +10,7 @@ import pytest
 
 import textgen
 from conftest import ROOT, TINY, assert_user_error, small_text, train_here
+from textgen import run_folder
 from textgen import checkpoint
 from textgen.run_folder import RunFolder, default_path, survey
 
@@ -99,7 +100,7 @@ def test_a_second_trainer_on_a_running_folder_is_refused_with_the_holders_pid(co
 def test_a_killed_trainer_leaves_no_stale_lock(corpus, tmp_path):
     out = str(tmp_path / "run")
     proc = start(corpus, out, steps=40)
-    wait_for(os.path.join(out, checkpoint.step_filename(4)), proc)
+    wait_for(os.path.join(out, run_folder.step_filename(4)), proc)
     proc.kill()
     proc.communicate(timeout=60)
     resumed = train_here("--resume", out)                      # the kernel dropped the dead process's lock
@@ -121,7 +122,7 @@ def test_readers_never_see_a_half_written_file_while_training_saves(corpus, tmp_
             model = textgen.load(out)
             assert len(model.generate("the ", length=8, seed=reads)) == 8
             for prefer_best in (False, True):
-                checkpoint.load(checkpoint.resolve(out, prefer_best=prefer_best))
+                checkpoint.load(run_folder.resolve(out, prefer_best=prefer_best))
             assert read_metrics(out)
             with open(os.path.join(out, "config.json")) as f:
                 assert json.load(f)["model"]["hidden_size"] == 32

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import TINY, assert_user_error, run, small_text, train_here
+from textgen import run_folder
 from textgen import checkpoint
 from textgen.cli import train_main
 
@@ -240,7 +241,7 @@ def test_train_py_keeps_the_last_keep_step_checkpoints_as_hard_links(text_file, 
     result = train_here(text_file, *TINY, "--steps", "30", "--save-every", "5", "--keep", "2", "--out", str(out), "-q")
     assert result.returncode == 0, result.stderr
     steps = sorted(name for name in os.listdir(out) if name.startswith("step-"))
-    assert steps == [checkpoint.step_filename(25), checkpoint.step_filename(30)]
+    assert steps == [run_folder.step_filename(25), run_folder.step_filename(30)]
     assert os.path.samefile(out / "latest.pt", out / steps[1]) and os.stat(out / "latest.pt").st_nlink >= 2
     assert not os.path.samefile(out / steps[0], out / steps[1])
     assert checkpoint.load(str(out / steps[0]))["step"] == 25

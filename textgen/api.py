@@ -18,7 +18,7 @@ import os
 from dataclasses import fields
 
 from .checkpoint import load_model
-from .errors import SettingError, UsageError
+from .errors import UsageError
 from .model import ModelConfig
 from .sampling import Generator, SampleConfig
 from .settings import check, shown

@@ -27,10 +27,11 @@ TypeError wherever the field is read.
 
 A run folder holds ``latest.pt``, the last ``keep`` step checkpoints
 ``step-0001234.pt`` (hard links to what latest.pt was when written, so
-keeping them costs no extra disk) and ``best.pt``.
+keeping them costs no extra disk) and ``best.pt``; their names, and finding
+a run's checkpoint, are run_folder's.
 
-Imports model (to rebuild it), tokenizer, settings (the declared kinds), files (the one writer) and
-errors; never training, sampling or cli.
+Imports model (to rebuild it), tokenizer, settings (the declared kinds), files (the one writer),
+run_folder (the layout) and errors; never training, sampling or cli.
 """
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ import torch
 
 from . import files, settings
 from .errors import UsageError
+from .run_folder import BEST, LATEST, STEP_FILE, resolve, step_filename
 from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
 
 FORMAT = "textgen"
 FORMAT_VERSION = 2          # 2: every checkpoint carries its digest (1: written before digests, loads unchecked)
-LATEST, BEST = "latest.pt", "best.pt"
 
 
 def digest(payload: dict) -> str:
@@ -96,10 +97,6 @@ def atomic_save(payload: dict, path: str) -> None:
         torch.save(payload, f)
 
 
-def step_filename(step: int) -> str:
-    return f"step-{step:07d}.pt"
-
-
 def save_run_checkpoint(payload: dict, run_dir: str, keep: int, is_best: bool) -> str:
     """Write latest.pt, keep the last `keep` step files and, if is_best, best.pt."""
     latest = os.path.join(run_dir, LATEST)
@@ -109,41 +106,13 @@ def save_run_checkpoint(payload: dict, run_dir: str, keep: int, is_best: bool) -
     atomic_save(payload, latest)
     if keep > 0:
         files.link(latest, os.path.join(run_dir, step_filename(payload["step"])))
-        steps = sorted(f for f in os.listdir(run_dir) if f.startswith("step-") and f.endswith(".pt"))
+        steps = sorted(f for f in os.listdir(run_dir) if STEP_FILE.fullmatch(f))
         for old in steps[:-keep]:
             os.unlink(os.path.join(run_dir, old))
     if is_best:
         files.link(latest, os.path.join(run_dir, BEST))
     files.fsync_folder(run_dir)
     return latest
-
-
-def resolve(path: str, prefer_best: bool) -> str:
-    """A checkpoint file from a file or a run folder (best.pt or latest.pt first, as asked)."""
-    if os.path.isdir(path):
-        order = (BEST, LATEST) if prefer_best else (LATEST, BEST)
-        for name in order:
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise UsageError(f"{path} holds no {LATEST} or {BEST}; is it a textgen run folder?")
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such checkpoint file or run folder")
-    return path
-
-
-def latest_run(root: str = "checkpoints") -> str:
-    """The most recently written run folder under root."""
-    runs = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            for ckpt in (LATEST, BEST):
-                p = os.path.join(root, name, ckpt)
-                if os.path.isfile(p):
-                    runs.append((os.path.getmtime(p), os.path.join(root, name)))
-    if not runs:
-        raise UsageError(f"no trained run found under {root}/; train one first, or name one with {{checkpoint}}",
-                         checkpoint=...)
-    return max(runs)[1]
 
 
 def load(path: str, map_location="cpu", note=None) -> dict:
@@ -299,7 +268,7 @@ def _older_sibling(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     try:
         this = os.stat(path)
-        names = sorted((n for n in os.listdir(folder) if n.startswith("step-") and n.endswith(".pt")), reverse=True)
+        names = sorted((n for n in os.listdir(folder) if STEP_FILE.fullmatch(n)), reverse=True)
     except OSError:
         return None
     own = os.path.basename(path)

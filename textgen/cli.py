@@ -251,10 +251,11 @@ def _train_here(args, argv, explicit, model_config, train_config) -> int:
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts > 0 and args.resume is None:
         # torchrun restarted the job after a failure: carry on from the run folder's latest.pt.
-        folder = args.out or (os.path.join("checkpoints", args.name) if args.name else None)
+        from .run_folder import LATEST, run_path
+        folder = args.out or (run_path(args.name) if args.name else None)
         if folder is None:
             raise UsageError("an elastic restart needs a fixed run folder: pass --out or --name to train.py")
-        if os.path.isfile(os.path.join(folder, "latest.pt")):
+        if os.path.isfile(os.path.join(folder, LATEST)):
             # The same command line runs again: its --overwrite was for the first attempt, not this one.
             args.resume, args.overwrite = folder, False
     try:
@@ -360,7 +361,8 @@ def generate_main(argv=None) -> int:
 
 
 def _generate(argv) -> int:
-    from .checkpoint import latest_run, load_model
+    from .checkpoint import load_model
+    from .run_folder import latest_run
     from .sampling import Generator, SampleConfig
     from .devices import resolve_device
     args = generate_parser().parse_args(argv)
@@ -540,7 +542,7 @@ def eval_main(argv=None) -> int:
 def _eval(argv) -> int:
     import json
 
-    from .checkpoint import latest_run
+    from .run_folder import latest_run
     from .evaluate import ADAPT_LR, EVAL_STREAMS, LN2, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
@@ -584,7 +586,8 @@ def info_main(argv=None) -> int:
 
 
 def _info(argv) -> int:
-    from .checkpoint import load, resolve, summary
+    from .checkpoint import load, summary
+    from .run_folder import resolve
     from .evaluate import LN2
     from .tokenizer import escape_char
     p = _Parser(prog="textgen info", formatter_class=_Formatter,
@@ -636,6 +639,7 @@ def _plot(argv) -> int:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    from .run_folder import DEFAULT_ROOT
     from .server import Limits
     limits = Limits()
     p = _Parser(prog="textgen serve", formatter_class=_Formatter,
@@ -644,7 +648,7 @@ def serve_parser() -> argparse.ArgumentParser:
                             "stepped together as one batch.",
                 epilog="examples:\n  textgen serve                          # every run under checkpoints/\n"
                        "  textgen serve checkpoints/my-run --port 8080")
-    p.add_argument("runs", nargs="?", default="checkpoints", metavar="RUN_OR_FOLDER",
+    p.add_argument("runs", nargs="?", default=DEFAULT_ROOT, metavar="RUN_OR_FOLDER",
                    help="a run folder, a checkpoint file, or a folder of runs (each is offered by its folder name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback lets other machines in (warned)")

@@ -66,9 +66,9 @@ def resolve_sources(spec: str) -> list[str]:
     """The files of a corpus spec (file, folder or glob), as absolute paths in a stable order."""
     if os.path.isdir(spec):
         paths = []
-        for root, dirs, files in os.walk(spec):
+        for root, dirs, names in os.walk(spec):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            paths += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+            paths += [os.path.join(root, name) for name in sorted(names) if not name.startswith(".")]
         if not paths:
             raise UsageError(f"{spec} is a folder with no files in it; give a text file or a folder of text files")
         return sorted(os.path.abspath(p) for p in paths)

@@ -1,10 +1,12 @@
-"""A training run's folder: one writer at a time, never two runs mixed, small files replaced atomically.
+"""A training run's folder, its layout and its rules: the one module that knows them.
 
-Owns: the rules for which folder a run may write, the lock that keeps a second
-trainer out, default folder names that never collide, and the run's small
-files (``config.json``, ``metrics.jsonl``, ``loss.png``). Checkpoint files are
-``checkpoint``'s; this module only knows their names. Imports ``errors`` and
-``checkpoint``; never ``training`` or ``cli``.
+Owns: the names in a run folder (``latest.pt``, ``best.pt``, ``step-NNNNNNN.pt``,
+``config.json``, ``metrics.jsonl``, ``loss.png``, the lock), the default root
+``checkpoints/``, finding runs (the latest one, every one under a folder) and a
+run's checkpoint (``resolve``), the rules for which folder a run may write, the
+lock that keeps a second trainer out, default folder names that never collide,
+and the run's small files. What a checkpoint holds is ``checkpoint``'s. Imports
+``files`` and ``errors``; never ``checkpoint``, ``training`` or ``cli``.
 
 The rules:
 
@@ -29,7 +31,7 @@ import os
 import re
 from datetime import datetime
 
-from . import checkpoint, files
+from . import files
 from .errors import UsageError
 
 try:
@@ -37,9 +39,72 @@ try:
 except ImportError:              # Windows: no flock; runs are then not protected from a second trainer
     fcntl = None
 
+DEFAULT_ROOT = "checkpoints"     # where runs go unless --out says otherwise, and where they are looked for
+LATEST, BEST = "latest.pt", "best.pt"
+STEP_FILE = re.compile(r"step-\d{7}\.pt")
 CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "loss.png"
 LOCK = files.RUN_MARK            # every run folder holds it from its first claim: the writer knows them by it
 _CHECKPOINT = re.compile(r"(latest|best)\.pt|step-\d{7}\.pt")
+
+
+def step_filename(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def run_path(name: str) -> str:
+    """The folder --name NAME means."""
+    return os.path.join(DEFAULT_ROOT, name)
+
+
+def resolve(path: str, prefer_best: bool) -> str:
+    """A checkpoint file from a file or a run folder (best.pt or latest.pt first, as asked)."""
+    if os.path.isdir(path):
+        order = (BEST, LATEST) if prefer_best else (LATEST, BEST)
+        for name in order:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise UsageError(f"{path} holds no {LATEST} or {BEST}; is it a textgen run folder?")
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def latest_run(root: str = DEFAULT_ROOT) -> str:
+    """The most recently written run folder under root."""
+    runs = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            for ckpt in (LATEST, BEST):
+                p = os.path.join(root, name, ckpt)
+                if os.path.isfile(p):
+                    runs.append((os.path.getmtime(p), os.path.join(root, name)))
+    if not runs:
+        raise UsageError(f"no trained run found under {root}/; train one first, or name one with {{checkpoint}}",
+                         checkpoint=...)
+    return max(runs)[1]
+
+
+def is_run(folder: str) -> bool:
+    """A folder with a checkpoint to serve or generate from."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (BEST, LATEST))
+
+
+def find_runs(root: str) -> list[tuple[str, str]]:
+    """(name, checkpoint file) of every run folder directly under root, most recently written first."""
+    found = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    for name in names:
+        folder = os.path.join(root, name)
+        if not name.startswith(".") and os.path.isdir(folder) and is_run(folder):
+            try:
+                file = resolve(folder, prefer_best=True)
+                found.append((os.path.getmtime(file), name, file))
+            except (UsageError, OSError):
+                continue
+    return [(name, file) for _, name, file in sorted(found, reverse=True)]
 # What an interrupted write leaves: the writer's temporaries (files.output's and files.link's).
 _LEFTOVER = re.compile(r"\..+\.tmp-\d+(\.png)?|.+\.link-tmp")
 
@@ -101,7 +166,7 @@ def _listing(names: list[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def default_path(stem: str, root: str = "checkpoints") -> str:
+def default_path(stem: str, root: str = DEFAULT_ROOT) -> str:
     """A new folder root/<stem>-<date>-<time>, created here so that two runs started in the same
     second get two folders (the second gets a -2 suffix, and so on)."""
     base = os.path.join(root, f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -246,4 +311,4 @@ class RunFolder:
 
 def checkpoint_folder(resume: str) -> str:
     """The folder a resumed run writes: the one its checkpoint is in."""
-    return os.path.dirname(os.path.abspath(checkpoint.resolve(resume, prefer_best=False)))
+    return os.path.dirname(os.path.abspath(resolve(resume, prefer_best=False)))

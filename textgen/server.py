@@ -50,7 +50,8 @@ import threading
 from dataclasses import dataclass
 
 from .batching import BatchingEngine, Job, Scheduler
-from .checkpoint import BEST, LATEST, build_model, load, resolve, summary
+from .checkpoint import build_model, load, summary
+from .run_folder import BEST, LATEST, find_runs, is_run, resolve
 from .errors import SettingError, UsageError
 from .evaluate import LN2
 from .sampling import SampleConfig
@@ -85,10 +86,6 @@ class Limits:
 # The served models
 # ---------------------------------------------------------------------------
 
-def _is_run(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, name)) for name in (BEST, LATEST))
-
-
 class Catalogue:
     """The models a server offers: one run, one checkpoint file, or every run under a folder.
 
@@ -102,7 +99,7 @@ class Catalogue:
         if os.path.isfile(path):
             self.single = os.path.basename(path)
         elif os.path.isdir(path):
-            self.single = os.path.basename(os.path.normpath(path)) if _is_run(path) else None
+            self.single = os.path.basename(os.path.normpath(path)) if is_run(path) else None
         else:
             raise UsageError(f"{path}: no such run folder, checkpoint file or folder of runs")
         self.lock, self.loading = threading.Lock(), threading.Lock()
@@ -116,20 +113,7 @@ class Catalogue:
         """{model name: checkpoint file}, names in the order shown (most recently written first)."""
         if self.single is not None:
             return {self.single: resolve(self.path, prefer_best=True)}
-        found = []
-        try:
-            names = os.listdir(self.path)
-        except OSError:
-            return {}
-        for name in names:
-            folder = os.path.join(self.path, name)
-            if not name.startswith(".") and os.path.isdir(folder) and _is_run(folder):
-                try:
-                    file = resolve(folder, prefer_best=True)
-                    found.append((os.path.getmtime(file), name, file))
-                except (UsageError, OSError):
-                    continue
-        return {name: file for _, name, file in sorted(found, reverse=True)}
+        return dict(find_runs(self.path))
 
     @staticmethod
     def _key(file: str) -> tuple:

@@ -47,8 +47,9 @@ from .devices import check_fits, native_bf16, resolve_device, resolve_dtype
 from . import settings
 from .errors import OutputError, SettingError, StopTraining, UsageError, check_range, number
 from .settings import parse_duration, setting, unescape
-from .run_folder import RunFolder, checkpoint_folder, default_path, is_run_folder, survey
-from .schedule import EVALS_PER_RUN, seconds_text
+from .run_folder import (LATEST, RunFolder, checkpoint_folder, default_path, is_run_folder, resolve, run_path,
+                         survey)
+from .schedule import seconds_text
 from .evaluate import LN2, cross_entropy
 from .model import AdaptiveHead, CharLSTM, ModelConfig, describe_step_path, detach_state
 from .sampling import SampleConfig, sample
@@ -183,7 +184,7 @@ def check_resumable_in_place(file: str, folder: str) -> None:
         raise UsageError(f"{file} is not in a training run's folder ({folder} also holds "
                          f"{', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, which textgen did not "
                          f"write); continue the run in a new folder with {{out}}", out=...)
-    latest = os.path.join(folder, checkpoint.LATEST)
+    latest = os.path.join(folder, LATEST)
     if os.path.exists(latest) and not os.path.samefile(file, latest):
         raise UsageError(f"{file} is behind {latest}: resuming it in {folder} would replace that run's later "
                          f"checkpoints; continue from it in a new folder with {{out}}, or resume {latest}",
@@ -272,7 +273,7 @@ class Trainer:
         self.explicit = set(explicit)
         ckpt = None
         if resume is not None:
-            ckpt = checkpoint.load(checkpoint.resolve(resume, prefer_best=False))
+            ckpt = checkpoint.load(resolve(resume, prefer_best=False))
             config = self._merge_resumed_config(ckpt, config, explicit)
             model_config = self._check_architecture(ckpt, model_config, explicit)
         config.validate()
@@ -297,7 +298,7 @@ class Trainer:
             try:
                 resumed_from = checkpoint_folder(resume) if resume is not None else None
                 if cfg.out or cfg.name:
-                    path = cfg.out or os.path.join("checkpoints", cfg.name)
+                    path = cfg.out or run_path(cfg.name)
                 elif resumed_from is not None:
                     path = resumed_from
                 else:
@@ -306,7 +307,7 @@ class Trainer:
                 # Resuming with --out elsewhere forks the run: the new folder gets a new run's rules.
                 same = resumed_from is not None and os.path.realpath(path) == os.path.realpath(resumed_from)
                 if same:
-                    check_resumable_in_place(checkpoint.resolve(resume, prefer_best=False), path)
+                    check_resumable_in_place(resolve(resume, prefer_best=False), path)
                 folder.claim(new_run=not same, overwrite=overwrite)
             except UsageError as e:
                 error = e                        # sent whole, so every front end still words it
