@@ -548,11 +548,8 @@ def test_each_front_end_words_a_sentence_in_its_own_terms():
     from textgen.cli import cli_words
     from textgen.errors import SettingError
     from textgen.http_app import http_words
-    from textgen.run_folder import RunFolder as Folder
-    from textgen.settings import flag_of
-    from textgen.training import TrainConfig  # noqa: F401  (its flags are registered with the parser)
     from textgen.cli import train_parser
-    train_parser()
+    train_parser()                     # registers the flags the command line words settings with (--time)
     error = UsageError("runs/a already holds a textgen run; continue it with {resume}, or start over with "
                        "{overwrite}", resume="runs/a", overwrite=True)
     assert str(error) == ("runs/a already holds a textgen run; continue it with resume='runs/a', or start over "
@@ -564,7 +561,6 @@ def test_each_front_end_words_a_sentence_in_its_own_terms():
     late = SettingError("time_budget", "must be a positive number of seconds, got -3")
     assert (str(late), late.worded(cli_words)) == ("time_budget must be a positive number of seconds, got -3",
                                                  "--time must be a positive number of seconds, got -3")
-    assert Folder is RunFolder
 
 
 def test_a_disk_that_fills_mid_run_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
