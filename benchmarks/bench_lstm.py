@@ -4,10 +4,12 @@ A training step is forward + cross-entropy + backward + gradient clipping +
 AdamW, on a character model (embedding 64, vocabulary 65) whose LSTM is ours
 or nn.LSTM with the same weights. The two are timed side by side in one run,
 alternating rounds so that machine noise hits both alike, and the median
-round is reported. A third column runs ours with bf16 matrix products
-(--dtype bfloat16 in train.py), which is faster but not exact. Peak memory is measured in a fresh subprocess per
-implementation: the growth of peak resident memory over the steps, beyond
-the model itself. Achieved GFLOP/s is set against a measured matmul peak.
+round is reported. Ours with bf16 matrix products (--dtype bfloat16 in train.py), which is faster but
+not exact, is set against its real peer: nn.LSTM under torch.autocast("cpu", dtype=torch.bfloat16),
+the two lines a user would add, which oneDNN runs as one fused bf16 LSTM (the same weights again).
+Peak memory is measured in a fresh subprocess per implementation: the growth of peak resident memory
+over the steps, beyond the model itself. Achieved GFLOP/s is set against a measured matmul peak, fp32
+for fp32 and bf16 for bf16.
 
     python benchmarks/bench_lstm.py            # all configs, ~5 minutes on 2 cores
     python benchmarks/bench_lstm.py --quick    # under a minute
@@ -55,8 +57,12 @@ class TorchLSTMModel(nn.Module):
         return self.head(out).transpose(0, 1), state
 
 
+IMPLS = ("ours", "nn.LSTM", "ours-bf16", "nn.LSTM-bf16")
+
+
 def build(impl: str, layers: int, hidden: int, dropout: float = 0.0):
-    """impl: "ours" (float32, exact), "ours-bf16" (bf16 matrix products) or "nn.LSTM"."""
+    """impl: "ours" (float32, exact), "ours-bf16" (bf16 matrix products), "nn.LSTM" or "nn.LSTM-bf16"
+    (nn.LSTM whose steps run under CPU bf16 autocast)."""
     torch.manual_seed(0)
     ours = CharLSTM(ModelConfig(VOCAB, EMBED, hidden, layers, dropout))
     ours.lstm.matmul_dtype = torch.bfloat16 if impl == "ours-bf16" else None
@@ -71,19 +77,20 @@ def detached(state):
     return detach_state(state)                           # ours: ((h, c) per layer)
 
 
-def make_step(model, opt, streams: int, chunk: int):
+def make_step(model, opt, streams: int, chunk: int, autocast: bool = False):
     x = torch.randint(0, VOCAB, (streams, chunk))
     y = torch.randint(0, VOCAB, (streams, chunk))
     carried = [None]
 
     def step():
-        logits, state = model(x, carried[0])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, state = model(x, carried[0])
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        carried[0] = detached(state)
+        carried[0] = detached(tuple(t.float() for t in state) if autocast else state)
     return step
 
 
@@ -95,8 +102,8 @@ def train_flops(layers: int, hidden: int, streams: int, chunk: int) -> float:
     return 3 * (lstm + head)
 
 
-def matmul_peak() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_peak(dtype=torch.float32) -> float:
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     for _ in range(3):
         a @ b
     runs = []
@@ -122,14 +129,15 @@ def time_steps(steps: dict, rounds: int, steps_per_round: int) -> dict:
 
 
 def time_side_by_side(layers, hidden, streams, chunk, rounds, steps_per_round):
-    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk) for impl in ("ours", "nn.LSTM", "ours-bf16")}
+    steps = {impl: make_step(*build(impl, layers, hidden), streams, chunk, autocast=impl == "nn.LSTM-bf16")
+             for impl in IMPLS}
     return time_steps(steps, rounds, steps_per_round)
 
 
 def peak_memory_child(impl, layers, hidden, streams, chunk) -> None:
     """Run in a fresh process: print the peak resident memory the training steps add, in MB."""
     model, opt = build(impl, layers, hidden)
-    step = make_step(model, opt, streams, chunk)
+    step = make_step(model, opt, streams, chunk, autocast=impl == "nn.LSTM-bf16")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                          # reset the peak (VmHWM) left by importing torch
     base = _status_kb("VmRSS")
@@ -172,19 +180,24 @@ def main() -> None:
     elif args.quick:
         configs = {k: configs[k] for k in ("2x128 16x64", "2x256 32x128")}
     rounds, per_round = (3, 2) if args.quick else (5, 3)
-    peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s")
+    peak, peak_bf16 = matmul_peak(), matmul_peak(torch.bfloat16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul peak fp32 {peak:.0f} GFLOP/s, "
+          f"bf16 {peak_bf16:.0f} GFLOP/s")
     print(f"{'config':<22} {'ours chars/s':>13} {'nn.LSTM chars/s':>16} {'ratio':>6} "
-          f"{'ours GFLOP/s':>13} {'ours peak MB':>13} {'nn.LSTM peak MB':>16} {'ours bf16 chars/s':>18} {'ratio':>6}")
+          f"{'ours GFLOP/s':>13} {'ours peak MB':>13} {'nn.LSTM peak MB':>16} {'ours bf16':>10} {'nn.LSTM bf16':>13} "
+          f"{'ratio':>6} {'bf16 GFLOP/s':>13} {'MB ours/nn bf16':>16}")
     for name, (layers, hidden, streams, chunk) in configs.items():
         times = time_side_by_side(layers, hidden, streams, chunk, rounds, per_round)
         chars = streams * chunk
         ours, ref = chars / times["ours"], chars / times["nn.LSTM"]
         gflops = train_flops(layers, hidden, streams, chunk) / times["ours"] / 1e9
-        mem = {impl: peak_memory(impl, layers, hidden, streams, chunk) for impl in ("ours", "nn.LSTM")}
-        bf16 = chars / times["ours-bf16"]
+        mem = {impl: peak_memory(impl, layers, hidden, streams, chunk) for impl in IMPLS}
+        bf16, ref_bf16 = chars / times["ours-bf16"], chars / times["nn.LSTM-bf16"]
+        gflops_bf16 = train_flops(layers, hidden, streams, chunk) / times["ours-bf16"] / 1e9
         print(f"{name:<22} {ours:>13,.0f} {ref:>16,.0f} {ours / ref:>6.2f} {gflops:>8.0f} ({gflops / peak:4.0%})"
-              f" {mem['ours']:>13.0f} {mem['nn.LSTM']:>16.0f} {bf16:>18,.0f} {bf16 / ref:>6.2f}", flush=True)
+              f" {mem['ours']:>13.0f} {mem['nn.LSTM']:>16.0f} {bf16:>10,.0f} {ref_bf16:>13,.0f} {bf16 / ref_bf16:>6.2f}"
+              f" {gflops_bf16:>8.0f} ({gflops_bf16 / peak_bf16:4.0%}) {mem['ours-bf16']:>7.0f} / "
+              f"{mem['nn.LSTM-bf16']:<7.0f}", flush=True)
 
 
 if __name__ == "__main__":
