@@ -59,3 +59,29 @@ def test_several_samples_stop_alike_in_the_generator_and_in_the_server(model):
     finally:
         engine.close()
         engine.scheduler.stop()
+
+
+def test_a_continued_request_reports_the_seed_its_random_stream_carries_on_from(model):
+    """Continue without a seed carries the session's generator on; the seed it reports is the chain's
+    (a new random number there reproduced nothing), and that seed given again reproduces the whole."""
+    model, tokenizer = model
+    engine = BatchingEngine(model, tokenizer, slots=2, max_waiting=4)
+
+    def run(prompt, seed=None, session=None):
+        job = engine.submit(Job(prompt, SampleConfig(length=40, temperature=1.0, seed=seed), session=session))
+        assert job.finished.wait(60)
+        text = ""
+        while not job.events.empty():
+            kind, value = job.events.get()
+            text += value if kind == 0 else ""
+        return job, text
+    try:
+        first, text1 = run("BORIS: ", seed=7)
+        second, text2 = run("", session=first.id)
+        assert second.seed == 7
+        again, again1 = run("BORIS: ", seed=second.seed)
+        _, again2 = run("", session=again.id)
+        assert (again1, again2) == (text1, text2)
+    finally:
+        engine.close()
+        engine.scheduler.stop()

@@ -49,6 +49,7 @@ class Session:
     state: tuple            # per layer (h, c), each (samples, H)
     logits: torch.Tensor    # (samples, V)
     rng_state: torch.Tensor
+    seed: int               # the seed the chain of requests started from: its random stream carries on
 
 
 class Events(queue.SimpleQueue):
@@ -182,6 +183,10 @@ class BatchingEngine:
                                  f"(sessions are kept for the last {SESSIONS_KEPT} requests)")
             if job.continues is not None and self.sessions[job.continues].logits.shape[0] != job.samples:
                 raise UsageError("a continued request must ask for as many samples as the one it continues")
+            if job.continues is not None and job.config.seed is None:
+                # It carries on the session's random stream, so the seed it reports is the chain's: the
+                # one that, given again to the first request and continued alike, gives this text again.
+                job.seed = self.sessions[job.continues].seed
             if self.closed or self.retiring:
                 raise Busy("this model is being replaced or the server is shutting down")
             if self._left_waiting([*self.waiting, job]) > self.max_waiting:
@@ -336,7 +341,7 @@ class BatchingEngine:
         _, rows, decoding = self.running[job.id]
         rng = decoding.rng
         index = torch.tensor(rows, device=self.device)
-        session = Session(state=tuple((h[index].clone(), c[index].clone()) for h, c in self.state),
+        session = Session(seed=job.seed, state=tuple((h[index].clone(), c[index].clone()) for h, c in self.state),
                           logits=self.logits[index].clone(), rng_state=rng.get_state())
         with self.lock:
             del self.running[job.id]
