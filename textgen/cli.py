@@ -66,7 +66,7 @@ def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
     return {dest for dest, value in parsed.items() if value is not unset and value is not None}
 
 
-def refuse_together(args, explicit: set[str], pairs) -> None:
+def refuse_together(explicit: set[str], pairs) -> None:
     """Flags that contradict each other are refused, never one of them silently ignored.
     pairs: (dest, dest, why) where each dest counts as given when it is in explicit."""
     for first, second, why in pairs:
@@ -215,7 +215,7 @@ def _train(argv) -> int:
     model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
                                                if f.name != "vocab_size"})
     train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
-    refuse_together(args, explicit, TRAIN_CONFLICTS)
+    refuse_together(explicit, TRAIN_CONFLICTS)
     if args.allow_new_text and args.resume is None:
         raise UsageError("--allow-new-text is for --resume (a new run trains on any text); drop it or add --resume")
     if args.val_fraction == 0 and "eval_chars" in explicit:
@@ -274,9 +274,10 @@ TRAIN_CONFLICTS = (
 )
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm():
     """Until the trainer installs its own handlers (which finish the step and save), SIGTERM stops
-    setup as Ctrl-C does: one sentence, and a run folder made for this run and still empty goes."""
+    setup as Ctrl-C does: one sentence, and a run folder made for this run and still empty goes.
+    Returns the handler it replaced (None off the main thread), for the caller to put back."""
     import signal
     import threading
 
