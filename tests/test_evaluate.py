@@ -412,7 +412,7 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     resumed = Trainer(None, TrainConfig(steps=ckpt["step"] + 10, time_budget=None),
                       resume=str(tmp_path / "run" / "latest.pt"), explicit={"steps", "time_budget"},
                       log=lambda m: None)
-    assert resumed.validations == 40 and resumed._eval_seconds == ckpt["eval_seconds"] > 0
+    assert resumed.budget.validations == 40 and resumed.budget.eval_seconds == ckpt["eval_seconds"] > 0
 
 
 def test_steps_that_slow_down_partway_shorten_the_plan(tmp_path, monkeypatch):

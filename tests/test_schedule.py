@@ -60,3 +60,31 @@ def test_budget_text_keeps_a_budget_under_a_second():
     assert schedule.seconds_text(4.0) == "4s"
     assert schedule.seconds_text(0.5) == "0.5s"     # once "0s", which read as no budget at all
     assert schedule.seconds_text(2.5) == "2.5s"
+
+
+def test_the_time_budget_is_one_object_whose_state_dict_resumes_it():
+    """TimeBudget holds the whole state: timed after the warm-up, planned once, timed again at a tenth,
+    four tenths and seven tenths, and its state_dict() the checkpoint's keys, which restore it."""
+    same = lambda value: value  # noqa: E731  (one process: every rank agrees)
+    budget = schedule.TimeBudget.start(100.0, 1_000_000)
+    assert not budget.planned and budget.replans == 0
+    start = schedule.timing_starts_at(warmup_steps=10)
+    assert not budget.first_plan_due(start, 1.0, 10)                     # the mark is set here
+    assert not budget.first_plan_due(start + schedule.TIMED_STEPS - 1, 2.9, 10)
+    assert budget.first_plan_due(start + schedule.TIMED_STEPS, 3.0, 10)
+    seconds = budget.make_plan(start + schedule.TIMED_STEPS, 3.0, 0.5, 0, same)
+    assert seconds == (3.0 - 1.0) / schedule.TIMED_STEPS and budget.planned
+    assert budget.plan == schedule.planned_steps(start + 20, 3.0, 100.0, seconds, 0.5, 0, budget.validations)
+    assert budget.retime(start + 20, 3.0, 2.0, 0, same) is None         # marks where the next timing starts
+    step = int(schedule.REPLAN_AT[0] * budget.plan) + schedule.TIMED_STEPS + start + 20
+    old_plan = budget.plan
+    timed = budget.retime(step, 3.0 + 0.05 * (step - start - 20), 2.0 + 0.05 * (step - start - 20), 0, same)
+    assert timed is not None and timed[2] == old_plan and budget.replans == 1
+    saved = budget.state_dict()
+    assert set(saved) == {"plan", "planned", "replans", "validations", "eval_seconds"}
+    again = schedule.TimeBudget.start(100.0, 1_000_000)
+    again.load_state_dict(saved, 1_000_000)
+    assert again.state_dict() == saved and again.first_mark is None     # a resumed run times afresh
+    fixed = schedule.TimeBudget.start(None, 500)
+    fixed.load_state_dict({"plan": 300}, 800)
+    assert fixed.plan == 800 and fixed.planned                          # no budget: the (new) --steps

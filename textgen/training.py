@@ -382,18 +382,13 @@ class Trainer:
             # Compiles on the first steps (a slow start); the checkpoint keeps the plain model's state.
             self.train_model = torch.compile(self.train_model)
 
-        self.step, self.plan, self.elapsed = 0, config.steps, 0.0
+        self.step, self.elapsed = 0, 0.0
+        self.budget = schedule.TimeBudget.start(config.time_budget, config.steps)
         self.best_val_loss: float | None = None
         self.history: list[dict] = []
         self.sums = IntervalSums()
         self.state = None
         self.first_loss: float | None = None
-        self.planned = config.time_budget is None
-        self.replans = len(schedule.REPLAN_AT) if config.time_budget is None else 0   # done so far
-        self._budget_mark: tuple[int, float] | None = None
-        self._replan_mark: tuple[int, float] | None = None
-        self._eval_seconds = 0.0
-        self.validations = schedule.EVALS_PER_RUN     # over the run, when --eval-every is 0
         self._last_report: int | None = None           # the step of the last sample and plot
         self._last_plot: float | None = None            # perf_counter() of the last drawing (or the run's start)
         self.last_saved_step: int | None = None
@@ -565,14 +560,7 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise UsageError(f"{resume}: its optimizer state does not match the model ({e})") from None
         self.step = int(ckpt["step"])
-        self.plan = int(ckpt.get("plan", self.config.steps))
-        self.planned = bool(ckpt.get("planned", True))
-        # Checkpoints from before the plan was timed again three times say only whether it was, once.
-        self.replans = int(ckpt.get("replans", len(schedule.REPLAN_AT) if ckpt.get("replanned", True) else 0))
-        self.validations = int(ckpt.get("validations", schedule.EVALS_PER_RUN))
-        self._eval_seconds = float(ckpt.get("eval_seconds", 0.0))
-        if self.config.time_budget is None:
-            self.plan = self.config.steps   # the saved --steps, or a new one given on resume
+        self.budget.load_state_dict(ckpt, self.config.steps)
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.best_val_loss = ckpt.get("best_val_loss")
         self.history = list(ckpt.get("history", []))
@@ -604,7 +592,7 @@ class Trainer:
         x, y = self.loader.next_batch()
         x = torch.from_numpy(x).to(self.device, non_blocking=True)
         y = torch.from_numpy(y).to(self.device, non_blocking=True)
-        lr = lr_at(self.step, self.plan, self.config)
+        lr = lr_at(self.step, self.budget.plan, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, state = self.train_model(x, self.restart_one_stream(self.state), targets=y)
@@ -696,9 +684,7 @@ class Trainer:
             "model_config": asdict(self.model_config), "train_config": asdict(self.config),
             "vocab": self.tokenizer.to_dict(), "corpus": self.corpus.info,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "plan": self.plan, "planned": self.planned,
-            "replans": self.replans, "elapsed": self.elapsed,
-            "validations": self.validations, "eval_seconds": self._eval_seconds,
+            "step": self.step, **self.budget.state_dict(), "elapsed": self.elapsed,
             "loader": {"train": self.loader.state_dict(), "val": {"position": 0}},
             "carried_state": self.dist.gather_state(self.state),
             "rng": rng_state(), "history": self.history, "best_val_loss": self.best_val_loss,
@@ -736,14 +722,14 @@ class Trainer:
         bar, stopped_by = self._progress_bar(), None
         self._install_signal_handlers()
         try:
-            while self.step < self.plan:
+            while self.step < self.budget.plan:
                 self._timed_train_step()                       # one optimizer step, counted into the interval
-                if not self.planned:
+                if not self.budget.planned:
                     self._plan_budget(bar)
-                elif self.replans < len(schedule.REPLAN_AT):
+                elif self.budget.replans < len(schedule.REPLAN_AT):
                     self._replan_budget(bar)
                 out_of_time, stop_requested = self._stop_decided()
-                last_step = self.step >= self.plan or out_of_time
+                last_step = self.step >= self.budget.plan or out_of_time
                 val_loss = None
                 report = False
                 if self.step % self.eval_interval() == 0 or last_step:
@@ -793,7 +779,7 @@ class Trainer:
                  f"{describe_step_path(self.device)})"
                  + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
         if self.step > 0:
-            self.log(f"resuming at step {self.step} of {self.plan}")
+            self.log(f"resuming at step {self.step} of {self.budget.plan}")
         self._run_started = self._step_started = time.perf_counter()
         self._elapsed_before = self.elapsed     # a resumed run's clock goes on from its checkpoint
         self._step_seconds = 0.0                # time in training steps alone, this process
@@ -834,26 +820,16 @@ class Trainer:
         """After a warm-up, turn the time budget into a step count (fixed from then on).
 
         A run resumed before its plan was made simply starts timing again where it stands."""
-        cfg = self.config
-        if self._budget_mark is None:
-            if self.step >= schedule.timing_starts_at(cfg.warmup_steps):
-                self._budget_mark = (self.step, self.elapsed)
+        cfg, budget = self.config, self.budget
+        if not budget.first_plan_due(self.step, self.elapsed, cfg.warmup_steps):
             return
-        steps0, t0 = self._budget_mark
-        if self.step < steps0 + schedule.TIMED_STEPS:
-            return
-        seconds_per_step = (self.elapsed - t0) / (self.step - steps0)
         _, eval_seconds = self._timed_validation()
-        self.validations = self.dist.broadcast(schedule.validations_for(cfg.time_budget, eval_seconds))
-        plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step, eval_seconds,
-                                      cfg.eval_every, self.validations)
-        self.plan, self.planned = self.dist.broadcast(plan), True
-        self._eval_seconds = eval_seconds
-        how_often = "" if cfg.eval_every else f" ({self.validations} in the run)"
+        seconds_per_step = budget.make_plan(self.step, self.elapsed, eval_seconds, cfg.eval_every, self.dist.broadcast)
+        how_often = "" if cfg.eval_every else f" ({budget.validations} in the run)"
         self.log(f"time budget {seconds_text(cfg.time_budget)}: {seconds_per_step * 1000:.0f} ms/step, "
-                 f"validation {eval_seconds:.1f}s{how_often}; planning {self.plan} steps")
+                 f"validation {eval_seconds:.1f}s{how_often}; planning {budget.plan} steps")
         if bar is not None:
-            bar.total = self.plan
+            bar.total = budget.plan
             bar.refresh()
 
     def _replan_budget(self, bar=None) -> None:
@@ -861,35 +837,25 @@ class Trainer:
         timing and plan anew. The first steps of a run are often slower (caches, the allocator, a
         busy machine settling), and a plan made from them alone left 10-15% of a 15-minute budget
         unused; one re-timing at a tenth still left 6% (54 s) when the steps sped up later."""
-        cfg = self.config
-        if self._replan_mark is None:
-            self._replan_mark = (self.step, self._step_seconds)
+        timed = self.budget.retime(self.step, self.elapsed, self._step_seconds, self.config.eval_every,
+                                   self.dist.broadcast)
+        if timed is None or timed[2] == self.budget.plan:
             return
-        steps0, seconds0 = self._replan_mark
-        # Each timing spans a tenth of the plan at least, even where a shorter plan brings the next one closer.
-        span = max(schedule.TIMED_STEPS, self.plan // 10)
-        if self.step < max(steps0 + span, schedule.REPLAN_AT[self.replans] * self.plan):
-            return
-        seconds_per_step = (self._step_seconds - seconds0) / (self.step - steps0)
-        plan = schedule.planned_steps(self.step, self.elapsed, cfg.time_budget, seconds_per_step,
-                                      self._eval_seconds, cfg.eval_every, self.validations)
-        old, self.plan = self.plan, self.dist.broadcast(plan)
-        self.replans += 1
-        self._replan_mark = (self.step, self._step_seconds)
-        if self.plan != old:
-            self.log(f"time budget: {seconds_per_step * 1000:.0f} ms/step over the last {self.step - steps0} "
-                     f"steps; planning {self.plan} steps (was {old})")
-            if bar is not None:
-                bar.total = self.plan
-                bar.refresh()
+        seconds_per_step, steps, old = timed
+        self.log(f"time budget: {seconds_per_step * 1000:.0f} ms/step over the last {steps} "
+                 f"steps; planning {self.budget.plan} steps (was {old})")
+        if bar is not None:
+            bar.total = self.budget.plan
+            bar.refresh()
 
     def eval_interval(self) -> int:
-        return schedule.eval_interval(self.config.eval_every, self.plan, self.planned, self.validations)
+        b = self.budget
+        return schedule.eval_interval(self.config.eval_every, b.plan, b.planned, b.validations)
 
     def _report_due(self) -> bool:
         """Whether this validation also samples and plots: about EVALS_PER_RUN times a run however
         often it validates (every validation where --eval-every sets the pace)."""
-        every = schedule.eval_interval(self.config.eval_every, self.plan, self.planned)
+        every = schedule.eval_interval(self.config.eval_every, self.budget.plan, self.budget.planned)
         if self._last_report is not None and self.step // every == self._last_report // every:
             return False                # only the first validation past each multiple of `every`
         self._last_report = self.step
@@ -916,7 +882,7 @@ class Trainer:
             return
         entry = {
             "step": self.step, "time": round(self.elapsed, 3), "train_loss": s.loss / s.steps,
-            "val_loss": val_loss, "lr": lr_at(self.step - 1, self.plan, self.config),
+            "val_loss": val_loss, "lr": lr_at(self.step - 1, self.budget.plan, self.config),
             "grad_norm": s.grad_norm / max(1, s.steps - s.skipped),
             # s.chars counts every rank's streams already (batch_size is the global number)
             "chars_per_sec": round(s.chars / max(s.seconds, 1e-9)),
@@ -935,7 +901,7 @@ class Trainer:
                                 f"{entry['chars_per_sec']:,} chars/s", refresh=False)
         if bar is None or val_loss is not None:
             if not self.config.quiet or val_loss is not None:
-                self.log(f"step {self.step}/{self.plan} loss {entry['train_loss']:.4f} val {val} "
+                self.log(f"step {self.step}/{self.budget.plan} loss {entry['train_loss']:.4f} val {val} "
                          f"lr {entry['lr']:.2e} grad {entry['grad_norm']:.2f} {entry['chars_per_sec']:,} chars/s")
 
     def _plot(self, last_step: bool) -> None:
@@ -970,7 +936,7 @@ class Trainer:
         if self.config.quiet or not self.dist.is_main or not sys.stderr.isatty():
             return None
         from tqdm import tqdm
-        return tqdm(total=self.plan, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=self.budget.plan, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     # -- signals ----------------------------------------------------------------------
 
