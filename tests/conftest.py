@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,3 +198,31 @@ class NNLSTMStack:
         """The gradient of our parameter `name` (e.g. weight_ih_l1) in the reference."""
         base, k = name.rsplit("_l", 1)
         return getattr(self.layers[int(k)], f"{base}_l0").grad
+
+
+# -- Chromium, for the playground's and the exported page's browser tests ------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need(condition: bool, what: str):
+    """Skip without it, except under CI (CI=true), where .ci/run installs it: there it fails."""
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{what} is missing; .ci/run installs it")
+        pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need(CHROMIUM is not None, "Chromium (Debian package chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "Playwright (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()

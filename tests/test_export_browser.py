@@ -4,14 +4,12 @@ Playwright, the page opened from file:// with every request refused, as it must 
 Skips where Chromium or Playwright is missing, except under CI (CI=true), where a missing one is a failure.
 """
 import os
-import shutil
 import time
 
 import pytest
 
 from test_export import MARKUP, trained
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 PROMPT = "ANNA:\n"
 
@@ -30,13 +28,6 @@ def exported(tmp_path_factory):
     return run, pages
 
 
-def _need(condition: bool, what: str):
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{what} is missing; .ci/run installs it")
-        pytest.skip(f"{what} is not installed")
-
-
 def greedy(run, prompt, length, capsys) -> str:
     """generate.py --temperature 0's text after the prompt."""
     from textgen.cli import generate_main
@@ -44,21 +35,6 @@ def greedy(run, prompt, length, capsys) -> str:
     assert generate_main(["--checkpoint", run, "--prompt", prompt, "--length", str(length), "--temperature", "0",
                           "-q"]) == 0
     return capsys.readouterr().out[len(prompt):-1]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need(CHROMIUM is not None, "Chromium (Debian package chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need(False, "Playwright (pip install -e '.[test]')")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

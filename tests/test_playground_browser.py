@@ -14,30 +14,7 @@ import pytest
 from conftest import train_tiny
 from test_serve import Served
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MARKUP = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='owned'\">\n"
-
-
-def _need(condition: bool, what: str):
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{what} is missing; .ci/run installs it")
-        pytest.skip(f"{what} is not installed")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need(CHROMIUM is not None, "Chromium (Debian package chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need(False, "Playwright (pip install -e '.[test]')")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
