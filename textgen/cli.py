@@ -415,14 +415,10 @@ def _generate(argv) -> int:
 
 def _check_output(path: str) -> None:
     """Refuse an --output the writer would refuse, or whose folder is not there, before any work."""
-    from .files import refusal
+    from .files import check
     if path == "":
         raise SettingError("output", "must name a file (leave it out to write to standard output)")
-    reason = refusal(path)
-    if reason is None and not os.path.isdir(os.path.dirname(os.path.realpath(path))):
-        reason = f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist"
-    if reason:
-        raise UsageError(reason)
+    check(path)
 
 
 def _output(path: str | None):

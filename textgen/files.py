@@ -132,6 +132,15 @@ def refusal(path: str, replace: str = "user") -> str | None:
     return None
 
 
+def check(path: str, replace: str = "user") -> None:
+    """Refuse, before any work is done, a path output() would refuse or whose folder is not there."""
+    reason = refusal(path, replace)
+    if reason is None and not is_descriptor(path) and not os.path.isdir(os.path.dirname(os.path.realpath(path))):
+        reason = f"cannot write {path}: the folder {os.path.dirname(path) or '.'} does not exist"
+    if reason:
+        raise UsageError(reason)
+
+
 @contextlib.contextmanager
 def output(path: str, mode: str = "w", replace: str = "user", keep_on_interrupt: bool = False) -> Iterator[IO]:
     """Open path for writing ("w" text in UTF-8, or "wb") under the rules above.

@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 from ..checkpoint import load_model
 from ..errors import UsageError
-from ..files import refusal
+from ..files import check
 from ..sampling import opening_text
 
 FORMATS = ("onnx", "web", "safetensors")
@@ -60,9 +60,7 @@ def check_output(path: str, fmt: str) -> None:
         if not os.access(parent if not os.path.isdir(path) else path, os.W_OK):
             raise UsageError(f"cannot write {path}: permission denied")
         return
-    reason = refusal(path)
-    if reason:
-        raise UsageError(reason)
+    check(path)
 
 
 def require(package: str, fmt: str):
