@@ -226,3 +226,15 @@ def browser():
             "--disable-component-update", "--disable-sync"])
         yield browser
         browser.close()
+
+
+def wait_until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a JavaScript expression from here until it is true. Playwright's wait_for_function polls by
+    evaluating the expression inside the page, which a page whose policy forbids eval refuses whenever
+    the first check is not already true; page.evaluate goes through the debugger, which the policy allows."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout:g} s: {expression}")
+        time.sleep(0.02)

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from conftest import wait_until
+
 from test_export import MARKUP, trained
 
 
@@ -60,7 +62,7 @@ def open_page(browser):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)   # e.g. a CSP refusal
         page.goto(opened[-1])
-        page.wait_for_function("window.textgen !== undefined")
+        wait_until(page, "window.textgen !== undefined")
         return page
 
     yield open_page
@@ -122,7 +124,7 @@ def test_the_page_streams_stops_and_continues_the_state(exported, open_page, cap
     assert len(seen) == 5 and seen[0] >= len(PROMPT), seen
     assert page.is_disabled("#generate") and page.is_enabled("#stop")
     page.click("#stop")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped after')")
+    wait_until(page, "document.getElementById('status').textContent.startsWith('stopped after')")
     stopped = page.text_content("#output")
     assert len(stopped) < 100_000 and page.is_enabled("#continue") and page.is_disabled("#stop")
     time.sleep(0.3)
@@ -131,7 +133,7 @@ def test_the_page_streams_stops_and_continues_the_state(exported, open_page, cap
 
     page.fill("#length", "50")
     page.click("#continue")                                     # carries on from where it stopped
-    page.wait_for_function("document.getElementById('status').textContent === 'reached the length (50 characters)'")
+    wait_until(page, "document.getElementById('status').textContent === 'reached the length (50 characters)'")
     assert page.text_content("#output").startswith(stopped) and len(page.text_content("#output")) == len(stopped) + 50
 
     # Greedy: N characters, then Continue for N more, is the greedy text of 2N.
@@ -150,14 +152,14 @@ def test_characters_the_model_never_saw_are_one_sentence_in_the_page(exported, o
     before = page.text_content("#output")
     page.fill("#prompt", "ANNA ☃ saw Ω")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    wait_until(page, "document.getElementById('status').classList.contains('error')")
     assert page.text_content("#status") == ("the prompt has 2 characters the model never saw (Ω ☃); "
                                             "remove them to generate")
     assert page.text_content("#output") == before and page.is_enabled("#generate")
     page.fill("#temperature", "-1")
     page.fill("#prompt", PROMPT)
     page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('temperature')")
+    wait_until(page, "document.getElementById('status').textContent.startsWith('temperature')")
     assert page.text_content("#status") == "temperature must be 0 (greedy) or from 1e-6 to 1e6, got -1"
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import train_tiny
+from conftest import train_tiny, wait_until
 from test_serve import Served
 
 MARKUP = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='owned'\">\n"
@@ -47,7 +47,7 @@ def page(browser, runs):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
     page.goto(f"http://127.0.0.1:{served.port}/")
-    page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+    wait_until(page, "document.querySelectorAll('#model option').length === 3")
     yield page, served
     context.close()
     served.close()
@@ -75,7 +75,7 @@ def test_generate_streams_stops_switches_models_and_continues(page, tmp_path):
     assert len(seen) == 5 and seen[0] >= len("ANNA:\n"), seen
     assert served.status()["generations"] == 1
     page.click("#stop")
-    page.wait_for_function("document.getElementById('status').textContent.includes('stopped')")
+    wait_until(page, "document.getElementById('status').textContent.includes('stopped')")
     assert served.idle(), served.status()                    # Stop ended it on the server too
     stopped_at = output_length(page)
     assert stopped_at < 100_000 and page.is_enabled("#generate") and page.is_disabled("#stop")
@@ -89,13 +89,13 @@ def test_generate_streams_stops_switches_models_and_continues(page, tmp_path):
     page.fill("#length", "300")
     page.fill("#seed", "7")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.includes('reached the length')")
+    wait_until(page, "document.getElementById('status').textContent.includes('reached the length')")
     assert output_length(page) == len("BORIS:\n") + 300
     assert page.text_content("#meta") == "seed 7"
     first = page.text_content("#output")
     page.click("#continue")                                   # the state carries on from where it ended
     expected = len("BORIS:\n") + 600
-    page.wait_for_function(f"document.getElementById('output').textContent.length === {expected}")
+    wait_until(page, f"document.getElementById('output').textContent.length === {expected}")
     both = page.text_content("#output")
     # exactly what one request for 600 characters gives: the state and the random generator carried on
     whole = served.generate(model="beta", prompt="BORIS:\n", length=600, seed=7)
@@ -116,7 +116,7 @@ def test_generated_markup_is_shown_as_text_and_never_runs(page):
     page.fill("#temperature", "0")
     page.fill("#length", "400")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.includes('reached the length')")
+    wait_until(page, "document.getElementById('status').textContent.includes('reached the length')")
     shown = page.text_content("#output")
     assert MARKUP in shown                                                               # the model writes markup...
     assert page.title() == title == "textgen playground"                                 # ...and none of it ran
@@ -128,7 +128,7 @@ def test_bad_values_show_the_servers_sentence(page):
     page.select_option("#model", "alpha")
     page.fill("#temperature", "-1")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('status').classList.contains('error')")
+    wait_until(page, "document.getElementById('status').classList.contains('error')")
     assert page.text_content("#status") == '"temperature" must be 0 (greedy) or from 1e-6 to 1e6, got -1'
 
 
