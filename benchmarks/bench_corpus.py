@@ -23,7 +23,8 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from textgen.corpus import prepare
-from textgen.training import Trainer, TrainConfig
+from textgen.training import TrainConfig, build_run, train
+from textgen.training.step import train_step
 from textgen.model import ModelConfig
 
 def kb(field):
@@ -46,10 +47,10 @@ reuse_s = time.perf_counter() - t
 model = ModelConfig(vocab_size=1, embed_size=32, hidden_size=128, layers=2, dropout=0.0)
 config = TrainConfig(text=path, cache_dir=cache, batch_size=32, seq_len=64, steps=20, eval_every=20,
                      eval_chars=100_000, save_every=1000, sample_length=0, quiet=True, out=sys.argv[3])
-trainer = Trainer(model, config, log=lambda m: None)
-trainer.train_step()                          # model, gradients and optimizer state now exist
+run = build_run(model, config, log=lambda m: None)
+train_step(run)                               # model, gradients and optimizer state now exist
 base = reset_peak()
-trainer.run()
+train(run, log=lambda m: None)
 train_mb = (kb("VmHWM") - base) / 1024
 print(json.dumps({{"prep_s": prep_s, "prep_mb": prep_mb, "reuse_s": reuse_s, "train_mb": train_mb,
                    "tokens": int(len(prepared.tokens))}}))

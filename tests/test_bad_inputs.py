@@ -592,15 +592,15 @@ def test_a_disk_that_fills_mid_run_keeps_the_previous_checkpoint(tmp_path, monke
 
 def test_running_out_of_memory_mid_run_is_one_sentence_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     from textgen.cli import train_main
-    from textgen.training import Trainer
-    real_step, calls = Trainer.train_step, []
+    from textgen.training import loop
+    real_step, calls = loop.train_step, []
 
-    def step_then_fail(self):
-        calls.append(self.step)
+    def step_then_fail(run):
+        calls.append(run.progress.step)
         if len(calls) == 7:                       # after the checkpoint of step 5 (--save-every 5)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self)
-    monkeypatch.setattr(Trainer, "train_step", step_then_fail)
+        return real_step(run)
+    monkeypatch.setattr(loop, "train_step", step_then_fail)
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(), encoding="utf-8")
     out = str(tmp_path / "run")

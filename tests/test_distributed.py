@@ -104,13 +104,13 @@ def test_a_distributed_checkpoint_resumes_in_one_process_and_a_one_process_one_u
 
 FAILING_RANK = """
 import os, sys
-import textgen.training as training
-real = training.Trainer.train_step
-def train_step(self):
-    if self.dist.rank == 1 and self.step == 5:
+from textgen.training import loop
+real = loop.train_step
+def train_step(run):
+    if run.dist.rank == 1 and run.progress.step == 5:
         raise RuntimeError("injected failure on rank 1")
-    return real(self)
-training.Trainer.train_step = train_step
+    return real(run)
+loop.train_step = train_step
 from textgen.cli import train_main
 sys.exit(train_main(sys.argv[1:]))
 """

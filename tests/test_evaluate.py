@@ -299,29 +299,28 @@ def test_a_budgeted_run_stopped_before_its_plan_resumes_and_plans(text_file, tmp
     import signal
 
     from textgen.model import ModelConfig
-    from textgen.training import Trainer, TrainConfig
+    from textgen.training import TrainConfig, build_run, loop, train
     _simulate_the_clock(monkeypatch, lambda step: 0.025)
     out = str(tmp_path / "run")
     model = ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=1, dropout=0.0)
     config = TrainConfig(text=text_file, batch_size=4, seq_len=16, time_budget=3.0, eval_every=25, save_every=5,
                          sample_length=0, out=out, quiet=True)
-    first = Trainer(model, config, log=lambda m: None)
-    real_step = Trainer.train_step
+    first = build_run(model, config, log=lambda m: None)
+    real_step = loop.train_step
 
-    def step_then_signal(self):
-        result = real_step(self)
-        if self.step == 12:
-            self.stop_signal = signal.SIGTERM            # as the handler would on a real SIGTERM
+    def step_then_signal(run):
+        result = real_step(run)
+        if run.progress.step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)          # into the trainer's own handler
         return result
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-    assert first.run().stopped_by == "SIGTERM"
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    assert train(first).stopped_by == "SIGTERM"
     saved = checkpoint.load(os.path.join(out, "latest.pt"))
     assert saved["step"] == 12 and not saved["planned"]
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     messages = []
-    resumed = Trainer(None, TrainConfig(), resume=out, log=messages.append)
-    result = resumed.run()
+    result = train(build_run(None, TrainConfig(), resume=out, log=messages.append), log=messages.append)
     assert result.stopped_by is None and result.step > 32
     assert any("planning" in m for m in messages)
     ckpt = checkpoint.load(os.path.join(out, "latest.pt"))
@@ -334,35 +333,34 @@ def _simulate_the_clock(monkeypatch, seconds_per_step):
     nothing else takes time. Real time made these plans, and where a run stopped, depend on the
     machine's load: a fresh-clone CI run stopped one at 82% of its plan."""
     import types
-    from textgen import training
-    from textgen.training import Trainer
-    real_step, real_validate = Trainer.train_step, Trainer.validate
+    from textgen.training import loop
+    real_step, real_validate = loop.train_step, loop.validate
     now = [0.0]
 
-    def timed_step(self):
-        now[0] += seconds_per_step(self.step)
-        return real_step(self)
+    def timed_step(run):
+        now[0] += seconds_per_step(run.progress.step)
+        return real_step(run)
 
-    def timed_validate(self, *args, **kwargs):
+    def timed_validate(run):
         now[0] += 0.002
-        return real_validate(self, *args, **kwargs)
+        return real_validate(run)
 
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
-    monkeypatch.setattr(Trainer, "validate", timed_validate)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    monkeypatch.setattr(loop, "validate", timed_validate)
 
 
 def _timed_run(tmp_path, monkeypatch, seconds_per_step, lines, budget=6.0):
     """Train for budget simulated seconds with each step's time set by seconds_per_step(step), logging into lines."""
     from textgen.model import ModelConfig
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run, train
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(), encoding="utf-8")
     _simulate_the_clock(monkeypatch, seconds_per_step)
     config = TrainConfig(text=str(text), batch_size=2, seq_len=8, time_budget=budget, warmup_steps=2, sample_length=0,
                          out=str(tmp_path / "run"), quiet=True, eval_chars=200, save_every=10_000)
     model = ModelConfig(vocab_size=1, embed_size=4, hidden_size=8, layers=1)
-    Trainer(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append).run()
+    train(build_run(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append), log=lines.append)
 
 
 def _plans(lines):
@@ -387,7 +385,7 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     that peaks early, but samples and plots only about EVALS_PER_RUN times; a resumed run keeps
     the count its plan chose."""
     from textgen.model import ModelConfig
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run, train
     monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 40)
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(), encoding="utf-8")
@@ -396,7 +394,7 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     config = TrainConfig(text=str(text), batch_size=2, seq_len=8, time_budget=4.0, warmup_steps=2, sample_length=20,
                          out=str(tmp_path / "run"), quiet=True, eval_chars=200, save_every=10_000)
     model = ModelConfig(vocab_size=1, embed_size=4, hidden_size=8, layers=1)
-    Trainer(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append).run()
+    train(build_run(model, config, explicit={"hidden_size", "layers", "dropout"}, log=lines.append), log=lines.append)
     ckpt = checkpoint.load(str(tmp_path / "run" / "latest.pt"))
     validated = [row for row in ckpt["history"] if row["val_loss"] is not None]
     samples = [line for line in lines if line.startswith("--- sample at step")]
@@ -409,9 +407,9 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["best_val_loss"] == ckpt["best_val_loss"]
     monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 10)
     # The plan is done, so the resume asks for more steps (a finished run alone is refused: nothing to do).
-    resumed = Trainer(None, TrainConfig(steps=ckpt["step"] + 10, time_budget=None),
-                      resume=str(tmp_path / "run" / "latest.pt"), explicit={"steps", "time_budget"},
-                      log=lambda m: None)
+    resumed = build_run(None, TrainConfig(steps=ckpt["step"] + 10, time_budget=None),
+                        resume=str(tmp_path / "run" / "latest.pt"), explicit={"steps", "time_budget"},
+                        log=lambda m: None).progress
     assert resumed.budget.validations == 40 and resumed.budget.eval_seconds == ckpt["eval_seconds"] > 0
 
 

@@ -67,7 +67,7 @@ def test_plot_writes_a_png(run_dir, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
     from matplotlib.image import imread
-    from textgen.plot import read_metrics
+    from textgen.run_folder import read_metrics
     figures, real_savefig = [], Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or real_savefig(fig, *a, **k))
     out = tmp_path / "loss.png"
@@ -100,18 +100,20 @@ def test_training_draws_loss_png_at_reports_at_most_every_plot_every_s_and_at_th
     15 s draws it once, at its last step, and one of 60 s at step 20 (40 s in) and at the end (step 10,
     20 s in, is too soon after the start)."""
     pytest.importorskip("matplotlib")
-    from textgen import run_folder, training
+    from textgen import plot as loss_plot
+    from textgen.training import reporter
     from conftest import train_tiny
     from test_evaluate import _simulate_the_clock
     _simulate_the_clock(monkeypatch, lambda step: seconds_per_step)
-    drawn, real_draw, real_plot = [], run_folder.RunFolder.plot, training.Trainer._plot
+    drawn, real_draw, real_plot = [], loss_plot.plot_runs, reporter.Reporter.plot
 
-    def plot(trainer, last_step):
-        monkeypatch.setattr(run_folder.RunFolder, "plot", lambda folder: drawn.append(trainer.step) or real_draw(folder))
-        real_plot(trainer, last_step)
+    def plot(report, last_step):
+        step = report.run.progress.step
+        monkeypatch.setattr(loss_plot, "plot_runs", lambda folders: drawn.append(step) or real_draw(folders))
+        real_plot(report, last_step)
 
-    monkeypatch.setattr(training.Trainer, "_plot", plot)
-    monkeypatch.setattr(training, "PLOT_EVERY_S", every)
+    monkeypatch.setattr(reporter.Reporter, "plot", plot)
+    monkeypatch.setattr(reporter, "PLOT_EVERY_S", every)
     out, _ = train_tiny(tmp_path, "--steps", "30")                 # validations (and reports) at 10, 20, 30
     assert drawn == drawn_at
     assert open(os.path.join(out, "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

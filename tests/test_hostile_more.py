@@ -182,7 +182,7 @@ def test_plot_skips_a_line_it_cannot_read_with_one_note(tmp_path, kind):
     assert code == 0, err
     assert err.count("\n") == 1 and "skipped 1 line" in err and "line 3" in err, err
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
-    from textgen.plot import read_metrics
+    from textgen.run_folder import read_metrics
     notes = []
     assert read_metrics(str(tmp_path), note=notes.append) == GOOD_LINES and len(notes) == 1
 

@@ -5,32 +5,51 @@ import os
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "textgen")
 
 
-def imports_of(module: str) -> dict[str, set[str]]:
-    """{our module imported: the functions it is imported in ("" for the top level)}."""
-    tree = ast.parse(open(os.path.join(PACKAGE, module + ".py"), encoding="utf-8").read())
-    found: dict[str, set[str]] = {}
+def _files_of(unit: str) -> list[tuple[list[str], str]]:
+    """(the package path of each file, its path) of one of our modules, or of every file of a subpackage."""
+    folder = os.path.join(PACKAGE, unit)
+    if os.path.isdir(folder):
+        return [(["textgen", unit], os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+                if name.endswith(".py")]
+    return [(["textgen"], os.path.join(PACKAGE, unit + ".py"))]
 
-    def visit(node, function=""):
-        for child in ast.iter_child_nodes(node):
-            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
-            if isinstance(child, ast.ImportFrom) and child.level == 1:
-                names = [child.module] if child.module else [alias.name for alias in child.names]
-                for name in names:
-                    found.setdefault(name.split(".")[0], set()).add(function)
-            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("textgen"):
-                found.setdefault((child.module.split(".") + [""])[1] or "__init__", set()).add(function)
-            visit(child, inner)
-    visit(tree)
+
+def imports_of(unit: str) -> dict[str, set[str]]:
+    """{our module or subpackage imported: the functions it is imported in ("" for the top level)}, for a
+    module or a whole subpackage (imports between a subpackage's own files are its own business)."""
+    found: dict[str, set[str]] = {}
+    for package, path in _files_of(unit):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+
+        def visit(node, function=""):
+            for child in ast.iter_child_nodes(node):
+                inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+                if isinstance(child, ast.ImportFrom):
+                    if child.level:
+                        base = package[:len(package) - child.level + 1]
+                    elif (child.module or "").startswith("textgen"):
+                        base = []
+                    else:
+                        base = None
+                    if base is not None:
+                        target = base + (child.module.split(".") if child.module else [])
+                        names = [target[1]] if len(target) > 1 else [alias.name for alias in child.names]
+                        for name in names:
+                            if name != unit:
+                                found.setdefault(name, set()).add(function)
+                visit(child, inner)
+        visit(tree)
     return found
 
 
-MODULES = sorted(name[:-3] for name in os.listdir(PACKAGE) if name.endswith(".py"))
+MODULES = sorted(name[:-3] if name.endswith(".py") else name for name in os.listdir(PACKAGE)
+                 if name.endswith(".py") or os.path.isfile(os.path.join(PACKAGE, name, "__init__.py")))
 
 
 def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
     assert set(imports_of("model")) == {"fused_lstm", "settings"}      # settings: how a field is declared
     assert set(imports_of("fused_lstm")) == {"native_kernel"}
-    assert set(imports_of("native_kernel")) == {"machine"}
+    assert set(imports_of("native_kernel")) == {"files", "machine"}      # files: its private cache written through it
     assert set(imports_of("tokenizer")) == set() and set(imports_of("machine")) == set()
     assert set(imports_of("settings")) == {"errors"} and set(imports_of("errors")) == set()
     assert set(imports_of("files")) == {"errors"}                       # the one writer: a leaf
@@ -76,12 +95,14 @@ def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
 def test_one_module_owns_the_run_folders_layout():
     """run_folder knows the names, the root and how to find a run; checkpoint asks it and it never asks back."""
     uses = imports_of("run_folder")
-    assert set(uses) == {"errors", "files", "plot"} and uses["plot"] == {"plot"}    # a run draws its own loss.png
+    assert set(uses) == {"errors", "files"}
+    assert set(imports_of("plot")) == {"errors", "files", "run_folder"}        # it reads metrics through run_folder
     assert "run_folder" in imports_of("checkpoint") and "run_folder" in imports_of("server")
     for module in MODULES:
-        source = open(os.path.join(PACKAGE, module + ".py"), encoding="utf-8").read()
-        if module != "run_folder":
-            assert '"latest.pt"' not in source and '"checkpoints"' not in source, module
+        for _, path in _files_of(module):
+            source = open(path, encoding="utf-8").read()
+            if module != "run_folder":
+                assert '"latest.pt"' not in source and '"checkpoints"' not in source, path
 
 
 def test_only_the_command_line_starts_ranks():

@@ -398,16 +398,16 @@ def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path, m
     from textgen.sampling import Generator, SampleConfig
     from textgen.tokenizer import CharTokenizer
     weights = {}                                     # step -> the training weights after it, float64
-    real_step = training.Trainer.train_step
+    real_step = training.loop.train_step
 
-    def recording_step(self):
+    def recording_step(run):
         if not weights:
-            weights[0] = [p.detach().double().clone() for p in self.model.parameters()]   # what the average starts as
-        result = real_step(self)
-        weights[self.step] = [p.detach().double().clone() for p in self.model.parameters()]
+            weights[0] = [p.detach().double().clone() for p in run.model.parameters()]   # what the average starts as
+        result = real_step(run)
+        weights[run.progress.step] = [p.detach().double().clone() for p in run.model.parameters()]
         return result
 
-    monkeypatch.setattr(training.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(training.loop, "train_step", recording_step)
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(300), encoding="utf-8")
     out = tmp_path / "run"
@@ -577,7 +577,7 @@ def test_a_large_vocabulary_read_many_times_gets_embedding_dropout_too():
 
 
 def test_the_trainer_gives_a_large_vocabulary_embedding_dropout_unless_the_user_set_it(tmp_path, monkeypatch):
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run
     monkeypatch.setattr(sizing, "measure", lambda *args, **kwargs: 1e-12)   # every size fast: many passes
     text = tmp_path / "poems.txt"
     text.write_text(large_vocabulary_text(), encoding="utf-8")
@@ -585,8 +585,7 @@ def test_the_trainer_gives_a_large_vocabulary_embedding_dropout_unless_the_user_
     def chosen(**given):
         config = TrainConfig(text=str(text), batch_size=4, seq_len=16, time_budget=600.0,
                              out=str(tmp_path / f"run{len(given)}"))
-        trainer = Trainer(ModelConfig(vocab_size=1, **given), config, explicit=set(given), log=lambda m: None)
-        return trainer.model_config
+        return build_run(ModelConfig(vocab_size=1, **given), config, explicit=set(given), log=lambda m: None).model_config
 
     assert chosen().embed_dropout == sizing.STRONG_LARGE_VOCABULARY["embed_dropout"]
     assert chosen(embed_dropout=0.0).embed_dropout == 0.0
@@ -595,7 +594,7 @@ def test_the_trainer_gives_a_large_vocabulary_embedding_dropout_unless_the_user_
 def test_models_smaller_than_the_reference_are_timed_themselves(tmp_path, monkeypatch):
     """The reference's time scaled by multiply-adds reads small models fast; those are timed
     themselves, each once, and the size line's characters read come from their own time."""
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run
     timed = []
 
     def fake_measure(config, batch, matmul_dtype, device, steps=3, untimed=2):
@@ -607,8 +606,7 @@ def test_models_smaller_than_the_reference_are_timed_themselves(tmp_path, monkey
     text.write_text(small_text(300), encoding="utf-8")
     lines = []
     config = TrainConfig(text=str(text), batch_size=4, seq_len=16, time_budget=60.0, out=str(tmp_path / "run"))
-    trainer = Trainer(ModelConfig(vocab_size=1), config, log=lines.append)
-    chosen = trainer.model_config
+    chosen = build_run(ModelConfig(vocab_size=1), config, log=lines.append).model_config
     reference = (sizing.REFERENCE[0], sizing.REFERENCE[1])
     assert len(timed) == len(set(timed)) and reference not in timed            # each once; none as large
     assert (chosen.layers, chosen.hidden_size) in timed

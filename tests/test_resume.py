@@ -176,8 +176,8 @@ def test_a_diverged_step_never_reaches_the_weights_the_average_or_the_optimizer(
     import torch.nn.functional as F
     from textgen.errors import StopTraining
     from textgen.model import ModelConfig
-    from textgen.training import TrainConfig, Trainer
-    real_loss, real_step, before = F.cross_entropy, Trainer.train_step, {}
+    from textgen.training import TrainConfig, build_run, loop, train
+    real_loss, real_step, before = F.cross_entropy, loop.train_step, {}
 
     def poisoned_loss(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
@@ -185,24 +185,24 @@ def test_a_diverged_step_never_reaches_the_weights_the_average_or_the_optimizer(
             return loss * float("nan") if poison == "nan" else loss * 50
         return loss
 
-    def recording_step(self):
-        if self.step == 6:
-            before.update(model=copy.deepcopy(self.model.state_dict()),
-                          averaged=copy.deepcopy(self.averaged.state_dict()),
-                          optimizer=copy.deepcopy(self.optimizer.state_dict()))
-        return real_step(self)
+    def recording_step(run):
+        if run.progress.step == 6:
+            before.update(model=copy.deepcopy(run.model.state_dict()),
+                          averaged=copy.deepcopy(run.averaged.state_dict()),
+                          optimizer=copy.deepcopy(run.optimizer.state_dict()))
+        return real_step(run)
 
     monkeypatch.setattr(F, "cross_entropy", poisoned_loss)
-    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    monkeypatch.setattr(loop, "train_step", recording_step)
     out = str(tmp_path / "run")
-    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
+    trainer = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
                       TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=20, time_budget=None, save_every=1,
                                   eval_every=1000, sample_length=0, warmup_steps=2, out=out, quiet=True),
                       explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
     with pytest.raises(StopTraining, match="diverged at step 7" + (": the loss is nan" if poison == "nan" else
                                                                    ": the loss [0-9.]+ is far above")):
-        trainer.run()
-    assert trainer.step == 6
+        train(trainer)
+    assert trainer.progress.step == 6
     for name, tensor in before["model"].items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name
     for name, tensor in before["averaged"].items():
@@ -250,19 +250,19 @@ def test_float16_overflows_skip_steps_and_resume_exactly(text_file, tmp_path, mo
     assert min(scales) < 2.0 ** 30 and ref["step"] == 40                # ... backed off and carried on
     assert all(torch.isfinite(t).all() for t in ref["model"].values())
 
-    real_step = training.Trainer.train_step
+    real_step = training.loop.train_step
 
-    def stop_at_17(self):
-        result = real_step(self)
-        if self.step == 17:
-            self.stop_signal = signal.SIGINT
+    def stop_at_17(run):
+        result = real_step(run)
+        if run.progress.step == 17:
+            os.kill(os.getpid(), signal.SIGINT)       # as a user's Ctrl-C, into the trainer's own handler
         return result
 
-    monkeypatch.setattr(training.Trainer, "train_step", stop_at_17)
+    monkeypatch.setattr(training.loop, "train_step", stop_at_17)
     out = str(tmp_path / "run")
     assert train_main([text_file, *FP16, "--out", out]) == 0
     assert checkpoint.load(os.path.join(out, "latest.pt"))["step"] == 17
-    monkeypatch.setattr(training.Trainer, "train_step", real_step)
+    monkeypatch.setattr(training.loop, "train_step", real_step)
     assert train_main(["--resume", out, "-q"]) == 0
     resumed = checkpoint.load(os.path.join(out, "latest.pt"))
     assert_same_run(resumed, ref)
@@ -274,7 +274,7 @@ def test_float16_overflowing_at_every_scale_is_divergence(text_file, tmp_path, m
     from textgen import training
     from textgen.cli import train_main
     eager_scaler(monkeypatch, init_scale=2.0 ** 40)
-    monkeypatch.setattr(training, "MIN_LOSS_SCALE", 2.0 ** 40)     # the first halving already counts
+    monkeypatch.setattr(training.step, "MIN_LOSS_SCALE", 2.0 ** 40)     # the first halving already counts
     code = train_main([text_file, *FP16, "--out", str(tmp_path / "run")])
     assert code == 1
     assert "float16 gradients overflow at every loss scale" in capsys.readouterr().err

@@ -112,7 +112,7 @@ def test_readers_never_see_a_half_written_file_while_training_saves(corpus, tmp_
     """Generate, inspect and plot a run in a loop, in this process, while another process trains and
     saves it every other step: every read succeeds."""
     from textgen.cli import textgen_main
-    from textgen.plot import read_metrics
+    from textgen.run_folder import read_metrics
     out = str(tmp_path / "run")
     proc = start(corpus, out, steps=100_000)          # stopped by SIGINT once enough reads overlapped saves
     reads = 0
@@ -150,6 +150,6 @@ def test_the_lock_is_released_when_a_run_ends_in_this_process(corpus, tmp_path):
 
 
 def test_metrics_readers_skip_a_line_still_being_appended(tmp_path):
-    from textgen.plot import read_metrics
+    from textgen.run_folder import read_metrics
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "train_lo')
     assert read_metrics(str(tmp_path)) == [{"step": 1, "train_loss": 3.0}]

@@ -104,15 +104,16 @@ def test_bad_input_from_the_real_command_line(tmp_path):
 def test_each_step_restarts_exactly_one_stream_in_turn(text_file, tmp_path):
     import torch
     from textgen.model import ModelConfig
-    from textgen.training import Trainer, TrainConfig
-    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2),
-                      TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=10, sample_length=0,
-                                  out=str(tmp_path / "run"), quiet=True),
-                      explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
+    from textgen.training import TrainConfig, build_run
+    from textgen.training.step import restart_one_stream, train_step
+    run = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2),
+                    TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=10, sample_length=0,
+                                out=str(tmp_path / "run"), quiet=True),
+                    explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
     for _ in range(6):
-        trainer.train_step()
-    state = trainer.state
-    restarted = trainer.restart_one_stream(state)              # step 6: stream 6 % 4 == 2
+        train_step(run)
+    state = run.progress.state
+    restarted = restart_one_stream(state, run.progress.step, 4, run.dist)      # step 6: stream 6 % 4 == 2
     for (h, c), (rh, rc) in zip(state, restarted):
         assert torch.equal(rh[2], torch.zeros(16)) and torch.equal(rc[2], torch.zeros(16))
         keep = [0, 1, 3]
@@ -126,7 +127,7 @@ def test_bfloat16_asked_for_on_a_cpu_without_it_trains_and_says_why_it_is_slow(n
     """On an AVX2-only CPU (AMD EPYC Zen 3) bf16 products are emulated, about 30x slower than
     float32: the run goes ahead, with one warning; where bf16 is native nothing is said."""
     from textgen import training
-    monkeypatch.setattr(training, "native_bf16", lambda device: native)
+    monkeypatch.setattr(training.build, "native_bf16", lambda device: native)
     result = train_here(text_file, *TINY, "--steps", "2", "--dtype", "bfloat16", "--out", str(tmp_path / "run"), "-q")
     assert result.returncode == 0, result.stderr
     warned = "no native bfloat16" in result.stderr and "--dtype auto picks float32" in result.stderr
@@ -142,28 +143,29 @@ def test_a_step_is_adamw_on_the_clipped_gradients_with_no_decay_on_biases_and_th
 
     import torch
     from textgen.model import ModelConfig
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run
     clip, decay = 0.05, 0.3
-    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
+    run = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
                       TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=10, time_budget=None, warmup_steps=0,
                                   weight_decay=decay, grad_clip=clip, ema=0.0, dtype="float32", sample_length=0,
                                   out=str(tmp_path / "run"), quiet=True),
                       explicit={"hidden_size", "layers", "dropout"}, log=lambda m: None)
-    named = dict(trainer.model.named_parameters())
+    named = dict(run.model.named_parameters())
     matrices = {name for name in named if name.startswith(("lstm.weight_", "head.weight"))}
     assert matrices and len(matrices) == sum(p.dim() == 2 for p in named.values()) - 1     # all but the embedding
-    groups = {group["weight_decay"]: {id(p) for p in group["params"]} for group in trainer.optimizer.param_groups}
-    assert isinstance(trainer.optimizer, torch.optim.AdamW) and set(groups) == {decay, 0.0}
+    groups = {group["weight_decay"]: {id(p) for p in group["params"]} for group in run.optimizer.param_groups}
+    assert isinstance(run.optimizer, torch.optim.AdamW) and set(groups) == {decay, 0.0}
     assert groups[decay] == {id(named[name]) for name in matrices}
     assert groups[0.0] == {id(p) for name, p in named.items() if name not in matrices}     # biases, embedding
 
-    x, y = copy.deepcopy(trainer.loader).next_batch()           # the batch the step will take
-    loss, _ = trainer.model(torch.from_numpy(x), None, targets=torch.from_numpy(y))
+    x, y = copy.deepcopy(run.loader).next_batch()           # the batch the step will take
+    loss, _ = run.model(torch.from_numpy(x), None, targets=torch.from_numpy(y))
     raw = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()])).item()
     assert norm > 4 * clip                                      # the clip is at work
     before = {name: p.detach().clone() for name, p in named.items()}
-    _, grad_norm = trainer.train_step()
+    from textgen.training.step import train_step
+    _, grad_norm = train_step(run)
     assert grad_norm == pytest.approx(norm, rel=1e-6)           # the norm logged is the one before clipping
     clipped = {name: g * (clip / (norm + 1e-6)) for name, g in raw.items()}
     for name, p in named.items():
@@ -177,7 +179,7 @@ def test_a_step_is_adamw_on_the_clipped_gradients_with_no_decay_on_biases_and_th
             leaf.grad = clipped[name].clone()
         reference = torch.optim.AdamW([{"params": [leaves[n] for n in named if n in decayed], "weight_decay": decay},
                                        {"params": [leaves[n] for n in named if n not in decayed], "weight_decay": 0.0}],
-                                      lr=trainer.optimizer.param_groups[0]["lr"], betas=(0.9, 0.99))
+                                      lr=run.optimizer.param_groups[0]["lr"], betas=(0.9, 0.99))
         reference.step()
         return {name: leaf.detach() for name, leaf in leaves.items()}
 
@@ -204,7 +206,7 @@ def test_dtype_and_device_auto_choose_what_this_machine_has(text_file, tmp_path)
     import torch
     from textgen.devices import resolve_device
     from textgen.model import ModelConfig
-    from textgen.training import TrainConfig, Trainer
+    from textgen.training import TrainConfig, build_run, train
     if torch.cuda.is_available():
         device, dtype = "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -213,13 +215,13 @@ def test_dtype_and_device_auto_choose_what_this_machine_has(text_file, tmp_path)
         device, dtype = "cpu", "bfloat16" if machine_has_native_bf16() else "float32"
     assert resolve_device("auto").type == device
     lines = []
-    trainer = Trainer(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=1, dropout=0.0),
+    run = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=1, dropout=0.0),
                       TrainConfig(text=text_file, batch_size=4, seq_len=16, steps=2, time_budget=None, sample_length=0,
                                   out=str(tmp_path / "run"), quiet=True),
                       explicit={"hidden_size", "layers", "dropout"}, log=lines.append)
-    assert trainer.device.type == device and trainer.config.dtype == dtype
-    assert trainer.model.lstm.matmul_dtype == {"bfloat16": torch.bfloat16, "float32": None}[dtype]
-    trainer.run()
+    assert run.device.type == device and run.config.dtype == dtype
+    assert run.model.lstm.matmul_dtype == {"bfloat16": torch.bfloat16, "float32": None}[dtype]
+    train(run, log=lines.append)
     assert f"device {device}" in next(line for line in lines if line.startswith("run folder"))
     assert f"({dtype}, " in next(line for line in lines if line.startswith("run folder"))
     assert checkpoint.load(str(tmp_path / "run" / "latest.pt"))["train_config"]["dtype"] == dtype

@@ -124,7 +124,7 @@ def train(text: str | None = None, resume: str | None = None, log=print, overwri
     steps=1000, time_budget=60, out="checkpoints/mine". A folder that already
     holds a run is refused unless overwrite=True (or resume= continues it).
     """
-    from .training import TrainConfig, Trainer
+    from .training import TrainConfig, build_run, train
     model_fields = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
     train_fields = {f.name for f in fields(TrainConfig)} - {"text"}
     unknown = set(settings) - model_fields - train_fields
@@ -142,8 +142,8 @@ def train(text: str | None = None, resume: str | None = None, log=print, overwri
     explicit = set(settings) | ({"text"} if text else set())
     TrainConfig.steps_replace_time(train_settings, explicit)
     train_config = TrainConfig(text=text, **train_settings)
-    trainer = Trainer(model_config, train_config, resume=resume, explicit=explicit, log=log, overwrite=overwrite)
-    result = trainer.run()
+    result = train(build_run(model_config, train_config, resume=resume, explicit=explicit, log=log,
+                             overwrite=overwrite), log=log)
     return load(result.run_dir)
 
 

@@ -243,7 +243,7 @@ def _train(argv) -> int:
 
 def _train_here(args, argv, explicit, model_config, train_config) -> int:
     from . import distributed
-    from .training import Trainer
+    from .training import build_run, train
     workers = _workers(args, explicit)
     if workers > 1:
         from .launch import run_ranks
@@ -259,8 +259,8 @@ def _train_here(args, argv, explicit, model_config, train_config) -> int:
             # The same command line runs again: its --overwrite was for the first attempt, not this one.
             args.resume, args.overwrite = folder, False
     try:
-        Trainer(model_config, train_config, resume=args.resume, explicit=explicit, log=_log,
-                overwrite=args.overwrite).run()
+        train(build_run(model_config, train_config, resume=args.resume, explicit=explicit, log=_log,
+                        overwrite=args.overwrite), log=_log)
     except BaseException:
         distributed.shutdown(clean=False)
         raise

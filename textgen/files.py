@@ -279,3 +279,21 @@ def write_text(path: str, text: str, replace: str = "user") -> None:
 def write_bytes(path: str, data: bytes, replace: str = "user") -> None:
     with output(path, "wb", replace) as f:
         f.write(data)
+
+
+def write_in_folder(folder_fd: int, name: str, data: bytes, partial: str) -> None:
+    """data into `name` in the folder open as folder_fd (a private cache checked through that
+    descriptor, so it cannot be swapped between the check and the write): a new file `partial`
+    (mode 0600, never an existing one, never through a link), fsynced and renamed over `name`."""
+    file = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600,
+                   dir_fd=folder_fd)
+    try:
+        with os.fdopen(file, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial, dir_fd=folder_fd)
+        raise

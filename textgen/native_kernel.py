@@ -1,7 +1,7 @@
 """The LSTM's per-step pointwise work in C (lstm_kernel.c), compiled on first use.
 
 Only the model's fast path (fused_lstm.py) imports this; it imports only machine.py, the
-stdlib-only module that says where textgen's cache is. On small shapes one LSTM step's ten or so
+stdlib-only module that says where textgen's cache is, and files.py, the one writer. On small shapes one LSTM step's ten or so
 pointwise tensor operations cost more in dispatch than in arithmetic, and
 torch.tanh is slow on some CPUs; lstm_kernel.c does a step's pointwise work,
 forward or backward, in one vectorised pass. It is compiled with the machine's
@@ -50,6 +50,7 @@ import time
 
 import torch
 
+from . import files
 from .machine import cache_root, cpu_identity
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_kernel.c")
@@ -171,14 +172,6 @@ def _read(fd: int, name: str) -> bytes | None:
         return f.read()
 
 
-def _write_atomically(fd: int, name: str, data: bytes) -> None:
-    partial = f"{PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-    file = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=fd)
-    with os.fdopen(file, "wb") as f:
-        f.write(data)
-    os.replace(partial, name, src_dir_fd=fd, dst_dir_fd=fd)
-
-
 def _load_verified(fd: int, folder: str, name: str) -> ctypes.CDLL | None:
     """The library `name` if its bytes hash to the sha256 recorded beside it at build time."""
     library, recorded = _read(fd, name), _read(fd, name + ".sha256")
@@ -265,7 +258,7 @@ def _build(compiler: str, source: bytes, fd: int, folder: str) -> Kernel:
         lib = _load_verified(fd, folder, name)
         if lib is not None:
             return Kernel(lib, os.path.join(folder, name), flags)
-        # Build under a partial name and rename: processes started together (torchrun) may all
+        # Build under a partial name, then install: processes started together (torchrun) may all
         # build, and none may load another's half-written file.
         partial = f"{PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}{suffix}"
         try:
@@ -279,8 +272,10 @@ def _build(compiler: str, source: bytes, fd: int, folder: str) -> Kernel:
             if built is None:
                 errors.append("the compiler wrote no library")
                 continue
-            _write_atomically(fd, name + ".sha256", hashlib.sha256(built).hexdigest().encode())
-            os.replace(partial, name, src_dir_fd=fd, dst_dir_fd=fd)
+            # The bytes read back are the ones hashed and the ones installed, through the one writer.
+            files.write_in_folder(fd, name + ".sha256", hashlib.sha256(built).hexdigest().encode(),
+                                  f"{PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
+            files.write_in_folder(fd, name, built, f"{PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}{suffix}")
         finally:
             try:
                 os.unlink(partial, dir_fd=fd)

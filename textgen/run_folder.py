@@ -5,7 +5,7 @@ Owns: the names in a run folder (``latest.pt``, ``best.pt``, ``step-NNNNNNN.pt``
 ``checkpoints/``, finding runs (the latest one, every one under a folder) and a
 run's checkpoint (``resolve``), the rules for which folder a run may write, the
 lock that keeps a second trainer out, default folder names that never collide,
-and the run's small files. What a checkpoint holds is ``checkpoint``'s. Imports
+and the run's small files, and reading its metrics back. What a checkpoint holds is ``checkpoint``'s. Imports
 ``files`` and ``errors``; never ``checkpoint``, ``training`` or ``cli``.
 
 The rules:
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from datetime import datetime
 
 from . import files
@@ -303,10 +304,62 @@ class RunFolder:
         # One write of one whole line; readers skip a last line without its newline.
         files.append_text(os.path.join(self.path, METRICS), json.dumps(entry) + "\n")
 
-    def plot(self) -> None:
-        from .plot import matplotlib_available, plot_runs
-        if matplotlib_available():
-            plot_runs([self.path])          # its own loss.png, written atomically
+
+def read_metrics(run_dir: str, note=None) -> list[dict]:
+    """The run's metrics, one dict a line, each with a numeric step and train_loss.
+
+    A last line without its newline is one a running trainer is still appending, and is left out.
+    A line textgen cannot read (not UTF-8, not JSON, not an object, no step or train_loss) is
+    skipped, and note(message) hears once how many there were and the first (default: stderr):
+    a plot of the good lines serves better than none while a trainer writes, or after an edit."""
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir} has no metrics.jsonl; is it a textgen run folder?")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({(e.strerror or str(e)).lower()})") from None
+    rows, skipped = [], []
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            problem = _problem(row)
+        except UnicodeDecodeError:
+            problem = "is not UTF-8"
+        except ValueError:
+            problem = "is not JSON"
+        if problem:
+            skipped.append(f"line {number} {problem}")
+        else:
+            rows.append(row)
+    if skipped:
+        (note or _note)(f"{path}: skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that textgen cannot "
+                        f"read ({skipped[0]}{', ...' if len(skipped) > 1 else ''}); the plot shows the others")
+    return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _problem(row) -> str | None:
+    """Why a parsed metrics line cannot be plotted, or None."""
+    if not isinstance(row, dict):
+        return "is not a JSON object"
+    for key in ("step", "train_loss"):
+        if not _is_number(row.get(key)):
+            return f"has no number for {key}"
+    for key in ("time", "val_loss"):
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"has a {key} that is not a number"
+    return None
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def checkpoint_folder(resume: str) -> str:
