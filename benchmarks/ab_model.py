@@ -37,7 +37,7 @@ CONFIGS = ["2,128,16,64", "2,256,32,128", "3,512,64,128", "2,512,128,50"]   # la
 
 
 def import_version(label: str, version: str, scratch: str):
-    """textgen.model of a git revision or of a folder holding a textgen package, as package textgen_<label>."""
+    """textgen.lstm.model of a git revision or of a folder holding a textgen package, as package textgen_<label>."""
     target = os.path.join(scratch, f"textgen_{label}")
     source = os.path.join(version, "textgen") if os.path.isdir(os.path.join(version, "textgen")) else None
     if source is not None:
@@ -48,7 +48,9 @@ def import_version(label: str, version: str, scratch: str):
         os.makedirs(unpacked)
         subprocess.run(["tar", "-x", "-C", unpacked], input=archive.stdout, check=True)
         shutil.move(os.path.join(unpacked, "textgen"), target)
-    return importlib.import_module(f"textgen_{label}.model")     # relative imports resolve inside the copy
+    # relative imports resolve inside the copy; the model moved into lstm/ with the layers' folders
+    layered = os.path.isdir(os.path.join(target, "lstm"))
+    return importlib.import_module(f"textgen_{label}.lstm" if layered else f"textgen_{label}.model")
 
 
 def stepper_rate(module, rounds: int) -> float:

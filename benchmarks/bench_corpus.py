@@ -25,7 +25,7 @@ import torch
 from textgen.corpus import prepare
 from textgen.training import TrainConfig, build_run, train
 from textgen.training.step import train_step
-from textgen.model import ModelConfig
+from textgen.lstm.model import ModelConfig
 
 def kb(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1])

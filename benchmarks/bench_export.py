@@ -42,7 +42,7 @@ def cpu() -> str:
 
 
 def untrained_sizes() -> None:
-    from textgen.model import CharLSTM, ModelConfig
+    from textgen.lstm.model import CharLSTM, ModelConfig
     from textgen.tokenizer import CharTokenizer
     tokenizer = CharTokenizer("".join(chr(c) for c in range(32, 97)))          # 65 characters, as tiny-shakespeare
     for hidden in (512, 256):

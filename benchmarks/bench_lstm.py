@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from textgen.model import CharLSTM, ModelConfig, detach_state  # noqa: E402
+from textgen.lstm.model import CharLSTM, ModelConfig, detach_state  # noqa: E402
 
 VOCAB, EMBED = 65, 64
 CONFIGS = {  # name: (layers, hidden, streams, chunk)

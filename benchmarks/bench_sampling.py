@@ -16,8 +16,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from textgen.model import CharLSTM, ModelConfig  # noqa: E402
-from textgen.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms  # noqa: E402
+from textgen.lstm.model import CharLSTM, ModelConfig  # noqa: E402
+from textgen.generation.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms  # noqa: E402
 from textgen.tokenizer import CharTokenizer  # noqa: E402
 
 

@@ -6,7 +6,7 @@ and reading the JSON-lines stream to its end. Aggregate chars/s = all characters
 time from the first request to the last end. Two servers, side by side in one run, rounds
 interleaved:
 
-* batched: the real server (`textgen.server`), every request stepped together in one batch;
+* batched: the real server (`textgen.serving.server`), every request stepped together in one batch;
 * unbatched: the same HTTP server, but each request gets its own `sampling.Generator` at batch 1
   in its own thread, as a server without batching would do.
 
@@ -34,7 +34,7 @@ def make_run(folder: str, hidden: int, layers: int) -> str:
     import torch
 
     from textgen.checkpoint import FORMAT, FORMAT_VERSION, atomic_save
-    from textgen.model import CharLSTM, ModelConfig
+    from textgen.lstm.model import CharLSTM, ModelConfig
     from textgen.tokenizer import CharTokenizer
     torch.manual_seed(0)
     tokenizer = CharTokenizer("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's 65
@@ -48,10 +48,11 @@ def make_run(folder: str, hidden: int, layers: int) -> str:
 
 def serve(run: str, mode: str, slots: int) -> None:
     """The server process: print the port, serve until killed."""
-    from textgen import batching, server
+    from textgen.generation import batching
+    from textgen.serving import server
     from textgen.checkpoint import load_model
-    from textgen.http_server import PlaygroundServer
-    from textgen.sampling import Generator
+    from textgen.serving.http_server import PlaygroundServer
+    from textgen.generation.sampling import Generator
 
     class Unbatched:
         """One batch-1 Generator per request, each in a thread of its own: serving without batching."""

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lstm import time_steps  # noqa: E402
 from textgen.devices import native_bf16  # noqa: E402
-from textgen.model import ADAPTIVE_FROM, CharLSTM, ModelConfig  # noqa: E402
+from textgen.lstm.model import ADAPTIVE_FROM, CharLSTM, ModelConfig  # noqa: E402
 
 
 def zipf_targets(vocab: int, shape, generator) -> torch.Tensor:

@@ -129,7 +129,7 @@ def need_c_compiler(or_native_off: bool = True) -> None:
     """Skip where there is no C compiler (or TEXTGEN_NATIVE=0 turns the kernel off), except under CI
     (CI=true), where .ci/run's scripts/setup installs gcc: there it fails, so that the C kernel's half
     of the fast path's tests cannot vanish from a run unseen (as the browser test does for Chromium)."""
-    from textgen import native_kernel
+    from textgen.lstm import native_kernel
     if native_kernel._compiler() is None:
         why = "no C compiler here ($CC, cc, gcc or clang)"
     elif or_native_off and native_kernel._disabled():
@@ -144,7 +144,7 @@ def need_c_compiler(or_native_off: bool = True) -> None:
 def c_kernel_or_skip():
     """The compiled kernel; a skip only where there is no compiler (a failed build fails the test),
     and under CI=true not even there (need_c_compiler)."""
-    from textgen import native_kernel
+    from textgen.lstm import native_kernel
     need_c_compiler()
     kernel = native_kernel.load()
     assert kernel is not None, "a C compiler is here, but the kernel failed to build or its self-check"
@@ -154,7 +154,7 @@ def c_kernel_or_skip():
 @pytest.fixture(params=["torch-ops", "c-kernel"])
 def pointwise(request, monkeypatch):
     """Runs a test once with each step's pointwise work in PyTorch ops and once in the C kernel."""
-    from textgen import native_kernel
+    from textgen.lstm import native_kernel
     if request.param == "torch-ops":
         monkeypatch.setattr(native_kernel, "load", lambda: None)
         return None

@@ -547,7 +547,7 @@ def test_each_front_end_words_a_sentence_in_its_own_terms():
     API and HTTP each word them (the API's regex over --flags is gone)."""
     from textgen.cli import cli_words
     from textgen.errors import SettingError
-    from textgen.http_app import http_words
+    from textgen.serving.http_app import http_words
     from textgen.cli import train_parser
     train_parser()                     # registers the flags the command line words settings with (--time)
     error = UsageError("runs/a already holds a textgen run; continue it with {resume}, or start over with "

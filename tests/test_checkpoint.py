@@ -8,7 +8,7 @@ import torch
 from textgen import run_folder
 from textgen import checkpoint
 from textgen.errors import UsageError
-from textgen.model import CharLSTM, ModelConfig
+from textgen.lstm.model import CharLSTM, ModelConfig
 from textgen.tokenizer import CharTokenizer
 
 

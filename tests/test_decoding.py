@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from textgen.batching import BatchingEngine, Job
+from textgen.generation.batching import BatchingEngine, Job
 from textgen.checkpoint import load_model
-from textgen.sampling import Decoding, Generator, SampleConfig
+from textgen.generation.sampling import Decoding, Generator, SampleConfig
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def test_under_torchrun_rank_0_holds_the_run_folder(text, tmp_path):
 
 
 def test_workers_auto_takes_one_process_a_core_where_the_streams_divide(monkeypatch):
-    from textgen import launch
+    from textgen.training import launch
     for name in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS", launch.LAUNCHED):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -228,7 +228,7 @@ def test_workers_auto_takes_one_process_a_core_where_the_streams_divide(monkeypa
 
 
 def test_workers_auto_reads_a_resumed_runs_batch_size_from_its_folder(tmp_path):
-    from textgen import launch
+    from textgen.training import launch
     (tmp_path / "config.json").write_text('{"train": {"batch_size": 48}}', encoding="utf-8")
     assert launch.resumed_batch_size(str(tmp_path)) == 48
     assert launch.resumed_batch_size(str(tmp_path / "step-0000010.pt")) == 48      # a file in the folder
@@ -296,7 +296,7 @@ def test_stopping_train_py_stops_its_ranks_and_they_save(text, tmp_path, how):
 
 
 def test_of_the_ranks_workers_started_only_rank_0_reports_a_failure(monkeypatch, capsys):
-    from textgen import launch
+    from textgen.training import launch
     from textgen.cli import run_main
 
     def out_of_memory(argv):

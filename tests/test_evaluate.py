@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, run, small_text, train_tiny
-from textgen import checkpoint, schedule
+from textgen import checkpoint
+from textgen.training import schedule
 from textgen.checkpoint import load_model
 from textgen.settings import parse_duration
 from textgen.errors import UsageError
 from textgen.evaluate import adapted_cross_entropy, cross_entropy, evaluate_file
-from textgen.model import CharLSTM, ModelConfig
+from textgen.lstm.model import CharLSTM, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_adapting_at_the_defaults_is_adam_without_momentum_pulled_back_to_the_tr
     torch.optim.Adam with no momentum (betas (0, 0.99), eps 1e-8), so a loop of it, each chunk scored
     before its step, gives every chunk's figure. Pins the size of every step, not just the first."""
     import copy
-    from textgen.model import detach_state
+    from textgen.lstm.model import detach_state
     run_dir, text = trained
     model, tok, _ = load_model(run_dir)
     ids = tok.encode(open(text, encoding="utf-8").read()[:1500])
@@ -298,7 +299,7 @@ def test_a_budgeted_run_stopped_before_its_plan_resumes_and_plans(text_file, tmp
     plans, and ends at that plan within the budget."""
     import signal
 
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run, loop, train
     _simulate_the_clock(monkeypatch, lambda step: 0.025)
     out = str(tmp_path / "run")
@@ -352,7 +353,7 @@ def _simulate_the_clock(monkeypatch, seconds_per_step):
 
 def _timed_run(tmp_path, monkeypatch, seconds_per_step, lines, budget=6.0):
     """Train for budget simulated seconds with each step's time set by seconds_per_step(step), logging into lines."""
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run, train
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(), encoding="utf-8")
@@ -384,7 +385,7 @@ def test_cheap_validations_come_often_and_samples_about_ten_times(tmp_path, monk
     """A budgeted run whose validation is cheap validates many times, so best.pt can catch a model
     that peaks early, but samples and plots only about EVALS_PER_RUN times; a resumed run keeps
     the count its plan chose."""
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run, train
     monkeypatch.setattr(schedule, "validations_for", lambda budget, seconds: 40)
     text = tmp_path / "corpus.txt"

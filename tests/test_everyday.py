@@ -138,7 +138,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     seed, then the chat's reply: what loading the run folder again gives for the same calls."""
     import textgen
     from textgen import checkpoint
-    from textgen.sampling import SampleConfig
+    from textgen.generation.sampling import SampleConfig
     monkeypatch.chdir(tmp_path)
     exec(compile(readme_python_example(), "README.md", "exec"), {})
     printed = capsys.readouterr().out

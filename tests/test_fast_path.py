@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import textgen.fused_lstm as fused
+import textgen.lstm.fused_lstm as fused
 from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
-from textgen import native_kernel
-from textgen.fused_lstm import lstm_layer
-from textgen.model import CharLSTM, ModelConfig, lstm_layer_reference
+from textgen.lstm import native_kernel
+from textgen.lstm.fused_lstm import lstm_layer
+from textgen.lstm.model import CharLSTM, ModelConfig, lstm_layer_reference
 
 HIDDEN = [1, 2, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 300, 511, 512, 513]
 BATCH = [1, 3, 8, 32, 128]

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, assert_user_error, run, train_tiny
 from textgen.checkpoint import load_model
-from textgen.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms
+from textgen.generation.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_num_samples_are_drawn_as_a_batch_and_differ(trained, monkeypatch):
     assert len(texts) == 3 and len(set(texts)) == 3
     # Each row is the sample one generator alone draws from the same prompt with that row's random
     # numbers (the i-th of each step's three): the rows share nothing but the prompt.
-    import textgen.sampling as sampling
+    import textgen.generation.sampling as sampling
     real_uniforms = sampling.uniforms
     for row in range(3):
         monkeypatch.setattr(sampling, "uniforms", lambda n, rng: real_uniforms(3, rng)[row:row + 1])
@@ -249,7 +249,7 @@ def test_bad_checkpoints_from_the_command_line(tmp_path):
 
 
 def test_sampling_mid_training_ignores_dropout_and_keeps_the_mode(trained):
-    from textgen.sampling import sample
+    from textgen.generation.sampling import sample
     model, tok, _ = load_model(trained)
     model.eval()
     expected = sample(model, tok, "ANNA:\n", SampleConfig(length=50, seed=1))

@@ -1,4 +1,8 @@
-"""Arrows point one way: which module of textgen may import which, read from the source itself."""
+"""Arrows point one way: which layer of textgen may import which, read from the source itself.
+
+A unit is a flat module (textgen/errors.py) or a layer's folder (textgen/lstm/, training/, generation/,
+serving/, cli/, export/), whose files' imports count together; imports between the files of one folder
+are its own business, and within_imports reads those."""
 import ast
 import os
 
@@ -35,26 +39,66 @@ def imports_of(unit: str) -> dict[str, set[str]]:
                         target = base + (child.module.split(".") if child.module else [])
                         names = [target[1]] if len(target) > 1 else [alias.name for alias in child.names]
                         for name in names:
-                            if name != unit:
+                            if name != unit and name in UNITS:
                                 found.setdefault(name, set()).add(function)
                 visit(child, inner)
         visit(tree)
     return found
 
 
-MODULES = sorted(name[:-3] if name.endswith(".py") else name for name in os.listdir(PACKAGE)
+UNITS = MODULES = sorted(name[:-3] if name.endswith(".py") else name for name in os.listdir(PACKAGE)
                  if name.endswith(".py") or os.path.isfile(os.path.join(PACKAGE, name, "__init__.py")))
 
 
+def within_imports(folder: str, module: str) -> set[str]:
+    """The files of the same folder that folder/module.py imports."""
+    tree = ast.parse(open(os.path.join(PACKAGE, folder, module + ".py"), encoding="utf-8").read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+    return found
+
+
+# Each unit imports only units of lower layers: arrows point one way, and there are no cycles.
+LAYERS = [
+    {"errors", "machine", "tokenizer", "rng"},                   # leaves: nothing of ours
+    {"settings", "files"},                                       # how a setting is declared; the one writer
+    {"lstm", "run_folder", "data", "devices", "match"},          # the model; the run folder's layout; ...
+    {"checkpoint", "corpus", "plot"},
+    {"evaluate", "generation"},                                  # reading and sampling a model
+    {"training", "serving", "export"},
+    {"api"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def test_every_unit_has_a_layer_and_imports_only_lower_layers():
+    assert sorted(set().union(*LAYERS) | {"__init__"}) == MODULES
+    rank = {unit: k for k, layer in enumerate(LAYERS) for unit in layer}
+    for unit in MODULES:
+        for used in imports_of(unit):
+            assert used == "__init__" or rank[used] < rank[unit], f"{unit} imports {used}"
+
+
 def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
-    assert set(imports_of("model")) == {"fused_lstm", "settings"}      # settings: how a field is declared
-    assert set(imports_of("fused_lstm")) == {"native_kernel"}
-    assert set(imports_of("native_kernel")) == {"files", "machine"}      # files: its private cache written through it
-    assert set(imports_of("tokenizer")) == set() and set(imports_of("machine")) == set()
-    assert set(imports_of("settings")) == {"errors"} and set(imports_of("errors")) == set()
-    assert set(imports_of("files")) == {"errors"}                       # the one writer: a leaf
-    assert [m for m in MODULES if "fused_lstm" in imports_of(m)] == ["model"]          # only the model
-    assert [m for m in MODULES if "native_kernel" in imports_of(m)] == ["fused_lstm"]
+    assert set(imports_of("lstm")) == {"settings", "files", "machine"}   # files: the kernel's private cache
+    assert within_imports("lstm", "model") == {"fused_lstm", "heads"}          # the reference cell, and the fast layer
+    assert within_imports("lstm", "heads") == {"fused_lstm"}                   # its low-precision product
+    assert within_imports("lstm", "stepper") == {"fused_lstm", "heads", "model"}
+    assert within_imports("lstm", "fused_lstm") == {"native_kernel"}
+    assert within_imports("lstm", "native_kernel") == set()
+    assert within_imports("lstm", "__init__") == {"model", "fused_lstm", "heads", "stepper"}
+    for unit in MODULES:                         # the rest see the LSTM's face (lstm/__init__), not its fast path
+        if unit != "lstm":
+            for package, path in _files_of(unit):
+                for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("textgen")):
+                        base = package[:len(package) - node.level + 1] if node.level else []
+                        target = ".".join(base + (node.module.split(".") if node.module else []))
+                        names = {target + "." + alias.name for alias in node.names} | {target}
+                        assert not {"textgen.lstm.fused_lstm", "textgen.lstm.native_kernel"} & names, path
 
 
 def test_nothing_in_the_package_imports_cli_but_the_entry_point():
@@ -62,53 +106,44 @@ def test_nothing_in_the_package_imports_cli_but_the_entry_point():
 
 
 def test_inference_never_imports_training():
-    for module in ("sampling", "evaluate", "checkpoint", "devices", "plot", "run_folder", "data", "corpus",
-                   "schedule", "rng", "errors", "model", "batching", "server", "sizing"):
-        assert "training" not in imports_of(module), module
+    for unit in ("generation", "evaluate", "checkpoint", "devices", "plot", "run_folder", "data", "corpus",
+                 "rng", "errors", "lstm", "serving", "export"):
+        assert "training" not in imports_of(unit), unit
     assert imports_of("api").get("training") == {"train"}     # only textgen.train() needs it
-    assert "model" not in imports_of("data") and "training" not in imports_of("checkpoint")
 
 
-def test_cli_chooses_a_device_without_the_training_module_for_generation_and_evaluation():
+def test_cli_chooses_a_device_without_the_training_package_for_generation_and_evaluation():
+    assert within_imports("cli", "generate").isdisjoint({"train"}) and within_imports("cli", "tools") == {"common"}
     uses = imports_of("cli")
-    assert uses["training"] <= {"train_parser", "_train", "_train_here"} and "devices" in uses
+    assert uses["training"] <= {"train_parser", "_train", "_train_here", "_workers", "say_error"}
+    assert "devices" in uses
 
 
-def test_sizing_knows_only_the_model():
-    assert set(imports_of("sizing")) == {"model"}
-    assert [m for m in MODULES if "sizing" in imports_of(m)] == ["training"]
+def test_inside_training_sizing_knows_only_the_model_and_launch_only_errors():
+    for module, allowed in (("sizing", set()), ("launch", set()), ("schedule", set()), ("distributed", set())):
+        assert within_imports("training", module) == allowed, module
+    assert within_imports("training", "loop") == {"reporter", "state", "step", "schedule"}
 
 
-def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
-    assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
-    server = imports_of("server")
-    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "run_folder", "sampling", "settings",
-                           "http_server"}
-    assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
-    assert set(imports_of("http_app")) == {"batching", "errors", "server"}
-    assert set(imports_of("http_server")) == {"http_app", "server"}
-    assert [m for m in MODULES if "http_server" in imports_of(m)] == ["server"]
-    assert [m for m in MODULES if "http_app" in imports_of(m)] == ["http_server"]
-    assert imports_of("cli")["server"] == {"serve_parser", "_serve"}
+def test_serving_knows_generation_and_never_the_http_stack_below_it_except_to_serve():
+    assert set(imports_of("serving")) == {"generation", "checkpoint", "errors", "evaluate", "run_folder",
+                                          "settings"}
+    assert within_imports("serving", "server") >= {"http_server"}
+    assert within_imports("serving", "http_app") == {"server"}
+    assert within_imports("serving", "http_server") == {"http_app", "server"}
+    assert set(imports_of("generation")) == {"errors", "lstm", "settings", "tokenizer"}
 
 
 def test_one_module_owns_the_run_folders_layout():
     """run_folder knows the names, the root and how to find a run; checkpoint asks it and it never asks back."""
-    uses = imports_of("run_folder")
-    assert set(uses) == {"errors", "files"}
+    assert set(imports_of("run_folder")) == {"errors", "files"}
     assert set(imports_of("plot")) == {"errors", "files", "run_folder"}        # it reads metrics through run_folder
-    assert "run_folder" in imports_of("checkpoint") and "run_folder" in imports_of("server")
+    assert "run_folder" in imports_of("checkpoint") and "run_folder" in imports_of("serving")
     for module in MODULES:
         for _, path in _files_of(module):
             source = open(path, encoding="utf-8").read()
             if module != "run_folder":
                 assert '"latest.pt"' not in source and '"checkpoints"' not in source, path
-
-
-def test_only_the_command_line_starts_ranks():
-    """launch.py (train.py --workers) needs nothing of ours but errors, and only cli uses it."""
-    assert set(imports_of("launch")) == {"errors"}
-    assert [m for m in MODULES if "launch" in imports_of(m)] == ["cli"]
 
 
 def test_the_match_model_serves_evaluation_only():

@@ -11,7 +11,7 @@ from conftest import assert_user_error, run
 from textgen.checkpoint import load_model
 from textgen.evaluate import adapted_cross_entropy, cross_entropy, evaluate_file, match_mixed
 from textgen.match import MAX_WEIGHT, match_predictions, mix
-from textgen.model import CharLSTM, ModelConfig
+from textgen.lstm.model import CharLSTM, ModelConfig
 
 
 def reference_predictions(seq, start, k):

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import textgen.fused_lstm
+import textgen.lstm.fused_lstm
 from conftest import NNLSTMStack, c_kernel_or_skip, ran_the_chosen_path
-from textgen import native_kernel
-from textgen.fused_lstm import FusedLSTMLayer
-from textgen.model import CharLSTM, ModelConfig, StackedLSTM, Stepper, detach_state
+from textgen.lstm import native_kernel
+from textgen.lstm.fused_lstm import FusedLSTMLayer
+from textgen.lstm import Stepper
+from textgen.lstm.model import CharLSTM, ModelConfig, StackedLSTM, detach_state
 
 
 def random_state(layers, batch, hidden, dtype=torch.float32):
@@ -277,8 +278,8 @@ def test_the_kernel_is_neither_built_nor_used_for_tensors_it_cannot_take(monkeyp
     def no_build():
         raise AssertionError("the kernel was loaded for tensors it cannot take")
     monkeypatch.setattr(native_kernel, "load", no_build)
-    assert textgen.fused_lstm.pointwise_kernel(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)) is None
-    assert textgen.fused_lstm.pointwise_kernel(torch.zeros(2, 3, device="meta")) is None
+    assert textgen.lstm.fused_lstm.pointwise_kernel(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)) is None
+    assert textgen.lstm.fused_lstm.pointwise_kernel(torch.zeros(2, 3, device="meta")) is None
 
 
 def test_a_nan_in_the_weights_reaches_the_output_on_both_paths(pointwise):

@@ -9,8 +9,8 @@ import torch
 
 import textgen
 from conftest import ran_the_chosen_path
-from textgen.model import CharLSTM, ModelConfig, Stepper
-from textgen.sampling import SampleConfig
+from textgen.lstm import CharLSTM, ModelConfig, Stepper
+from textgen.generation.sampling import SampleConfig
 
 V, LAYERS, B, H = 11, 2, 3, 10
 

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-import textgen.model
+import textgen.lstm.model
 from conftest import ROOT, TINY, assert_user_error, need_c_compiler, run
-from textgen import native_kernel
-from textgen.model import CharLSTM, ModelConfig
+from textgen.lstm import native_kernel
+from textgen.lstm.model import CharLSTM, ModelConfig
 
 PLANTED = r"""
 #include <stdio.h>
@@ -108,7 +108,7 @@ def test_a_cache_folder_others_can_write_is_never_loaded_from(tmp_path):
     assert_planted_library_never_ran(tmp_path)
     assert again is not None and not again.path.startswith(str(folder))        # built in a private mkdtemp
     assert (os.stat(os.path.dirname(again.path)).st_mode & 0o777) == 0o700
-    described = textgen.model.describe_step_path("cpu")
+    described = textgen.lstm.describe_step_path("cpu")
     assert "writable by others" in described and "private temporary folder" in described, described
 
 
@@ -122,7 +122,7 @@ def test_a_cache_folder_owned_by_someone_else_is_never_loaded_from(tmp_path):
     again = fresh_load()
     assert_planted_library_never_ran(tmp_path)
     assert again is not None and not again.path.startswith(str(folder))
-    assert "belongs to user id 12345" in textgen.model.describe_step_path("cpu")
+    assert "belongs to user id 12345" in textgen.lstm.describe_step_path("cpu")
 
 
 def test_a_cache_folder_that_is_a_symbolic_link_is_not_followed(tmp_path):
@@ -151,7 +151,7 @@ def test_a_failing_compiler_is_reported_with_its_first_error_lines(tmp_path, mon
     monkeypatch.setenv("CC", fake_compiler(tmp_path, """case "$1" in --version) echo fake-cc 1.0; exit 0;; esac
 echo "lstm_kernel.c:12:3: error: planted failure" >&2; exit 1"""))
     assert fresh_load() is None
-    described = textgen.model.describe_step_path("cpu")
+    described = textgen.lstm.describe_step_path("cpu")
     assert described.startswith("LSTM steps: PyTorch ops (no C kernel: fake-cc failed to build lstm_kernel.c:")
     assert "error: planted failure" in described
     model = CharLSTM(ModelConfig(vocab_size=9, embed_size=4, hidden_size=8, layers=1, dropout=0.0))
@@ -165,7 +165,7 @@ echo "lstm_kernel.c:12:3: error: planted failure" >&2; exit 1"""))
         native_kernel.load()
     monkeypatch.setenv("TEXTGEN_NATIVE", "0")
     native_kernel.load.cache_clear()
-    assert "TEXTGEN_NATIVE=0" in textgen.model.describe_step_path("cpu")
+    assert "TEXTGEN_NATIVE=0" in textgen.lstm.describe_step_path("cpu")
 
 
 HANGING_BUILD = """

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ran_the_chosen_path, run, small_text, train_here
-from textgen import checkpoint, model as model_module
-from textgen.model import (ADAPTIVE_FROM, AdaptiveHead, CharLSTM, ModelConfig, Stepper, adaptive_cutoffs, dropout,
-                           lstm_layer_reference)
+from textgen import checkpoint
+from textgen.lstm import model as model_module
+from textgen.lstm import Stepper
+from textgen.lstm.model import (ADAPTIVE_FROM, AdaptiveHead, CharLSTM, ModelConfig, adaptive_cutoffs, dropout,
+                                lstm_layer_reference)
 
 
 def adaptive_model(vocab=300, hidden=24, cutoffs=(20, 100), seed=0, **settings):
@@ -364,7 +366,7 @@ def test_a_large_vocabulary_trains_with_the_adaptive_head_then_evaluates_and_gen
     # (This used to run `python -m textgen.evaluate`, a module with no main, which exits 0 doing nothing.)
     from textgen.checkpoint import load_model
     from textgen.cli import generate_main, textgen_main
-    from textgen.sampling import Generator, SampleConfig
+    from textgen.generation.sampling import Generator, SampleConfig
     content = text.read_text(encoding="utf-8")
     capsys.readouterr()
     assert textgen_main(["eval", "--checkpoint", str(out), "--text", str(text), "--json", "--batch-size", "1"]) == 0
@@ -395,7 +397,7 @@ def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path, m
     from textgen.cli import generate_main
     from textgen.data import split_tokens
     from textgen.evaluate import cross_entropy
-    from textgen.sampling import Generator, SampleConfig
+    from textgen.generation.sampling import Generator, SampleConfig
     from textgen.tokenizer import CharTokenizer
     weights = {}                                     # step -> the training weights after it, float64
     real_step = training.loop.train_step
@@ -475,7 +477,7 @@ def test_exact_resume_with_every_regulariser_and_the_averaged_weights(tmp_path):
 # --size auto
 # ---------------------------------------------------------------------------
 
-from textgen import sizing  # noqa: E402
+from textgen.training import sizing  # noqa: E402
 
 
 def budget_of(chars_per_unit_cost: float):

@@ -99,8 +99,8 @@ def kill_and_resume(text, out, flags, step_at_least, steps) -> dict:
 
 def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
     from conftest import small_text
-    import textgen.fused_lstm as fused
-    from textgen import native_kernel
+    import textgen.lstm.fused_lstm as fused
+    from textgen.lstm import native_kernel
     assert 32 * 128 >= native_kernel.PARALLEL_MIN_CELLS and 32 * 4 * 128 * 128 > fused._SMALL_PRODUCT
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(600), encoding="utf-8")
@@ -175,7 +175,7 @@ def test_a_diverged_step_never_reaches_the_weights_the_average_or_the_optimizer(
     import copy
     import torch.nn.functional as F
     from textgen.errors import StopTraining
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run, loop, train
     real_loss, real_step, before = F.cross_entropy, loop.train_step, {}
 

@@ -1,7 +1,7 @@
 """The learning-rate schedule and time-budget planning, as the pure functions they are."""
 import pytest
 
-from textgen import schedule
+from textgen.training import schedule
 
 
 def test_warm_up_is_linear_and_the_cosine_ends_at_the_floor():

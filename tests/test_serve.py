@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run, train_tiny
-from textgen import server as served_module
-from textgen.batching import BatchingEngine, Job, Scheduler
+from textgen.serving import server as served_module
+from textgen.generation.batching import BatchingEngine, Job, Scheduler
 from textgen.checkpoint import load_model
-from textgen.http_server import PlaygroundServer
-from textgen.sampling import Generator, SampleConfig
+from textgen.serving.http_server import PlaygroundServer
+from textgen.generation.sampling import Generator, SampleConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 from textgen import settings
 from textgen.cli import cli_words, generate_parser, train_parser
 from textgen.errors import SettingError
-from textgen.model import ModelConfig
-from textgen.sampling import SampleConfig
+from textgen.lstm.model import ModelConfig
+from textgen.generation.sampling import SampleConfig
 from textgen.training import TrainConfig
 
 
@@ -23,7 +23,7 @@ def test_train_py_has_a_flag_for_every_setting_with_the_fields_default():
 
 
 def test_generate_py_and_the_server_take_every_sampling_setting():
-    from textgen.server import FIELDS
+    from textgen.serving.server import FIELDS
     parsed = vars(generate_parser().parse_args([]))
     for f in settings.declared(SampleConfig):
         assert parsed[f.name] == getattr(SampleConfig(), f.name) and f.name in FIELDS

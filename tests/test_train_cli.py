@@ -103,7 +103,7 @@ def test_bad_input_from_the_real_command_line(tmp_path):
 
 def test_each_step_restarts_exactly_one_stream_in_turn(text_file, tmp_path):
     import torch
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run
     from textgen.training.step import restart_one_stream, train_step
     run = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2),
@@ -142,7 +142,7 @@ def test_a_step_is_adamw_on_the_clipped_gradients_with_no_decay_on_biases_and_th
     import copy
 
     import torch
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run
     clip, decay = 0.05, 0.3
     run = build_run(ModelConfig(vocab_size=1, embed_size=8, hidden_size=16, layers=2, dropout=0.0),
@@ -205,7 +205,7 @@ def test_dtype_and_device_auto_choose_what_this_machine_has(text_file, tmp_path)
     device with bf16 products exactly where the CPU has native bf16, and records what it chose."""
     import torch
     from textgen.devices import resolve_device
-    from textgen.model import ModelConfig
+    from textgen.lstm.model import ModelConfig
     from textgen.training import TrainConfig, build_run, train
     if torch.cuda.is_available():
         device, dtype = "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float32"

@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _WHERE = {"TextModel": "api", "generate": "api", "load": "api", "train": "api",
           "OutputError": "errors", "SettingError": "errors", "StopTraining": "errors", "UsageError": "errors",
-          "CharLSTM": "model", "ModelConfig": "model", "CharTokenizer": "tokenizer"}
+          "CharLSTM": "lstm", "ModelConfig": "lstm", "CharTokenizer": "tokenizer",
+          "SampleConfig": "generation.sampling"}
 
 __all__ = sorted(_WHERE) + ["__version__"]
 

@@ -19,8 +19,8 @@ from dataclasses import fields
 
 from .checkpoint import load_model
 from .errors import UsageError
-from .model import ModelConfig
-from .sampling import Generator, SampleConfig
+from .lstm import ModelConfig
+from .generation.sampling import Generator, SampleConfig
 from .settings import check, shown
 
 

@@ -47,7 +47,7 @@ import torch
 from . import files, settings
 from .errors import UsageError
 from .run_folder import BEST, LATEST, STEP_FILE, resolve, step_filename
-from .model import DROPOUT_FIELDS, CharLSTM, ModelConfig
+from .lstm import DROPOUT_FIELDS, CharLSTM, ModelConfig
 from .tokenizer import CharTokenizer
 
 FORMAT = "textgen"

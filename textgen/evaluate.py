@@ -29,7 +29,7 @@ import torch
 
 from .data import eval_windows
 from .match import match_predictions, mix
-from .model import CharLSTM, detach_state
+from .lstm import CharLSTM, detach_state
 
 LN2 = math.log(2)
 EVAL_STREAMS = 16       # textgen-eval's defaults: parallel streams, characters a chunk

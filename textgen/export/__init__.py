@@ -23,7 +23,7 @@ from dataclasses import asdict
 from ..checkpoint import load_model
 from ..errors import UsageError
 from ..files import check
-from ..sampling import opening_text
+from ..generation.sampling import opening_text
 
 FORMATS = ("onnx", "web", "safetensors")
 QUANTIZE = ("none", "int8")
@@ -91,7 +91,7 @@ def step_tensors(model) -> dict:
     per tail cluster, tail{i}.projection (w_i, H) and tail{i}.output (size_i, w_i), and rank (V,) int64,
     each token's place in that order of frequency. Float32 throughout."""
     import numpy as np
-    from ..model import AdaptiveHead
+    from ..lstm import AdaptiveHead
 
     def array(t):
         return t.detach().cpu().float().contiguous().numpy()

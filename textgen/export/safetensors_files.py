@@ -16,7 +16,7 @@ from dataclasses import fields
 
 from ..errors import UsageError
 from ..files import write_bytes, write_text
-from ..model import CharLSTM, ModelConfig
+from ..lstm import CharLSTM, ModelConfig
 from ..tokenizer import CharTokenizer
 from . import require
 

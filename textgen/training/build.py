@@ -15,13 +15,14 @@ import sys
 import numpy as np
 import torch
 
-from .. import checkpoint, schedule, sizing
-from .. import distributed as dist_util
+from .. import checkpoint
+from . import schedule, sizing
+from . import distributed as dist_util
 from ..corpus import PreparedCorpus, prepare
 from ..data import StreamLoader, check_trainable, split_tokens
 from ..devices import check_fits, native_bf16, resolve_device, resolve_dtype
 from ..errors import SettingError, UsageError
-from ..model import AdaptiveHead, CharLSTM, ModelConfig
+from ..lstm import AdaptiveHead, CharLSTM, ModelConfig
 from ..rng import seed_everything
 from ..run_folder import RunFolder, checkpoint_folder, default_path, resolve, run_path
 from ..tokenizer import CharTokenizer, UnknownCharactersError

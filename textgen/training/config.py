@@ -12,11 +12,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .. import checkpoint, settings, sizing
+from .. import checkpoint, settings
+from . import sizing
 from ..errors import SettingError, UsageError, check_range, number
-from ..model import ModelConfig
+from ..lstm import ModelConfig
 from ..run_folder import LATEST, is_run_folder, survey
-from ..schedule import lr_at as schedule_lr_at
+from .schedule import lr_at as schedule_lr_at
 from ..settings import parse_duration, setting, unescape
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import checkpoint, files, schedule
+from .. import checkpoint, files
+from . import schedule
 from ..errors import OutputError, StopTraining
 from .reporter import Reporter
 from .state import Run, checkpoint_of

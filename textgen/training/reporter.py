@@ -9,10 +9,10 @@ from dataclasses import asdict
 import torch
 
 from ..evaluate import LN2
-from ..model import describe_step_path
+from ..lstm import describe_step_path
 from .. import plot as loss_plot
-from .. import schedule
-from ..schedule import seconds_text
+from . import schedule
+from .schedule import seconds_text
 from .config import lr_at
 from .state import IntervalSums, Run
 

@@ -17,11 +17,12 @@ from datetime import datetime
 import numpy as np
 import torch
 
-from .. import checkpoint, schedule
+from .. import checkpoint
+from . import schedule
 from ..corpus import PreparedCorpus
 from ..data import StreamLoader
 from ..errors import UsageError
-from ..model import CharLSTM, ModelConfig
+from ..lstm import CharLSTM, ModelConfig
 from ..rng import rng_state, set_rng_state
 from ..run_folder import RunFolder
 from ..tokenizer import CharTokenizer

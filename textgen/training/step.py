@@ -13,8 +13,8 @@ import torch
 
 from ..errors import StopTraining
 from ..evaluate import cross_entropy
-from ..model import detach_state
-from ..sampling import SampleConfig, sample
+from ..lstm import detach_state
+from ..generation.sampling import SampleConfig, sample
 from .config import lr_at
 from .state import Run
 

@@ -49,13 +49,13 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from .batching import BatchingEngine, Job, Scheduler
-from .checkpoint import build_model, load, summary
-from .run_folder import BEST, LATEST, find_runs, is_run, resolve
-from .errors import SettingError, UsageError
-from .evaluate import LN2
-from .sampling import SampleConfig
-from .settings import declared, kind
+from ..generation.batching import BatchingEngine, Job, Scheduler
+from ..checkpoint import build_model, load, summary
+from ..run_folder import BEST, LATEST, find_runs, is_run, resolve
+from ..errors import SettingError, UsageError
+from ..evaluate import LN2
+from ..generation.sampling import SampleConfig
+from ..settings import declared, kind
 
 @dataclass
 class Limits:

@@ -50,8 +50,8 @@ import time
 
 import torch
 
-from . import files
-from .machine import cache_root, cpu_identity
+from .. import files
+from ..machine import cache_root, cpu_identity
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_kernel.c")
 # -fno-trapping-math lets the compiler turn the clamps in exp_approx into vector min/max; the

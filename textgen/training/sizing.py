@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .model import ADAPTIVE_FROM, CharLSTM, ModelConfig
+from ..lstm import ADAPTIVE_FROM, CharLSTM, ModelConfig
 
 HIDDEN_SIZES = (128, 192, 256, 384, 512, 768, 1024, 1536)
 PARAMETERS_PER_CHAR = 4.0       # the data's limit: at most this many parameters per training character,

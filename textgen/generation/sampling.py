@@ -25,11 +25,11 @@ from typing import Iterator
 
 import torch
 
-from . import settings
-from .errors import SettingError, UsageError, check_range
-from .settings import setting
-from .model import CharLSTM, Stepper, State
-from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
+from .. import settings
+from ..errors import SettingError, UsageError, check_range
+from ..settings import setting
+from ..lstm import CharLSTM, Stepper, State
+from ..tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
 
 MAX_SAMPLES = 100_000            # samples are drawn as one batch: their states must fit in memory

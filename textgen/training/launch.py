@@ -19,7 +19,7 @@ import sys
 import tempfile
 import uuid
 
-from .errors import UsageError
+from ..errors import UsageError
 
 LAUNCHED = "TEXTGEN_LAUNCHED"       # set in the ranks this module starts
 MIN_STREAMS_PER_WORKER = 8           # fewer streams a rank and its products get too small to pay
@@ -113,7 +113,7 @@ def run_ranks(workers: int, argv: list[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     # The launcher reports a failing rank with a page of its own; the rank has already said why.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL + 1)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "PYTHONPATH", LAUNCHED)}
     os.environ.update({
         "OMP_NUM_THREADS": "1", LAUNCHED: str(workers),

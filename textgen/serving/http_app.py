@@ -25,8 +25,8 @@ from importlib import resources
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from .batching import Busy, Events, Job
-from .errors import UsageError
+from ..generation.batching import Busy, Events, Job
+from ..errors import UsageError
 from .server import Catalogue, Limits, parse_json, parse_request
 
 MAX_HEAD = 16 * 1024                # bytes of request line and headers
@@ -77,7 +77,7 @@ class App:
         self.hosts, self.origins = hosts, {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
         self.jobs: dict[str, Job] = {}
         self.public_limits = {"slots": limits.slots, "max_length": limits.max_length, "max_prompt": limits.max_prompt}
-        self.pages = {path: (resources.files("textgen").joinpath("static", name).read_bytes(), kind)
+        self.pages = {path: (resources.files("textgen.serving").joinpath("static", name).read_bytes(), kind)
                       for path, (name, kind) in STATIC.items()}
 
     async def __call__(self, scope, receive, send) -> None:

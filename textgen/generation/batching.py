@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SettingError, UsageError
-from .model import CharLSTM, Stepper
+from ..errors import SettingError, UsageError
+from ..lstm import CharLSTM, Stepper
 from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids
-from .tokenizer import CharTokenizer
+from ..tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
 

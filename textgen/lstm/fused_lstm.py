@@ -1,6 +1,6 @@
 """The LSTM layer's fast path: the same function as model.lstm_cell, step by step, computed fast.
 
-Only textgen.model imports this file (model.py keeps the reference cell and the modules); it
+Only textgen.lstm.model imports this file (model.py keeps the reference cell and the modules); it
 imports native_kernel, which builds the C kernel, and nothing else of ours.
 
 One layer over a chunk of T steps, in the style of torch-rnn:

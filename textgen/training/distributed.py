@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 @dataclass

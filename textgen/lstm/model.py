@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .settings import parse_int_list, setting
-from .fused_lstm import (KernelUnavailable, describe_step_path, forward_steps, lstm_layer, low_precision_mm,  # noqa: F401
-                         recurrent_product)
+from ..settings import parse_int_list, setting
+from .fused_lstm import lstm_layer
+from .heads import AdaptiveHead, linear
 
 State = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
@@ -348,73 +348,6 @@ def dropout(x: torch.Tensor, rate: float, training: bool, locked: bool) -> torch
     return x * mask
 
 
-class AdaptiveHead(nn.Module):
-    """nn.AdaptiveLogSoftmaxWithLoss over the characters in order of frequency.
-
-    The adaptive softmax (Grave et al. 2017) gives the most frequent characters a full-width
-    output and puts the rare ones in clusters behind narrower projections, so a training step
-    pays for the shortlist plus the clusters its targets fall in, not for every class. It
-    needs frequent classes first: ``rank[token]`` is the token's frequency rank in the
-    training text (set by the trainer before the first step, then saved with the weights), so
-    the tokenizer's ids stay as they are. ``log_prob`` is exact over every character.
-    """
-
-    def __init__(self, hidden_size: int, vocab_size: int, cutoffs, div_value: float):
-        super().__init__()
-        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, list(cutoffs), div_value=div_value,
-                                                     head_bias=True)
-        self.register_buffer("rank", torch.arange(vocab_size))
-
-    @torch.no_grad()
-    def order_by_frequency(self, counts: torch.Tensor) -> None:
-        """counts (V,) of each token in the training text; ties keep id order."""
-        order = torch.sort(-counts.to(torch.float64), stable=True).indices      # token of each rank
-        self.rank.copy_(torch.argsort(order))
-
-    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., H) -> log-probabilities (..., V) of every character, in token order."""
-        flat = x.reshape(-1, x.shape[-1])
-        by_rank = self.softmax.log_prob(flat)
-        return by_rank.index_select(1, self.rank).reshape(*x.shape[:-1], -1)
-
-    def loss(self, x: torch.Tensor, targets: torch.Tensor, low_precision: torch.dtype | None = None,
-             reduction: str = "mean") -> torch.Tensor:
-        """Mean negative log-likelihood of targets (N,) given x (N, H), touching only the clusters hit
-        (reduction "none": each target's, shape (N,)).
-
-        The same arithmetic as nn.AdaptiveLogSoftmaxWithLoss's forward (tested against it), written
-        out so that the products can run in low_precision while every softmax stays float32."""
-        softmax, ranks = self.softmax, self.rank[targets]
-        shortlist = softmax.shortlist_size
-        head_logp = F.log_softmax(_linear(x, softmax.head.weight, softmax.head.bias, low_precision), dim=1)
-        bounds = softmax.cutoffs                                   # [shortlist, ..., vocab]
-        cluster = torch.bucketize(ranks, ranks.new_tensor(bounds[:-1]), right=True)     # 0: the shortlist
-        in_head = torch.where(cluster == 0, ranks, shortlist + cluster - 1)
-        nll = -head_logp.gather(1, in_head.unsqueeze(1)).squeeze(1)
-        for i, (projection, output) in enumerate(softmax.tail):
-            rows = (cluster == i + 1).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                # No target in this cluster: its weights still join the graph (with zero gradients), so
-                # that data-parallel training finds every parameter used on every rank at every step.
-                nll = nll + 0.0 * (projection.weight.sum() + output.weight.sum())
-                continue
-            hidden = _linear(x.index_select(0, rows), projection.weight, None, low_precision)
-            logp = F.log_softmax(_linear(hidden, output.weight, None, low_precision), dim=1)
-            local = (ranks.index_select(0, rows) - bounds[i]).unsqueeze(1)
-            nll = nll.index_add(0, rows, -logp.gather(1, local).squeeze(1))
-        return nll.mean() if reduction == "mean" else nll
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            low_precision: torch.dtype | None) -> torch.Tensor:
-    """x @ weight^T + bias, the product in low_precision where given (the LSTM's own low-precision
-    product), the bias added and the result in float32."""
-    if low_precision is None:
-        return F.linear(x, weight, bias)
-    out = low_precision_mm(x, weight.t(), low_precision, torch.float32)
-    return out if bias is None else out + bias
-
-
 class CharLSTM(nn.Module):
     """Character language model: embedding -> stacked LSTM -> output layer over the vocabulary.
 
@@ -485,7 +418,7 @@ class CharLSTM(nn.Module):
         if isinstance(self.head, AdaptiveHead):
             nll = self.head.loss(flat, flat_targets, low, reduction)
         else:
-            nll = F.cross_entropy(_linear(flat, self.head.weight, self.head.bias, low), flat_targets,
+            nll = F.cross_entropy(linear(flat, self.head.weight, self.head.bias, low), flat_targets,
                                   reduction=reduction)
         return nll if reduction == "mean" else nll.reshape(targets.shape[::-1]).t()
 
@@ -526,87 +459,3 @@ def detach_state(state: State | None) -> State | None:
     if state is None:
         return None
     return tuple((h.detach(), c.detach()) for h, c in state)
-
-
-class Stepper:
-    """One character at a time, for generation: the same function as CharLSTM.forward.
-
-    Weights are prepared once: the embedding is folded into layer 0's input
-    projection (a one-hot input times E times W_ih0^T is one row of E W_ih0^T),
-    so layer 0 costs a row lookup and one recurrent product per character. Each
-    layer's pointwise work is the chunk loops' own step function, prepared once
-    per batch size on buffers the stepper owns (as the loop prepares it once per
-    chunk); what it returns are fresh tensors, so states a caller keeps are never
-    overwritten. One stepper serves one thread at a time. It copies nothing from
-    the model's later weight updates: make a new one after training further.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model: CharLSTM):
-        lstm = model.lstm
-        self.model, self.hidden_size, self.vocab_size = model, lstm.hidden_size, model.config.vocab_size
-        self.residual = lstm.residual
-        w_ih0, _, b_ih0, b_hh0 = lstm.layer_weights(0)
-        self.token_gates = torch.addmm(b_ih0 + b_hh0, model.embedding.weight, w_ih0.t())  # (V, 4H)
-        self.layers = []
-        for k in range(lstm.layers):
-            w_ih, w_hh, b_ih, b_hh = lstm.layer_weights(k)
-            self.layers.append((w_ih.detach().clone(), w_hh.detach().clone(), (b_ih + b_hh).detach()))
-        if isinstance(model.head, AdaptiveHead):
-            self.head_weight_t = self.head_bias = None
-        else:
-            self.head_weight_t = model.head.weight.t().contiguous()
-            self.head_bias = model.head.bias.detach().clone()
-        self._prepared: dict[int, list] = {}
-
-    def _steps(self, N: int) -> list:
-        """Per layer, for N streams: the products (weights packed for N rows where that pays, as
-        the chunk loop packs them), the bias rows, and the step function bound to buffers the
-        stepper owns (pre-activations, c_prev, h, c)."""
-        if N not in self._prepared:
-            H, like = self.hidden_size, self.token_gates
-            layers = []
-            for k, (w_ih, w_hh, bias) in enumerate(self.layers):
-                pre, c_prev, hs, cs = like.new_empty(1, N, 4 * H), like.new_empty(N, H), like.new_empty(1, N, H), \
-                    like.new_empty(1, N, H)
-                input_product = None if k == 0 else recurrent_product(w_ih, N, transposed_copy=True)
-                hidden_product = recurrent_product(w_hh, N, overwrite_add=True, transposed_copy=True)
-                layers.append((input_product, hidden_product, bias.expand(N, -1).contiguous(),
-                               pre[0], c_prev, hs[0], cs[0], *forward_steps(pre, c_prev, hs, cs)))
-            self._prepared[N] = layers
-        return self._prepared[N]
-
-    @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """tokens (N,) int64 -> logits (N, V) and the new state."""
-        H = self.hidden_size
-        self.model._check_tokens(tokens, 1, "(batch,)")
-        N = len(tokens)
-        _check_batch(N)
-        weight = self.token_gates
-        state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
-        new_state = []
-        x = None
-        for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step, g_scale) in \
-                enumerate(self._steps(N)):
-            h, c = state[k]
-            if k == 0:
-                try:
-                    torch.index_select(self.token_gates, 0, tokens, out=pre)      # (N, 4H)
-                except IndexError:
-                    raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
-                                     f"{int(tokens.min())} to {int(tokens.max())}") from None
-                gates = pre
-            else:
-                gates = input_product(x, bias_rows)
-            gates = hidden_product(h, gates)       # may be written in place, or a new tensor
-            if g_scale != 1:
-                gates[:, 2 * H : 3 * H].mul_(g_scale)           # as the step function expects (see forward_steps)
-            c_prev.copy_(c)
-            step(0, gates)
-            h, c = h_out.clone(), c_out.clone()
-            x = h + x if self.residual and k > 0 else h
-            new_state.append((h, c))
-        if self.head_weight_t is None:
-            return self.model.logits(x), tuple(new_state)
-        return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

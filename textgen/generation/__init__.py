@@ -1,0 +1,2 @@
+"""Generation: the one sampling loop (sampling.py: Decoding, Generator, sample) and continuous batching
+of many requests in one batch (batching.py), both over the LSTM's Stepper."""
