@@ -441,10 +441,9 @@ class CharLSTM(nn.Module):
             self.head = nn.Linear(config.hidden_size, config.vocab_size)
         self.dropout = config.dropout
         if config.style_names:
-            # One learned vector per style, added to every character's embedding (see _embed). Made last and
-            # at zero, without a random draw: the rest of the model starts exactly as it would without styles.
-            self.style_embedding = nn.Embedding(len(config.style_names), config.embed_size,
-                                                _weight=torch.zeros(len(config.style_names), config.embed_size))
+            # One learned vector per style, added to every character's embedding (see _embed). Made last, so
+            # the rest of the model draws the same initial weights as it would without styles.
+            self.style_embedding = nn.Embedding(len(config.style_names), config.embed_size)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False,
                 targets: torch.Tensor | None = None, reduction: str = "mean", styles: torch.Tensor | None = None):
