@@ -66,6 +66,7 @@ LAYERS = [
     {"settings", "files"},                                       # how a setting is declared; the one writer
     {"lstm", "run_folder", "data", "devices", "match"},          # the model; the run folder's layout; ...
     {"checkpoint", "corpus", "plot"},
+    {"styles"},                                                  # a style per file of a corpus
     {"evaluate", "generation"},                                  # reading and sampling a model
     {"training", "serving", "export"},
     {"api"},
@@ -131,7 +132,7 @@ def test_serving_knows_generation_and_never_the_http_stack_below_it_except_to_se
     assert within_imports("serving", "server") >= {"http_server"}
     assert within_imports("serving", "http_app") == {"server"}
     assert within_imports("serving", "http_server") == {"http_app", "server"}
-    assert set(imports_of("generation")) == {"errors", "lstm", "settings", "tokenizer"}
+    assert set(imports_of("generation")) == {"errors", "lstm", "settings", "styles", "tokenizer"}
 
 
 def test_one_module_owns_the_run_folders_layout():

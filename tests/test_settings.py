@@ -17,8 +17,10 @@ def test_train_py_has_a_flag_for_every_setting_with_the_fields_default():
         for f in settings.declared(cls):
             assert f.name in parsed, f"train.py has no flag for {cls.__name__}.{f.name}"
             assert parsed[f.name] == getattr(defaults, f.name), (f.name, parsed[f.name], getattr(defaults, f.name))
-    # Every field but the vocabulary (read from the text) and the text (the TEXT argument) is a setting.
-    assert {f.name for f in fields(ModelConfig)} - {f.name for f in settings.declared(ModelConfig)} == {"vocab_size"}
+    # Every field but the vocabulary and the style names (read from the text) and the text (the TEXT argument)
+    # is a setting.
+    assert {f.name for f in fields(ModelConfig)} - {f.name for f in settings.declared(ModelConfig)} == \
+        {"vocab_size", "style_names"}
     assert {f.name for f in fields(TrainConfig)} - {f.name for f in settings.declared(TrainConfig)} == {"text"}
 
 

@@ -64,18 +64,25 @@ class TextModel:
         return self.model.config
 
     @_speaks_arguments
-    def generator(self, seed: int | None = None, num_samples: int = 1, unknown: str = "error") -> Generator:
-        """A Generator whose state carries from one feed/generate call to the next."""
-        SampleConfig(seed=seed, num_samples=num_samples).validate()      # their types and ranges
+    def generator(self, seed: int | None = None, num_samples: int = 1, unknown: str = "error",
+                  style: str | None = None) -> Generator:
+        """A Generator whose state carries from one feed/generate call to the next (style: the model's
+        style it reads and writes in, for a model trained with styles)."""
+        SampleConfig(seed=seed, num_samples=num_samples, style=style).validate()      # their types and ranges
         _check_unknown(unknown)
-        return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown)
+        return Generator(self.model, self.tokenizer, num_samples=num_samples, seed=seed, unknown=unknown, style=style)
+
+    @property
+    def styles(self) -> list[str]:
+        """The styles the model learnt (trained with styles=True on a folder of files), else []."""
+        return list(self.config.style_names)
 
     @_speaks_arguments
     def generate(self, prompt: str = "", unknown: str = "error", **sampling):
         """The continuation of prompt (without the prompt); a list of strings when num_samples > 1.
 
         sampling: SampleConfig's settings, with their defaults there: length (500), temperature (0.8),
-        top_k, top_p, seed, num_samples (1), stop. unknown: "error" or "skip" for prompt characters
+        top_k, top_p, seed, num_samples (1), stop, style. unknown: "error" or "skip" for prompt characters
         the model never saw."""
         extra = set(sampling) - {f.name for f in fields(SampleConfig)}
         if extra:
@@ -86,7 +93,7 @@ class TextModel:
         _check_unknown(unknown)
         config = SampleConfig(**sampling)
         config.validate()
-        gen = self.generator(config.seed, config.num_samples, unknown)
+        gen = self.generator(config.seed, config.num_samples, unknown, config.style)
         gen.feed(prompt)
         texts = gen.generate(config)
         return texts[0] if config.num_samples == 1 else texts
@@ -125,7 +132,7 @@ def train(text: str | None = None, resume: str | None = None, log=print, overwri
     holds a run is refused unless overwrite=True (or resume= continues it).
     """
     from .training import TrainConfig, build_run, train
-    model_fields = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
+    model_fields = {f.name for f in fields(ModelConfig)} - {"vocab_size", "style_names"}   # those two: from the text
     train_fields = {f.name for f in fields(TrainConfig)} - {"text"}
     unknown = set(settings) - model_fields - train_fields
     if unknown:

@@ -234,6 +234,9 @@ def _check_fields(ckpt: dict, path: str) -> None:
          "text holding each of its characters once")
     config = ckpt["model_config"]
     need("model_config's vocab_size", config.get("vocab_size"), _whole(config.get("vocab_size")), "a whole number")
+    names = config.get("style_names", ())
+    need("model_config's style_names", names, isinstance(names, (list, tuple)) and len(set(names)) == len(names)
+         and all(isinstance(name, str) and name for name in names), "a list of distinct style names")
     for f in settings.declared(ModelConfig):
         if f.name in config:
             expected = settings.kind_problem(f, config[f.name])
@@ -295,6 +298,7 @@ def model_config_of(ckpt: dict) -> ModelConfig:
     saved = dict(ckpt["model_config"])
     saved.setdefault("head", "full")          # written before the adaptive head existed
     saved.setdefault("residual", False)       # written before layers had residual connections
+    saved["style_names"] = tuple(saved.get("style_names", ()))     # () before styles: the model it always was
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
@@ -314,7 +318,7 @@ def summary(ckpt: dict, path: str = "checkpoint") -> dict:
     averaged = ckpt.get("averaged_model") is not None
     return {
         "layers": config.layers, "hidden_size": config.hidden_size, "embed_size": config.embed_size,
-        "residual": config.residual, "head": config.head,
+        "residual": config.residual, "head": config.head, "styles": list(config.style_names),
         "cutoffs": list(config.cutoffs) if config.head == "adaptive" else [],
         "regularisers": {name: getattr(config, name) for name in DROPOUT_FIELDS if getattr(config, name)},
         "locked_dropout": config.locked_dropout,

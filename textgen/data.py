@@ -49,8 +49,9 @@ class StreamLoader:
     """B read heads on a ring of tokens; each call returns the next (B, T) chunk of every stream."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, position: int = 0,
-                 first_stream: int = 0, num_streams: int | None = None):
+                 first_stream: int = 0, num_streams: int | None = None, styles=None):
         self.tokens = tokens
+        self.styles = styles            # positions -> style ids (styles.StyleMap), or None: no labels
         self.batch_size, self.seq_len = batch_size, seq_len
         self.stride = len(tokens) // batch_size
         # A distributed rank reads only its own slice of the global streams.
@@ -59,11 +60,18 @@ class StreamLoader:
         self._offsets = np.arange(seq_len + 1)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.next_labelled_batch()[:2]
+
+    def next_labelled_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The next chunk of every stream, (B, T) inputs and targets, and the style id of each input
+        (None without styles)."""
         starts = self.streams * self.stride + self.position * self.seq_len
-        window = self.tokens[(starts[:, None] + self._offsets) % len(self.tokens)]  # (B, T+1)
+        positions = (starts[:, None] + self._offsets) % len(self.tokens)        # (B, T+1)
+        window = self.tokens[positions]
         self.position += 1
         window = window.astype(np.int64)
-        return window[:, :-1], window[:, 1:]
+        styles = None if self.styles is None else self.styles(positions[:, :-1])
+        return window[:, :-1], window[:, 1:], styles
 
     @property
     def epoch(self) -> float:

@@ -39,8 +39,11 @@ EVAL_SEQ_LEN = 256
 @torch.no_grad()
 def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_STREAMS, seq_len: int = EVAL_SEQ_LEN,
                   device="cpu", progress=None, shard: tuple[int, int] | None = None,
-                  positions: np.ndarray | None = None) -> tuple[float, int]:
+                  positions: np.ndarray | None = None, styles=None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and the number of characters it covers.
+
+    styles, for a model with styles: a function from positions in tokens to their style ids (a
+    styles.StyleMap, or ``one_style``); None reads with no style.
 
     shard (rank, world_size) reads only that rank's share of the streams. positions, a float
     array as long as tokens, receives each predicted character's negative log-likelihood at
@@ -57,13 +60,14 @@ def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_ST
                     continue
             window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             targets = window[:, 1:]
+            labels = _labels(styles, idx[:, :-1], device)
             # The model's own loss path: exact -log p(target) under the full distribution, but the
             # adaptive head computes only the clusters a target is in, not every class at every position.
             if positions is None:
-                mean_nll, state = model(window[:, :-1], state, targets=targets)
+                mean_nll, state = model(window[:, :-1], state, targets=targets, styles=labels)
                 total += float(mean_nll) * targets.numel()
             else:
-                nll, state = model(window[:, :-1], state, targets=targets, reduction="none")
+                nll, state = model(window[:, :-1], state, targets=targets, reduction="none", styles=labels)
                 positions[idx[:, 1:]] = nll.float().cpu().numpy()
                 total += float(nll.sum())
             count += targets.numel()
@@ -72,6 +76,15 @@ def cross_entropy(model: CharLSTM, tokens: np.ndarray, batch_size: int = EVAL_ST
     finally:
         model.train(was_training)
     return total, count
+
+
+def one_style(style: int):
+    """The styles function of a text written in one style throughout."""
+    return lambda positions: np.full(np.shape(positions), style, dtype=np.int64)
+
+
+def _labels(styles, positions: np.ndarray, device) -> torch.Tensor | None:
+    return None if styles is None else torch.from_numpy(np.asarray(styles(positions), dtype=np.int64)).to(device)
 
 
 # Dynamic evaluation's defaults: chosen on tiny-shakespeare and the 1 MB docstring, code and
@@ -84,7 +97,8 @@ ADAPT_BETA = 0.99
 
 def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = ADAPT_SEQ_LEN,
                           lr: float = ADAPT_LR, decay: float = ADAPT_DECAY, beta: float = ADAPT_BETA,
-                          device="cpu", progress=None, positions: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+                          device="cpu", progress=None, positions: np.ndarray | None = None,
+                          styles=None) -> tuple[np.ndarray, int]:
     """Dynamic evaluation: summed negative log-likelihood (nats) of each chunk, and the characters covered.
 
     The text is one stream of seq_len-character chunks. Each chunk is scored with the weights
@@ -94,7 +108,7 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     would leak: a step learnt on one stream would then predict earlier text of another.
 
     The caller's model is left as it was: the steps go to a copy. Dropout stays off. positions
-    (as in ``cross_entropy``) receives each character's negative log-likelihood.
+    (as in ``cross_entropy``) receives each character's negative log-likelihood; styles as there.
     """
     work = copy.deepcopy(model).to(device)
     work.eval()
@@ -108,10 +122,11 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     for i, start in enumerate(range(0, n, seq_len)):
         stop = min(start + seq_len, n)
         inputs, targets = data[start:stop][None], data[start + 1:stop + 1][None]
+        labels = _labels(styles, np.arange(start, stop)[None], device)
         if positions is None:
-            mean_nll, state = work(inputs, state, targets=targets)
+            mean_nll, state = work(inputs, state, targets=targets, styles=labels)
         else:
-            nll, state = work(inputs, state, targets=targets, reduction="none")
+            nll, state = work(inputs, state, targets=targets, reduction="none", styles=labels)
             positions[start + 1:stop + 1] = nll.detach()[0].float().cpu().numpy()
             mean_nll = nll.mean()
         chunk_nll[i] = float(mean_nll.detach()) * (stop - start)
@@ -148,14 +163,16 @@ def match_mixed(positions: np.ndarray, codes: np.ndarray, history: np.ndarray | 
 
 def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", batch_size: int = EVAL_STREAMS,
                   seq_len: int | None = None, device="cpu", progress: bool = False,
-                  adapt_lr: float | None = None, match: bool = False, history_path: str | None = None) -> dict:
+                  adapt_lr: float | None = None, match: bool = False, history_path: str | None = None,
+                  style: str | None = None) -> dict:
     """Cross-entropy of a checkpoint over a whole text file, as a report dict.
 
     adapt_lr: dynamic evaluation with that step size (one stream; ``adapted_cross_entropy``).
     seq_len defaults to EVAL_SEQ_LEN characters a chunk, or ADAPT_SEQ_LEN when adapting.
     match: mix in a match model (``match_mixed``) over the text read so far, after the text of
     history_path where given; the report's nats_per_char is then the mixture's, and
-    lstm_nats_per_char the model's alone.
+    lstm_nats_per_char the model's alone. style: read the text under that style's label (a model
+    trained with styles).
     """
     import time
 
@@ -165,7 +182,11 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
     from .errors import UsageError
     from .tokenizer import UnknownCharactersError, codepoints
 
+    from .styles import NO_STYLE, style_id
+
     model, tokenizer, _ = load_model(checkpoint_path, prefer_best=True, device=device)
+    label = style_id(model.config.style_names, style)
+    styles = None if label == NO_STYLE else one_style(label)
     text = read_text(text_path)
     history = codepoints(read_text(history_path)) if history_path is not None else None
     cps = codepoints(text)
@@ -191,12 +212,13 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
         if adapt_lr is None:
             seq_len = seq_len or EVAL_SEQ_LEN
             total, count = cross_entropy(model, tokens, batch_size, seq_len, device,
-                                         progress=bar.update if bar else None, positions=positions)
+                                         progress=bar.update if bar else None, positions=positions, styles=styles)
             streams = eval_streams(len(tokens), batch_size, seq_len)
         else:
             seq_len = seq_len or ADAPT_SEQ_LEN
             chunk_nll, count = adapted_cross_entropy(model, tokens, seq_len, adapt_lr, device=device,
-                                                     progress=bar.update if bar else None, positions=positions)
+                                                     progress=bar.update if bar else None, positions=positions,
+                                                     styles=styles)
             total, streams = float(chunk_nll.sum()), 1
     finally:
         if bar:
@@ -208,5 +230,5 @@ def evaluate_file(checkpoint_path: str, text_path: str, unknown: str = "error", 
             "predicted": count, "skipped_unknown": skipped, "nats_per_char": nats, "bits_per_char": nats / LN2,
             "streams": streams, "seq_len": seq_len, "adapt_lr": adapt_lr, "match": match,
             "history": history_path, "history_characters": 0 if history is None else int(len(history)),
-            "lstm_nats_per_char": lstm_nats, "seconds": time.perf_counter() - start}
+            "lstm_nats_per_char": lstm_nats, "style": style, "seconds": time.perf_counter() - start}
 

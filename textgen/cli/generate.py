@@ -72,7 +72,8 @@ def _generate(argv) -> int:
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
     path = args.checkpoint or latest_run()
     model, tokenizer, ckpt = load_model(path, prefer_best=True, device=device)
-    gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn)
+    gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn,
+                    style=args.style)
     say(f"checkpoint {path} (step {ckpt['step']}), seed {gen.seed}")
     with _output(args.output) as out:
         if args.interactive:

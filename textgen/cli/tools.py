@@ -37,6 +37,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", metavar="FILE", default=None,
                    help="with --match: a text read before --text that the match model may copy from too, such "
                         "as the training text (what xz is given for its conditional figure)")
+    p.add_argument("--style", metavar="NAME", default=None,
+                   help="read the text under this style's label (a model trained with --styles; textgen info lists "
+                        "its styles)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_common(p)
     return p
@@ -67,13 +70,14 @@ def _eval(argv) -> int:
     report = evaluate_file(args.checkpoint or latest_run(), args.text, args.unknown, args.batch_size or EVAL_STREAMS,
                            args.seq_len, resolve_device(args.device),
                            progress=not args.quiet and sys.stderr.isatty(), adapt_lr=adapt_lr,
-                           match=args.match, history_path=args.history)
+                           match=args.match, history_path=args.history, style=args.style)
     if args.json:
         print(json.dumps(report))
         return 0
     how = (f"as one stream, learning as it reads (--adapt-lr {report['adapt_lr']:g})" if report["adapt_lr"]
            else f"in {report['streams']} streams")
-    print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted {how}")
+    print(f"{report['text']}: {report['characters']:,} characters, {report['predicted']:,} predicted {how}"
+          + (f", style {report['style']}" if report["style"] else ""))
     if report["skipped_unknown"]:
         print(f"left out {report['skipped_unknown']:,} characters the model never saw")
     if report["match"]:
@@ -118,6 +122,8 @@ def _info(argv) -> int:
           + (f"; averaged weights (--ema {info['ema']})" if info["averaged_weights"] else ""))
     print(f"parameters   {info['parameters']:,}")
     print(f"vocabulary   {len(info['vocab'])} characters: {' '.join(escape_char(ch) for ch in info['vocab'])}")
+    if info["styles"]:
+        print(f"styles       {', '.join(info['styles'])} (generate with --style NAME)")
     if corpus:
         print(f"corpus       {corpus.get('path')} ({corpus.get('size_bytes', 0):,} bytes, "
               f"{corpus.get('characters', 0):,} characters, sha256 {corpus.get('sha256', '')[:16]})")

@@ -62,8 +62,7 @@ def _train(argv) -> int:
         args.steps = TrainConfig.steps
     values = vars(args)
     TrainConfig.steps_replace_time(values, explicit)
-    model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in fields(ModelConfig)
-                                               if f.name != "vocab_size"})
+    model_config = ModelConfig(vocab_size=1, **{f.name: values[f.name] for f in settings.declared(ModelConfig)})
     train_config = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
     refuse_together(explicit, TRAIN_CONFLICTS)
     if args.allow_new_text and args.resume is None:

@@ -126,6 +126,9 @@ def export(run: str, fmt: str, output: str | None = None, quantize: str = "none"
     if fmt in NEEDS:
         require(NEEDS[fmt], fmt)
     model, tokenizer, ckpt = load_model(run, prefer_best=True, device="cpu")
+    if model.config.style_names and fmt in ("onnx", "web"):
+        raise UsageError(f"{run} was trained with styles ({', '.join(model.config.style_names)}), which the {fmt} "
+                         f"export does not carry yet; export it as safetensors, or generate with --style")
     info = metadata(model, tokenizer, ckpt)
     if fmt == "onnx":
         from ..files import write_bytes

@@ -60,7 +60,7 @@ def read(path: str) -> tuple[CharLSTM, CharTokenizer, dict]:
     known = {f.name for f in fields(ModelConfig)}
     try:
         config = ModelConfig(**{k: v for k, v in config_json.items() if k in known})
-        config.cutoffs = tuple(config.cutoffs)
+        config.cutoffs, config.style_names = tuple(config.cutoffs), tuple(config.style_names)
         model = CharLSTM(config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{config_path} holds an invalid model configuration: {e}") from None

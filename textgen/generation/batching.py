@@ -34,6 +34,7 @@ import torch
 from ..errors import SettingError, UsageError
 from ..lstm import CharLSTM, Stepper
 from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids
+from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
@@ -87,6 +88,7 @@ class Job:
         self.finished = threading.Event()
         self._cancelled = threading.Event()
         self.reason: str | None = None
+        self.style = NO_STYLE                   # the style's id, set when the engine takes the job
 
     def cancel(self) -> None:
         """Stop at the next character (Stop pressed, or the client went away)."""
@@ -158,6 +160,8 @@ class BatchingEngine:
         self.temperature = torch.ones(slots)
         self.top_k = torch.full((slots,), V, dtype=torch.long)
         self.top_p = torch.ones(slots)
+        # Each row's style (a model with styles), NO_STYLE where none is asked for or the row is idle.
+        self.styles = torch.full((slots,), NO_STYLE) if model.config.style_names else None
         self.rows: list[tuple[Job, int] | None] = [None] * slots      # (job, sample) per row
         self.running: dict[str, tuple[Job, list[int], torch.Generator, list[str]]] = {}
         self.waiting: collections.deque[Job] = collections.deque()
@@ -177,6 +181,7 @@ class BatchingEngine:
         if job.samples > self.slots:
             raise SettingError("num_samples", f"must be at most {self.slots} here (the server's batch size), "
                                               f"got {job.samples}")
+        job.style = style_id(self.model.config.style_names, job.config.style)       # a name the model lacks: refused
         with self.lock:
             if job.continues is not None and job.continues not in self.sessions:
                 raise UsageError(f"there is no session {job.continues!r} to continue on this model "
@@ -301,9 +306,10 @@ class BatchingEngine:
         else:
             state, logits = self.model.initial_state(n, device=self.device), None
         ids = opening_ids(self.tokenizer, self._encode(job.prompt, job, warn=True), logits)
+        styles = None if job.style == NO_STYLE else torch.full((n,), job.style, device=self.device)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
-            logits, state = self.model.read(tokens, state)
+            logits, state = self.model.read(tokens, state, styles=styles)
         for layer, (h, c) in enumerate(state):
             self.state[layer][0][index] = h
             self.state[layer][1][index] = c
@@ -312,6 +318,8 @@ class BatchingEngine:
         self.temperature[rows] = cfg.temperature
         self.top_k[rows] = cfg.top_k if cfg.top_k is not None else V
         self.top_p[rows] = cfg.top_p if cfg.top_p is not None else 1.0
+        if self.styles is not None:
+            self.styles[rows] = job.style
         with self.lock:
             self.running[job.id] = (job, rows, Decoding(cfg, rng, n))
 
@@ -321,7 +329,8 @@ class BatchingEngine:
         for job, rows, decoding in self.running.values():
             u[rows] = decoding.uniforms()
         ids = next_tokens(self.logits, self.temperature, self.top_k, self.top_p, u)
-        self.logits, self.state = self.stepper(ids.to(self.device), self.state)
+        styles = None if self.styles is None else self.styles.to(self.device)
+        self.logits, self.state = self.stepper(ids.to(self.device), self.state, styles)
         chars = [self.tokenizer.chars[i] for i in ids.tolist()]
         ended = []
         for job, rows, decoding in self.running.values():
@@ -353,6 +362,8 @@ class BatchingEngine:
         for h, c in self.state:                     # idle rows hold zeros, never stale numbers
             h[index] = 0
             c[index] = 0
+        if self.styles is not None:
+            self.styles[rows] = NO_STYLE
         self._finish(job, reason)
 
     def _finish(self, job: Job, reason: str) -> None:

@@ -29,6 +29,7 @@ from .. import settings
 from ..errors import SettingError, UsageError, check_range
 from ..settings import setting
 from ..lstm import CharLSTM, Stepper, State
+from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
 
@@ -52,6 +53,8 @@ class SampleConfig:
     num_samples: int = setting(1, "independent samples, drawn as a batch (separated by ---)", low=1,
                                high=MAX_SAMPLES, within=f"from 1 to {MAX_SAMPLES:,}")
     stop: str | None = setting(None, "end the output once it ends with this string")
+    style: str | None = setting(None, "write in this style, one of those a model trained with styles learnt (textgen "
+                                "info lists them); the prompt is read in it too")
 
     def validate(self) -> None:
         """SettingError naming the field for a value out of its range. A temperature outside
@@ -63,6 +66,8 @@ class SampleConfig:
             raise SettingError("temperature", f"must be {TEMPERATURE_RANGE}, got {self.temperature:g}")
         if self.stop == "":
             raise SettingError("stop", "must not be empty")
+        if self.style == "":
+            raise SettingError("style", "must not be empty")
 
 
 # 0 is greedy; between these, any temperature keeps every logit / temperature finite in float32.
@@ -206,7 +211,7 @@ class Generator:
     """A model, its vocabulary and a carried state: feed text in, stream characters out."""
 
     def __init__(self, model: CharLSTM, tokenizer: CharTokenizer, num_samples: int = 1,
-                 seed: int | None = None, unknown: str = "error", warn=None):
+                 seed: int | None = None, unknown: str = "error", warn=None, style: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.num_samples, self.unknown = num_samples, unknown
         self.warn = warn or (lambda message: None)
@@ -214,7 +219,14 @@ class Generator:
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         self.rng = torch.Generator().manual_seed(self.seed)
         self.stepper = Stepper(model)
+        self.styles: torch.Tensor | None = None      # (num_samples,) the style of every row, or None: no style
+        self.set_style(style)
         self.reset()
+
+    def set_style(self, style: str | None) -> None:
+        """Read and write in this style from now on (None: no style); a name the model lacks is a UsageError."""
+        label = style_id(self.model.config.style_names, style)
+        self.styles = None if label == NO_STYLE else torch.full((self.num_samples,), label, device=self.device)
 
     def reset(self) -> None:
         """Forget everything read so far."""
@@ -234,7 +246,7 @@ class Generator:
         was_training = self.model.training
         self.model.eval()                    # no dropout when reading, even mid-training
         try:
-            self.logits, self.state = self.model.read(tokens, self.state)  # the whole text in one pass
+            self.logits, self.state = self.model.read(tokens, self.state, styles=self.styles)  # in one pass
         finally:
             self.model.train(was_training)
 
@@ -244,13 +256,16 @@ class Generator:
 
         Stops after config.length steps or once every sample's output ends with config.stop (a
         sample's stop string is the last it yields; after it, its place in the list is None).
+        config.style, where given, becomes the generator's style from here on.
         """
+        if config.style is not None:
+            self.set_style(config.style)
         if self.logits is None:
             self.feed(opening_text(self.tokenizer))     # nothing read yet: start as text does
         decoding = Decoding(config, self.rng, self.num_samples)
         while decoding.ended is None:
             ids = next_tokens(self.logits, config.temperature, config.top_k, config.top_p, decoding.uniforms())
-            self.logits, self.state = self.stepper(ids.to(self.device), self.state)
+            self.logits, self.state = self.stepper(ids.to(self.device), self.state, self.styles)
             yield decoding.advance([self.tokenizer.chars[i] for i in ids.tolist()])
 
     def generate(self, config: SampleConfig) -> list[str]:
@@ -267,7 +282,8 @@ def sample(model: CharLSTM, tokenizer: CharTokenizer, prompt: str = "", config: 
            unknown: str = "error") -> list[str]:
     """Prompt in, continuations out: the one-call form used by training and the API."""
     config = config or SampleConfig()
-    gen = Generator(model, tokenizer, num_samples=config.num_samples, seed=config.seed, unknown=unknown)
+    gen = Generator(model, tokenizer, num_samples=config.num_samples, seed=config.seed, unknown=unknown,
+                    style=config.style)
     if prompt:
         gen.feed(prompt)
     return gen.generate(config)

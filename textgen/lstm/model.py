@@ -93,6 +93,9 @@ class ModelConfig:
                              "4096, ...)", group="model", parse=parse_int_list, metavar="N,N,...", shown=None)
     head_div: float = setting(4.0, "the adaptive head narrows each rarer cluster's projection by this factor",
                               group="model")
+    # The styles the model learnt, one per file of a corpus trained with --styles (styles.py), in id
+    # order; () for a model without styles, as every checkpoint written before styles is.
+    style_names: tuple = ()
 
     def resolve_head(self) -> None:
         """Turn head "auto" into the head this vocabulary gets, and give an adaptive head its cutoffs."""
@@ -136,7 +139,7 @@ class ModelConfig:
         E, H, V, L = self.embed_size, self.hidden_size, self.vocab_size, self.layers
         per_layer = 4 * H * (H + H) + 8 * H                 # layers after the first read H inputs
         lstm = 4 * H * (E + H) + 8 * H + (L - 1) * per_layer
-        return V * E + lstm + self.head_parameters()
+        return V * E + lstm + self.head_parameters() + len(self.style_names) * E
 
     def head_parameters(self) -> int:
         H, V = self.hidden_size, self.vocab_size
@@ -370,29 +373,36 @@ class CharLSTM(nn.Module):
         else:
             self.head = nn.Linear(config.hidden_size, config.vocab_size)
         self.dropout = config.dropout
+        if config.style_names:
+            # One learned vector per style, added to every character's embedding (see _embed). Made last, so
+            # the rest of the model draws the same initial weights as it would without styles.
+            self.style_embedding = nn.Embedding(len(config.style_names), config.embed_size)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, reference: bool = False,
-                targets: torch.Tensor | None = None, reduction: str = "mean"):
+                targets: torch.Tensor | None = None, reduction: str = "mean", styles: torch.Tensor | None = None):
         """tokens (B, T) int64 -> logits (B, T, vocab_size) and the new state.
+
+        styles, for a model with styles: the style id of each token (B, T) or of each row (B,), -1 for
+        none; None reads every row with no style.
 
         With targets (B, T), the mean cross-entropy over them comes back instead of the logits:
         training's path, which lets the adaptive head skip the clusters no target is in, and runs
         the output layer's products in the LSTM's low precision (``lstm.matmul_dtype``) where set.
         reduction "none" gives each target's negative log-likelihood instead, shaped (B, T).
         """
-        out, state = self.lstm(self._embed(tokens), state, reference=reference)   # (T, B, H)
+        out, state = self.lstm(self._embed(tokens, styles), state, reference=reference)   # (T, B, H)
         out = dropout(out, self.dropout, self.training, self.config.locked_dropout)
         if targets is None:
             return self.logits(out).transpose(0, 1), state
         return self._loss(out, targets, reduction), state
 
-    def read(self, tokens: torch.Tensor, state: State | None = None):
+    def read(self, tokens: torch.Tensor, state: State | None = None, styles: torch.Tensor | None = None):
         """Read a prompt: tokens (B, T) -> logits of the last position only (B, vocab_size), new state.
 
         Same state as ``forward``, but the output layer runs on the last position alone: a long
         prompt read by a large head (the adaptive one computes every class) costs B x V, not B x T x V.
         """
-        out, state = self.lstm(self._embed(tokens), state)
+        out, state = self.lstm(self._embed(tokens, styles), state)
         out = dropout(out, self.dropout, self.training, self.config.locked_dropout)[-1]
         return self.logits(out), state
 
@@ -422,8 +432,9 @@ class CharLSTM(nn.Module):
                                   reduction=reduction)
         return nll if reduction == "mean" else nll.reshape(targets.shape[::-1]).t()
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> the LSTM's input (T, B, E), with embedding and input dropout in training."""
+    def _embed(self, tokens: torch.Tensor, styles: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> the LSTM's input (T, B, E): each character's embedding plus its style's (where
+        the model has styles and styles are given), with embedding and input dropout in training."""
         self._check_tokens(tokens, 2, "(batch, time)")      # the stack checks batch and time
         cfg = self.config
         weight = self.embedding.weight
@@ -437,7 +448,24 @@ class CharLSTM(nn.Module):
         except IndexError:
             raise ValueError(f"tokens must be ids in [0, {cfg.vocab_size}); got values from "
                              f"{int(tokens.min())} to {int(tokens.max())}") from None
+        if styles is not None:
+            x = x + F.embedding(self._style_rows(styles, tokens.shape).t(), style_table(self))
         return dropout(x, cfg.input_dropout, self.training, cfg.locked_dropout)
+
+    def _style_rows(self, styles, shape) -> torch.Tensor:
+        """styles (B,) or (B, T), checked, as (B, T) rows into style_table (-1, no style, the last row)."""
+        count = len(self.config.style_names)
+        if not count:
+            raise ValueError("this model was trained without styles; give styles=None")
+        if (not isinstance(styles, torch.Tensor) or styles.dtype == torch.bool or styles.is_floating_point()
+                or styles.is_complex() or tuple(styles.shape) not in (tuple(shape), tuple(shape[:1]))):
+            raise ValueError(f"styles must be an integer tensor shaped (batch,) or (batch, time) = {tuple(shape)}; "
+                             f"got {_describe(styles)}")
+        if styles.numel() and (int(styles.min()) < -1 or int(styles.max()) >= count):
+            raise ValueError(f"styles must be ids in [0, {count}) or -1 (none); got values from {int(styles.min())} "
+                             f"to {int(styles.max())}")
+        styles = torch.where(styles < 0, count, styles).to(self.embedding.weight.device)
+        return styles.expand(shape[::-1]).t() if styles.dim() == 1 else styles
 
     def _check_tokens(self, tokens, dims: int, shape: str) -> None:
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.dtype == torch.bool
@@ -452,6 +480,11 @@ class CharLSTM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def style_table(model: CharLSTM) -> torch.Tensor:
+    """The style embeddings (S, E) with a row of zeros after them: the row of "no style" (-1)."""
+    return F.pad(model.style_embedding.weight, (0, 0, 0, 1))
 
 
 def detach_state(state: State | None) -> State | None:

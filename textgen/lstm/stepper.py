@@ -8,7 +8,7 @@ import torch
 
 from .fused_lstm import forward_steps, recurrent_product
 from .heads import AdaptiveHead
-from .model import CharLSTM, State, _check_batch, check_state
+from .model import CharLSTM, State, _check_batch, check_state, style_table
 
 
 class Stepper:
@@ -31,6 +31,8 @@ class Stepper:
         self.residual = lstm.residual
         w_ih0, _, b_ih0, b_hh0 = lstm.layer_weights(0)
         self.token_gates = torch.addmm(b_ih0 + b_hh0, model.embedding.weight, w_ih0.t())  # (V, 4H)
+        # A style's embedding is added to the character's, so its share of layer 0's gates is one row too.
+        self.style_gates = style_table(model) @ w_ih0.t() if model.config.style_names else None  # (S + 1, 4H)
         self.layers = []
         for k in range(lstm.layers):
             w_ih, w_hh, b_ih, b_hh = lstm.layer_weights(k)
@@ -60,8 +62,10 @@ class Stepper:
         return self._prepared[N]
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """tokens (N,) int64 -> logits (N, V) and the new state."""
+    def __call__(self, tokens: torch.Tensor, state: State, styles: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, State]:
+        """tokens (N,) int64 -> logits (N, V) and the new state; styles (N,) a style id per row (-1: none),
+        for a model with styles."""
         H = self.hidden_size
         self.model._check_tokens(tokens, 1, "(batch,)")
         N = len(tokens)
@@ -79,6 +83,9 @@ class Stepper:
                 except IndexError:
                     raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
                                      f"{int(tokens.min())} to {int(tokens.max())}") from None
+                if styles is not None:
+                    rows = self.model._style_rows(styles, tokens.shape)
+                    pre.add_(self.style_gates.index_select(0, rows))
                 gates = pre
             else:
                 gates = input_product(x, bias_rows)

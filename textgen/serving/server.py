@@ -182,7 +182,7 @@ def describe(ckpt: dict, file: str) -> dict:
     return {"file": file, **{key: info[key] for key in ("layers", "hidden_size", "embed_size", "residual", "head",
                                                          "cutoffs", "regularisers", "locked_dropout",
                                                          "averaged_weights", "parameters")},
-            "vocab_size": len(info["vocab"]), "steps": info["steps"], "plan": info["plan"],
+            "vocab_size": len(info["vocab"]), "styles": info["styles"], "steps": info["steps"], "plan": info["plan"],
             "best_val_bits_per_char": None if best is None else round(best / LN2, 4), "created": info["created"]}
 
 

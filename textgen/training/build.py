@@ -24,6 +24,7 @@ from ..devices import check_fits, native_bf16, resolve_device, resolve_dtype
 from ..errors import SettingError, UsageError
 from ..lstm import AdaptiveHead, CharLSTM, ModelConfig
 from ..rng import seed_everything
+from ..styles import style_map
 from ..run_folder import RunFolder, checkpoint_folder, default_path, resolve, run_path
 from ..tokenizer import CharTokenizer, UnknownCharactersError
 from .config import (LOW_PRECISION, TrainConfig, check_architecture, check_resumable_in_place, check_steps_left,
@@ -97,11 +98,13 @@ def _build(dist, folder: RunFolder, model_config: ModelConfig | None, config: Tr
         # The same leading stretch of the tail every time, so evaluations stay comparable.
         val_tokens = val_tokens[: config.eval_chars + 1]
     check_trainable(len(train_tokens), len(val_tokens), config.batch_size, config.seq_len, config.val_fraction)
+    style_names, styles = style_map(corpus) if config.styles else ((), None)
 
     if ckpt is None:
         seed_everything(config.seed)
         model_config = model_config or ModelConfig(vocab_size=tokenizer.vocab_size)
         model_config.vocab_size = tokenizer.vocab_size
+        model_config.style_names = style_names
         try:
             model_config.resolve_head()
             model_config.validate()
@@ -115,6 +118,10 @@ def _build(dist, folder: RunFolder, model_config: ModelConfig | None, config: Tr
             model.head.order_by_frequency(torch.from_numpy(counts))
     else:
         model, _ = checkpoint.build_model(ckpt, averaged=False)
+        if tuple(model.config.style_names) != style_names:
+            raise UsageError(f"{corpus.info['path']} gives the styles {', '.join(style_names) or '(none)'}, but the "
+                             f"run learnt {', '.join(model.config.style_names) or '(none)'}; pass the files it "
+                             f"was trained on, or start a new run")
     model.to(device)
     averaged = None
     if config.ema > 0:
@@ -137,7 +144,8 @@ def _build(dist, folder: RunFolder, model_config: ModelConfig | None, config: Tr
               train_tokens=train_tokens, val_tokens=val_tokens, model=model, averaged=averaged,
               train_model=train_model, optimizer=make_optimizer(model, config, device), scaler=scaler,
               loader=StreamLoader(train_tokens, config.batch_size, config.seq_len, first_stream=first,
-                                  num_streams=count),
+                                  num_streams=count, styles=styles),
+              val_styles=styles.shifted(len(train_tokens)) if styles is not None else None,
               progress=Progress(budget=schedule.TimeBudget.start(config.time_budget, config.steps)))
     if ckpt is not None:
         restore(run, ckpt, resume)
@@ -156,9 +164,10 @@ def warn_about_dtype(dtype: str, device: torch.device) -> None:
 
 
 def make_optimizer(model: CharLSTM, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # No weight decay on biases and the embedding: decaying them only hurts.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embedding")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embedding")]
+    # No weight decay on biases and the embeddings (of characters and styles): decaying them only hurts.
+    embedding = ("embedding", "style_embedding")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(embedding)]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith(embedding)]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), foreach=device.type != "cpu" or None)

@@ -48,6 +48,8 @@ class TrainConfig:
                                   within="in [0, 1)")
     separator: str = setting("\n\n", "text put between the files of a folder or glob corpus (escapes like \\n "
                              "work)", group="data", parse=unescape, shown="\\n\\n")
+    styles: bool = setting(False, "learn a style per file of a folder or glob corpus, named by its file name without "
+                           "the extension; generate with --style NAME", group="data")
     cache_dir: str | None = setting(None, "where prepared corpora are cached (default: $TEXTGEN_CACHE_DIR, else "
                                     "$XDG_CACHE_HOME/textgen or ~/.cache/textgen)", group="data")
     # 3e-3 learned 0.03 nats less in the same steps, 1.2e-2 0.02 less (benchmarks/)

@@ -83,6 +83,7 @@ class Run:
     scaler: torch.amp.GradScaler
     loader: StreamLoader
     progress: Progress
+    val_styles: object = None                   # the validation tail's positions -> style ids (styles.StyleMap)
 
     @property
     def tokenizer(self) -> CharTokenizer:

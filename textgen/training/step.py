@@ -26,13 +26,15 @@ MIN_LOSS_SCALE = 1.0
 def train_step(run: Run) -> tuple[float, float | None]:
     """One optimizer step: (the loss, the gradient norm; None where float16 overflowed and the step was skipped)."""
     p, config = run.progress, run.config
-    x, y = run.loader.next_batch()
+    x, y, styles = run.loader.next_labelled_batch()
     x = torch.from_numpy(x).to(run.device, non_blocking=True)
     y = torch.from_numpy(y).to(run.device, non_blocking=True)
+    styles = torch.from_numpy(styles).to(run.device, non_blocking=True) if styles is not None else None
     lr = lr_at(p.step, p.budget.plan, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss, state = run.train_model(x, restart_one_stream(p.state, p.step, config.batch_size, run.dist), targets=y)
+    loss, state = run.train_model(x, restart_one_stream(p.state, p.step, config.batch_size, run.dist), targets=y,
+                                  styles=styles)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)               # clip the true gradients, not the scaled ones
@@ -110,7 +112,7 @@ def validate(run: Run) -> float | None:
     matmul_dtype, model.lstm.matmul_dtype = model.lstm.matmul_dtype, None
     try:
         total, count = cross_entropy(model, run.val_tokens, config.batch_size, config.seq_len, run.device,
-                                     shard=run.dist.shard_for_eval())
+                                     shard=run.dist.shard_for_eval(), styles=run.val_styles)
     finally:
         model.lstm.matmul_dtype = matmul_dtype
     total, count = run.dist.sum_pair(total, count)
@@ -118,8 +120,10 @@ def validate(run: Run) -> float | None:
 
 
 def sample_text(run: Run) -> str:
-    """The sample a report shows: from a newline where the text has one, seeded by the step."""
+    """The sample a report shows: from a newline where the text has one, seeded by the step (in the first
+    style, for a run with styles)."""
     prompt = "\n" if "\n" in run.tokenizer.chars else ""
+    style = run.model_config.style_names[0] if run.model_config.style_names else None
     return sample(run.inference_model(), run.tokenizer, prompt,
                   SampleConfig(length=run.config.sample_length, temperature=0.8,
-                               seed=run.config.seed + run.progress.step))[0]
+                               seed=run.config.seed + run.progress.step, style=style))[0]

@@ -24,6 +24,11 @@ function describe(m) {
 function showModelInfo() {
   const m = models.get($("model").value);
   $("model-info").textContent = m ? describe(m) : "";
+  const styles = (m && m.styles) || [];             // a model trained with styles: pick one
+  const picker = $("style"), kept = picker.value;
+  picker.replaceChildren(...["", ...styles].map(name => new Option(name || "(none)", name)));
+  if (styles.includes(kept)) picker.value = kept;
+  $("style-box").hidden = styles.length === 0;
   $("continue").disabled = running !== null || !session || session.model !== $("model").value;
 }
 
@@ -81,6 +86,7 @@ async function generate(continuing) {
     top_k: numberOrNull("top_k"),
     top_p: numberOrNull("top_p"),
     seed: numberOrNull("seed"),
+    style: $("style").value || null,
   };
   if (continuing) {
     body.continue = session.id;
