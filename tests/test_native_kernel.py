@@ -170,7 +170,7 @@ echo "lstm_kernel.c:12:3: error: planted failure" >&2; exit 1"""))
 
 HANGING_BUILD = """
 import sys, time
-from textgen import native_kernel
+from textgen.lstm import native_kernel
 native_kernel.BUILD_TIMEOUT_S = 1.0
 started = time.monotonic()
 print(native_kernel.describe())

@@ -90,6 +90,7 @@ def _build(dist, folder: RunFolder, model_config: ModelConfig | None, config: Tr
 
     corpus = prepare_corpus(dist, config, ckpt, log)
     tokenizer = corpus.tokenizer
+    style_names, styles = style_map(corpus) if config.styles else ((), None)     # its refusals come first
     train_tokens, val_tokens = split_tokens(corpus.tokens, config.val_fraction)     # read-only memory maps
     if config.eval_chars:
         if config.eval_chars < config.seq_len < len(val_tokens):     # the cut, not the tail, is short
@@ -98,7 +99,6 @@ def _build(dist, folder: RunFolder, model_config: ModelConfig | None, config: Tr
         # The same leading stretch of the tail every time, so evaluations stay comparable.
         val_tokens = val_tokens[: config.eval_chars + 1]
     check_trainable(len(train_tokens), len(val_tokens), config.batch_size, config.seq_len, config.val_fraction)
-    style_names, styles = style_map(corpus) if config.styles else ((), None)
 
     if ckpt is None:
         seed_everything(config.seed)
