@@ -62,7 +62,7 @@ def style_map(corpus: PreparedCorpus) -> tuple[tuple[str, ...], StyleMap]:
     for k, path in enumerate(paths):
         # The separator before a file is labelled with that file's style: it leads into that style's text.
         starts.append(position)
-        position += sum(len(text) for _, text in decoded_blocks(path)) + (len(separator) if k + 1 < len(paths) else 0)
+        position += (len(separator) if k > 0 else 0) + sum(len(text) for _, text in decoded_blocks(path))
     if position != len(corpus.tokens):
         raise UsageError(f"the files of {corpus.info['path']} changed while they were read; run again")
     return names, StyleMap(starts)
