@@ -89,6 +89,24 @@ def add_unknown(parser: argparse.ArgumentParser, skip_does: str) -> None:
                         help=f"characters the model never saw: stop with an error naming them, or {skip_does}")
 
 
+def add_adapt(parser: argparse.ArgumentParser, adapt_does: str) -> None:
+    """--adapt and --adapt-lr, the same in textgen-eval and generate.py (evaluate.adapt does the work)."""
+    from .evaluate import ADAPT_LR
+    parser.add_argument("--adapt", action="store_true", help=adapt_does)
+    parser.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                        help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
+
+
+def adapt_lr_of(args) -> float | None:
+    """--adapt's step size, checked; None without --adapt or --adapt-lr."""
+    from .evaluate import ADAPT_LR
+    if not (args.adapt or args.adapt_lr is not None):
+        return None
+    adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
+    check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
+    return adapt_lr
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     add_version(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -346,6 +364,10 @@ def generate_parser() -> argparse.ArgumentParser:
                "  python generate.py --interactive")
     add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text the output starts from; it is fed into the model first")
+    p.add_argument("--prime-file", default=None, metavar="DOC",
+                   help="a UTF-8 document read into the model's state before the prompt (not printed)")
+    add_adapt(p, "with --prime-file: first adapt the weights on the document, in memory, as textgen-eval --adapt "
+                 "does (the checkpoint is never changed)")
     settings.add_flags(p, SampleConfig)
     p.add_argument("--paragraphs", type=int, default=None,
                    help="generate N paragraphs (each ends at a blank line or --length), each continuing the state")
@@ -389,18 +411,31 @@ def _generate(argv) -> int:
         raise UsageError("--interactive works with one sample and no --paragraphs")
     if args.paragraphs and args.num_samples != 1:
         raise UsageError("--paragraphs works with one sample; use --num-samples without it")
+    adapt_lr = adapt_lr_of(args)
+    if adapt_lr is not None and args.prime_file is None:
+        raise UsageError("--adapt adapts the weights on the --prime-file document; give one")
+    document = None if args.prime_file is None else _read_prime(args.prime_file)
     device = resolve_device(args.device)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
     path = args.checkpoint or latest_run()
     model, tokenizer, ckpt = load_model(path, prefer_best=True, device=device)
     gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn)
+    report = not args.quiet and not args.interactive      # the copy report, after the text
+    if config.max_copy is not None or report:
+        from .copy_index import for_checkpoint
+        gen.copy_index, why = for_checkpoint(ckpt, tokenizer, log=say)
+        if gen.copy_index is None and config.max_copy is not None:
+            raise UsageError(f"{{max_copy}} needs the training text, and {why}", max_copy=...)
     say(f"checkpoint {path} (step {ckpt['step']}), seed {gen.seed}")
+    if document is not None:
+        _prime(gen, document, args.prime_file, adapt_lr, say)
     with _output(args.output) as out:
         if args.interactive:
             _interactive(gen, config, out, args.prompt, say)
+            texts = None
         elif args.paragraphs:
-            _paragraphs(gen, config, out, args.prompt, args.paragraphs)
+            texts = [_paragraphs(gen, config, out, args.prompt, args.paragraphs)]
         elif args.num_samples > 1:
             gen.feed(args.prompt)
             texts = gen.generate(config)
@@ -408,9 +443,35 @@ def _generate(argv) -> int:
         else:
             gen.feed(args.prompt)
             _write(out, args.prompt)
-            _stream_one(gen, config, out)
+            texts = [_stream_one(gen, config, out)]
             _write(out, "\n")
+    if report and texts is not None:
+        from .copy_index import describe
+        say(describe(gen.copy_index.report(texts), len(texts)) if gen.copy_index is not None
+            else f"{why}; no copy report")
     return 0
+
+
+def _read_prime(path: str) -> str:
+    """--prime-file's document, with the checks every text file gets (one sentence for a missing, binary,
+    non-UTF-8 or empty file)."""
+    from .corpus import read_text
+    if os.path.isdir(path):
+        raise UsageError(f"--prime-file {path} is a folder; give a text file")
+    try:
+        return read_text(path)
+    except UsageError as e:
+        raise UsageError(f"--prime-file {e.worded(cli_words)}") from None
+
+
+def _prime(gen, document: str, path: str, adapt_lr, say) -> None:
+    from .priming import prime
+    if adapt_lr is not None:
+        say(f"adapting the weights on {path} ({len(document):,} characters, --adapt-lr {adapt_lr:g}; in memory only)")
+    done = prime(gen, document, adapt=adapt_lr is not None, lr=adapt_lr or 0.0)
+    how = (f", adapted in {done['seconds']:.1f}s ({done['nats_per_char']:.4f} nats/char while reading)"
+           if done["adapted"] else "")
+    say(f"primed with {path} ({done['characters']:,} characters{how})")
 
 
 def _check_output(path: str) -> None:
@@ -450,18 +511,23 @@ def _stream_one(gen, config, out) -> str:
     return "".join(produced)
 
 
-def _paragraphs(gen, config, out, prompt: str, count: int) -> None:
+def _paragraphs(gen, config, out, prompt: str, count: int) -> str:
+    """The paragraphs written, as one text (the prompt left out)."""
     from dataclasses import replace
     per_paragraph = replace(config, stop=config.stop or "\n\n")
     gen.feed(prompt)
     _write(out, prompt)
+    written = []
     for _ in range(count):
         text = _stream_one(gen, per_paragraph, out)
+        written.append(text)
         if not text.endswith("\n\n"):
             # Cut at --length: close the paragraph in the text and in the state alike.
             separator = "\n\n" if not text.endswith("\n") else "\n"
-            gen.feed(separator)
+            gen.feed(separator, output=True)
             _write(out, separator)
+            written.append(separator)
+    return "".join(written)
 
 
 def _interactive(gen, config, out, prompt: str, say) -> None:
@@ -501,7 +567,7 @@ def _interactive(gen, config, out, prompt: str, say) -> None:
 # ---------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    from .evaluate import ADAPT_LR, ADAPT_SEQ_LEN, EVAL_SEQ_LEN, EVAL_STREAMS
+    from .evaluate import ADAPT_SEQ_LEN, EVAL_SEQ_LEN, EVAL_STREAMS
     p = _Parser(
         prog="textgen-eval", formatter_class=_Formatter,
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
@@ -514,12 +580,9 @@ def eval_parser() -> argparse.ArgumentParser:
                    help=f"parallel streams the file is read as (default {EVAL_STREAMS}; 1 with --adapt)")
     p.add_argument("--seq-len", type=int, default=None,
                    help=f"characters per chunk (default {EVAL_SEQ_LEN}, or {ADAPT_SEQ_LEN} with --adapt)")
-    p.add_argument("--adapt", action="store_true",
-                   help="dynamic evaluation: read the file as one stream and let the model keep learning from "
-                        "what it has read, a step after each chunk is scored (never from text ahead); the "
-                        "figure to set beside a compressor's, which also learns from the file as it goes")
-    p.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
-                   help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
+    add_adapt(p, "dynamic evaluation: read the file as one stream and let the model keep learning from what it "
+                 "has read, a step after each chunk is scored (never from text ahead); the figure to set beside a "
+                 "compressor's, which also learns from the file as it goes")
     p.add_argument("--match", action="store_true",
                    help="mix in a match model, as compressors do: the character that followed the last time "
                         "the last few characters occurred in the text read so far, weighted by how often such "
@@ -540,15 +603,13 @@ def _eval(argv) -> int:
     import json
 
     from .run_folder import latest_run
-    from .evaluate import ADAPT_LR, EVAL_STREAMS, LN2, evaluate_file
+    from .evaluate import EVAL_STREAMS, LN2, evaluate_file
     from .devices import resolve_device
     args = eval_parser().parse_args(argv)
     for name in ("batch_size", "seq_len"):
         check_range(name, getattr(args, name), 1, 10**9, "a whole number from 1 to 1,000,000,000")
-    adapt_lr = None
-    if args.adapt or args.adapt_lr is not None:
-        adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
-        check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
+    adapt_lr = adapt_lr_of(args)
+    if adapt_lr is not None:
         if args.batch_size not in (None, 1):
             raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
                              "text of another that comes before it); leave out --batch-size")
