@@ -63,8 +63,8 @@ def test_sizing_knows_only_the_model():
 def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(imports_of("batching")) == {"errors", "model", "sampling", "tokenizer"}
     server = imports_of("server")
-    assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "run_folder", "sampling", "settings",
-                           "http_server"}
+    assert set(server) == {"batching", "checkpoint", "copy_index", "errors", "evaluate", "run_folder", "sampling",
+                           "settings", "http_server"}
     assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
     assert set(imports_of("http_app")) == {"batching", "errors", "server"}
     assert set(imports_of("http_server")) == {"http_app", "server"}
@@ -108,3 +108,11 @@ def test_the_version_and_the_top_level_help_do_not_import_torch():
             "print('torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", (done.stdout, done.stderr)
+
+
+def test_the_copy_index_reads_the_corpus_and_knows_no_model():
+    """copy_index.py: the training text's suffix array, from the token cache; sampling's loop asks it
+    (inside Decoding, for --max-copy), and priming reuses evaluation's adapting."""
+    assert set(imports_of("copy_index")) == {"corpus", "errors", "files", "tokenizer"}
+    assert imports_of("sampling")["copy_index"] == {"__init__"}
+    assert set(imports_of("priming")) == {"errors", "evaluate", "model", "sampling"}
