@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 import time
 
@@ -86,6 +87,8 @@ class CopyIndex:
         self.info = info or {}
         self.n = len(tokens)
         self._big_endian = tokens.dtype.newbyteorder(">")
+        # One-byte ids compare as they are: slices of the map's own bytes, with no numpy call per comparison.
+        self._raw = _raw_bytes(tokens) if tokens.dtype.itemsize == 1 else None
 
     @classmethod
     def from_text(cls, text: str, tokenizer: CharTokenizer | None = None) -> "CopyIndex":
@@ -101,6 +104,8 @@ class CopyIndex:
 
     def _at(self, start: int, length: int) -> bytes:
         """The corpus's tokens [start, start + length) (fewer at its end), as comparable bytes."""
+        if self._raw is not None:
+            return self._raw[start:start + length]
         return self._bytes(self.tokens[start:start + length])
 
     def interval(self, ids) -> tuple[int, int]:
@@ -108,6 +113,8 @@ class CopyIndex:
         m, key = len(ids), self._bytes(ids)
         at = lambda s: self._at(int(s), m)                      # noqa: E731
         lo = bisect.bisect_left(self.sa, key, key=at)
+        if lo == self.n or at(self.sa[lo]) != key:              # most windows of new text occur nowhere
+            return lo, lo
         return lo, bisect.bisect_right(self.sa, key, lo, key=at)
 
     def _narrow(self, lo: int, hi: int, depth: int, token: int) -> tuple[int, int]:
@@ -195,6 +202,18 @@ def describe(report: dict, samples: int = 1) -> str:
 
 
 # -- building, caching and loading --------------------------------------------------------------
+
+def _raw_bytes(tokens: np.ndarray):
+    """A one-byte token array as something whose slices are bytes: its file mapped again (read-only, so
+    memory stays the page cache's), else a copy of a small array in memory."""
+    if isinstance(tokens, np.memmap) and tokens.filename and tokens.offset == 0:
+        with open(tokens.filename, "rb") as f:
+            raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(raw) == len(tokens):
+            return raw
+        raw.close()
+    return tokens.tobytes()
+
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
