@@ -160,7 +160,10 @@ class CopyIndex:
                 if lo2 == hi2:
                     break
                 lo, hi, length = lo2, hi2, length + 1
-            best = {"length": length, "start": i, "offset": int(np.min(self.sa[lo:hi])), "occurrences": hi - lo}
+            # The earliest occurrence (of the first million in suffix order: a span found more often than that
+            # is a word or two, and reading all its entries would cost more than the search).
+            best = {"length": length, "start": i, "offset": int(np.min(self.sa[lo:min(hi, lo + (1 << 20))])),
+                    "occurrences": hi - lo}
         return best
 
     def line_of(self, offset: int) -> int:
