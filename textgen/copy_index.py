@@ -48,9 +48,13 @@ _BLOCK = 1 << 24                       # bytes hashed at a time
 def suffix_array(tokens: np.ndarray) -> np.ndarray:
     """The start of every suffix of tokens in lexicographic order (a shorter suffix before any it begins).
 
-    Prefix doubling: rank every suffix by its first k tokens, then by the pair (rank at i, rank at
-    i + k), which ranks it by its first 2k, until all ranks differ. The first round packs as many
-    tokens as fit into one 63-bit key. uint32 where the corpus allows, int64 past 4G tokens.
+    Prefix doubling: sort the suffixes by their first k tokens (the first round packs as many tokens
+    as fit into one 63-bit key), then, knowing each suffix's group (the suffixes that share its first k
+    tokens), by the pair (group at i, group at i + k), which sorts them by their first 2k. Only groups
+    of more than one suffix are sorted again (Larsson and Sadakane's refinement): a round costs what is
+    still tied, which in text shrinks to its long repeats within a few rounds. A group is named by the
+    position in the array where it starts, so a settled suffix never moves. uint32 where the corpus
+    allows, int64 past 4G tokens.
     """
     n = len(tokens)
     index_dtype = np.uint32 if n < 2**32 else np.int64
@@ -65,18 +69,30 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
         if d < n:
             key[: n - d] |= t[d:]
     del t
-    while True:
-        order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.concatenate([[1], 1 + np.cumsum(sorted_key[1:] != sorted_key[:-1])])   # 1..n
-        del sorted_key
-        if rank[order[-1]] == n or k >= n:
-            return order.astype(index_dtype)
-        # (B, rank at i, rank at i + k), ranks 1..n and 0 past the end, as one int64: n (n + 1) + n < 2**63.
-        key = rank * (n + 1)
-        key[: n - k] += rank[k:]
+    order = np.argsort(key, kind="stable")                          # (n,) the array being sorted
+    key = key[order]
+    starts = np.ones(n, dtype=bool)                                 # a group starts at this position
+    starts[1:] = key[1:] != key[:-1]
+    del key
+    group = np.empty(n, dtype=np.int64)                              # each suffix's group: where it starts
+    group[order] = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    while k < n:
+        tied = np.flatnonzero(~(starts & np.append(starts[1:], True)))  # positions in groups of two or more
+        if len(tied) == 0:
+            break
+        s = order[tied]
+        after = s + k
+        # (group at i, group at i + k) as one int64: n (n + 1) + n < 2**63 for any corpus that fits in memory.
+        pair = group[s] * (n + 1) + np.where(after < n, group[np.minimum(after, n - 1)] + 1, 0)
+        by_pair = np.argsort(pair, kind="stable")                    # stays within each group: its start leads
+        order[tied] = s = s[by_pair]
+        pair = pair[by_pair]
+        new = np.ones(len(tied), dtype=bool)
+        new[1:] = pair[1:] != pair[:-1]
+        starts[tied] = new
+        group[s] = np.maximum.accumulate(np.where(new, tied, 0))
         k *= 2
+    return order.astype(index_dtype)
 
 
 class CopyIndex:
