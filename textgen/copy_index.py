@@ -11,9 +11,9 @@ two questions asked of it.
 The index is the corpus's suffix array: the start of every suffix, sorted. Every string that occurs
 in the corpus is the common prefix of one contiguous interval of it, found by binary search; the
 characters that follow it there come in sorted order along that interval, so the distinct ones are
-found with one binary search each. The corpus is the token cache's memory map (``corpus``), read in
-big-endian bytes so that comparing bytes compares token ids. A query costs O(m log n) for a string
-of m characters in a corpus of n: a few tens of microseconds at n = 10^8.
+found with one binary search each. The corpus is the token cache's memory map (``corpus``): one-byte
+ids are compared as the mapped file's bytes, wider ones as lists of ints. A query costs O(m log n)
+for a string of m characters in a corpus of n (benchmarks/README.md, "Copy index", has the figures).
 
 The array is built once per corpus by prefix doubling (``suffix_array``: numpy sorts, O(n log n)
 a round, one round per doubling of the longest repeat) and cached beside the token cache's
@@ -102,8 +102,11 @@ class CopyIndex:
         self.tokens, self.sa, self.tokenizer = tokens, sa, tokenizer
         self.info = info or {}
         self.n = len(tokens)
-        self._big_endian = tokens.dtype.newbyteorder(">")
-        # One-byte ids compare as they are: slices of the map's own bytes, with no numpy call per comparison.
+        # The searches read one entry at a time, millions of times: through memoryviews, whose items are
+        # Python ints, not numpy's scalars (a memory map's own indexing costs microseconds an item).
+        self._sa = memoryview(np.asarray(sa))
+        self._tokens = memoryview(np.asarray(tokens))
+        # One-byte ids compare as bytes, slices of the file's own mapping; wider ones as lists of ints.
         self._raw = _raw_bytes(tokens) if tokens.dtype.itemsize == 1 else None
 
     @classmethod
@@ -113,33 +116,34 @@ class CopyIndex:
         tokens = tokenizer.encode(text)
         return cls(tokens, suffix_array(tokens), tokenizer)
 
-    # -- the primitives: bytes to compare, the interval of a string --------------------------
+    # -- the primitives: a comparable key, the interval of a string ----------------------------
 
-    def _bytes(self, ids) -> bytes:
-        return np.asarray(ids, dtype=self._big_endian).tobytes()
+    def _key(self, ids: list[int]):
+        return bytes(ids) if self._raw is not None else ids
 
-    def _at(self, start: int, length: int) -> bytes:
-        """The corpus's tokens [start, start + length) (fewer at its end), as comparable bytes."""
+    def _at(self, start: int, length: int):
+        """The corpus's tokens [start, start + length) (fewer at its end), comparable with _key's."""
         if self._raw is not None:
             return self._raw[start:start + length]
-        return self._bytes(self.tokens[start:start + length])
+        return self._tokens[start:start + length].tolist()
 
     def interval(self, ids) -> tuple[int, int]:
         """[lo, hi) of the suffix array: the suffixes that begin with ids (empty: lo == hi)."""
-        m, key = len(ids), self._bytes(ids)
-        at = lambda s: self._at(int(s), m)                      # noqa: E731
-        lo = bisect.bisect_left(self.sa, key, key=at)
-        if lo == self.n or at(self.sa[lo]) != key:              # most windows of new text occur nowhere
+        m, key = len(ids), self._key([int(i) for i in ids])
+        at = lambda s: self._at(s, m)                           # noqa: E731
+        lo = bisect.bisect_left(self._sa, key, key=at)
+        if lo == self.n or at(self._sa[lo]) != key:             # most windows of new text occur nowhere
             return lo, lo
-        return lo, bisect.bisect_right(self.sa, key, lo, key=at)
+        return lo, bisect.bisect_right(self._sa, key, lo, key=at)
 
     def _narrow(self, lo: int, hi: int, depth: int, token: int) -> tuple[int, int]:
         """Within [lo, hi), whose suffixes share their first depth tokens, those whose next token is token."""
-        def next_token(s) -> int:
-            s = int(s) + depth
-            return int(self.tokens[s]) if s < self.n else -1
-        lo2 = bisect.bisect_left(self.sa, token, lo, hi, key=next_token)
-        return lo2, bisect.bisect_right(self.sa, token, lo2, hi, key=next_token)
+        tokens, n = self._tokens, self.n
+
+        def next_token(s: int) -> int:
+            return tokens[s + depth] if s + depth < n else -1
+        lo2 = bisect.bisect_left(self._sa, token, lo, hi, key=next_token)
+        return lo2, bisect.bisect_right(self._sa, token, lo2, hi, key=next_token)
 
     # -- the questions ----------------------------------------------------------------------
 
@@ -149,11 +153,11 @@ class CopyIndex:
         lo, hi = self.interval(window)
         depth, found = len(window), []
         while lo < hi:
-            s = int(self.sa[lo]) + depth
+            s = self._sa[lo] + depth
             if s >= self.n:                      # the corpus ends with window: that suffix sorts first
                 lo += 1
                 continue
-            c = int(self.tokens[s])
+            c = self._tokens[s]
             found.append(c)
             lo = self._narrow(lo, hi, depth, c)[1]
         return found
