@@ -63,7 +63,8 @@ def main() -> None:
     print(f"load from the cache (sha256 checked): {time.perf_counter() - started:.3f} s")
     index = CopyIndex(corpus.tokens, sa, corpus.tokenizer)
 
-    known = "".join(ch for ch in held_out if ch in set(corpus.tokenizer.chars))
+    vocabulary = set(corpus.tokenizer.chars)
+    known = "".join(ch for ch in held_out[:10 * (args.steps + args.report_chars)] if ch in vocabulary)
     ids = corpus.tokenizer.encode(known).tolist()
     N = args.max_copy
     steps = min(args.steps, len(ids) - N)
