@@ -66,8 +66,9 @@ LAYERS = [
     {"settings", "files"},                                       # how a setting is declared; the one writer
     {"lstm", "run_folder", "data", "devices", "match"},          # the model; the run folder's layout; ...
     {"checkpoint", "corpus", "plot"},
-    {"styles"},                                                  # a style per file of a corpus
-    {"evaluate", "generation"},                                  # reading and sampling a model
+    {"styles", "copy_index"},                                    # a style per file; the training text's index
+    {"evaluate"},                                                # reading a text through a model
+    {"generation"},                                              # sampling (priming adapts as evaluation does)
     {"training", "serving", "export"},
     {"api"},
     {"cli"},
@@ -128,11 +129,11 @@ def test_inside_training_sizing_knows_only_the_model_and_launch_only_errors():
 
 def test_serving_knows_generation_and_never_the_http_stack_below_it_except_to_serve():
     assert set(imports_of("serving")) == {"generation", "checkpoint", "errors", "evaluate", "run_folder",
-                                          "settings"}
+                                          "settings", "copy_index"}
     assert within_imports("serving", "server") >= {"http_server"}
     assert within_imports("serving", "http_app") == {"server"}
     assert within_imports("serving", "http_server") == {"http_app", "server"}
-    assert set(imports_of("generation")) == {"errors", "lstm", "settings", "styles", "tokenizer"}
+    assert set(imports_of("generation")) == {"copy_index", "errors", "evaluate", "lstm", "settings", "styles", "tokenizer"}
 
 
 def test_one_module_owns_the_run_folders_layout():
@@ -165,3 +166,10 @@ def test_the_version_and_the_top_level_help_do_not_import_torch():
             "print('torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", (done.stdout, done.stderr)
+
+
+def test_the_copy_index_reads_the_corpus_and_knows_no_model():
+    """copy_index.py: the training text's suffix array, from the token cache; sampling's loop asks it
+    (inside Decoding, for --max-copy), and priming reuses evaluation's adapting."""
+    assert set(imports_of("copy_index")) == {"corpus", "errors", "files", "tokenizer"}
+    assert within_imports("generation", "priming") == {"sampling"}

@@ -92,6 +92,9 @@ def test_generate_streams_stops_switches_models_and_continues(page, tmp_path):
     wait_until(page, "document.getElementById('status').textContent.includes('reached the length')")
     assert output_length(page) == len("BORIS:\n") + 300
     assert page.text_content("#meta") == "seed 7"
+    # The final line's copy report, under the output: a span of the text, from the training text's file.
+    report = page.text_content("#copy")
+    assert report.startswith("copy report: the longest span found verbatim") and "of corpus.txt" in report
     first = page.text_content("#output")
     page.click("#continue")                                   # the state carries on from where it ended
     expected = len("BORIS:\n") + 600

@@ -138,8 +138,11 @@ def test_models_are_listed_with_what_textgen_info_shows(served, runs):
 def test_a_stream_is_json_lines_that_add_up(served):
     events = served.generate(model="alpha", prompt="ANNA:\n", length=120, seed=5, temperature=1.0)
     assert events[0]["model"] == "alpha" and events[0]["seed"] == 5 and events[0]["samples"] == 1
+    copy = events[-1].pop("copy")              # the copy report (tests/test_copy.py checks its figures)
     assert events[-1] == {"end": "length", "characters": 120, "session": events[0]["id"]}
     assert len(text_of(events)) == 120
+    assert set(copy) == {"length", "text", "sample", "line", "offset", "occurrences", "file"}
+    assert copy["file"] == "corpus.txt" and copy["text"] in text_of(events)
 
 
 def test_the_server_gives_what_generate_gives_for_a_seed_at_batch_one(runs):

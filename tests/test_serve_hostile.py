@@ -127,6 +127,7 @@ def test_an_http10_client_gets_a_stream_it_can_read(served):
     assert status == 200 and "Transfer-Encoding" not in headers and headers["Connection"] == "close"
     events = [json.loads(line) for line in payload.decode().splitlines()]
     assert events[0]["model"] == "run"
+    assert events[-1].pop("copy")["file"] == "corpus.txt"         # the copy report (tests/test_copy.py)
     assert events[-1] == {"end": "length", "characters": 300, "session": events[0]["id"]}
     same = served.generate(model="run", length=300, seed=4, temperature=1.0)        # HTTP/1.1, chunked
     assert "".join(e.get("text", "") for e in events) == "".join(e.get("text", "") for e in same)

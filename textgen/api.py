@@ -18,7 +18,7 @@ import os
 from dataclasses import fields
 
 from .checkpoint import load_model
-from .errors import UsageError
+from .errors import UsageError, check_range
 from .lstm import ModelConfig
 from .generation.sampling import Generator, SampleConfig
 from .settings import check, shown
@@ -78,25 +78,61 @@ class TextModel:
         return list(self.config.style_names)
 
     @_speaks_arguments
-    def generate(self, prompt: str = "", unknown: str = "error", **sampling):
+    def generate(self, prompt: str = "", unknown: str = "error", prime: str | None = None, adapt: bool = False,
+                 adapt_lr: float | None = None, **sampling):
         """The continuation of prompt (without the prompt); a list of strings when num_samples > 1.
 
         sampling: SampleConfig's settings, with their defaults there: length (500), temperature (0.8),
-        top_k, top_p, seed, num_samples (1), stop, style. unknown: "error" or "skip" for prompt characters
-        the model never saw."""
+        top_k, top_p, seed, num_samples (1), stop, style, max_copy (never repeat more than this many characters
+        of the training text verbatim). unknown: "error" or "skip" for prompt characters the model never
+        saw. prime: a document (text) read into the state before the prompt; adapt=True (or an adapt_lr)
+        first adapts a copy of the weights on it, as textgen-eval --adapt does."""
+        from .evaluate import ADAPT_LR
+        from .generation.priming import prime as read_prime
         extra = set(sampling) - {f.name for f in fields(SampleConfig)}
         if extra:
             raise UsageError(f"unknown sampling settings: {', '.join(sorted(extra))}; they are "
                              f"{', '.join(f.name for f in fields(SampleConfig))}")
-        if not isinstance(prompt, str):
-            raise UsageError(f"{{prompt}} must be text, got {shown(prompt)}", prompt=...)
+        for name, value in (("prompt", prompt), ("prime", "" if prime is None else prime)):
+            if not isinstance(value, str):
+                raise UsageError(f"{{{name}}} must be text, got {shown(value)}", **{name: ...})
+        if not isinstance(adapt, bool):
+            raise UsageError(f"{{adapt}} must be True or False, got {shown(adapt)}", adapt=...)
+        if adapt_lr is not None:
+            check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
+        if (adapt or adapt_lr is not None) and not prime:
+            raise UsageError("{adapt} adapts the weights on the {prime} document; give one", adapt=..., prime=...)
         _check_unknown(unknown)
         config = SampleConfig(**sampling)
         config.validate()
         gen = self.generator(config.seed, config.num_samples, unknown, config.style)
+        if config.max_copy is not None:
+            gen.copy_index = self.copy_index
+        if prime:
+            read_prime(gen, prime, adapt=adapt or adapt_lr is not None, lr=adapt_lr or ADAPT_LR)
         gen.feed(prompt)
         texts = gen.generate(config)
         return texts[0] if config.num_samples == 1 else texts
+
+    @property
+    def copy_index(self):
+        """The training text's CopyIndex (built once per text and cached beside its token cache); a
+        UsageError says why where there is none (the text is gone or has changed)."""
+        if not hasattr(self, "_copy_index"):
+            from .copy_index import for_checkpoint
+            self._copy_index, self._copy_note = for_checkpoint(self.checkpoint, self.tokenizer)
+        if self._copy_index is None:
+            raise UsageError(f"the copy index needs the training text, and {self._copy_note}")
+        return self._copy_index
+
+    @_speaks_arguments
+    def copy_report(self, text) -> dict:
+        """The longest span of text (or of each of a list of texts) found verbatim in the training text:
+        {"length", "text", "sample", "start" (in the text), "offset" (in the training text), "line", "path"}."""
+        texts = [text] if isinstance(text, str) else text
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            raise UsageError(f"{{text}} must be text or a list of texts, got {shown(text)}", text=...)
+        return self.copy_index.report(texts)
 
     def __repr__(self) -> str:
         c = self.config

@@ -110,6 +110,17 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
     The caller's model is left as it was: the steps go to a copy. Dropout stays off. positions
     (as in ``cross_entropy``) receives each character's negative log-likelihood; styles as there.
     """
+    _, _, chunk_nll, n = adapt(model, tokens, seq_len, lr, decay, beta, device, progress, positions, styles)
+    return chunk_nll, n
+
+
+def adapt(model: CharLSTM, tokens: np.ndarray, seq_len: int = ADAPT_SEQ_LEN, lr: float = ADAPT_LR,
+          decay: float = ADAPT_DECAY, beta: float = ADAPT_BETA, device="cpu", progress=None,
+          positions: np.ndarray | None = None, styles=None):
+    """Dynamic evaluation's reading (``adapted_cross_entropy``), returning what it leaves too:
+    (the adapted copy of the model, the state after the last chunk's inputs, each chunk's summed
+    negative log-likelihood, the characters scored). The text's last character has been a target
+    only: whoever goes on from here reads it next (``priming``)."""
     work = copy.deepcopy(model).to(device)
     work.eval()
     params = [p for p in work.parameters() if p.requires_grad]
@@ -143,7 +154,7 @@ def adapted_cross_entropy(model: CharLSTM, tokens: np.ndarray, seq_len: int = AD
         state = detach_state(state)
         if progress is not None:
             progress(stop - start)
-    return chunk_nll, n
+    return work, state, chunk_nll, n
 
 
 def match_mixed(positions: np.ndarray, codes: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..settings import flag_of
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, UsageError, check_range
 from ..tokenizer import UnknownCharactersError
 
 
@@ -81,6 +81,24 @@ def add_checkpoint(parser: argparse.ArgumentParser) -> None:
 def add_unknown(parser: argparse.ArgumentParser, skip_does: str) -> None:
     parser.add_argument("--unknown", choices=("error", "skip"), default="error",
                         help=f"characters the model never saw: stop with an error naming them, or {skip_does}")
+
+
+def add_adapt(parser: argparse.ArgumentParser, adapt_does: str) -> None:
+    """--adapt and --adapt-lr, the same in textgen-eval and generate.py (evaluate.adapt does the work)."""
+    from ..evaluate import ADAPT_LR
+    parser.add_argument("--adapt", action="store_true", help=adapt_does)
+    parser.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                        help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
+
+
+def adapt_lr_of(args) -> float | None:
+    """--adapt's step size, checked; None without --adapt or --adapt-lr."""
+    from ..evaluate import ADAPT_LR
+    if not (args.adapt or args.adapt_lr is not None):
+        return None
+    adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
+    check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
+    return adapt_lr
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from .. import settings
 from ..settings import flag_of
 from ..errors import SettingError, UsageError, check_range
-from .common import Formatter, Parser, add_checkpoint, add_common, add_unknown, run_main
+from .common import Formatter, Parser, adapt_lr_of, add_adapt, add_checkpoint, add_common, add_unknown, cli_words, run_main
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,10 @@ def generate_parser() -> argparse.ArgumentParser:
                "  python generate.py --interactive")
     add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text the output starts from; it is fed into the model first")
+    p.add_argument("--prime-file", default=None, metavar="DOC",
+                   help="a UTF-8 document read into the model's state before the prompt (not printed)")
+    add_adapt(p, "with --prime-file: first adapt the weights on the document, in memory, as textgen-eval --adapt "
+                 "does (the checkpoint is never changed)")
     settings.add_flags(p, SampleConfig)
     p.add_argument("--paragraphs", type=int, default=None,
                    help="generate N paragraphs (each ends at a blank line or --length), each continuing the state")
@@ -67,6 +72,10 @@ def _generate(argv) -> int:
         raise UsageError("--interactive works with one sample and no --paragraphs")
     if args.paragraphs and args.num_samples != 1:
         raise UsageError("--paragraphs works with one sample; use --num-samples without it")
+    adapt_lr = adapt_lr_of(args)
+    if adapt_lr is not None and args.prime_file is None:
+        raise UsageError("--adapt adapts the weights on the --prime-file document; give one")
+    document = None if args.prime_file is None else _read_prime(args.prime_file)
     device = resolve_device(args.device)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -74,12 +83,21 @@ def _generate(argv) -> int:
     model, tokenizer, ckpt = load_model(path, prefer_best=True, device=device)
     gen = Generator(model, tokenizer, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown, warn=warn,
                     style=args.style)
+    report = not args.quiet and not args.interactive      # the copy report, after the text
+    if config.max_copy is not None or report:
+        from ..copy_index import for_checkpoint
+        gen.copy_index, why = for_checkpoint(ckpt, tokenizer, log=say)
+        if gen.copy_index is None and config.max_copy is not None:
+            raise UsageError(f"{{max_copy}} needs the training text, and {why}", max_copy=...)
     say(f"checkpoint {path} (step {ckpt['step']}), seed {gen.seed}")
+    if document is not None:
+        _prime(gen, document, args.prime_file, adapt_lr, say)
     with _output(args.output) as out:
         if args.interactive:
             _interactive(gen, config, out, args.prompt, say)
+            texts = None
         elif args.paragraphs:
-            _paragraphs(gen, config, out, args.prompt, args.paragraphs)
+            texts = [_paragraphs(gen, config, out, args.prompt, args.paragraphs)]
         elif args.num_samples > 1:
             gen.feed(args.prompt)
             texts = gen.generate(config)
@@ -87,9 +105,35 @@ def _generate(argv) -> int:
         else:
             gen.feed(args.prompt)
             _write(out, args.prompt)
-            _stream_one(gen, config, out)
+            texts = [_stream_one(gen, config, out)]
             _write(out, "\n")
+    if report and texts is not None:
+        from ..copy_index import describe
+        say(describe(gen.copy_index.report(texts), len(texts)) if gen.copy_index is not None
+            else f"{why}; no copy report")
     return 0
+
+
+def _read_prime(path: str) -> str:
+    """--prime-file's document, with the checks every text file gets (one sentence for a missing, binary,
+    non-UTF-8 or empty file)."""
+    from ..corpus import read_text
+    if os.path.isdir(path):
+        raise UsageError(f"--prime-file {path} is a folder; give a text file")
+    try:
+        return read_text(path)
+    except UsageError as e:
+        raise UsageError(f"--prime-file {e.worded(cli_words)}") from None
+
+
+def _prime(gen, document: str, path: str, adapt_lr, say) -> None:
+    from ..generation.priming import prime
+    if adapt_lr is not None:
+        say(f"adapting the weights on {path} ({len(document):,} characters, --adapt-lr {adapt_lr:g}; in memory only)")
+    done = prime(gen, document, adapt=adapt_lr is not None, lr=adapt_lr or 0.0)
+    how = (f", adapted in {done['seconds']:.1f}s ({done['nats_per_char']:.4f} nats/char while reading)"
+           if done["adapted"] else "")
+    say(f"primed with {path} ({done['characters']:,} characters{how})")
 
 
 def _check_output(path: str) -> None:
@@ -129,18 +173,23 @@ def _stream_one(gen, config, out) -> str:
     return "".join(produced)
 
 
-def _paragraphs(gen, config, out, prompt: str, count: int) -> None:
+def _paragraphs(gen, config, out, prompt: str, count: int) -> str:
+    """The paragraphs written, as one text (the prompt left out)."""
     from dataclasses import replace
     per_paragraph = replace(config, stop=config.stop or "\n\n")
     gen.feed(prompt)
     _write(out, prompt)
+    written = []
     for _ in range(count):
         text = _stream_one(gen, per_paragraph, out)
+        written.append(text)
         if not text.endswith("\n\n"):
             # Cut at --length: close the paragraph in the text and in the state alike.
             separator = "\n\n" if not text.endswith("\n") else "\n"
-            gen.feed(separator)
+            gen.feed(separator, output=True)
             _write(out, separator)
+            written.append(separator)
+    return "".join(written)
 
 
 def _interactive(gen, config, out, prompt: str, say) -> None:

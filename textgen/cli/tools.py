@@ -7,11 +7,11 @@ import os
 import sys
 
 from ..errors import UsageError, check_range
-from .common import Formatter, Parser, add_checkpoint, add_common, add_unknown, add_version, run_main
+from .common import Formatter, Parser, adapt_lr_of, add_adapt, add_checkpoint, add_common, add_unknown, add_version, run_main
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    from ..evaluate import ADAPT_LR, ADAPT_SEQ_LEN, EVAL_SEQ_LEN, EVAL_STREAMS
+    from ..evaluate import ADAPT_SEQ_LEN, EVAL_SEQ_LEN, EVAL_STREAMS
     p = Parser(
         prog="textgen-eval", formatter_class=Formatter,
         description="Cross-entropy of a trained model over a whole text file, in nats and bits per character. "
@@ -24,12 +24,9 @@ def eval_parser() -> argparse.ArgumentParser:
                    help=f"parallel streams the file is read as (default {EVAL_STREAMS}; 1 with --adapt)")
     p.add_argument("--seq-len", type=int, default=None,
                    help=f"characters per chunk (default {EVAL_SEQ_LEN}, or {ADAPT_SEQ_LEN} with --adapt)")
-    p.add_argument("--adapt", action="store_true",
-                   help="dynamic evaluation: read the file as one stream and let the model keep learning from "
-                        "what it has read, a step after each chunk is scored (never from text ahead); the "
-                        "figure to set beside a compressor's, which also learns from the file as it goes")
-    p.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
-                   help="step size of --adapt (default %g); implies --adapt" % ADAPT_LR)
+    add_adapt(p, "dynamic evaluation: read the file as one stream and let the model keep learning from what it "
+                 "has read, a step after each chunk is scored (never from text ahead); the figure to set beside a "
+                 "compressor's, which also learns from the file as it goes")
     p.add_argument("--match", action="store_true",
                    help="mix in a match model, as compressors do: the character that followed the last time "
                         "the last few characters occurred in the text read so far, weighted by how often such "
@@ -53,15 +50,13 @@ def _eval(argv) -> int:
     import json
 
     from ..run_folder import latest_run
-    from ..evaluate import ADAPT_LR, EVAL_STREAMS, LN2, evaluate_file
+    from ..evaluate import EVAL_STREAMS, LN2, evaluate_file
     from ..devices import resolve_device
     args = eval_parser().parse_args(argv)
     for name in ("batch_size", "seq_len"):
         check_range(name, getattr(args, name), 1, 10**9, "a whole number from 1 to 1,000,000,000")
-    adapt_lr = None
-    if args.adapt or args.adapt_lr is not None:
-        adapt_lr = ADAPT_LR if args.adapt_lr is None else args.adapt_lr
-        check_range("adapt_lr", adapt_lr, 1e-9, 10.0, "from 1e-9 to 10 (an RMSprop step size)")
+    adapt_lr = adapt_lr_of(args)
+    if adapt_lr is not None:
         if args.batch_size not in (None, 1):
             raise UsageError("--adapt reads the file as one stream (a step learnt on one stream would predict "
                              "text of another that comes before it); leave out --batch-size")

@@ -51,6 +51,7 @@ class Session:
     logits: torch.Tensor    # (samples, V)
     rng_state: torch.Tensor
     seed: int               # the seed the chain of requests started from: its random stream carries on
+    copy_tails: list        # per sample, its last generated ids (--max-copy's run goes on into a continuation)
 
 
 class Events(queue.SimpleQueue):
@@ -78,9 +79,11 @@ class Job:
     The queue holds (sample, text) pairs, a ("warning", message) or, last, ("end", reason).
     """
 
-    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None):
+    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None,
+                 prime: str = ""):
         self.id = secrets.token_urlsafe(9)
         self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
+        self.prime = prime                  # a document read before the prompt, never shown
         self.samples = config.num_samples
         self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         self.events = Events()
@@ -168,6 +171,9 @@ class BatchingEngine:
         self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.closed = self.retiring = False
+        # The training text's CopyIndex (copy_index.py) and, without one, the sentence why: --max-copy
+        # needs it, and each finished job's copy report comes from it.
+        self.copy_index, self.copy_note = None, "the copy index was not loaded"
         if scheduler is None:
             scheduler = Scheduler()
             scheduler.run_in_thread()
@@ -196,7 +202,9 @@ class BatchingEngine:
                 raise Busy("this model is being replaced or the server is shutting down")
             if self._left_waiting([*self.waiting, job]) > self.max_waiting:
                 raise Busy(f"all {self.slots} generation slots are busy and {len(self.waiting)} requests wait")
-            self._encode(job.prompt, job)        # unknown characters are the request's error, raised here
+            if job.config.max_copy is not None and self.copy_index is None:
+                raise UsageError(f"{{max_copy}} needs the training text, and {self.copy_note}", max_copy=...)
+            self._encode(job.prime + job.prompt, job)   # unknown characters are the request's error, raised here
             self.waiting.append(job)
         self.scheduler.notify()
         return job
@@ -305,7 +313,10 @@ class BatchingEngine:
                 rng.set_state(session.rng_state)           # carry the randomness on too, as --paragraphs does
         else:
             state, logits = self.model.initial_state(n, device=self.device), None
-        ids = opening_ids(self.tokenizer, self._encode(job.prompt, job, warn=True), logits)
+        # A prime document is read into the state before the prompt, and is not part of the output.
+        ids = opening_ids(self.tokenizer, self._encode(job.prime + job.prompt, job, warn=True), logits)
+        # Text read now is the user's: a verbatim run goes on only where a continuation reads nothing new.
+        tails = [list(t) for t in session.copy_tails] if job.continues is not None and not len(ids) else None
         styles = None if job.style == NO_STYLE else torch.full((n,), job.style, device=self.device)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
@@ -321,20 +332,26 @@ class BatchingEngine:
         if self.styles is not None:
             self.styles[rows] = job.style
         with self.lock:
-            self.running[job.id] = (job, rows, Decoding(cfg, rng, n))
+            self.running[job.id] = (job, rows, Decoding(cfg, rng, n, self.copy_index, tails))
 
     @torch.no_grad()
     def _step(self) -> None:
         u = torch.full((self.slots,), 0.5, dtype=torch.float64)
         for job, rows, decoding in self.running.values():
             u[rows] = decoding.uniforms()
-        ids = next_tokens(self.logits, self.temperature, self.top_k, self.top_p, u)
+        logits = self.logits
+        for job, rows, decoding in self.running.values():
+            if decoding.guard is not None:           # --max-copy: this job's rows lose what would copy
+                logits = logits.clone() if logits is self.logits else logits
+                logits[rows] = decoding.guarded(self.logits[rows])
+        ids = next_tokens(logits, self.temperature, self.top_k, self.top_p, u)
         styles = None if self.styles is None else self.styles.to(self.device)
         self.logits, self.state = self.stepper(ids.to(self.device), self.state, styles)
-        chars = [self.tokenizer.chars[i] for i in ids.tolist()]
+        listed = ids.tolist()
+        chars = [self.tokenizer.chars[i] for i in listed]
         ended = []
         for job, rows, decoding in self.running.values():
-            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows])):
+            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], [listed[i] for i in rows])):
                 if ch is not None:
                     job.events.put((sample, ch))
             job.produced = decoding.produced
@@ -351,7 +368,8 @@ class BatchingEngine:
         rng = decoding.rng
         index = torch.tensor(rows, device=self.device)
         session = Session(seed=job.seed, state=tuple((h[index].clone(), c[index].clone()) for h, c in self.state),
-                          logits=self.logits[index].clone(), rng_state=rng.get_state())
+                          logits=self.logits[index].clone(), rng_state=rng.get_state(),
+                          copy_tails=decoding.guard.tails if decoding.guard is not None else [[] for _ in rows])
         with self.lock:
             del self.running[job.id]
             for i in rows:

@@ -15,7 +15,10 @@ The loop itself is ``Decoding`` (a request's settings, random stream, count and 
 ``next_tokens`` (probabilities to a draw): ``Generator`` drives it for one prompt, and the server's
 batching engine for many requests at once, so the two cannot drift apart.
 
-Imports model, tokenizer, settings and errors; never training or cli.
+``--max-copy`` (``copy_index.CopyGuard``) acts inside that loop too: before each draw a row's
+characters that would extend a verbatim run of the training text past N get probability 0.
+
+Imports model, tokenizer, settings and errors (copy_index for --max-copy); never training or cli.
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ class SampleConfig:
     stop: str | None = setting(None, "end the output once it ends with this string")
     style: str | None = setting(None, "write in this style, one of those a model trained with styles learnt (textgen "
                                 "info lists them); the prompt is read in it too")
+    max_copy: int | None = setting(None, "never let the output repeat more than this many characters of the "
+                                   "training text verbatim: characters that would are removed from the "
+                                   "distribution before each draw", low=1, high=MAX_LENGTH,
+                                   within=f"from 1 to {MAX_LENGTH:,} characters", metavar="N")
 
     def validate(self) -> None:
         """SettingError naming the field for a value out of its range. A temperature outside
@@ -149,19 +156,35 @@ class Decoding:
     The single-prompt Generator and the server's batching engine both generate through it, so a stop
     string ends each sample alike, one sample or several, alone or in a crowd."""
 
-    def __init__(self, config: SampleConfig, rng: torch.Generator, samples: int):
+    def __init__(self, config: SampleConfig, rng: torch.Generator, samples: int, copy_index=None,
+                 copy_tails: list[list[int]] | None = None):
         self.config, self.rng, self.samples = config, rng, samples
         self.produced = 0                          # characters per sample so far
         self.tails = [""] * samples                # the last len(stop) characters of each sample
         self.stopped = [False] * samples
+        self.guard = None
+        if config.max_copy is not None:
+            if copy_index is None:
+                raise UsageError("{max_copy} needs the training text's copy index, and this model has none",
+                                 max_copy=...)
+            from ..copy_index import CopyGuard
+            # copy_tails: each sample's last generated ids so far, carried on from an earlier call's output.
+            self.guard = CopyGuard(copy_index, config.max_copy, samples, copy_tails)
+
+    def guarded(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows' logits with what --max-copy forbids at -inf (as they are without it)."""
+        return logits if self.guard is None else self.guard.mask(logits)
 
     def uniforms(self) -> torch.Tensor:
         return uniforms(self.samples, self.rng)
 
-    def advance(self, chars: list[str]) -> list[str | None]:
-        """Take one step's characters, one per sample; what each sample shows (None for one that
-        has already met its stop string: its row goes on stepping, its text has ended)."""
+    def advance(self, chars: list[str], ids: list[int] | None = None) -> list[str | None]:
+        """Take one step's characters (and their ids, which --max-copy needs), one per sample; what each
+        sample shows (None for one that has already met its stop string: its row goes on stepping, its
+        text has ended)."""
         self.produced += 1
+        if self.guard is not None:
+            self.guard.push(ids)
         stop, shown = self.config.stop, []
         for i, ch in enumerate(chars):
             if self.stopped[i]:
@@ -221,6 +244,7 @@ class Generator:
         self.stepper = Stepper(model)
         self.styles: torch.Tensor | None = None      # (num_samples,) the style of every row, or None: no style
         self.set_style(style)
+        self.copy_index = None                   # the training text's CopyIndex, which --max-copy needs
         self.reset()
 
     def set_style(self, style: str | None) -> None:
@@ -232,14 +256,22 @@ class Generator:
         """Forget everything read so far."""
         self.state: State = self.model.initial_state(self.num_samples, device=self.device)
         self.logits: torch.Tensor | None = None
+        self.copy_tails: list[list[int]] = [[] for _ in range(self.num_samples)]   # output since the last input
 
     def _encode(self, text: str) -> torch.Tensor:
         return encode_text(self.tokenizer, text, self.unknown, self.warn)
 
     @torch.no_grad()
-    def feed(self, text: str) -> None:
-        """Read text into the carried state (all samples read the same text)."""
+    def feed(self, text: str, output: bool = False) -> None:
+        """Read text into the carried state (all samples read the same text). output: the text is part of
+        the output (a paragraph's closing newlines), so a verbatim run --max-copy watches goes on through it;
+        other text read (a prompt, a turn) is the user's and starts the run afresh."""
         ids = self._encode(text)
+        for tail in self.copy_tails:
+            if output:
+                tail.extend(ids.tolist())
+            else:
+                tail.clear()
         if len(ids) == 0:
             return
         tokens = ids.to(self.device).unsqueeze(0).expand(self.num_samples, -1)
@@ -262,11 +294,13 @@ class Generator:
             self.set_style(config.style)
         if self.logits is None:
             self.feed(opening_text(self.tokenizer))     # nothing read yet: start as text does
-        decoding = Decoding(config, self.rng, self.num_samples)
+        decoding = Decoding(config, self.rng, self.num_samples, self.copy_index, self.copy_tails)
         while decoding.ended is None:
-            ids = next_tokens(self.logits, config.temperature, config.top_k, config.top_p, decoding.uniforms())
+            ids = next_tokens(decoding.guarded(self.logits), config.temperature, config.top_k, config.top_p,
+                              decoding.uniforms())
             self.logits, self.state = self.stepper(ids.to(self.device), self.state, self.styles)
-            yield decoding.advance([self.tokenizer.chars[i] for i in ids.tolist()])
+            listed = ids.tolist()
+            yield decoding.advance([self.tokenizer.chars[i] for i in listed], listed)
 
     def generate(self, config: SampleConfig) -> list[str]:
         """The generated continuations (without the text fed), one string per sample."""

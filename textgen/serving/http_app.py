@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import queue
 from importlib import resources
 
@@ -160,7 +161,7 @@ class App:
         name, job = parse_request(body, self.limits)
         engine, name = await asyncio.to_thread(self._engine, name)      # may load a checkpoint: off the loop
         engine.submit(job)
-        return JobStream(job, name, self.jobs)
+        return JobStream(job, name, self.jobs, engine)
 
     def _stop(self, body) -> Response:
         job_id = body.get("id") if isinstance(body, dict) else None
@@ -182,8 +183,8 @@ class JobStream(StreamingResponse):
     """A job's JSON lines. However the response ends (the job ended, the client went away, the server
     shut down), the job ends with it and leaves the server's list."""
 
-    def __init__(self, job: Job, name: str, jobs: dict[str, Job]):
-        super().__init__(_lines(job, name), media_type="application/x-ndjson; charset=utf-8",
+    def __init__(self, job: Job, name: str, jobs: dict[str, Job], engine=None):
+        super().__init__(_lines(job, name, engine), media_type="application/x-ndjson; charset=utf-8",
                          headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"})
         self.job, self.jobs = job, jobs
 
@@ -196,15 +197,35 @@ class JobStream(StreamingResponse):
             self.jobs.pop(self.job.id, None)
 
 
-async def _lines(job: Job, name: str):
+async def _lines(job: Job, name: str, engine=None):
     yield _ndjson([{"id": job.id, "model": name, "seed": job.seed, "samples": job.samples}])
+    texts: dict[int, list[str]] = {}
     while True:
-        lines, ended = _summary(await _arrived(job.events), job)
+        events = await _arrived(job.events)
+        for kind, value in events:
+            if isinstance(kind, int):
+                texts.setdefault(kind, []).append(value)
+        lines, ended = _summary(events, job)
+        if ended and engine is not None:            # the report reads the index: off the loop
+            outputs = ["".join(texts.get(i, [])) for i in range(job.samples)]
+            lines[-1]["copy"] = await asyncio.to_thread(copy_report, engine, outputs)
         if lines:
             yield _ndjson(lines)
         if ended:
             return
         await asyncio.sleep(STREAM_INTERVAL_S)      # let characters gather: fewer, larger writes
+
+
+def copy_report(engine, outputs: list[str]) -> dict:
+    """The final line's "copy": the longest span of the output found verbatim in the training text
+    ({"length", "text", "sample", "line", "offset", "occurrences", "file"}: the file's name only, never its path), or
+    {"unavailable": why}."""
+    if engine.copy_index is None:
+        return {"unavailable": engine.copy_note}
+    report = engine.copy_index.report(outputs)
+    return {"length": report["length"], "text": report["text"], "sample": report["sample"], "line": report["line"],
+            "offset": report["offset"], "occurrences": report["occurrences"],
+            "file": os.path.basename(report["path"] or "")}
 
 
 def _ndjson(lines: list[dict]) -> bytes:

@@ -23,12 +23,13 @@ generation at the next character.
 API (JSON in, JSON lines out; see README, "Playground"):
 
     GET  /api/models    {"models": [{"name", "layers", "hidden_size", ...}, ...]}
-    POST /api/generate  {"model", "prompt", "length", "temperature", "top_k", "top_p", "seed",
-                         "num_samples", "stop", "unknown", "continue"}
+    POST /api/generate  {"model", "prompt", "prime", "length", "temperature", "top_k", "top_p", "seed",
+                         "num_samples", "stop", "max_copy", "unknown", "continue"}
                         -> application/x-ndjson, one object a line:
                            {"id", "model", "seed", "samples"}   first
                            {"text": "..."} (with "sample": i when num_samples > 1), {"warning": "..."}
-                           {"end": "length"|"stop"|"stopped"|"shutdown"|"error", "characters", "session"} last
+                           {"end": "length"|"stop"|"stopped"|"shutdown"|"error", "characters", "session",
+                            "copy"} last ("copy": the longest verbatim span of the training text, or why not)
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
 
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 
 from ..generation.batching import BatchingEngine, Job, Scheduler
 from ..checkpoint import build_model, load, summary
+from ..copy_index import for_checkpoint
 from ..run_folder import BEST, LATEST, find_runs, is_run, resolve
 from ..errors import SettingError, UsageError
 from ..evaluate import LN2
@@ -153,6 +155,7 @@ class Catalogue:
             model, tokenizer = build_model(ckpt, file)
             model.to(self.device).eval()
             fresh = BatchingEngine(model, tokenizer, self.limits.slots, self.limits.max_waiting, self.scheduler)
+            fresh.copy_index, fresh.copy_note = for_checkpoint(ckpt, tokenizer)     # built once per text
             with self.lock:
                 held = self.engines.pop(name, None)
                 self.engines[name] = (key, fresh)
@@ -194,7 +197,7 @@ def describe(ckpt: dict, file: str) -> dict:
 # each with the JSON types it may take.
 _SAMPLING = {f.name: kind(f) for f in declared(SampleConfig)}            # {"top_p": "float", ...}
 _JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
-FIELDS = {"model": (str,), "prompt": (str,), "unknown": (str,), "continue": (str,),
+FIELDS = {"model": (str,), "prompt": (str,), "prime": (str,), "unknown": (str,), "continue": (str,),
           **{name: _JSON_TYPES[k] for name, k in _SAMPLING.items()}}
 
 
@@ -221,12 +224,14 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
             raise UsageError(f"{key} must be {' or '.join('a number' if k is float else k.__name__ for k in kinds)},"
                              f" got {json.dumps(value)[:40]}")
     get = lambda key, default=None: default if body.get(key) is None else body[key]    # noqa: E731
-    prompt = get("prompt", "")
-    for what, text in (("prompt", prompt), ("stop", body.get("stop"))):
+    prompt, prime = get("prompt", ""), get("prime", "")
+    for what, text in (("prompt", prompt), ("prime", prime), ("stop", body.get("stop"))):
         if text and any("\ud800" <= ch <= "\udfff" for ch in text):
             raise UsageError(f"{what} is not valid text (it holds a lone surrogate)")
-    if len(prompt) > limits.max_prompt:
-        raise UsageError(f"the prompt is {len(prompt):,} characters; this server takes at most {limits.max_prompt:,}")
+    if len(prompt) + len(prime) > limits.max_prompt:
+        read = "the prompt" if not prime else "the prime text and the prompt"
+        raise UsageError(f"{read} take{'s' if not prime else ''} {len(prompt) + len(prime):,} characters; this server "
+                         f"takes at most {limits.max_prompt:,} (--max-prompt)")
     # A field left out or null takes the setting's default; JSON's integers stand for floats too.
     config = SampleConfig(**{name: _as_float(name, body[name]) if k == "float" else body[name]
                              for name, k in _SAMPLING.items() if body.get(name) is not None})
@@ -240,7 +245,7 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     unknown = get("unknown", "error")
     if unknown not in ("error", "skip"):
         raise UsageError(f"unknown must be 'error' or 'skip', got {unknown!r}")
-    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"))
+    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"), prime=prime)
 
 
 # Deeper than this is never a generate request, and json's recursion would fail on it.

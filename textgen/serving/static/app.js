@@ -87,6 +87,7 @@ async function generate(continuing) {
     top_p: numberOrNull("top_p"),
     seed: numberOrNull("seed"),
     style: $("style").value || null,
+    max_copy: numberOrNull("max_copy"),
   };
   if (continuing) {
     body.continue = session.id;
@@ -94,6 +95,7 @@ async function generate(continuing) {
     delete body.seed;         // the random generator carries on too; a seed would start it again
   } else {
     body.prompt = $("prompt").value;
+    body.prime = $("prime").value;
     output.replaceChildren();
     if (body.prompt) appendTo(output, body.prompt, "prompt");
   }
@@ -104,6 +106,7 @@ async function generate(continuing) {
   setRunning(true);
   setStatus("generating…");
   let produced = 0, ended = null;
+  $("copy").textContent = "";
   try {
     const response = await fetch("/api/generate", {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
@@ -143,6 +146,7 @@ async function generate(continuing) {
       const how = {length: "reached the length", stop: "reached the stop string", stopped: "stopped",
                    shutdown: "the server shut down", error: "failed"}[ended.end] || ended.end;
       setStatus(`${produced.toLocaleString()} characters; ${how}`, ended.end === "error");
+      $("copy").textContent = describeCopy(ended.copy);
     } else {
       setStatus("the connection ended early", true);
     }
@@ -153,6 +157,18 @@ async function generate(continuing) {
     running = null;
     setRunning(false);
   }
+}
+
+// The final line's copy report: the longest span of the output found verbatim in the training text.
+function describeCopy(copy) {
+  if (!copy) return "";
+  if (copy.unavailable) return `${copy.unavailable}; no copy report`;
+  if (!copy.length) return "copy report: no character of the output occurs in the training text";
+  const shown = copy.text.length > 60 ? copy.text.slice(0, 57) + "..." : copy.text;
+  const more = copy.occurrences - 1;
+  const others = more > 0 ? `; and ${more.toLocaleString()} other place${more > 1 ? "s" : ""}` : "";
+  return `copy report: the longest span found verbatim in the training text is ${copy.length.toLocaleString()} ` +
+         `characters, ${JSON.stringify(shown)}, from line ${copy.line.toLocaleString()} of ${copy.file}${others}`;
 }
 
 async function stop() {
