@@ -226,7 +226,7 @@ def test_priming_reads_the_document_before_the_prompt(by_heart):
 
 
 def test_adapting_lowers_the_loss_on_the_documents_continuation_and_leaves_the_checkpoint(by_heart):
-    from textgen.priming import prime
+    from textgen.generation.priming import prime
     run, _ = by_heart
     best = os.path.join(run, "best.pt")
     before = hashlib.sha256(open(best, "rb").read()).hexdigest()
