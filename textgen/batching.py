@@ -23,7 +23,9 @@ Imports model, sampling, tokenizer and errors; never training, checkpoint or the
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import queue
 import secrets
 import threading
@@ -33,7 +35,7 @@ import torch
 
 from .errors import SettingError, UsageError
 from .model import CharLSTM, Stepper
-from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids
+from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids, scores
 from .tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
@@ -71,18 +73,64 @@ class Events(queue.SimpleQueue):
             waiter()
 
 
+async def arrived(jobs: list["Job"]) -> list[tuple[int, tuple]]:
+    """For an asyncio reader: the events queued so far by any of jobs, as (job's index, event) pairs;
+    while none is, wait without blocking the loop (the next put, from the model's thread, wakes it).
+    A job whose end has been read is looked at no more; with every job ended, an empty list."""
+    loop = asyncio.get_running_loop()
+    while True:
+        got = []
+        for i, job in enumerate(jobs):
+            while not job.ended_read:
+                try:
+                    event = job.events.get_nowait()
+                except queue.Empty:
+                    break
+                got.append((i, event))
+                job.ended_read = event[0] == "end"
+        waiting = [job.events for job in jobs if not job.ended_read]
+        if got or not waiting:
+            return got
+        ready = asyncio.Event()
+        for events in waiting:
+            events.waiter = functools.partial(_wake, loop, ready)
+        try:
+            if all(events.empty() for events in waiting):     # looked again after setting the waiters
+                await ready.wait()
+        finally:
+            for events in waiting:
+                events.waiter = None
+
+
+def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
+    """Called from the model's thread."""
+    try:
+        loop.call_soon_threadsafe(ready.set)
+    except RuntimeError:                    # the loop has closed: nobody waits any more
+        pass
+
+
 class Job:
     """One request: its settings, its own random generator, and a queue of what it produced.
 
-    The queue holds (sample, text) pairs, a ("warning", message) or, last, ("end", reason).
+    The queue holds (sample, character) pairs (the character a sampling.Scored where logprobs were
+    asked for), a ("warning", message), with echo a ("prompt", [Scored of each prompt character after
+    the first]) first, and, last, ("end", reason).
+
+    stops: strings that end a sample (default: config.stop); logprobs: alternatives scored per
+    character (None: none); echo: with logprobs, score the prompt too. A config.length of 0 reads
+    the prompt (and scores it) and generates nothing.
     """
 
-    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None):
+    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None,
+                 stops: tuple[str, ...] | None = None, logprobs: int | None = None, echo: bool = False):
         self.id = secrets.token_urlsafe(9)
         self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
+        self.stops, self.logprobs, self.echo = stops, logprobs, echo
         self.samples = config.num_samples
         self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         self.events = Events()
+        self.ended_read = False             # a reader (arrived) has taken the ("end", reason) event
         self.produced = 0                   # characters per sample so far
         self.finished = threading.Event()
         self._cancelled = threading.Event()
@@ -303,7 +351,11 @@ class BatchingEngine:
         ids = opening_ids(self.tokenizer, self._encode(job.prompt, job, warn=True), logits)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
-            logits, state = self.model.read(tokens, state)
+            if job.echo and job.logprobs is not None and job.prompt:
+                every, logits, state = self.model.read_scored(tokens, state)      # the last row as read() gives it
+                job.events.put(("prompt", scores(every[0], ids[1:], job.logprobs, self.tokenizer.chars)))
+            else:
+                logits, state = self.model.read(tokens, state)
         for layer, (h, c) in enumerate(state):
             self.state[layer][0][index] = h
             self.state[layer][1][index] = c
@@ -312,20 +364,26 @@ class BatchingEngine:
         self.temperature[rows] = cfg.temperature
         self.top_k[rows] = cfg.top_k if cfg.top_k is not None else V
         self.top_p[rows] = cfg.top_p if cfg.top_p is not None else 1.0
+        decoding = Decoding(cfg, rng, n, job.stops, job.logprobs)
         with self.lock:
-            self.running[job.id] = (job, rows, Decoding(cfg, rng, n))
+            self.running[job.id] = (job, rows, decoding)
+        if decoding.ended:                          # nothing to generate (length 0): the prompt was all
+            self._leave(job, decoding.ended)
 
     @torch.no_grad()
     def _step(self) -> None:
         u = torch.full((self.slots,), 0.5, dtype=torch.float64)
         for job, rows, decoding in self.running.values():
             u[rows] = decoding.uniforms()
-        ids = next_tokens(self.logits, self.temperature, self.top_k, self.top_p, u)
+        drawn_from = self.logits
+        ids = next_tokens(drawn_from, self.temperature, self.top_k, self.top_p, u)
         self.logits, self.state = self.stepper(ids.to(self.device), self.state)
-        chars = [self.tokenizer.chars[i] for i in ids.tolist()]
+        table = self.tokenizer.chars
+        chars = [table[i] for i in ids.tolist()]
         ended = []
         for job, rows, decoding in self.running.values():
-            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows])):
+            scored = None if job.logprobs is None else decoding.score(drawn_from[rows], ids[rows], table)
+            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], scored)):
                 if ch is not None:
                     job.events.put((sample, ch))
             job.produced = decoding.produced
