@@ -337,6 +337,16 @@ def _local_addresses() -> set[str]:
     return found
 
 
+def model_threads() -> None:
+    """Leave a core to the HTTP thread, which encodes every stream: the model's work gets one thread fewer
+    than torch would take (at least one), unless OMP_NUM_THREADS says how many. On the 2 cores here that
+    is one thread for the model, and a lone client ran 1.4x faster, 16 clients 1.4x (benchmarks/README.md,
+    "Serving"); the characters drawn do not depend on it (the stepper's rows agree at any thread count)."""
+    import torch
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+
+
 def check_api_key(key: str | None) -> None:
     """A key a client can send in a header: printable ASCII without spaces, long enough to be a secret."""
     if key is None:
@@ -365,6 +375,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, device="cpu", li
     check_api_key(api_key)
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be from 0 to 65535, got {port}")
+    model_threads()
     scheduler = Scheduler()
     catalogue = Catalogue(path, device, limits, scheduler)
     try:
