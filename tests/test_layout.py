@@ -66,7 +66,9 @@ def test_serving_knows_the_model_and_sampling_and_never_the_server_below_it():
     assert set(server) == {"batching", "checkpoint", "errors", "evaluate", "run_folder", "sampling", "settings",
                            "http_server"}
     assert server["http_server"] == {"serve"}        # the [serve] extra is needed only to serve
-    assert set(imports_of("http_app")) == {"batching", "errors", "server"}
+    assert set(imports_of("http_app")) == {"batching", "errors", "openai_api", "server"}
+    assert set(imports_of("openai_api")) == {"batching", "errors", "sampling", "server", "tokenizer"}
+    assert [m for m in MODULES if "openai_api" in imports_of(m)] == ["http_app"]     # the protocol, not the app
     assert set(imports_of("http_server")) == {"http_app", "server"}
     assert [m for m in MODULES if "http_server" in imports_of(m)] == ["server"]
     assert [m for m in MODULES if "http_app" in imports_of(m)] == ["http_server"]

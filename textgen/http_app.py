@@ -33,7 +33,6 @@ from .batching import Busy, Job, arrived
 from . import openai_api
 from .errors import UsageError
 from .openai_api import OpenAIError
-from .sampling import opening_text
 from .server import Catalogue, Limits, parse_json, parse_request
 
 MAX_HEAD = 16 * 1024                # bytes of request line and headers
@@ -221,7 +220,7 @@ class App:
                                  else openai_api.detokenize(body, engine.tokenizer))
         if path == "/tokenizer_info" and get:
             engine, name = await asyncio.to_thread(self._openai_engine, request.query_params.get("model"))
-            return json_response(200, openai_api.tokenizer_info(name, engine.tokenizer, opening_text(engine.tokenizer)))
+            return json_response(200, openai_api.tokenizer_info(name, engine.tokenizer))
         known = {"/v1/models": "GET", "/v1/completions": "POST", "/tokenize": "POST", "/detokenize": "POST",
                  "/tokenizer_info": "GET"}
         if path in known:

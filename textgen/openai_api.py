@@ -20,7 +20,8 @@ prompt character after the first is scored (`max_tokens` 0 generates nothing): l
 loglikelihood. A stop string ends a choice and is left out of its text, as OpenAI does; while streaming,
 characters that may be the start of one are held back until they are known not to be.
 
-Imports batching, errors, sampling and server; never starlette (http_app turns these into responses).
+Imports batching, errors, sampling, server and tokenizer; never starlette (http_app turns these into
+responses).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .batching import Job, arrived
 from .errors import SettingError, UsageError, check_range
-from .sampling import MAX_LOGPROBS, MAX_SAMPLES, SampleConfig, Scored
+from .sampling import MAX_LOGPROBS, MAX_SAMPLES, SampleConfig, Scored, opening_text
 from .server import Limits, check_prompt, check_text
 from .tokenizer import CharTokenizer
 
@@ -375,11 +376,11 @@ def model_card(name: str, created: float) -> dict:
     return {"id": name, "object": "model", "created": int(created), "owned_by": "textgen"}
 
 
-def tokenizer_info(name: str, tokenizer: CharTokenizer, opening: str) -> dict:
+def tokenizer_info(name: str, tokenizer: CharTokenizer) -> dict:
     """What lm-evaluation-harness's remote tokenizer reads: no end-of-text token (a character model has
     none); the text a generation reads when given nothing stands for the beginning."""
     return {"model": name, "tokenizer_class": "textgen.CharTokenizer", "vocab_size": tokenizer.vocab_size,
-            "eos_token": None, "bos_token": opening, "pad_token": None}
+            "eos_token": None, "bos_token": opening_text(tokenizer), "pad_token": None}
 
 
 def tokenize(body, tokenizer: CharTokenizer, limits: Limits) -> dict:
