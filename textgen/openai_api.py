@@ -159,7 +159,7 @@ def parse_completion(body, limits: Limits) -> Completion:
     if config.top_k is not None:
         config.top_k = min(config.top_k, 0x110000)          # no vocabulary is larger than Unicode
     if len(prompts) * config.num_samples > MAX_SAMPLES:
-        raise OpenAIError(400, "too many choices: prompts times n must be at most {MAX_SAMPLES:,}", "n")
+        raise OpenAIError(400, f"too many choices: prompts times n must be at most {MAX_SAMPLES:,}", "n")
     unknown = get("unknown", "error")
     if unknown not in ("error", "skip"):
         raise OpenAIError(400, f"unknown must be 'error' or 'skip', got {unknown!r}", "unknown")
