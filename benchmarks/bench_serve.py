@@ -2,13 +2,14 @@
 
 A 2x256 model (random weights: speed does not depend on them) is served over loopback HTTP by a
 server process; this process is the clients, N threads each asking for --chars characters at once
-and reading the JSON-lines stream to its end. Aggregate chars/s = all characters received / wall
-time from the first request to the last end. Two servers, side by side in one run, rounds
-interleaved:
+and reading the stream to its end, on both protocols: the native one (POST /api/generate, JSON
+lines) and OpenAI's (POST /v1/completions with "stream": true, server-sent events). Aggregate chars/s
+= all characters received / wall time from the first request to the last end. Two servers, side by
+side in one run, rounds interleaved:
 
 * batched: the real server (`textgen.serving.server`), every request stepped together in one batch;
 * unbatched: the same HTTP server, but each request gets its own `sampling.Generator` at batch 1
-  in its own thread, as a server without batching would do.
+  in its own thread, as a server without batching would do (for one client: generation at batch 1).
 
     python benchmarks/bench_serve.py [--clients 1 4 16] [--chars 2000] [--rounds 3]
 """
@@ -88,22 +89,29 @@ def serve(run: str, mode: str, slots: int) -> None:
     httpd.wait()
 
 
-def one_client(port: int, seed: int, chars: int, received: list) -> None:
+def one_client(port: int, seed: int, chars: int, received: list, protocol: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": "The ", "length": chars, "temperature": 0.8, "seed": seed})
-    conn.request("POST", "/api/generate", body, {"Content-Type": "application/json"})
+    if protocol == "native":
+        path, body = "/api/generate", {"prompt": "The ", "length": chars, "temperature": 0.8, "seed": seed}
+    else:
+        path, body = "/v1/completions", {"prompt": "The ", "max_tokens": chars, "temperature": 0.8, "seed": seed,
+                                         "stream": True}
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     count = 0
     for line in response:
-        event = json.loads(line)
-        count += len(event.get("text", ""))
+        if protocol == "native":
+            count += len(json.loads(line).get("text", ""))
+        elif line.startswith(b"data: {"):
+            count += sum(len(choice["text"]) for choice in json.loads(line[6:])["choices"])
     received.append(count)
     conn.close()
 
 
-def measure(port: int, clients: int, chars: int) -> float:
+def measure(port: int, clients: int, chars: int, protocol: str = "native") -> float:
     received: list[int] = []
-    threads = [threading.Thread(target=one_client, args=(port, seed, chars, received)) for seed in range(clients)]
+    threads = [threading.Thread(target=one_client, args=(port, seed, chars, received, protocol))
+               for seed in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -134,22 +142,26 @@ def main():
             proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--slots", str(args.slots),
                                      "--_serve", run, mode], stdout=subprocess.PIPE, text=True)
             servers[mode] = (proc, int(proc.stdout.readline()))
+        protocols = ("native", "openai")
         for mode, (_, port) in servers.items():
-            measure(port, 2, 200)                                  # warm-up: load, first products
-        results = {(mode, n): [] for mode in servers for n in args.clients}
+            for n in args.clients:
+                measure(port, n, 100)                              # warm-up: load, first products at each size
+        results = {(mode, protocol, n): [] for mode in servers for protocol in protocols for n in args.clients}
         for _ in range(args.rounds):
             for n in args.clients:
-                for mode, (_, port) in servers.items():
-                    results[mode, n].append(measure(port, n, args.chars))
+                for protocol in protocols:
+                    for mode, (_, port) in servers.items():
+                        results[mode, protocol, n].append(measure(port, n, args.chars, protocol))
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                    "unknown CPU")
         print(f"{args.layers}x{args.hidden_size} model, {args.chars} chars per client, median of {args.rounds} "
               f"rounds; {cpu}, {os.cpu_count()} cores")
-        print(f"{'clients':>7}  {'batched chars/s':>15}  {'unbatched chars/s':>17}  {'ratio':>5}")
-        for n in args.clients:
-            batched = statistics.median(results["batched", n])
-            unbatched = statistics.median(results["unbatched", n])
-            print(f"{n:>7}  {batched:>15,.0f}  {unbatched:>17,.0f}  {batched / unbatched:>5.2f}")
+        print(f"{'protocol':>8}  {'clients':>7}  {'batched chars/s':>15}  {'unbatched chars/s':>17}  {'ratio':>5}")
+        for protocol in protocols:
+            for n in args.clients:
+                batched = statistics.median(results["batched", protocol, n])
+                unbatched = statistics.median(results["unbatched", protocol, n])
+                print(f"{protocol:>8}  {n:>7}  {batched:>15,.0f}  {unbatched:>17,.0f}  {batched / unbatched:>5.2f}")
     finally:
         for proc, _ in servers.values():
             proc.kill()

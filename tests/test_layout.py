@@ -129,9 +129,10 @@ def test_inside_training_sizing_knows_only_the_model_and_launch_only_errors():
 
 def test_serving_knows_generation_and_never_the_http_stack_below_it_except_to_serve():
     assert set(imports_of("serving")) == {"generation", "checkpoint", "errors", "evaluate", "run_folder",
-                                          "settings", "copy_index"}
+                                          "settings", "copy_index", "tokenizer"}
     assert within_imports("serving", "server") >= {"http_server"}
-    assert within_imports("serving", "http_app") == {"server"}
+    assert within_imports("serving", "http_app") == {"openai_api", "server"}
+    assert within_imports("serving", "openai_api") == {"server"}        # the protocol: parsing and shapes, no app
     assert within_imports("serving", "http_server") == {"http_app", "server"}
     assert set(imports_of("generation")) == {"copy_index", "errors", "evaluate", "lstm", "settings", "styles", "tokenizer"}
 

@@ -180,10 +180,20 @@ def test_continue_carries_the_state_and_the_randomness_on(served):
 # Continuous batching
 # ---------------------------------------------------------------------------
 
-def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs):
-    """Bitwise: the text and the state it ends in, whatever row it gets and whoever else runs."""
+@pytest.mark.parametrize("batch", ["busy rows", "fixed"])
+def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
+    """Bitwise: the text and the state it ends in, whatever row it gets and whoever else runs. The batch
+    is the busy rows: the lone request steps a batch of 1, the crowd batches of 2 to 7, rows closing up
+    as jobs leave; where the stepper's rows do not agree at every size (a GPU, say), all 8 slots."""
+    from textgen.lstm import Stepper
     model, tokenizer, _ = load_model(os.path.join(runs[0], "alpha"))
     engine = BatchingEngine(model, tokenizer, slots=8, max_waiting=16)
+    if batch == "fixed":
+        engine.stepper = Stepper(model)                     # the fastest product at each size: no row agreement
+    sizes = []                                              # the batch size of every step
+    step = engine.stepper.__call__
+    engine.stepper = lambda tokens, state: sizes.append(len(tokens)) or step(tokens, state)
+    engine.stepper.rows_agree = step.__self__.rows_agree
     try:
         def job(seed, **settings):
             config = SampleConfig(length=settings.pop("length", 400), seed=seed, **settings)
@@ -191,6 +201,7 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs):
 
         alone = engine.submit(job(7, temperature=1.0, top_p=0.9))
         alone.finished.wait(30)
+        assert set(sizes) == ({1} if engine.stepper.rows_agree else {8})
         crowd = [engine.submit(job(s, temperature=t, top_k=k, length=n))
                  for s, t, k, n in ((1, 0.5, None, 700), (2, 1.3, 5, 300), (3, 0.0, None, 900))]
         crowd.append(engine.submit(job(4, temperature=1.0, num_samples=2, length=600)))
@@ -214,9 +225,38 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs):
             assert torch.equal(h1, h2) and torch.equal(c1, c2)
         assert torch.equal(a.logits, b.logits)
         assert len({drained(j)[0] for j in crowd}) == len(crowd)
+        if engine.stepper.rows_agree:                       # the crowd grew and shrank around it
+            assert {1, 2, 5, 7} <= set(sizes) and max(sizes) == 7, sorted(set(sizes))
     finally:
         engine.close()
         engine.scheduler.stop()
+
+
+@pytest.mark.parametrize("hidden", [32, 256])
+def test_the_servers_stepper_gives_each_row_the_same_bits_at_every_batch_size(hidden):
+    """What the batch that follows the busy rows rests on: oneDNN's products with weights packed once
+    (Stepper(rows_agree=True)) give a row the same logits and state alone or among 1 to 39 others,
+    where the fastest product for each size (MKL at a few rows) does not. A CPU without those products
+    says so (rows_agree False), and the engine then keeps a fixed batch."""
+    from textgen.lstm import CharLSTM, ModelConfig, Stepper
+    torch.manual_seed(0)
+    model = CharLSTM(ModelConfig(vocab_size=65, hidden_size=hidden, layers=2)).eval()
+    stepper = Stepper(model, rows_agree=True)
+    if not stepper.rows_agree:
+        pytest.skip("oneDNN does not pack float32 weights on this CPU: the engine keeps a fixed batch here")
+    g = torch.Generator().manual_seed(1)
+    state = tuple((torch.randn(40, hidden, generator=g), torch.randn(40, hidden, generator=g)) for _ in range(2))
+    tokens = torch.randint(0, 65, (40,), generator=g)
+    whole_logits, whole_state = stepper(tokens, state)
+    threads = torch.get_num_threads()
+    try:
+        for n in range(1, 40):
+            torch.set_num_threads(1 if n % 2 else threads)      # `textgen serve` may give the model fewer threads
+            logits, part = stepper(tokens[:n].clone(), tuple((h[:n].clone(), c[:n].clone()) for h, c in state))
+            assert torch.equal(logits, whole_logits[:n]), n
+            assert all(torch.equal(a, b[:n]) for pair, whole in zip(part, whole_state) for a, b in zip(pair, whole)), n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_several_clients_at_once_each_get_their_own_text(served):

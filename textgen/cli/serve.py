@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import Formatter, Parser, add_common, run_main
@@ -32,6 +33,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=limits.max_length, help="most characters one request may ask for")
     p.add_argument("--max-prompt", type=int, default=limits.max_prompt, help="most characters of prompt per request")
     p.add_argument("--max-loaded", type=int, default=limits.max_loaded, help="models kept in memory at once")
+    key = p.add_argument("--api-key", default=os.environ.get("TEXTGEN_API_KEY"), metavar="KEY",
+                         help="every API request (native and OpenAI) must send Authorization: Bearer KEY; the "
+                              "default is $TEXTGEN_API_KEY, which keeps the key out of the process list")
+    key.hide_default = True             # --help never prints the key
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     add_common(p)
     return p
@@ -50,6 +55,6 @@ def _serve(argv) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
     return serve(args.runs, args.host, args.port, resolve_device(args.device), limits, args.allow_host, say, warn,
-                 args.verbose)
+                 args.verbose, args.api_key)
 
 

@@ -1,6 +1,6 @@
 """Continuous batching: many generation requests on one model, stepped together as one batch.
 
-A ``BatchingEngine`` owns a fixed number of slots (rows of one batch); a ``Scheduler`` steps
+A ``BatchingEngine`` owns a number of slots (at most so many rows in its batch); a ``Scheduler`` steps
 every engine that has work, in turn, on the one thread that runs it (the server's main thread:
 on a few cores PyTorch's threads run markedly faster called from there, and models that take
 turns beat models fighting over the cores). A job's events go out through a queue that can wake
@@ -9,11 +9,17 @@ A request (a ``Job``) waits in a bounded queue until enough slots are free, join
 running batch at the next character, and leaves it when it ends, is stopped or its client
 goes away; the others never wait for it. Each step draws one character for every busy row.
 
-The batch always has the same number of rows, busy or not. Matrix libraries pick their
-algorithm by the shape of a product, so the same row can round differently in a batch of 1
-and a batch of 5; with the shape fixed, and sampling done row by row (each job draws its
-numbers from its own seeded generator), a request gives the same characters alone or in a
-crowd (tested).
+The batch is just the busy rows, in the order their jobs joined (a job that leaves takes its rows
+out, and the batch closes up): a lone request steps a batch of one. Matrix libraries pick their
+algorithm by the shape of a product, so a row can round differently in a batch of 1 and a batch
+of 5 (MKL's torch.mm does); the stepper's products are oneDNN's with weights packed once, which
+gave every row the same bits at every batch size measured (``Stepper(rows_agree=True)``, checked
+again on each model as it loads). With that, and sampling done row by row (each job draws its
+numbers from its own seeded generator), a request gives the same characters alone or in a crowd
+(tested bitwise). Where those products are not to be had (a GPU, an adaptive output layer, a CPU
+oneDNN does not pack for), the batch keeps all `slots` rows, busy or not, as a fixed shape gives
+the same guarantee at the price of a lone request's speed. With one slot there is no crowd: the
+engine steps exactly as generate.py does, and gives its text for a seed.
 
 A finished job leaves its state behind as a session (the carried ``(h, c)``, the logits for
 the next character, the generator's state), so a later request can continue where its text
@@ -23,7 +29,9 @@ Imports model, sampling, tokenizer and errors; never training, checkpoint or the
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import queue
 import secrets
 import threading
@@ -33,7 +41,7 @@ import torch
 
 from ..errors import SettingError, UsageError
 from ..lstm import CharLSTM, Stepper
-from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids
+from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids, scores
 from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer
 
@@ -73,25 +81,71 @@ class Events(queue.SimpleQueue):
             waiter()
 
 
+async def arrived(jobs: list["Job"]) -> list[tuple[int, tuple]]:
+    """For an asyncio reader: the events queued so far by any of jobs, as (job's index, event) pairs;
+    while none is, wait without blocking the loop (the next put, from the model's thread, wakes it).
+    A job whose end has been read is looked at no more; with every job ended, an empty list."""
+    loop = asyncio.get_running_loop()
+    while True:
+        got = []
+        for i, job in enumerate(jobs):
+            while not job.ended_read:
+                try:
+                    event = job.events.get_nowait()
+                except queue.Empty:
+                    break
+                got.append((i, event))
+                job.ended_read = event[0] == "end"
+        waiting = [job.events for job in jobs if not job.ended_read]
+        if got or not waiting:
+            return got
+        ready = asyncio.Event()
+        for events in waiting:
+            events.waiter = functools.partial(_wake, loop, ready)
+        try:
+            if all(events.empty() for events in waiting):     # looked again after setting the waiters
+                await ready.wait()
+        finally:
+            for events in waiting:
+                events.waiter = None
+
+
+def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
+    """Called from the model's thread."""
+    try:
+        loop.call_soon_threadsafe(ready.set)
+    except RuntimeError:                    # the loop has closed: nobody waits any more
+        pass
+
+
 class Job:
     """One request: its settings, its own random generator, and a queue of what it produced.
 
-    The queue holds (sample, text) pairs, a ("warning", message) or, last, ("end", reason).
+    The queue holds (sample, character) pairs (the character a sampling.Scored where logprobs were
+    asked for), a ("warning", message), with echo a ("prompt", [Scored of each prompt character after
+    the first]) first, and, last, ("end", reason).
+
+    stops: strings that end a sample (default: config.stop); logprobs: alternatives scored per
+    character (None: none); echo: with logprobs, score the prompt too. A config.length of 0 reads
+    the prompt (and scores it) and generates nothing.
     """
 
     def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None,
+                 stops: tuple[str, ...] | None = None, logprobs: int | None = None, echo: bool = False,
                  prime: str = ""):
         self.id = secrets.token_urlsafe(9)
         self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
+        self.stops, self.logprobs, self.echo = stops, logprobs, echo
         self.prime = prime                  # a document read before the prompt, never shown
+        self.style = NO_STYLE               # the style's id, set when the engine takes the job
         self.samples = config.num_samples
         self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         self.events = Events()
+        self.ended_read = False             # a reader (arrived) has taken the ("end", reason) event
         self.produced = 0                   # characters per sample so far
         self.finished = threading.Event()
         self._cancelled = threading.Event()
         self.reason: str | None = None
-        self.style = NO_STYLE                   # the style's id, set when the engine takes the job
 
     def cancel(self) -> None:
         """Stop at the next character (Stop pressed, or the client went away)."""
@@ -145,7 +199,7 @@ class Scheduler:
 
 
 class BatchingEngine:
-    """One model and `slots` rows stepped together; at most `max_waiting` queued jobs.
+    """One model and up to `slots` rows stepped together; at most `max_waiting` queued jobs.
 
     Without a scheduler it makes one and runs it on a thread of its own.
     """
@@ -156,17 +210,9 @@ class BatchingEngine:
             raise ValueError("slots must be at least 1 and max_waiting at least 0")
         self.model, self.tokenizer, self.slots, self.max_waiting = model, tokenizer, slots, max_waiting
         self.device = next(model.parameters()).device
-        self.stepper = Stepper(model)
-        V = tokenizer.vocab_size
-        self.state = model.initial_state(slots, device=self.device)
-        self.logits = torch.zeros(slots, V, device=self.device)
-        self.temperature = torch.ones(slots)
-        self.top_k = torch.full((slots,), V, dtype=torch.long)
-        self.top_p = torch.ones(slots)
-        # Each row's style (a model with styles), NO_STYLE where none is asked for or the row is idle.
-        self.styles = torch.full((slots,), NO_STYLE) if model.config.style_names else None
-        self.rows: list[tuple[Job, int] | None] = [None] * slots      # (job, sample) per row
-        self.running: dict[str, tuple[Job, list[int], torch.Generator, list[str]]] = {}
+        self.stepper = Stepper(model, rows_agree=slots > 1, most_rows=slots)
+        self._empty()
+        self.running: dict[str, tuple[Job, list[int], Decoding]] = {}      # job id -> (job, its rows, its loop)
         self.waiting: collections.deque[Job] = collections.deque()
         self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self.lock = threading.Lock()
@@ -211,7 +257,7 @@ class BatchingEngine:
 
     def counts(self) -> dict:
         with self.lock:
-            busy = sum(row is not None for row in self.rows)
+            busy = len(self.rows)
             return {"slots": self.slots, "busy_slots": busy, "running": len(self.running),
                     "waiting": len(self.waiting)}
 
@@ -234,15 +280,26 @@ class BatchingEngine:
             running, waiting = list(self.running.values()), list(self.waiting)
             self.running.clear()
             self.waiting.clear()
-            self.rows = [None] * self.slots
+            self._empty()
         for job in [job for job, _, _ in running] + waiting:
             self._finish(job, "shutdown")
 
     # -- the worker ---------------------------------------------------------------------
 
+    def _empty(self) -> None:
+        """No busy row. The batch holds exactly the busy rows, in order, each a (job, sample); per row the
+        carried state, the logits of the next draw and the sampling settings."""
+        V, like = self.tokenizer.vocab_size, self.model.initial_state(1, device=self.device)
+        self.rows: list[tuple[Job, int]] = []
+        self.state = tuple((h[:0], c[:0]) for h, c in like)
+        self.logits = torch.zeros(0, V, device=self.device)
+        self.temperature, self.top_k, self.top_p = torch.ones(0), torch.zeros(0, dtype=torch.long), torch.ones(0)
+        # Each row's style (a model with styles), NO_STYLE where none is asked for.
+        self.styles = torch.zeros(0, dtype=torch.long) if self.model.config.style_names else None
+
     def _left_waiting(self, queued: list[Job]) -> int:
         """How many of the queued jobs would still wait once those that fit in the free rows join."""
-        free = sum(row is None for row in self.rows)
+        free = self.slots - len(self.rows)
         for joined, job in enumerate(queued):
             if job.samples > free:
                 return len(queued) - joined
@@ -259,51 +316,47 @@ class BatchingEngine:
             if self.closed:
                 return
             joining = self._admit()
-        for job, rows in joining:
+        for job in joining:
             try:
-                self._start(job, rows)
+                self._start(job)
             except Exception as e:          # noqa: BLE001  one bad job must not end the others
-                self._fail([(job, rows)], e)
+                self._fail([job], e)
         if self.running:
             try:
                 self._step()
             except Exception as e:          # noqa: BLE001  e.g. out of memory: end the jobs, keep serving
-                self._fail([(job, rows) for job, rows, _ in self.running.values()], e)
+                self._fail([job for job, _, _ in self.running.values()], e)
 
     def _fail(self, jobs, error: Exception) -> None:
         message = "out of memory" if isinstance(error, (MemoryError, torch.OutOfMemoryError)) else \
             f"generation failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        for job, rows in jobs:
+        for job in jobs:
             job.events.put(("warning", message))
             with self.lock:
-                self.running.pop(job.id, None)
-                for i in rows:
-                    self.rows[i] = None
+                if self.running.pop(job.id, None) is not None:
+                    self._keep(lambda row: row[0] is not job)
             self._finish(job, "error")
 
-    def _admit(self) -> list[tuple[Job, list[int]]]:
+    def _admit(self) -> list[Job]:
         """Waiting jobs, in order, that fit in the free rows now (a cancelled one just ends)."""
-        joining = []
+        joining, free = [], self.slots - len(self.rows)
         while self.waiting:
             job = self.waiting[0]
             if job.cancelled:
                 self.waiting.popleft()
                 self._finish(job, "stopped")
                 continue
-            free = [i for i, row in enumerate(self.rows) if row is None]
-            if len(free) < job.samples:
+            if free < job.samples:
                 break
             self.waiting.popleft()
-            rows = free[: job.samples]
-            for sample, i in enumerate(rows):
-                self.rows[i] = (job, sample)
-            joining.append((job, rows))
+            free -= job.samples
+            joining.append(job)
         return joining
 
     @torch.no_grad()
-    def _start(self, job: Job, rows: list[int]) -> None:
-        """Read the job's prompt (from its session's state, if it continues one) into its rows."""
-        n, index = job.samples, torch.tensor(rows, device=self.device)
+    def _start(self, job: Job) -> None:
+        """Read the job's prompt (from its session's state, if it continues one), then add its rows to the batch."""
+        n = job.samples
         rng = torch.Generator().manual_seed(job.seed)
         if job.continues is not None:
             with self.lock:
@@ -320,38 +373,64 @@ class BatchingEngine:
         styles = None if job.style == NO_STYLE else torch.full((n,), job.style, device=self.device)
         if len(ids):
             tokens = ids.to(self.device).unsqueeze(0).expand(n, -1)
-            logits, state = self.model.read(tokens, state, styles=styles)
-        for layer, (h, c) in enumerate(state):
-            self.state[layer][0][index] = h
-            self.state[layer][1][index] = c
-        self.logits[index] = logits.float()
+            if job.echo and job.logprobs is not None and job.prompt and not job.prime:
+                every, logits, state = self.model.read_scored(tokens, state, styles=styles)   # the last row as read() gives it
+                job.events.put(("prompt", scores(every[0], ids[1:], job.logprobs, self.tokenizer.chars)))
+            else:
+                logits, state = self.model.read(tokens, state, styles=styles)
         cfg, V = job.config, self.tokenizer.vocab_size
-        self.temperature[rows] = cfg.temperature
-        self.top_k[rows] = cfg.top_k if cfg.top_k is not None else V
-        self.top_p[rows] = cfg.top_p if cfg.top_p is not None else 1.0
-        if self.styles is not None:
-            self.styles[rows] = job.style
+        decoding = Decoding(cfg, rng, n, job.stops, job.logprobs, self.copy_index, tails)
         with self.lock:
-            self.running[job.id] = (job, rows, Decoding(cfg, rng, n, self.copy_index, tails))
+            rows = list(range(len(self.rows), len(self.rows) + n))
+            self.rows += [(job, sample) for sample in range(n)]
+            self.state = tuple((torch.cat([h0, h]), torch.cat([c0, c])) for (h0, c0), (h, c) in zip(self.state, state))
+            self.logits = torch.cat([self.logits, logits.float()])
+            self.temperature = torch.cat([self.temperature, torch.full((n,), float(cfg.temperature))])
+            self.top_k = torch.cat([self.top_k, torch.full((n,), cfg.top_k if cfg.top_k is not None else V)])
+            self.top_p = torch.cat([self.top_p, torch.full((n,), float(cfg.top_p if cfg.top_p is not None else 1))])
+            if self.styles is not None:
+                self.styles = torch.cat([self.styles, torch.full((n,), job.style)])
+            self.running[job.id] = (job, rows, decoding)
+        if decoding.ended:                          # nothing to generate (length 0): the prompt was all
+            self._leave(job, decoding.ended)
 
     @torch.no_grad()
     def _step(self) -> None:
-        u = torch.full((self.slots,), 0.5, dtype=torch.float64)
-        for job, rows, decoding in self.running.values():
-            u[rows] = decoding.uniforms()
-        logits = self.logits
-        for job, rows, decoding in self.running.values():
+        """One character for every busy row. The batch is the busy rows where the stepper's rows agree at
+        every size, else all `slots` rows (idle ones zeros): a fixed shape."""
+        jobs = list(self.running.values())
+        n = len(self.rows)
+        if len(jobs) == 1:                  # one job: its own settings, the same arithmetic as one per row
+            cfg, decoding = jobs[0][0].config, jobs[0][2]
+            u, settings = decoding.uniforms(), (cfg.temperature, cfg.top_k, cfg.top_p)
+        else:
+            u = torch.cat([decoding.uniforms() for _, _, decoding in jobs])       # rows are in the jobs' order
+            settings = (self.temperature, self.top_k, self.top_p)
+        drawn_from = model_logits = self.logits
+        for job, rows, decoding in jobs:
             if decoding.guard is not None:           # --max-copy: this job's rows lose what would copy
-                logits = logits.clone() if logits is self.logits else logits
-                logits[rows] = decoding.guarded(self.logits[rows])
-        ids = next_tokens(logits, self.temperature, self.top_k, self.top_p, u)
-        styles = None if self.styles is None else self.styles.to(self.device)
-        self.logits, self.state = self.stepper(ids.to(self.device), self.state, styles)
+                drawn_from = drawn_from.clone() if drawn_from is self.logits else drawn_from
+                drawn_from[rows] = decoding.guarded(self.logits[rows])
+        ids = next_tokens(drawn_from, *settings, u).to(self.device)
+        tokens, state, styles = ids, self.state, self.styles
+        if not self.stepper.rows_agree and n < self.slots:
+            tokens = torch.cat([ids, ids.new_zeros(self.slots - n)])
+            state = tuple((torch.cat([h, h.new_zeros(self.slots - n, h.shape[1])]),
+                           torch.cat([c, c.new_zeros(self.slots - n, c.shape[1])])) for h, c in state)
+            if styles is not None:
+                styles = torch.cat([styles, styles.new_full((self.slots - n,), NO_STYLE)])
+        self.logits, self.state = self.stepper(tokens, state, None if styles is None else styles.to(self.device))
+        if len(tokens) > n:                 # the fixed batch's idle rows: dropped again
+            self.logits, self.state = self.logits[:n], tuple((h[:n], c[:n]) for h, c in self.state)
+        table = self.tokenizer.chars
         listed = ids.tolist()
-        chars = [self.tokenizer.chars[i] for i in listed]
+        chars = [table[i] for i in listed]
         ended = []
         for job, rows, decoding in self.running.values():
-            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], [listed[i] for i in rows])):
+            # The model's own figures, before --max-copy takes anything away (as before temperature).
+            scored = None if job.logprobs is None else decoding.score(model_logits[rows], ids[rows], table)
+            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], scored,
+                                                         [listed[i] for i in rows])):
                 if ch is not None:
                     job.events.put((sample, ch))
             job.produced = decoding.produced
@@ -372,17 +451,27 @@ class BatchingEngine:
                           copy_tails=decoding.guard.tails if decoding.guard is not None else [[] for _ in rows])
         with self.lock:
             del self.running[job.id]
-            for i in rows:
-                self.rows[i] = None
+            self._keep(lambda row: row[0] is not job)
             self.sessions[job.id] = session
             while len(self.sessions) > SESSIONS_KEPT:
                 self.sessions.popitem(last=False)
-        for h, c in self.state:                     # idle rows hold zeros, never stale numbers
-            h[index] = 0
-            c[index] = 0
-        if self.styles is not None:
-            self.styles[rows] = NO_STYLE
         self._finish(job, reason)
+
+    def _keep(self, keeps) -> None:
+        """Keep the rows for which keeps(row) holds, in order (under self.lock): the batch closes up, and each
+        running job's rows are renumbered."""
+        kept = [i for i, row in enumerate(self.rows) if keeps(row)]
+        index = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in kept]
+        self.state = tuple((h.index_select(0, index), c.index_select(0, index)) for h, c in self.state)
+        self.logits = self.logits.index_select(0, index)
+        cpu = index.cpu()
+        self.temperature, self.top_k, self.top_p = (t.index_select(0, cpu) for t in (self.temperature, self.top_k,
+                                                                                     self.top_p))
+        if self.styles is not None:
+            self.styles = self.styles.index_select(0, cpu)
+        for job, rows, _ in self.running.values():
+            rows[:] = [i for i, row in enumerate(self.rows) if row[0] is job]
 
     def _finish(self, job: Job, reason: str) -> None:
         job.reason = reason

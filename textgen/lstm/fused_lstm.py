@@ -117,6 +117,31 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
     return product
 
 
+# oneDNN's product with weights packed once for this many rows gave each row the same bits whatever the
+# number of rows it was called with (1 to 40, measured at 2x32, 2x256 and 2x512: benchmarks/README.md,
+# "Serving"), where MKL's torch.mm, and oneDNN packed for one row, change their algorithm, and a row's
+# last bits, with the batch. Stepper(rows_agree=True) checks it again on its own weights.
+ROW_STABLE_PACK = 16
+
+
+def row_stable_product(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """A function (x, add=None) -> x @ weight^T (+ bias) (+ add) whose every row has the same bits at any
+    number of rows, for the batching server; None where no such product is known here (a GPU, a dtype or
+    CPU oneDNN does not pack)."""
+    weight = weight.detach()
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not packs(torch.float32):
+        return None
+    packed = _packed_weight(weight, ROW_STABLE_PACK)
+    bias = None if bias is None else bias.detach().clone()
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def product(x, add=None):
+        if add is None:
+            return linear(x, packed, bias, "none", [], "")
+        return linear.binary(x, add, packed, bias, "add")
+    return product
+
+
 def low_precision_mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None,
                      dtype: torch.dtype) -> torch.Tensor:
     """a @ b as dtype, computed in low_precision when given."""

@@ -406,6 +406,14 @@ class CharLSTM(nn.Module):
         out = dropout(out, self.dropout, self.training, self.config.locked_dropout)[-1]
         return self.logits(out), state
 
+    def read_scored(self, tokens: torch.Tensor, state: State | None = None, styles: torch.Tensor | None = None):
+        """Read a prompt and keep what each position predicted: tokens (B, T) -> the logits of every
+        position but the last (B, T-1, V), those of the last (B, V) exactly as ``read`` gives them (the
+        output layer runs on that one row alone, as there), and the new state."""
+        out, state = self.lstm(self._embed(tokens, styles), state)
+        out = dropout(out, self.dropout, self.training, self.config.locked_dropout)
+        return self.logits(out[:-1]).transpose(0, 1), self.logits(out[-1]), state
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """The output layer: LSTM outputs (..., H) -> (..., V) logits (log-probabilities for the adaptive head)."""
         if isinstance(self.head, AdaptiveHead):

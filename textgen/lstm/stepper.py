@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from .fused_lstm import forward_steps, recurrent_product
+from .fused_lstm import forward_steps, recurrent_product, row_stable_product
 from .heads import AdaptiveHead
 from .model import CharLSTM, State, _check_batch, check_state, style_table
+
+
+# see Stepper._padded_head
+HEAD_ROWS = 4
 
 
 class Stepper:
@@ -22,10 +26,17 @@ class Stepper:
     chunk); what it returns are fresh tensors, so states a caller keeps are never
     overwritten. One stepper serves one thread at a time. It copies nothing from
     the model's later weight updates: make a new one after training further.
+
+    rows_agree asks for products whose every row has the same bits at any batch size
+    (``row_stable_product``), for a server whose batch grows and shrinks with its
+    requests; ``self.rows_agree`` says whether this model, device and CPU have them
+    (a full output layer, float32 on a CPU where oneDNN packs), checked on batches of up
+    to most_rows (and 17) as the stepper is made. Without it, the
+    fastest product for each batch size is used, as generation at one size wants.
     """
 
     @torch.no_grad()
-    def __init__(self, model: CharLSTM):
+    def __init__(self, model: CharLSTM, rows_agree: bool = False, most_rows: int = 17):
         lstm = model.lstm
         self.model, self.hidden_size, self.vocab_size = model, lstm.hidden_size, model.config.vocab_size
         self.residual = lstm.residual
@@ -43,6 +54,47 @@ class Stepper:
             self.head_weight_t = model.head.weight.t().contiguous()
             self.head_bias = model.head.bias.detach().clone()
         self._prepared: dict[int, list] = {}
+        # Products whose rows agree at every batch size: per layer one (layer 0: h @ W_hh^T + its token's
+        # row; above: [x, h] @ [W_ih, W_hh]^T + bias, one call where the fast path makes two, as a call costs
+        # more than its arithmetic at a few rows), and the output layer's.
+        self.stable = None
+        if rows_agree and self.head_weight_t is not None:
+            products = [row_stable_product(w_hh) if k == 0 else row_stable_product(torch.cat([w_ih, w_hh], 1), bias)
+                        for k, (w_ih, w_hh, bias) in enumerate(self.layers)]
+            if all(product is not None for product in products):
+                for head in (self._padded_head, row_stable_product(model.head.weight, model.head.bias)):
+                    self.stable = (products, head)
+                    if self._rows_agree(most_rows):
+                        break
+                    self.stable = None
+            self._prepared = {}             # the check's buffers are not the caller's sizes
+        self.rows_agree = self.stable is not None
+
+    def _padded_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output layer by MKL with at least HEAD_ROWS rows: from 4 rows up MKL gave a row the same bits
+        at every count measured, and at 1 to 3 others (its one-row path is cheaper still, but apart)."""
+        n = len(x)
+        if n < HEAD_ROWS:
+            x = torch.cat([x, x.new_zeros(HEAD_ROWS - n, x.shape[1])])
+        return torch.addmm(self.head_bias, x, self.head_weight_t)[:n]
+
+    def _rows_agree(self, most: int) -> bool:
+        """Whether each row's logits and state come out with the same bits at every batch size up to most
+        (those a server of `most` rows meets first, and a few beyond): the measured property the stable
+        products promise, checked here on this model and this CPU."""
+        sizes = sorted({n for n in (1, 2, 3, 4, 5, 8, 16, 17, most - 1, most) if 1 <= n <= max(most, 17)})
+        g = torch.Generator().manual_seed(0)
+        like, N = self.token_gates, max(sizes)
+        state = tuple((torch.randn(N, self.hidden_size, generator=g).to(like), torch.randn(N, self.hidden_size,
+                       generator=g).to(like)) for _ in self.layers)
+        tokens = torch.randint(0, self.vocab_size, (N,), generator=g).to(like.device)
+        whole = self(tokens, state)
+        for n in sizes[:-1]:
+            part = self(tokens[:n].clone(), tuple((h[:n].clone(), c[:n].clone()) for h, c in state))
+            if not torch.equal(part[0], whole[0][:n]) or not all(
+                    torch.equal(a, b[:n]) for pair, whole_pair in zip(part[1], whole[1]) for a, b in zip(pair, whole_pair)):
+                return False
+        return True
 
     def _steps(self, N: int) -> list:
         """Per layer, for N streams: the products (weights packed for N rows where that pays, as
@@ -54,8 +106,11 @@ class Stepper:
             for k, (w_ih, w_hh, bias) in enumerate(self.layers):
                 pre, c_prev, hs, cs = like.new_empty(1, N, 4 * H), like.new_empty(N, H), like.new_empty(1, N, H), \
                     like.new_empty(1, N, H)
-                input_product = None if k == 0 else recurrent_product(w_ih, N, transposed_copy=True)
-                hidden_product = recurrent_product(w_hh, N, overwrite_add=True, transposed_copy=True)
+                if self.stable is not None:
+                    input_product, hidden_product = None, self.stable[0][k]
+                else:
+                    input_product = None if k == 0 else recurrent_product(w_ih, N, transposed_copy=True)
+                    hidden_product = recurrent_product(w_hh, N, overwrite_add=True, transposed_copy=True)
                 layers.append((input_product, hidden_product, bias.expand(N, -1).contiguous(),
                                pre[0], c_prev, hs[0], cs[0], *forward_steps(pre, c_prev, hs, cs)))
             self._prepared[N] = layers
@@ -86,10 +141,11 @@ class Stepper:
                 if styles is not None:
                     rows = self.model._style_rows(styles, tokens.shape)
                     pre.add_(self.style_gates.index_select(0, rows))
-                gates = pre
+                gates = hidden_product(h, pre)      # may be written in place, or a new tensor
+            elif input_product is None:             # the stable products: one call for both
+                gates = hidden_product(torch.cat([x, h], 1))
             else:
-                gates = input_product(x, bias_rows)
-            gates = hidden_product(h, gates)       # may be written in place, or a new tensor
+                gates = hidden_product(h, input_product(x, bias_rows))
             if g_scale != 1:
                 gates[:, 2 * H : 3 * H].mul_(g_scale)           # as the step function expects (see forward_steps)
             c_prev.copy_(c)
@@ -97,6 +153,8 @@ class Stepper:
             h, c = h_out.clone(), c_out.clone()
             x = h + x if self.residual and k > 0 else h
             new_state.append((h, c))
+        if self.stable is not None:
+            return self.stable[1](x), tuple(new_state)
         if self.head_weight_t is None:
             return self.model.logits(x), tuple(new_state)
         return torch.addmm(self.head_bias, x, self.head_weight_t), tuple(new_state)

@@ -9,25 +9,30 @@ job's queue through the event loop, woken by the model's thread, so the loop nev
 model; what arrives meanwhile goes out in one write, at most every STREAM_INTERVAL_S. A client
 that goes away ends its job: starlette's stream listens for the disconnect and cancels the stream.
 
-Every answer but a stream is JSON; an error is {"error": "one sentence"} with its status.
+Every answer but a stream is JSON; an error is {"error": "one sentence"} with its status. OpenAI's
+protocol (`openai_api`: /v1/..., /tokenize) is routed there, its errors in OpenAI's shape, behind the
+same checks: Host and Origin, the body limit, and, where the server has an API key, the key (every API
+path, both protocols; the page's own files stay public), compared in constant time.
 
-Imports server (limits, catalogue, request parsing), batching and errors.
+Imports server (limits, catalogue, request parsing), openai_api, batching and errors.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
+import hmac
 import json
 import logging
 import os
-import queue
 from importlib import resources
+from urllib.parse import unquote
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..generation.batching import Busy, Events, Job
+from ..generation.batching import Busy, Job, arrived
+from . import openai_api
 from ..errors import UsageError
+from .openai_api import OpenAIError
 from .server import Catalogue, Limits, parse_json, parse_request
 
 MAX_HEAD = 16 * 1024                # bytes of request line and headers
@@ -69,34 +74,48 @@ def error_response(status: int, message: str, headers: dict | None = None) -> Re
     return json_response(status, {"error": message}, headers)
 
 
+def openai_error_response(error: OpenAIError, headers: dict | None = None) -> Response:
+    return json_response(error.status, openai_api.error_body(error.status, str(error), error.param, error.code),
+                         headers)
+
+
 class App:
     """The ASGI application: one instance per server, holding the generations it streams."""
 
-    def __init__(self, catalogue: Catalogue, limits: Limits, url: str, hosts: set[str]):
+    def __init__(self, catalogue: Catalogue, limits: Limits, url: str, hosts: set[str], api_key: str | None = None):
         self.catalogue, self.limits, self.url = catalogue, limits, url
+        self.api_key = None if api_key is None else api_key.encode()
         # A proxy in front may serve the page over TLS: its origin is https://NAME.
         self.hosts, self.origins = hosts, {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
         self.jobs: dict[str, Job] = {}
         self.public_limits = {"slots": limits.slots, "max_length": limits.max_length, "max_prompt": limits.max_prompt}
-        self.pages = {path: (resources.files("textgen.serving").joinpath("static", name).read_bytes(), kind)
+        self.pages = {path: (resources.files("textgen").joinpath("static", name).read_bytes(), kind)
                       for path, (name, kind) in STATIC.items()}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return                          # lifespan events are off and websockets are not served
+        openai = openai_api.serves(scope["path"])
         try:
             response = await self._respond(Request(scope, receive))
+        except OpenAIError as e:
+            response = openai_error_response(e)
         except Refused as e:
-            response = error_response(e.status, str(e), e.headers)
+            response = openai_error_response(OpenAIError(e.status, str(e)), e.headers) if openai else \
+                error_response(e.status, str(e), e.headers)
         except UsageError as e:
-            response = error_response(400, e.worded(http_words))
+            response = openai_error_response(openai_api.as_error(e)) if openai else \
+                error_response(400, e.worded(http_words))
         except Busy as e:
-            response = error_response(503, f"{e}; try again shortly", {"Retry-After": "1"})
+            message, retry = f"{e}; try again shortly", {"Retry-After": "1"}
+            response = openai_error_response(OpenAIError(503, message, code="overloaded"), retry) if openai else \
+                error_response(503, message, retry)
         except ClientDisconnect:
             return                          # gone (or cut off by a deadline) before its body arrived
         except Exception:                   # noqa: BLE001  a bug of ours: still a JSON answer, and a log
             logging.getLogger("uvicorn.error").exception("textgen: the request failed")
-            response = error_response(500, "the server failed on this request; its log says why")
+            message = "the server failed on this request; its log says why"
+            response = openai_error_response(OpenAIError(500, message)) if openai else error_response(500, message)
         await response(scope, receive, send)
 
     async def _respond(self, request: Request) -> Response:
@@ -111,6 +130,10 @@ class App:
             raise Refused(411, "send the body with a Content-Length, not chunked", {"Connection": "close"})
         self._check_host(request)
         method, path = request.method, scope["path"]
+        if path not in self.pages:
+            self._check_key(request)
+        if openai_api.serves(path):
+            return await self._openai(request, method, path)
         if method in ("GET", "HEAD"):
             return await self._get(path)
         if method != "POST":
@@ -129,6 +152,16 @@ class App:
         origin = request.headers.get("origin")
         if request.method == "POST" and origin is not None and origin.lower() not in self.origins:
             raise Refused(403, f"requests from pages at {origin} are refused")
+
+    def _check_key(self, request: Request) -> None:
+        """With an API key set, every API request must carry it: Authorization: Bearer KEY."""
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest takes as long whatever the first wrong byte: the key cannot be guessed byte by byte.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise Refused(401, "this server needs its API key: send the header Authorization: Bearer KEY "
+                               "(the key given to textgen serve --api-key)", {"WWW-Authenticate": "Bearer"})
 
     async def _get(self, path: str) -> Response:
         if path in self.pages:
@@ -161,7 +194,73 @@ class App:
         name, job = parse_request(body, self.limits)
         engine, name = await asyncio.to_thread(self._engine, name)      # may load a checkpoint: off the loop
         engine.submit(job)
-        return JobStream(job, name, self.jobs, engine)
+        return JobStream([job], _lines(job, name, engine), NDJSON, self.jobs)
+
+    # -- OpenAI's protocol ---------------------------------------------------------------
+
+    async def _openai(self, request: Request, method: str, path: str) -> Response:
+        get = method in ("GET", "HEAD")
+        if path == "/v1/models" and get:
+            files = await asyncio.to_thread(self.catalogue.files)
+            return json_response(200, {"object": "list", "data": [openai_api.model_card(name, _mtime(file))
+                                                                   for name, file in files.items()]})
+        if path.startswith("/v1/models/") and get:
+            name = unquote(path[len("/v1/models/"):])
+            file = (await asyncio.to_thread(self.catalogue.files)).get(name)
+            if file is None:
+                raise _no_such_model(name)
+            return json_response(200, openai_api.model_card(name, _mtime(file)))
+        if path == "/v1/completions" and method == "POST":
+            return await self._completions(request)
+        if path in ("/tokenize", "/detokenize") and method == "POST":
+            body = await self._json_body(request)
+            engine, _ = await asyncio.to_thread(self._openai_engine, body.get("model") if isinstance(body, dict)
+                                                else None)
+            return json_response(200, openai_api.tokenize(body, engine.tokenizer, self.limits) if path == "/tokenize"
+                                 else openai_api.detokenize(body, engine.tokenizer))
+        if path == "/tokenizer_info" and get:
+            engine, name = await asyncio.to_thread(self._openai_engine, request.query_params.get("model"))
+            return json_response(200, openai_api.tokenizer_info(name, engine.tokenizer))
+        known = {"/v1/models": "GET", "/v1/completions": "POST", "/tokenize": "POST", "/detokenize": "POST",
+                 "/tokenizer_info": "GET"}
+        if path in known:
+            raise OpenAIError(405, f"{method} is not answered at {path}; use {known[path]}")
+        raise OpenAIError(404, f"no endpoint {path[:200]} (this server speaks /v1/models and /v1/completions)")
+
+    async def _completions(self, request: Request) -> Response:
+        completion = openai_api.parse_completion(await self._json_body(request), self.limits)
+        engine, name = await asyncio.to_thread(self._openai_engine, completion.model)
+        jobs = completion.jobs(engine.tokenizer, self.limits)
+        for k, job in enumerate(jobs):
+            try:
+                engine.submit(job)
+            except Exception:
+                for submitted in jobs[:k]:
+                    submitted.cancel()
+                raise
+        completing = openai_api.Completing(completion, jobs, name)
+        if completion.stream:
+            return JobStream(jobs, openai_api.chunks(completing, STREAM_INTERVAL_S), "text/event-stream", self.jobs)
+        for job in jobs:
+            self.jobs[job.id] = job
+        try:
+            return json_response(200, await _unless_gone(request, openai_api.complete(completing)))
+        finally:
+            for job in jobs:
+                job.cancel()
+                self.jobs.pop(job.id, None)
+
+    def _openai_engine(self, name):
+        """The engine of the named model; OpenAI's 404 for a name that is not served (never a path)."""
+        files = self.catalogue.files()
+        if name is None and len(files) == 1:
+            name = next(iter(files))
+        if name is None:
+            raise OpenAIError(400, f"name the model: this server serves {len(files)} (GET /v1/models lists them)",
+                              "model", "missing_model")
+        if not isinstance(name, str) or name not in files:
+            raise _no_such_model(name)
+        return self.catalogue.engine(name)
 
     def _stop(self, body) -> Response:
         job_id = body.get("id") if isinstance(body, dict) else None
@@ -179,32 +278,65 @@ class App:
         return self.catalogue.engine(name)
 
 
-class JobStream(StreamingResponse):
-    """A job's JSON lines. However the response ends (the job ended, the client went away, the server
-    shut down), the job ends with it and leaves the server's list."""
+NDJSON = "application/x-ndjson; charset=utf-8"
 
-    def __init__(self, job: Job, name: str, jobs: dict[str, Job], engine=None):
-        super().__init__(_lines(job, name, engine), media_type="application/x-ndjson; charset=utf-8",
-                         headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"})
-        self.job, self.jobs = job, jobs
+
+class JobStream(StreamingResponse):
+    """Jobs' output as a stream (JSON lines, or OpenAI's server-sent events). However the response ends
+    (the jobs ended, the client went away, the server shut down), the jobs end with it and leave the
+    server's list."""
+
+    def __init__(self, jobs: list[Job], body, media_type: str, registry: dict[str, Job]):
+        super().__init__(body, media_type=media_type, headers={**SECURITY_HEADERS, "X-Accel-Buffering": "no"})
+        self.jobs, self.registry = jobs, registry
 
     async def __call__(self, scope, receive, send) -> None:
-        self.jobs[self.job.id] = self.job
+        self.registry.update((job.id, job) for job in self.jobs)
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()               # a no-op if it ended; if the client left, it stops at the next step
-            self.jobs.pop(self.job.id, None)
+            for job in self.jobs:
+                job.cancel()                # a no-op if it ended; if the client left, it stops at the next step
+                self.registry.pop(job.id, None)
+
+
+def _no_such_model(name) -> OpenAIError:
+    return OpenAIError(404, f"the model {str(name)[:100]!r} does not exist here; GET /v1/models lists them",
+                       "model", "model_not_found")
+
+
+def _mtime(file: str) -> float:
+    try:
+        return os.path.getmtime(file)
+    except OSError:
+        return 0.0
+
+
+async def _unless_gone(request: Request, work):
+    """The result of work, unless the client goes away first (then ClientDisconnect, and work is cancelled)."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        raise ClientDisconnect()
+    return task.result()
 
 
 async def _lines(job: Job, name: str, engine=None):
     yield _ndjson([{"id": job.id, "model": name, "seed": job.seed, "samples": job.samples}])
     texts: dict[int, list[str]] = {}
     while True:
-        events = await _arrived(job.events)
+        events = [event for _, event in await arrived([job])]
         for kind, value in events:
             if isinstance(kind, int):
-                texts.setdefault(kind, []).append(value)
+                texts.setdefault(kind, []).append(getattr(value, "char", value))     # a Scored with logprobs
         lines, ended = _summary(events, job)
         if ended and engine is not None:            # the report reads the index: off the loop
             outputs = ["".join(texts.get(i, [])) for i in range(job.samples)]
@@ -240,39 +372,13 @@ def _summary(events: list, job: Job) -> tuple[list[dict], bool]:
             end = value
         elif kind == "warning":
             lines.append({"warning": value})
-        else:
+        elif isinstance(kind, int):
             pieces.setdefault(kind, []).append(value)
-    for sample, chars in sorted(pieces.items()):
-        lines.append({"text": "".join(chars)} if job.samples == 1 else {"text": "".join(chars), "sample": sample})
+    for sample, drawn in sorted(pieces.items()):
+        line = {"text": "".join(d if isinstance(d, str) else d.char for d in drawn)}
+        if job.logprobs is not None:            # each character's Scored, in the order of the text
+            line["logprobs"] = [{"logprob": d.logprob, "top": d.top} for d in drawn]
+        lines.append(line if job.samples == 1 else {**line, "sample": sample})
     if end is not None:
         lines.append({"end": end, "characters": job.produced, "session": job.id})
     return lines, end is not None
-
-
-async def _arrived(events: Events) -> list:
-    """Everything queued so far; while nothing is, wait without blocking the loop (the next put wakes us)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        got = []
-        while True:
-            try:
-                got.append(events.get_nowait())
-            except queue.Empty:
-                break
-        if got:
-            return got
-        ready = asyncio.Event()
-        events.waiter = functools.partial(_wake, loop, ready)
-        if events.empty():                  # looked again after setting the waiter: no put slips between
-            try:
-                await ready.wait()
-            finally:
-                events.waiter = None
-
-
-def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
-    """Called from the model's thread."""
-    try:
-        loop.call_soon_threadsafe(ready.set)
-    except RuntimeError:                    # the loop has closed: nobody waits any more
-        pass

@@ -173,12 +173,12 @@ class PlaygroundServer:
     """The listening socket, and uvicorn serving the app on an event loop in a thread of its own."""
 
     def __init__(self, address: tuple[str, int], catalogue: Catalogue, limits: Limits, allow_hosts=(),
-                 verbose: bool = False):
+                 verbose: bool = False, api_key: str | None = None):
         self.socket = listen(*address)      # OSError (e.g. the port is in use) is the caller's to word
         bound, self.port = self.socket.getsockname()[:2]
         self.url, hosts = addresses(address[0], bound, self.port, allow_hosts)
         self.max_connections = connection_cap(limits.max_connections)
-        self.app = App(catalogue, limits, self.url, hosts)
+        self.app = App(catalogue, limits, self.url, hosts, api_key)
         protocol = functools.partial(GuardedH11Protocol, limits=limits, max_connections=self.max_connections)
         config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
                                 proxy_headers=False, server_header=False, headers=[("Server", "textgen")],

@@ -24,14 +24,18 @@ API (JSON in, JSON lines out; see README, "Playground"):
 
     GET  /api/models    {"models": [{"name", "layers", "hidden_size", ...}, ...]}
     POST /api/generate  {"model", "prompt", "prime", "length", "temperature", "top_k", "top_p", "seed",
-                         "num_samples", "stop", "max_copy", "unknown", "continue"}
+                         "num_samples", "stop", "max_copy", "unknown", "continue", "logprobs"}
                         -> application/x-ndjson, one object a line:
                            {"id", "model", "seed", "samples"}   first
-                           {"text": "..."} (with "sample": i when num_samples > 1), {"warning": "..."}
+                           {"text": "..."} (with "sample": i when num_samples > 1; with "logprobs": n,
+                             "logprobs": [{"logprob", "top": [[char, logprob], ...]}, ...] one per character)
+                           {"warning": "..."}
                            {"end": "length"|"stop"|"stopped"|"shutdown"|"error", "characters", "session",
                             "copy"} last ("copy": the longest verbatim span of the training text, or why not)
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
+
+and OpenAI's completions protocol beside it (`openai_api`: /v1/models, /v1/completions, /tokenize).
 
 Imports checkpoint, batching, sampling, evaluate (LN2) and errors, and in serve() http_server;
 never training or cli. Needs nothing outside the core install until serve() is called.
@@ -54,9 +58,9 @@ from ..generation.batching import BatchingEngine, Job, Scheduler
 from ..checkpoint import build_model, load, summary
 from ..copy_index import for_checkpoint
 from ..run_folder import BEST, LATEST, find_runs, is_run, resolve
-from ..errors import SettingError, UsageError
+from ..errors import SettingError, UsageError, check_range
 from ..evaluate import LN2
-from ..generation.sampling import SampleConfig
+from ..generation.sampling import MAX_LOGPROBS, SampleConfig
 from ..settings import declared, kind
 
 @dataclass
@@ -197,7 +201,7 @@ def describe(ckpt: dict, file: str) -> dict:
 # each with the JSON types it may take.
 _SAMPLING = {f.name: kind(f) for f in declared(SampleConfig)}            # {"top_p": "float", ...}
 _JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
-FIELDS = {"model": (str,), "prompt": (str,), "prime": (str,), "unknown": (str,), "continue": (str,),
+FIELDS = {"model": (str,), "prompt": (str,), "prime": (str,), "unknown": (str,), "continue": (str,), "logprobs": (int,),
           **{name: _JSON_TYPES[k] for name, k in _SAMPLING.items()}}
 
 
@@ -225,12 +229,11 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
                              f" got {json.dumps(value)[:40]}")
     get = lambda key, default=None: default if body.get(key) is None else body[key]    # noqa: E731
     prompt, prime = get("prompt", ""), get("prime", "")
-    for what, text in (("prompt", prompt), ("prime", prime), ("stop", body.get("stop"))):
-        if text and any("\ud800" <= ch <= "\udfff" for ch in text):
-            raise UsageError(f"{what} is not valid text (it holds a lone surrogate)")
+    check_prompt(prompt, limits)
+    check_text("prime", prime)
+    check_text("stop", body.get("stop"))
     if len(prompt) + len(prime) > limits.max_prompt:
-        read = "the prompt" if not prime else "the prime text and the prompt"
-        raise UsageError(f"{read} take{'s' if not prime else ''} {len(prompt) + len(prime):,} characters; this server "
+        raise UsageError(f"the prime text and the prompt take {len(prompt) + len(prime):,} characters; this server "
                          f"takes at most {limits.max_prompt:,} (--max-prompt)")
     # A field left out or null takes the setting's default; JSON's integers stand for floats too.
     config = SampleConfig(**{name: _as_float(name, body[name]) if k == "float" else body[name]
@@ -245,7 +248,23 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     unknown = get("unknown", "error")
     if unknown not in ("error", "skip"):
         raise UsageError(f"unknown must be 'error' or 'skip', got {unknown!r}")
-    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"), prime=prime)
+    logprobs = body.get("logprobs")
+    check_range("logprobs", logprobs, 0, MAX_LOGPROBS, f"a whole number from 0 to {MAX_LOGPROBS}")
+    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"), logprobs=logprobs,
+                                  prime=prime)
+
+
+def check_text(what: str, text: str | None) -> None:
+    """JSON can carry a lone surrogate (\\ud800), which is no character: refuse it by the field's name."""
+    if text and any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise UsageError(f"{what} is not valid text (it holds a lone surrogate)")
+
+
+def check_prompt(prompt: str, limits: Limits) -> None:
+    """A prompt's own checks, for every protocol: valid text, within the server's limit."""
+    check_text("prompt", prompt)
+    if len(prompt) > limits.max_prompt:
+        raise UsageError(f"the prompt is {len(prompt):,} characters; this server takes at most {limits.max_prompt:,}")
 
 
 # Deeper than this is never a generate request, and json's recursion would fail on it.
@@ -326,6 +345,25 @@ def _local_addresses() -> set[str]:
     return found
 
 
+def model_threads() -> None:
+    """Leave a core to the HTTP thread, which encodes every stream: the model's work gets one thread fewer
+    than torch would take (at least one), unless OMP_NUM_THREADS says how many. On the 2 cores here that
+    is one thread for the model, and a lone client ran 1.4x faster, 16 clients 1.4x (benchmarks/README.md,
+    "Serving"); the characters drawn do not depend on it (the stepper's rows agree at any thread count)."""
+    import torch
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+
+
+def check_api_key(key: str | None) -> None:
+    """A key a client can send in a header: printable ASCII without spaces, long enough to be a secret."""
+    if key is None:
+        return
+    if not (16 <= len(key) <= 256 and all("!" <= ch <= "~" for ch in key)):
+        raise UsageError("--api-key must be 16 to 256 printable ASCII characters without spaces "
+                         "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
+
+
 def _need_the_serve_extra() -> None:
     try:
         import starlette  # noqa: F401
@@ -335,25 +373,28 @@ def _need_the_serve_extra() -> None:
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, device="cpu", limits: Limits | None = None,
-          allow_hosts=(), say=print, warn=None, verbose=False) -> int:
-    """Serve until Ctrl-C (or SIGTERM); returns the exit code."""
+          allow_hosts=(), say=print, warn=None, verbose=False, api_key: str | None = None) -> int:
+    """Serve until Ctrl-C (or SIGTERM); returns the exit code. api_key: every API request must then
+    carry it (Authorization: Bearer KEY)."""
     _need_the_serve_extra()
     from .http_server import PlaygroundServer
     limits = limits or Limits()
     limits.validate()
+    check_api_key(api_key)
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be from 0 to 65535, got {port}")
+    model_threads()
     scheduler = Scheduler()
     catalogue = Catalogue(path, device, limits, scheduler)
     try:
-        server = PlaygroundServer((host, port), catalogue, limits, allow_hosts, verbose)
+        server = PlaygroundServer((host, port), catalogue, limits, allow_hosts, verbose, api_key)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise UsageError(f"port {port} on {host} is in use; pass --port with another (0 picks a free one)") from None
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    if not _is_loopback(host) and warn:
+    if not _is_loopback(host) and warn and api_key is None:
         warn(f"serving on {host or 'every address'}: anyone who can reach this machine can use the server "
-             f"(there is no login); bind to 127.0.0.1 unless you mean it")
+             f"(no --api-key is set); bind to 127.0.0.1 unless you mean it")
     models = catalogue.files()
     server.start()
     say(f"serving {len(models)} model{'s' if len(models) != 1 else ''} from {path} at {server.url}  (Ctrl-C stops)")
