@@ -152,7 +152,7 @@ def test_logprobs_are_the_models_own_top_n_of_each_character(served, client):
     # the native API reports the same figures, per character
     status, _, payload = served.request("POST", "/api/generate", {"model": served.name, "prompt": "DMITRI:\n",
                                         "length": 50, "seed": 2, "logprobs": 3, "temperature": 0.5, "top_k": 4})
-    lines = [json.loads(line) for line in payload.decode().splitlines() if '"text"' in line]
+    lines = [line for line in map(json.loads, payload.decode().splitlines()) if "text" in line]
     native = [entry for line in lines for entry in line["logprobs"]]
     assert [e["logprob"] for e in native] == lp.token_logprobs
     assert [dict(e["top"]) for e in native] == lp.top_logprobs

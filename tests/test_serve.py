@@ -192,7 +192,7 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
         engine.stepper = Stepper(model)                     # the fastest product at each size: no row agreement
     sizes = []                                              # the batch size of every step
     step = engine.stepper.__call__
-    engine.stepper = lambda tokens, state: sizes.append(len(tokens)) or step(tokens, state)
+    engine.stepper = lambda tokens, state, styles=None: sizes.append(len(tokens)) or step(tokens, state, styles)
     engine.stepper.rows_agree = step.__self__.rows_agree
     try:
         def job(seed, **settings):

@@ -89,7 +89,7 @@ class App:
         self.hosts, self.origins = hosts, {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
         self.jobs: dict[str, Job] = {}
         self.public_limits = {"slots": limits.slots, "max_length": limits.max_length, "max_prompt": limits.max_prompt}
-        self.pages = {path: (resources.files("textgen").joinpath("static", name).read_bytes(), kind)
+        self.pages = {path: (resources.files("textgen.serving").joinpath("static", name).read_bytes(), kind)
                       for path, (name, kind) in STATIC.items()}
 
     async def __call__(self, scope, receive, send) -> None:
