@@ -232,7 +232,7 @@ def test_an_unknown_character_names_the_pages_control_for_it(strict):
     wait_until(page, "document.getElementById('status').classList.contains('error')")
     said = page.text_content("#status")
     assert "not in the model's vocabulary" in said and said.endswith(
-        "pass “Unknown characters: leave them out” to leave them out"), said
+        "pass “Unknown characters: leave out” to leave them out"), said
     assert invalid(page) == ["unknown"]
     page.select_option("#unknown", "skip")
     page.click("#generate")

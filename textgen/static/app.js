@@ -136,6 +136,7 @@ async function generate(continuing) {
   }
   const previous = session;
   session = null;                      // until these end, there is nothing to continue
+  $("alternatives").hidden = true;
   panes[1].show(names.length > 1, names.length > 1 ? names[1] : "");
   panes[0].show(true, names.length > 1 ? names[0] : "");
   const seeds = firsts.map((f) => f.value.value.seedText);
@@ -157,7 +158,7 @@ async function follow(stream, pane, seed, started) {
   try {
     for await (const event of stream) {
       if (event.text !== undefined) {
-        pane.append(event.text, event.alternatives);
+        pane.append(event.text, event.logprobs ? alternatives(event) : null);
         produced += [...event.text].length;
         pane.meta.textContent = meta(seed, produced, (performance.now() - started) / 1000);
       } else if (event.warning) {
@@ -171,6 +172,14 @@ async function follow(stream, pane, seed, started) {
     return {end: error.name === "AbortError" ? "stopped" : "broken", characters: produced};
   }
   return {end: "broken", characters: produced};
+}
+
+/** A text line's per-character log-probabilities ({logprob, top: [[char, logprob]]}) as probabilities. */
+function alternatives(event) {
+  const chars = [...event.text];
+  return event.logprobs.map((scored, i) => ({
+    chosen: chars[i], p: Math.exp(scored.logprob), top: scored.top.map(([ch, logprob]) => [ch, Math.exp(logprob)]),
+  }));
 }
 
 function finish(names, ends, continued, body, seeds) {
@@ -247,6 +256,7 @@ function restoreLink() {
 }
 
 document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") $("alternatives").hidden = true;
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
     event.preventDefault();            // no newline in the prompt
     generate(false);

@@ -12,7 +12,7 @@ export class Pane {
     this.title = $(`title${suffix}`);
     this.output = $(`output${suffix}`);
     this.meta = $(`meta${suffix}`);
-    this.alternatives = new WeakMap();      // Text node -> per character (code point): {chosen, top: [[char, p]]}
+    this.alternatives = new WeakMap();      // Text node -> per character (code point): {chosen, p, top: [[char, p]]}
     this.current = null;                    // the Text node the running request appends to
     this.output.addEventListener("click", (event) => showAlternatives(this, event));
   }
@@ -113,7 +113,7 @@ function showAlternatives(pane, event) {
     return;
   }
   const heading = document.createElement("p");
-  heading.textContent = `character ${index + 1}: ${visible(entry.chosen)}`;
+  heading.textContent = `character ${index + 1}: ${visible(entry.chosen)}, p = ${percent(entry.p)}`;
   const table = document.createElement("table");
   for (const [ch, p] of entry.top) {
     const row = table.insertRow();
@@ -123,13 +123,17 @@ function showAlternatives(pane, event) {
     bar.className = "bar";
     bar.style.width = `${Math.max(1, Math.round(p * 100))}%`;
     row.insertCell().append(bar);
-    row.insertCell().textContent = `${(p * 100).toFixed(p >= 0.995 || p === 0 ? 0 : 1)}%`;
+    row.insertCell().textContent = percent(p);
   }
   popup.replaceChildren(heading, table);
   popup.hidden = false;
   const box = popup.parentElement.getBoundingClientRect();
   popup.style.left = `${Math.min(event.clientX - box.left, box.width - 220)}px`;
   popup.style.top = `${event.clientY - box.top + 16}px`;
+}
+
+function percent(p) {
+  return p >= 0.001 ? `${(p * 100).toFixed(1)}%` : `${(p * 100).toExponential(0)}%`;
 }
 
 /** A character as the view names it: a space, a newline and a tab are otherwise invisible. */
