@@ -105,7 +105,7 @@ async function generate(continuing) {
     setStatus(read.problems.join("; "), true);
     return;
   }
-  const body = read.body;
+  const body = read.body, asked = fields.current();      // the settings as sent, whatever is edited meanwhile
   const names = continuing ? session.models : chosenModels();
   if (continuing) {
     body.prompt = "";
@@ -149,10 +149,10 @@ async function generate(continuing) {
   if (!continuing) shown = names.map((model, i) => ({model, seed: seeds[i]}));
   const ends = await Promise.all(requests.map((r, i) => follow(streams[i], panes[i], seeds[i], started)));
   setRunning(null);
-  finish(names, ends, continuing ? previous : null, body, seeds);
+  finish(names, ends, continuing ? previous : null, asked, seeds);
 }
 
-/** One stream's events into its pane; its last event, or null where the connection ended early. */
+/** One stream's events into its pane; its last event ({end: "broken"} where the connection ended early). */
 async function follow(stream, pane, seed, started) {
   let produced = 0;
   try {
@@ -182,12 +182,12 @@ function alternatives(event) {
   }));
 }
 
-function finish(names, ends, continued, body, seeds) {
+function finish(names, ends, continued, asked, seeds) {
   const words = ends.map((e) => `${e.characters.toLocaleString("en")} characters; ${
     ENDINGS[e.end] || (e.end === "broken" ? "the connection ended early" : e.end)}`);
   setStatus(names.length > 1 ? names.map((n, i) => `${n}: ${words[i]}`).join(" · ") : words[0],
             ends.some((e) => !CONTINUABLE.has(e.end)));
-  const settings = continued ? continued.settings : {...fields.current(), seed: seeds[0]};
+  const settings = continued ? continued.settings : {...asked, seed: seeds[0]};
   if (ends.every((e) => CONTINUABLE.has(e.end) && e.session)) {
     session = {models: names, ids: ends.map((e) => e.session), settings};
   }
