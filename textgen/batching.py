@@ -74,12 +74,16 @@ class Events(queue.SimpleQueue):
 class Job:
     """One request: its settings, its own random generator, and a queue of what it produced.
 
-    The queue holds (sample, text) pairs, a ("warning", message) or, last, ("end", reason).
+    The queue holds (sample, character) pairs (the character a sampling.Scored where logprobs, the
+    number of alternatives to score per character, was asked for), a ("warning", message) or, last,
+    ("end", reason).
     """
 
-    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None):
+    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None,
+                 logprobs: int | None = None):
         self.id = secrets.token_urlsafe(9)
         self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
+        self.logprobs = logprobs
         self.samples = config.num_samples
         self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         self.events = Events()
@@ -313,19 +317,22 @@ class BatchingEngine:
         self.top_k[rows] = cfg.top_k if cfg.top_k is not None else V
         self.top_p[rows] = cfg.top_p if cfg.top_p is not None else 1.0
         with self.lock:
-            self.running[job.id] = (job, rows, Decoding(cfg, rng, n))
+            self.running[job.id] = (job, rows, Decoding(cfg, rng, n, job.logprobs))
 
     @torch.no_grad()
     def _step(self) -> None:
         u = torch.full((self.slots,), 0.5, dtype=torch.float64)
         for job, rows, decoding in self.running.values():
             u[rows] = decoding.uniforms()
-        ids = next_tokens(self.logits, self.temperature, self.top_k, self.top_p, u)
+        drawn_from = self.logits
+        ids = next_tokens(drawn_from, self.temperature, self.top_k, self.top_p, u)
         self.logits, self.state = self.stepper(ids.to(self.device), self.state)
-        chars = [self.tokenizer.chars[i] for i in ids.tolist()]
+        table = self.tokenizer.chars
+        chars = [table[i] for i in ids.tolist()]
         ended = []
         for job, rows, decoding in self.running.values():
-            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows])):
+            scored = None if job.logprobs is None else decoding.score(drawn_from[rows], ids[rows], table)
+            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], scored)):
                 if ch is not None:
                     job.events.put((sample, ch))
             job.produced = decoding.produced

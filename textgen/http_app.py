@@ -244,8 +244,11 @@ def _summary(events: list, job: Job) -> tuple[list[dict], bool]:
             lines.append({"warning": value})
         else:
             pieces.setdefault(kind, []).append(value)
-    for sample, chars in sorted(pieces.items()):
-        lines.append({"text": "".join(chars)} if job.samples == 1 else {"text": "".join(chars), "sample": sample})
+    for sample, drawn in sorted(pieces.items()):
+        line = {"text": "".join(d if isinstance(d, str) else d.char for d in drawn)}
+        if job.logprobs is not None:            # each character's Scored, in the order of the text
+            line["logprobs"] = [{"logprob": d.logprob, "top": d.top} for d in drawn]
+        lines.append(line if job.samples == 1 else {**line, "sample": sample})
     if end is not None:
         lines.append({"end": end, "characters": job.produced, "session": job.id})
     return lines, end is not None

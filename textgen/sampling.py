@@ -11,9 +11,14 @@ the same machine and path (tested). Another CPU, thread count, device or
 pointwise path (C kernel or PyTorch ops) may round a logit differently in its
 last bits, and that can change a character where two are nearly tied.
 
-The loop itself is ``Decoding`` (a request's settings, random stream, count and stop tracking) with
-``next_tokens`` (probabilities to a draw): ``Generator`` drives it for one prompt, and the server's
-batching engine for many requests at once, so the two cannot drift apart.
+The loop itself is ``Decoding`` (a request's settings, random stream, count, stop tracking and, where
+asked, the log-probabilities of what was drawn) with ``next_tokens`` (probabilities to a draw):
+``Generator`` drives it for one prompt, and the server's batching engine for many requests at once,
+so the two cannot drift apart.
+
+Log-probabilities (``scores``) are the model's own: natural logs of the softmax of the very logits the
+character was drawn from, at temperature 1 and before top-k and top-p cut anything. The temperature and
+the cuts change which character is drawn, never the figures reported for it.
 
 Imports model, tokenizer, settings and errors; never training or cli.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -33,6 +38,7 @@ from .tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
 
 MAX_SAMPLES = 100_000            # samples are drawn as one batch: their states must fit in memory
+MAX_LOGPROBS = 20                # alternatives reported per character
 # Longer requests are almost always a typo (and would run for hours); a loop of calls has no limit.
 MAX_LENGTH = 100_000_000
 
@@ -137,15 +143,35 @@ def next_tokens(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor
     return draw(next_token_probs(logits, temperature, top_k, top_p), u)
 
 
+class Scored(NamedTuple):
+    """A character with the model's log-probability of it and of the most likely characters at its step."""
+    char: str
+    logprob: float                          # natural log; 0 is certain
+    top: list[tuple[str, float]]            # the n most likely (character, logprob), most likely first
+
+
+def scores(logits: torch.Tensor, ids: torch.Tensor, n: int, chars: str) -> list[Scored]:
+    """Per row of logits (N, V): the log-probability of the token ids[row] and the n most likely tokens,
+    under the model's own distribution (temperature 1, no cut). Ties list the lower id first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                        # (N, V)
+    chosen = logp.gather(1, ids.to(logp.device).view(-1, 1)).squeeze(1).tolist()
+    values, order = logp.sort(dim=-1, descending=True, stable=True)
+    k = min(n, logp.shape[-1])
+    values, order = values[:, :k].tolist(), order[:, :k].tolist()
+    return [Scored(chars[token], lp, [(chars[j], v) for j, v in zip(row_ids, row_values)])
+            for token, lp, row_ids, row_values in zip(ids.tolist(), chosen, order, values)]
+
+
 class Decoding:
     """What one request's rows carry from step to step besides the model's state: its settings, its
-    random stream, how many characters it has made and which samples have met their stop string.
+    random stream, how many characters it has made, which samples have met their stop string and,
+    where asked (logprobs: how many alternatives), the log-probabilities of what each drew.
 
     The single-prompt Generator and the server's batching engine both generate through it, so a stop
     string ends each sample alike, one sample or several, alone or in a crowd."""
 
-    def __init__(self, config: SampleConfig, rng: torch.Generator, samples: int):
-        self.config, self.rng, self.samples = config, rng, samples
+    def __init__(self, config: SampleConfig, rng: torch.Generator, samples: int, logprobs: int | None = None):
+        self.config, self.rng, self.samples, self.logprobs = config, rng, samples, logprobs
         self.produced = 0                          # characters per sample so far
         self.tails = [""] * samples                # the last len(stop) characters of each sample
         self.stopped = [False] * samples
@@ -153,16 +179,22 @@ class Decoding:
     def uniforms(self) -> torch.Tensor:
         return uniforms(self.samples, self.rng)
 
-    def advance(self, chars: list[str]) -> list[str | None]:
-        """Take one step's characters, one per sample; what each sample shows (None for one that
-        has already met its stop string: its row goes on stepping, its text has ended)."""
+    def score(self, logits: torch.Tensor, ids: torch.Tensor, chars: str) -> list[Scored] | None:
+        """This step's scores of the drawn ids (one per sample) from the logits they were drawn from;
+        None unless the request asked for log-probabilities."""
+        return None if self.logprobs is None else scores(logits, ids, self.logprobs, chars)
+
+    def advance(self, chars: list[str], scored: list[Scored] | None = None) -> list:
+        """Take one step's characters, one per sample; what each sample shows: its character, or its
+        Scored where scores are given, or None for one that has already met its stop string (its row
+        goes on stepping, its text has ended)."""
         self.produced += 1
         stop, shown = self.config.stop, []
         for i, ch in enumerate(chars):
             if self.stopped[i]:
                 shown.append(None)
                 continue
-            shown.append(ch)
+            shown.append(ch if scored is None else scored[i])
             if stop:
                 self.tails[i] = (self.tails[i] + ch)[-len(stop):]
                 self.stopped[i] = self.tails[i] == stop
@@ -239,19 +271,23 @@ class Generator:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def stream(self, config: SampleConfig) -> Iterator[list[str | None]]:
+    def stream(self, config: SampleConfig, logprobs: int | None = None) -> Iterator[list]:
         """Yield one list of num_samples characters per step, carrying the state on.
 
         Stops after config.length steps or once every sample's output ends with config.stop (a
         sample's stop string is the last it yields; after it, its place in the list is None).
+        With logprobs (n), each character comes as a Scored: it and the n most likely, with their
+        log-probabilities.
         """
         if self.logits is None:
             self.feed(opening_text(self.tokenizer))     # nothing read yet: start as text does
-        decoding = Decoding(config, self.rng, self.num_samples)
+        decoding = Decoding(config, self.rng, self.num_samples, logprobs)
+        chars = self.tokenizer.chars
         while decoding.ended is None:
             ids = next_tokens(self.logits, config.temperature, config.top_k, config.top_p, decoding.uniforms())
+            scored = decoding.score(self.logits, ids, chars)
             self.logits, self.state = self.stepper(ids.to(self.device), self.state)
-            yield decoding.advance([self.tokenizer.chars[i] for i in ids.tolist()])
+            yield decoding.advance([chars[i] for i in ids.tolist()], scored)
 
     def generate(self, config: SampleConfig) -> list[str]:
         """The generated continuations (without the text fed), one string per sample."""

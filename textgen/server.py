@@ -25,10 +25,12 @@ API (JSON in, JSON lines out; see README, "Playground"):
     GET  /api/models    {"models": [{"name", "layers", "hidden_size", ..., "loss_curve": true}, ...]}
     GET  /api/models/NAME/loss.png   the run's loss curve, found by its catalogue name (404 without one)
     POST /api/generate  {"model", "prompt", "length", "temperature", "top_k", "top_p", "seed",
-                         "num_samples", "stop", "unknown", "continue"}
+                         "num_samples", "stop", "unknown", "continue", "logprobs"}
                         -> application/x-ndjson, one object a line:
                            {"id", "model", "seed", "samples"}   first
-                           {"text": "..."} (with "sample": i when num_samples > 1), {"warning": "..."}
+                           {"text": "..."} (with "sample": i when num_samples > 1; with "logprobs": n,
+                             "logprobs": [{"logprob", "top": [[char, logprob], ...]}, ...] one per character)
+                           {"warning": "..."}
                            {"end": "length"|"stop"|"stopped"|"shutdown"|"error", "characters", "session"} last
     POST /api/stop      {"id"}: end that generation
     GET  /api/status    slots busy and requests waiting, per loaded model
@@ -54,9 +56,9 @@ from dataclasses import dataclass
 from .batching import BatchingEngine, Job, Scheduler
 from .checkpoint import build_model, load, summary
 from .run_folder import BEST, LATEST, PLOT, find_runs, is_run, resolve
-from .errors import SettingError, UsageError
+from .errors import SettingError, UsageError, check_range
 from .evaluate import LN2
-from .sampling import SampleConfig
+from .sampling import MAX_LOGPROBS, SampleConfig
 from .settings import declared, kind
 
 @dataclass
@@ -217,7 +219,7 @@ def describe(ckpt: dict, file: str) -> dict:
 # each with the JSON types it may take.
 _SAMPLING = {f.name: kind(f) for f in declared(SampleConfig)}            # {"top_p": "float", ...}
 _JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
-FIELDS = {"model": (str,), "prompt": (str,), "unknown": (str,), "continue": (str,),
+FIELDS = {"model": (str,), "prompt": (str,), "unknown": (str,), "continue": (str,), "logprobs": (int,),
           **{name: _JSON_TYPES[k] for name, k in _SAMPLING.items()}}
 
 
@@ -263,7 +265,9 @@ def parse_request(body: dict, limits: Limits) -> tuple[object, Job]:
     unknown = get("unknown", "error")
     if unknown not in ("error", "skip"):
         raise UsageError(f"unknown must be 'error' or 'skip', got {unknown!r}")
-    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"))
+    logprobs = body.get("logprobs")
+    check_range("logprobs", logprobs, 0, MAX_LOGPROBS, f"a whole number from 0 to {MAX_LOGPROBS}")
+    return body.get("model"), Job(prompt, config, unknown, session=body.get("continue"), logprobs=logprobs)
 
 
 # Deeper than this is never a generate request, and json's recursion would fail on it.
