@@ -5,6 +5,7 @@ installs both and a missing one is a failure.
 Set TEXTGEN_SCREENSHOT=path to also write the desktop screenshot there (README's picture).
 """
 import json
+import math
 import os
 import shutil
 import time
@@ -395,3 +396,37 @@ def test_two_models_side_by_side_with_one_prompt_and_seed(strict):
     page.click("#generate")
     status_says(page, "80 characters; reached")
     assert page.is_hidden("#output-b") and page.is_hidden("#title")
+
+
+def test_a_click_on_a_character_shows_the_models_alternatives(strict):
+    page, served = strict
+    page.fill("#prompt", "ANNA:\n")
+    page.fill("#length", "40")
+    page.fill("#seed", "3")
+    page.select_option("#logprobs", "5")
+    page.click("#generate")
+    status_says(page, "reached the length")
+    events = served.generate(model="alpha", prompt="ANNA:\n", length=40, seed=3, logprobs=5)
+    text, scored = text_of(events), [s for e in events for s in e.get("logprobs", [])]
+    assert page.text_content("#output") == "ANNA:\n" + text and len(scored) == 40
+    i = next(k for k in range(5, 40) if not text[k].isspace())            # a character with a box to click
+    middle = page.evaluate(f"""(() => {{
+        const node = document.getElementById('output').childNodes[1], range = document.createRange();
+        range.setStart(node, {i}); range.setEnd(node, {i + 1});
+        const box = range.getBoundingClientRect();
+        return [box.left + box.width / 2, box.top + box.height / 2]; }})()""")
+    assert page.is_hidden("#alternatives")
+    page.mouse.click(*middle)
+    assert page.is_visible("#alternatives")
+    percent = lambda logprob: f"{math.exp(logprob) * 100:.1f}%"       # noqa: E731
+    assert page.text_content("#alternatives p") == f"character {i + 1}: {text[i]}, p = {percent(scored[i]['logprob'])}"
+    rows = page.evaluate("[...document.querySelectorAll('#alternatives tr')].map(r => "
+                         "[r.cells[0].textContent, r.cells[2].textContent, r.className])")
+    shown = {"\n": "↵ (newline)", " ": "␣ (space)"}
+    assert rows == [[shown.get(ch, ch), percent(lp), "chosen" if ch == text[i] else ""] for ch, lp in scored[i]["top"]]
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#alternatives")
+    page.click("#prompt")                                     # not a generated character: nothing to show
+    page.mouse.click(*page.evaluate("(() => { const b = document.querySelector('#output .prompt')"
+                                    ".getBoundingClientRect(); return [b.left + 3, b.top + 3]; })()"))
+    assert page.is_hidden("#alternatives")
