@@ -42,8 +42,9 @@ MAX_HEAD = 16 * 1024                # bytes of request line and headers
 STREAM_INTERVAL_S = 0.02
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/app.css": ("app.css", "text/css; charset=utf-8")}
+          "/app.css": ("app.css", "text/css; charset=utf-8"),
+          **{f"/{name}.js": (f"{name}.js", "text/javascript; charset=utf-8")
+             for name in ("app", "fields", "stream", "history", "panes")}}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -57,6 +58,18 @@ SECURITY_HEADERS = {
 def http_words(name: str, value) -> str:
     """A setting as a JSON request names it: "temperature", or "unknown": "skip" with its value."""
     return json.dumps(name) if value is ... else f"{json.dumps(name)}: {json.dumps(value)}"
+
+def usage_error(e: UsageError) -> dict:
+    """A 400's JSON: the sentence in the API's words, and for a sentence that names settings its template
+    and mentions (null where only the name is meant), so that the page can word it in its own labels
+    and mark the fields it names."""
+    answer = {"error": e.worded(http_words)}
+    if e.mentions:
+        answer["template"] = e.template
+        answer["mentions"] = {name: None if value is ... else value if isinstance(value, (str, int, float)) else str(value)
+                              for name, value in e.mentions.items()}
+    return answer
+
 
 class Refused(Exception):
     """A request answered with an error: its status, one sentence, and any headers to add."""
@@ -105,7 +118,7 @@ class App:
                 error_response(e.status, str(e), e.headers)
         except UsageError as e:
             response = openai_error_response(openai_api.as_error(e)) if openai else \
-                error_response(400, e.worded(http_words))
+                json_response(400, usage_error(e))
         except Busy as e:
             message, retry = f"{e}; try again shortly", {"Retry-After": "1"}
             response = openai_error_response(OpenAIError(503, message, code="overloaded"), retry) if openai else \
@@ -170,6 +183,16 @@ class App:
         if path == "/api/models":           # may read checkpoints from disk: off the loop
             models = await asyncio.to_thread(self.catalogue.models)
             return json_response(200, {"models": models, "limits": self.public_limits})
+        if path.startswith("/api/models/") and path.endswith("/loss.png"):
+            name = path[len("/api/models/"):-len("/loss.png")]
+            try:
+                picture = await asyncio.to_thread(self.catalogue.loss_curve, name)
+            except UsageError as e:
+                raise Refused(404, str(e)) from None
+            if picture is None:
+                raise Refused(404, f"the run {name!r} has no loss curve (training draws loss.png when matplotlib "
+                                   f"is installed)")
+            return Response(picture, 200, SECURITY_HEADERS, "image/png")
         if path == "/api/status":
             return json_response(200, {"models": self.catalogue.status(), "generations": len(self.jobs)})
         raise Refused(404, f"no API endpoint {path[:200]}" if path.startswith("/api/") else f"nothing at {path[:200]}")

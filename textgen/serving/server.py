@@ -22,7 +22,8 @@ generation at the next character.
 
 API (JSON in, JSON lines out; see README, "Playground"):
 
-    GET  /api/models    {"models": [{"name", "layers", "hidden_size", ...}, ...]}
+    GET  /api/models    {"models": [{"name", "layers", "hidden_size", ..., "loss_curve": true}, ...]}
+    GET  /api/models/NAME/loss.png   the run's loss curve, found by its catalogue name (404 without one)
     POST /api/generate  {"model", "prompt", "prime", "length", "temperature", "top_k", "top_p", "seed",
                          "num_samples", "stop", "max_copy", "unknown", "continue", "logprobs"}
                         -> application/x-ndjson, one object a line:
@@ -51,13 +52,14 @@ import os
 import re
 import signal
 import socket
+import stat
 import threading
 from dataclasses import dataclass
 
 from ..generation.batching import BatchingEngine, Job, Scheduler
 from ..checkpoint import build_model, load, summary
 from ..copy_index import for_checkpoint
-from ..run_folder import BEST, LATEST, find_runs, is_run, resolve
+from ..run_folder import BEST, LATEST, PLOT, find_runs, is_run, resolve
 from ..errors import SettingError, UsageError, check_range
 from ..evaluate import LN2
 from ..generation.sampling import MAX_LOGPROBS, SampleConfig
@@ -91,6 +93,9 @@ class Limits:
 # ---------------------------------------------------------------------------
 # The served models
 # ---------------------------------------------------------------------------
+
+MAX_PLOT_BYTES = 16 * 1024 * 1024     # a loss curve is ~50 KB; anything this large is not one
+
 
 class Catalogue:
     """The models a server offers: one run, one checkpoint file, or every run under a folder.
@@ -133,10 +138,28 @@ class Catalogue:
                 key = self._key(file)
                 if key not in self.info_cache:
                     self.info_cache[key] = describe(load(file, map_location="cpu"), os.path.basename(file))
-                listed.append({"name": name, **self.info_cache[key]})
+                listed.append({"name": name, **self.info_cache[key],
+                               "loss_curve": os.path.isfile(os.path.join(os.path.dirname(file), PLOT))})
             except (UsageError, OSError) as e:
                 listed.append({"name": name, "error": str(e)})
         return listed
+
+    def loss_curve(self, name: str) -> bytes | None:
+        """The named run's loss.png (beside its checkpoint), None where it has none. The file is found
+        from the catalogue's name only, never from a path a request gives; only a regular file is read."""
+        files = self.files()
+        if name not in files:
+            raise UsageError(f"there is no model {name[:100]!r} here; GET /api/models lists them")
+        path = os.path.join(os.path.dirname(files[name]), PLOT)
+        try:         # O_NONBLOCK: a FIFO by that name must not hang the reader; it is refused just below
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PLOT_BYTES:
+                return None
+            return f.read(MAX_PLOT_BYTES)
 
     def engine(self, name) -> tuple[BatchingEngine, str]:
         """The engine serving the named model; an unknown name is the request's error."""
