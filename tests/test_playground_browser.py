@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     return str(folder)
 
 
-def open_page(browser, runs, bypass_csp: bool):
+def open_page(browser, runs, bypass_csp: bool, models: int = 3, first: str = "alpha"):
     served = Served(runs, slots=4, max_waiting=4, max_length=100_000)
     context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=bypass_csp, accept_downloads=True)
     page = context.new_page()
@@ -51,8 +51,8 @@ def open_page(browser, runs, bypass_csp: bool):
     page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
             and errors.append(m.text))
     page.goto(f"http://127.0.0.1:{served.port}/")
-    wait_until(page, "document.querySelectorAll('#model option').length === 3")
-    page.select_option("#model", "alpha")                    # the newest run, markup, is chosen at first
+    wait_until(page, f"document.querySelectorAll('#model option').length === {models}")
+    page.select_option("#model", first)                      # the newest run is chosen at first
     return page, served, context, errors
 
 
@@ -433,3 +433,44 @@ def test_a_click_on_a_character_shows_the_models_alternatives(strict):
     page.mouse.click(*page.evaluate("(() => { const b = document.querySelector('#output .prompt')"
                                     ".getBoundingClientRect(); return [b.left + 3, b.top + 3]; })()"))
     assert page.is_hidden("#alternatives")
+
+
+def test_a_styled_model_offers_its_styles_and_the_text_keeps_to_the_one_chosen(browser, tmp_path):
+    """The Style menu appears for a model trained with styles (and only for it), lists its styles, and what
+    it generates under one keeps to that file's letters; Max copy goes with the request, as its field says."""
+    import textgen
+    from test_styles import LOWER, TINY, UPPER, share, words
+    corpus, served_runs = tmp_path / "corpus", tmp_path / "served"
+    corpus.mkdir()
+    served_runs.mkdir()
+    (corpus / "lower.txt").write_text(words(LOWER, 3000, 1), encoding="utf-8")
+    (corpus / "upper.txt").write_text(words(UPPER, 3000, 2), encoding="utf-8")
+    textgen.train(str(corpus), styles=True, steps=150, out=str(served_runs / "styled"),
+                  cache_dir=str(tmp_path / "cache"), log=lambda m: None, **TINY)
+    (tmp_path / "plain").mkdir()
+    run, _ = train_tiny(tmp_path / "plain")
+    os.rename(run, served_runs / "plain")
+    page, served, context, errors = open_page(browser, str(served_runs), bypass_csp=False, models=2, first="plain")
+    try:
+        page.select_option("#model", "plain")
+        assert page.is_hidden("#style-box")
+        page.select_option("#model", "styled")
+        assert page.is_visible("#style-box")
+        assert [o.strip() for o in page.eval_on_selector_all("#style option", "os => os.map(o => o.textContent)")] \
+            == ["(none)", "lower", "upper"]
+        for style, alphabet in (("upper", UPPER), ("lower", LOWER)):
+            page.select_option("#style", style)
+            page.fill("#prompt", "")
+            page.fill("#length", "300")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            status_says(page, "300 characters")
+            assert share(page.text_content("#output"), alphabet) >= 0.95, style
+        page.fill("#max_copy", "0")                       # out of its range: the server's sentence, the field marked
+        page.click("#generate")
+        status_says(page, "Max copy must be")
+        assert invalid(page) == ["max_copy"]
+    finally:
+        context.close()
+        served.close()
+    assert errors == []
