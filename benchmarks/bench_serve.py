@@ -60,6 +60,8 @@ def serve(run: str, mode: str, slots: int) -> None:
 
         def __init__(self):
             self.model, self.tokenizer, _ = load_model(run)
+            # no copy report here (the batched server computes one at the end of each request, a few ms)
+            self.copy_index, self.copy_note = None, "not measured"
 
         def submit(self, job):
             def work():
