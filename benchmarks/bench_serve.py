@@ -49,7 +49,7 @@ def make_run(folder: str, hidden: int, layers: int) -> str:
 
 def serve(run: str, mode: str, slots: int) -> None:
     """The server process: print the port, serve until killed."""
-    from textgen.generation import batching
+    from textgen.generation import jobs
     from textgen.serving import server
     from textgen.checkpoint import load_model
     from textgen.serving.http_server import PlaygroundServer
@@ -81,7 +81,7 @@ def serve(run: str, mode: str, slots: int) -> None:
         port = lambda message: re.search(r":(\d+)/", message) and print(re.search(r":(\d+)/", message)[1], flush=True)  # noqa: E731
         server.serve(run, port=0, limits=limits, say=port)
         return
-    scheduler = batching.Scheduler()
+    scheduler = jobs.Scheduler()
     catalogue = server.Catalogue(run, "cpu", limits, scheduler)
     engine = Unbatched()
     catalogue.engine = lambda name: (engine, name)

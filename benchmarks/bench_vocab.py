@@ -1,12 +1,12 @@
 """What a vocabulary's size costs a training step with each output layer, and where the
-adaptive softmax starts to pay (model.ADAPTIVE_FROM).
+adaptive softmax starts to pay (lstm/config.py ADAPTIVE_FROM).
 
 The same LSTM (default 2x512, 128 streams x 50, its products in the dtype the machine runs by
 default, as training runs them) with vocabularies of 65 to 5,000 characters and the product's
 two output layers, through the model's own training path (``model(x, targets=y)``):
 
 * full: a linear layer and softmax over every class, its products in the LSTM's dtype;
-* adaptive: nn.AdaptiveLogSoftmaxWithLoss with the default cutoffs (model.adaptive_cutoffs).
+* adaptive: nn.AdaptiveLogSoftmaxWithLoss with the default cutoffs (lstm/config.py adaptive_cutoffs).
 
 Inputs and targets are drawn from a Zipf distribution, as characters are, in frequency-rank
 order. A step is forward + loss + backward + AdamW, timed in interleaved rounds in one process;
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lstm import time_steps  # noqa: E402
 from textgen.devices import native_bf16  # noqa: E402
-from textgen.lstm.model import ADAPTIVE_FROM, CharLSTM, ModelConfig  # noqa: E402
+from textgen.lstm import ADAPTIVE_FROM, CharLSTM, ModelConfig  # noqa: E402
 
 
 def zipf_targets(vocab: int, shape, generator) -> torch.Tensor:

@@ -116,7 +116,8 @@ def test_guard_holds_across_paragraphs(by_heart, capsys):
 
 
 def test_guard_in_the_batching_engine(by_heart):
-    from textgen.generation.batching import BatchingEngine, Job
+    from textgen.generation.batching import BatchingEngine
+    from textgen.generation.jobs import Job
     from textgen.checkpoint import load_model
     from textgen.generation.sampling import SampleConfig
     run, _ = by_heart

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from textgen.generation.batching import BatchingEngine, Job
+from textgen.generation.batching import BatchingEngine
+from textgen.generation.jobs import Job
 from textgen.checkpoint import load_model
 from textgen.generation.sampling import Decoding, Generator, SampleConfig
 

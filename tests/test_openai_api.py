@@ -7,7 +7,7 @@ import pytest
 
 from conftest import train_tiny
 from textgen.serving import server as served_module
-from textgen.generation.batching import Scheduler
+from textgen.generation.jobs import Scheduler
 from textgen.evaluate import cross_entropy
 from textgen.checkpoint import load_model
 from textgen.serving.http_server import PlaygroundServer

@@ -11,7 +11,8 @@ from conftest import ran_the_chosen_path, run, small_text, train_here
 from textgen import checkpoint
 from textgen.lstm import model as model_module
 from textgen.lstm import Stepper
-from textgen.lstm.model import (ADAPTIVE_FROM, AdaptiveHead, CharLSTM, ModelConfig, adaptive_cutoffs, dropout,
+from textgen.lstm.config import ADAPTIVE_FROM, adaptive_cutoffs
+from textgen.lstm.model import (AdaptiveHead, CharLSTM, ModelConfig, dropout,
                                 lstm_layer_reference)
 
 

@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, run, train_tiny
 from textgen.serving import server as served_module
-from textgen.generation.batching import BatchingEngine, Job, Scheduler
+from textgen.generation.batching import BatchingEngine
+from textgen.generation.jobs import Job, Scheduler
 from textgen.checkpoint import load_model
 from textgen.serving.http_server import PlaygroundServer
 from textgen.generation.sampling import Generator, SampleConfig

@@ -10,7 +10,8 @@ import torch
 import textgen
 from conftest import train_here
 from textgen import checkpoint
-from textgen.generation.batching import BatchingEngine, Job
+from textgen.generation.batching import BatchingEngine
+from textgen.generation.jobs import Job
 from textgen.cli import generate_main, info_main
 from textgen.corpus import prepare
 from textgen.data import StreamLoader

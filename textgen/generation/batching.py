@@ -25,177 +25,65 @@ A finished job leaves its state behind as a session (the carried ``(h, c)``, the
 the next character, the generator's state), so a later request can continue where its text
 ended, as ``generate.py --paragraphs`` does.
 
-Imports model, sampling, tokenizer and errors; never training, checkpoint or the server.
+Imports the LSTM, jobs, sampling, styles, tokenizer and errors; never training, checkpoint or the server.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
-import functools
-import queue
-import secrets
 import threading
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import SettingError, UsageError
 from ..lstm import CharLSTM, Stepper
-from .sampling import Decoding, SampleConfig, encode_text, next_tokens, opening_ids, scores
+from .jobs import Busy, Job, Scheduler, Session
+from .sampling import Decoding, encode_text, next_tokens, opening_ids, scores
 from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer
 
 SESSIONS_KEPT = 256       # finished jobs whose state can still be continued, per model
 
 
-class Busy(Exception):
-    """Every slot is taken and the waiting queue is full: try again later."""
+class Rows:
+    """The batch: its busy rows in order, each a (job, sample), and what each row carries: the LSTM's state
+    and the logits of its next draw (on the model's device), its sampling settings and its style (on the
+    CPU, one column each). A job joins at the end; a job that leaves takes its rows out, and the rest
+    close up."""
 
+    def __init__(self, model: CharLSTM, vocab_size: int, device: torch.device):
+        self.owners: list[tuple[Job, int]] = []
+        self.state = tuple((h[:0], c[:0]) for h, c in model.initial_state(1, device=device))
+        self.logits = torch.zeros(0, vocab_size, device=device)
+        self.columns = {"temperature": torch.ones(0), "top_k": torch.zeros(0, dtype=torch.long),
+                        "top_p": torch.ones(0)}
+        if model.config.style_names:
+            self.columns["style"] = torch.zeros(0, dtype=torch.long)     # NO_STYLE where none is asked for
 
-@dataclass
-class Session:
-    """Where a finished job's text ended: enough to continue it exactly."""
-    state: tuple            # per layer (h, c), each (samples, H)
-    logits: torch.Tensor    # (samples, V)
-    rng_state: torch.Tensor
-    seed: int               # the seed the chain of requests started from: its random stream carries on
-    copy_tails: list        # per sample, its last generated ids (--max-copy's run goes on into a continuation)
+    def __len__(self) -> int:
+        return len(self.owners)
 
+    def add(self, job: Job, state, logits: torch.Tensor, **values) -> list[int]:
+        """The job's rows (one a sample) at the end of the batch, each column given its value; their indices."""
+        n = job.samples
+        first = len(self.owners)
+        self.owners += [(job, sample) for sample in range(n)]
+        self.state = tuple((torch.cat([h0, h]), torch.cat([c0, c])) for (h0, c0), (h, c) in zip(self.state, state))
+        self.logits = torch.cat([self.logits, logits.float()])
+        for name, column in self.columns.items():
+            self.columns[name] = torch.cat([column, torch.full((n,), values[name], dtype=column.dtype)])
+        return list(range(first, first + n))
 
-class Events(queue.SimpleQueue):
-    """A job's output queue, which also wakes a reader that said it waits (the server's event loop).
+    def keep(self, keeps) -> None:
+        """Keep the rows whose (job, sample) keeps(...) holds for, in order."""
+        kept = [i for i, owner in enumerate(self.owners) if keeps(owner)]
+        index = torch.tensor(kept, dtype=torch.long, device=self.logits.device)
+        self.owners = [self.owners[i] for i in kept]
+        self.state = tuple((h.index_select(0, index), c.index_select(0, index)) for h, c in self.state)
+        self.logits = self.logits.index_select(0, index)
+        self.columns = {name: column.index_select(0, index.cpu()) for name, column in self.columns.items()}
 
-    The reader sets `waiter` and then looks at the queue once more before it sleeps; a put calls the
-    waiter after queueing. Either the reader sees the event or the put sees the waiter: no event
-    is missed, and the model's thread pays nothing while nobody waits.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.waiter = None                  # called once (from the model's thread), then cleared
-
-    def put(self, item, block=True, timeout=None):
-        super().put(item, block, timeout)
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter()
-
-
-async def arrived(jobs: list["Job"]) -> list[tuple[int, tuple]]:
-    """For an asyncio reader: the events queued so far by any of jobs, as (job's index, event) pairs;
-    while none is, wait without blocking the loop (the next put, from the model's thread, wakes it).
-    A job whose end has been read is looked at no more; with every job ended, an empty list."""
-    loop = asyncio.get_running_loop()
-    while True:
-        got = []
-        for i, job in enumerate(jobs):
-            while not job.ended_read:
-                try:
-                    event = job.events.get_nowait()
-                except queue.Empty:
-                    break
-                got.append((i, event))
-                job.ended_read = event[0] == "end"
-        waiting = [job.events for job in jobs if not job.ended_read]
-        if got or not waiting:
-            return got
-        ready = asyncio.Event()
-        for events in waiting:
-            events.waiter = functools.partial(_wake, loop, ready)
-        try:
-            if all(events.empty() for events in waiting):     # looked again after setting the waiters
-                await ready.wait()
-        finally:
-            for events in waiting:
-                events.waiter = None
-
-
-def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
-    """Called from the model's thread."""
-    try:
-        loop.call_soon_threadsafe(ready.set)
-    except RuntimeError:                    # the loop has closed: nobody waits any more
-        pass
-
-
-class Job:
-    """One request: its settings, its own random generator, and a queue of what it produced.
-
-    The queue holds (sample, character) pairs (the character a sampling.Scored where logprobs were
-    asked for), a ("warning", message), with echo a ("prompt", [Scored of each prompt character after
-    the first]) first, and, last, ("end", reason).
-
-    stops: strings that end a sample (default: config.stop); logprobs: alternatives scored per
-    character (None: none); echo: with logprobs, score the prompt too. A config.length of 0 reads
-    the prompt (and scores it) and generates nothing.
-    """
-
-    def __init__(self, prompt: str, config: SampleConfig, unknown: str = "error", session: str | None = None,
-                 stops: tuple[str, ...] | None = None, logprobs: int | None = None, echo: bool = False,
-                 prime: str = ""):
-        self.id = secrets.token_urlsafe(9)
-        self.prompt, self.config, self.unknown, self.continues = prompt, config, unknown, session
-        self.stops, self.logprobs, self.echo = stops, logprobs, echo
-        self.prime = prime                  # a document read before the prompt, never shown
-        self.style = NO_STYLE               # the style's id, set when the engine takes the job
-        self.samples = config.num_samples
-        self.seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-        self.events = Events()
-        self.ended_read = False             # a reader (arrived) has taken the ("end", reason) event
-        self.produced = 0                   # characters per sample so far
-        self.finished = threading.Event()
-        self._cancelled = threading.Event()
-        self.reason: str | None = None
-
-    def cancel(self) -> None:
-        """Stop at the next character (Stop pressed, or the client went away)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-class Scheduler:
-    """Steps every engine with work, one character each in turn, on the thread that calls run()."""
-
-    def __init__(self):
-        self.wake = threading.Condition()
-        self.engines: list[BatchingEngine] = []
-        self.stopped = False
-
-    def add(self, engine: "BatchingEngine") -> None:
-        with self.wake:
-            self.engines.append(engine)
-
-    def notify(self) -> None:
-        with self.wake:
-            self.wake.notify_all()
-
-    def run(self) -> None:
-        """Until stop(); a KeyboardInterrupt (Ctrl-C in the main thread) goes through to the caller."""
-        while True:
-            with self.wake:
-                if self.stopped:
-                    return
-                self.engines = [e for e in self.engines if not e.done]    # retired and idle: let go
-                working = [e for e in self.engines if e.has_work()]
-                if not working:
-                    self.wake.wait(timeout=0.5)
-                    continue
-            for engine in working:
-                engine.tick()
-
-    def stop(self) -> None:
-        with self.wake:
-            self.stopped = True
-            self.wake.notify_all()
-
-    def run_in_thread(self) -> threading.Thread:
-        """For tests and embedding: the same loop on a thread of its own (slower on a few cores)."""
-        thread = threading.Thread(target=self.run, name="textgen-scheduler", daemon=True)
-        thread.start()
-        return thread
+    def of(self, job: Job) -> list[int]:
+        return [i for i, (owner, _) in enumerate(self.owners) if owner is job]
 
 
 class BatchingEngine:
@@ -211,7 +99,7 @@ class BatchingEngine:
         self.model, self.tokenizer, self.slots, self.max_waiting = model, tokenizer, slots, max_waiting
         self.device = next(model.parameters()).device
         self.stepper = Stepper(model, rows_agree=slots > 1, most_rows=slots)
-        self._empty()
+        self.batch = Rows(model, tokenizer.vocab_size, self.device)
         self.running: dict[str, tuple[Job, list[int], Decoding]] = {}      # job id -> (job, its rows, its loop)
         self.waiting: collections.deque[Job] = collections.deque()
         self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
@@ -257,7 +145,7 @@ class BatchingEngine:
 
     def counts(self) -> dict:
         with self.lock:
-            busy = len(self.rows)
+            busy = len(self.batch)
             return {"slots": self.slots, "busy_slots": busy, "running": len(self.running),
                     "waiting": len(self.waiting)}
 
@@ -280,26 +168,15 @@ class BatchingEngine:
             running, waiting = list(self.running.values()), list(self.waiting)
             self.running.clear()
             self.waiting.clear()
-            self._empty()
+            self.batch = Rows(self.model, self.tokenizer.vocab_size, self.device)
         for job in [job for job, _, _ in running] + waiting:
             self._finish(job, "shutdown")
 
     # -- the worker ---------------------------------------------------------------------
 
-    def _empty(self) -> None:
-        """No busy row. The batch holds exactly the busy rows, in order, each a (job, sample); per row the
-        carried state, the logits of the next draw and the sampling settings."""
-        V, like = self.tokenizer.vocab_size, self.model.initial_state(1, device=self.device)
-        self.rows: list[tuple[Job, int]] = []
-        self.state = tuple((h[:0], c[:0]) for h, c in like)
-        self.logits = torch.zeros(0, V, device=self.device)
-        self.temperature, self.top_k, self.top_p = torch.ones(0), torch.zeros(0, dtype=torch.long), torch.ones(0)
-        # Each row's style (a model with styles), NO_STYLE where none is asked for.
-        self.styles = torch.zeros(0, dtype=torch.long) if self.model.config.style_names else None
-
     def _left_waiting(self, queued: list[Job]) -> int:
         """How many of the queued jobs would still wait once those that fit in the free rows join."""
-        free = self.slots - len(self.rows)
+        free = self.slots - len(self.batch)
         for joined, job in enumerate(queued):
             if job.samples > free:
                 return len(queued) - joined
@@ -334,12 +211,12 @@ class BatchingEngine:
             job.events.put(("warning", message))
             with self.lock:
                 if self.running.pop(job.id, None) is not None:
-                    self._keep(lambda row: row[0] is not job)
+                    self._keep(job)
             self._finish(job, "error")
 
     def _admit(self) -> list[Job]:
         """Waiting jobs, in order, that fit in the free rows now (a cancelled one just ends)."""
-        joining, free = [], self.slots - len(self.rows)
+        joining, free = [], self.slots - len(self.batch)
         while self.waiting:
             job = self.waiting[0]
             if job.cancelled:
@@ -378,18 +255,12 @@ class BatchingEngine:
                 job.events.put(("prompt", scores(every[0], ids[1:], job.logprobs, self.tokenizer.chars)))
             else:
                 logits, state = self.model.read(tokens, state, styles=styles)
-        cfg, V = job.config, self.tokenizer.vocab_size
+        cfg = job.config
         decoding = Decoding(cfg, rng, n, job.stops, job.logprobs, self.copy_index, tails)
         with self.lock:
-            rows = list(range(len(self.rows), len(self.rows) + n))
-            self.rows += [(job, sample) for sample in range(n)]
-            self.state = tuple((torch.cat([h0, h]), torch.cat([c0, c])) for (h0, c0), (h, c) in zip(self.state, state))
-            self.logits = torch.cat([self.logits, logits.float()])
-            self.temperature = torch.cat([self.temperature, torch.full((n,), float(cfg.temperature))])
-            self.top_k = torch.cat([self.top_k, torch.full((n,), cfg.top_k if cfg.top_k is not None else V)])
-            self.top_p = torch.cat([self.top_p, torch.full((n,), float(cfg.top_p if cfg.top_p is not None else 1))])
-            if self.styles is not None:
-                self.styles = torch.cat([self.styles, torch.full((n,), job.style)])
+            rows = self.batch.add(job, state, logits, temperature=cfg.temperature, style=job.style,
+                                  top_k=cfg.top_k if cfg.top_k is not None else self.tokenizer.vocab_size,
+                                  top_p=cfg.top_p if cfg.top_p is not None else 1.0)
             self.running[job.id] = (job, rows, decoding)
         if decoding.ended:                          # nothing to generate (length 0): the prompt was all
             self._leave(job, decoding.ended)
@@ -398,30 +269,30 @@ class BatchingEngine:
     def _step(self) -> None:
         """One character for every busy row. The batch is the busy rows where the stepper's rows agree at
         every size, else all `slots` rows (idle ones zeros): a fixed shape."""
-        jobs = list(self.running.values())
-        n = len(self.rows)
+        jobs, batch = list(self.running.values()), self.batch
+        n = len(batch)
         if len(jobs) == 1:                  # one job: its own settings, the same arithmetic as one per row
             cfg, decoding = jobs[0][0].config, jobs[0][2]
             u, settings = decoding.uniforms(), (cfg.temperature, cfg.top_k, cfg.top_p)
         else:
             u = torch.cat([decoding.uniforms() for _, _, decoding in jobs])       # rows are in the jobs' order
-            settings = (self.temperature, self.top_k, self.top_p)
-        drawn_from = model_logits = self.logits
+            settings = tuple(batch.columns[name] for name in ("temperature", "top_k", "top_p"))
+        drawn_from = model_logits = batch.logits
         for job, rows, decoding in jobs:
             if decoding.guard is not None:           # --max-copy: this job's rows lose what would copy
-                drawn_from = drawn_from.clone() if drawn_from is self.logits else drawn_from
-                drawn_from[rows] = decoding.guarded(self.logits[rows])
+                drawn_from = drawn_from.clone() if drawn_from is model_logits else drawn_from
+                drawn_from[rows] = decoding.guarded(model_logits[rows])
         ids = next_tokens(drawn_from, *settings, u).to(self.device)
-        tokens, state, styles = ids, self.state, self.styles
+        tokens, state, styles = ids, batch.state, batch.columns.get("style")
         if not self.stepper.rows_agree and n < self.slots:
             tokens = torch.cat([ids, ids.new_zeros(self.slots - n)])
             state = tuple((torch.cat([h, h.new_zeros(self.slots - n, h.shape[1])]),
                            torch.cat([c, c.new_zeros(self.slots - n, c.shape[1])])) for h, c in state)
             if styles is not None:
                 styles = torch.cat([styles, styles.new_full((self.slots - n,), NO_STYLE)])
-        self.logits, self.state = self.stepper(tokens, state, None if styles is None else styles.to(self.device))
+        batch.logits, batch.state = self.stepper(tokens, state, None if styles is None else styles.to(self.device))
         if len(tokens) > n:                 # the fixed batch's idle rows: dropped again
-            self.logits, self.state = self.logits[:n], tuple((h[:n], c[:n]) for h, c in self.state)
+            batch.logits, batch.state = batch.logits[:n], tuple((h[:n], c[:n]) for h, c in batch.state)
         table = self.tokenizer.chars
         listed = ids.tolist()
         chars = [table[i] for i in listed]
@@ -446,32 +317,22 @@ class BatchingEngine:
         _, rows, decoding = self.running[job.id]
         rng = decoding.rng
         index = torch.tensor(rows, device=self.device)
-        session = Session(seed=job.seed, state=tuple((h[index].clone(), c[index].clone()) for h, c in self.state),
-                          logits=self.logits[index].clone(), rng_state=rng.get_state(),
+        session = Session(seed=job.seed, state=tuple((h[index].clone(), c[index].clone()) for h, c in self.batch.state),
+                          logits=self.batch.logits[index].clone(), rng_state=rng.get_state(),
                           copy_tails=decoding.guard.tails if decoding.guard is not None else [[] for _ in rows])
         with self.lock:
             del self.running[job.id]
-            self._keep(lambda row: row[0] is not job)
+            self._keep(job)
             self.sessions[job.id] = session
             while len(self.sessions) > SESSIONS_KEPT:
                 self.sessions.popitem(last=False)
         self._finish(job, reason)
 
-    def _keep(self, keeps) -> None:
-        """Keep the rows for which keeps(row) holds, in order (under self.lock): the batch closes up, and each
-        running job's rows are renumbered."""
-        kept = [i for i, row in enumerate(self.rows) if keeps(row)]
-        index = torch.tensor(kept, dtype=torch.long, device=self.device)
-        self.rows = [self.rows[i] for i in kept]
-        self.state = tuple((h.index_select(0, index), c.index_select(0, index)) for h, c in self.state)
-        self.logits = self.logits.index_select(0, index)
-        cpu = index.cpu()
-        self.temperature, self.top_k, self.top_p = (t.index_select(0, cpu) for t in (self.temperature, self.top_k,
-                                                                                     self.top_p))
-        if self.styles is not None:
-            self.styles = self.styles.index_select(0, cpu)
+    def _keep(self, leaving: Job) -> None:
+        """Take the leaving job's rows out of the batch (under self.lock), and renumber each running job's."""
+        self.batch.keep(lambda owner: owner[0] is not leaving)
         for job, rows, _ in self.running.values():
-            rows[:] = [i for i, row in enumerate(self.rows) if row[0] is job]
+            rows[:] = self.batch.of(job)
 
     def _finish(self, job: Job, reason: str) -> None:
         job.reason = reason

@@ -1,14 +1,15 @@
 """The LSTM and its fast path: what the rest of textgen imports from here.
 
 model.py is the model a reader meets first: the cell gate by gate, the layer, the stack and CharLSTM,
-with the config that describes it; heads.py the adaptive output layer, stepper.py generation's
+and config.py the ModelConfig that describes it; heads.py the adaptive output layer, stepper.py generation's
 one-character step. fused_lstm.py is the fast path (fused products, bf16),
 proven against that cell; native_kernel.py compiles and checks lstm_kernel.c, the pointwise step in C.
 Only this folder imports fused_lstm, and only fused_lstm imports native_kernel.
 """
 from .fused_lstm import KernelUnavailable, describe_step_path
 from .heads import AdaptiveHead
-from .model import ADAPTIVE_FROM, DROPOUT_FIELDS, CharLSTM, ModelConfig, State, detach_state
+from .config import ADAPTIVE_FROM, DROPOUT_FIELDS, ModelConfig
+from .model import CharLSTM, State, detach_state
 from .stepper import Stepper
 
 __all__ = ["ADAPTIVE_FROM", "DROPOUT_FIELDS", "AdaptiveHead", "CharLSTM", "KernelUnavailable", "ModelConfig",

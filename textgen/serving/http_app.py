@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..generation.batching import Busy, Job, arrived
+from ..generation.jobs import Busy, Job, arrived
 from . import openai_api
 from ..errors import UsageError
 from .openai_api import OpenAIError

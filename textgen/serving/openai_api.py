@@ -31,7 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from ..generation.batching import Job, arrived
+from ..generation.jobs import Job, arrived
 from ..errors import SettingError, UsageError, check_range
 from ..generation.sampling import MAX_LOGPROBS, MAX_SAMPLES, SampleConfig, Scored, opening_text
 from .server import Limits, check_prompt, check_text

@@ -4,7 +4,7 @@ Three modules, one job each:
 
 * here, what is served and how a request is read: the limits, the catalogue of served runs
   (loaded on first use), a generate request's checks, and `serve()`, which runs the model work
-  (a `batching.Scheduler` stepping every engine) on the main thread until Ctrl-C or SIGTERM;
+  (a `jobs.Scheduler` stepping every engine) on the main thread until Ctrl-C or SIGTERM;
 * `http_app`, the endpoints, on starlette's requests and responses: Host and Origin checks, the
   body limit, JSON lines streamed from a job's queue without ever blocking the event loop;
 * `http_server`, uvicorn (h11, asyncio) on a thread of its own: an idle or slow connection costs
@@ -56,7 +56,8 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from ..generation.batching import BatchingEngine, Job, Scheduler
+from ..generation.batching import BatchingEngine
+from ..generation.jobs import Job, Scheduler
 from ..checkpoint import build_model, load, summary
 from ..copy_index import for_checkpoint
 from ..run_folder import BEST, LATEST, PLOT, find_runs, is_run, resolve
