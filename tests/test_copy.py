@@ -195,6 +195,12 @@ def test_server_final_line_carries_the_report(by_heart, tmp_path):
         text = "".join(e.get("text", "") for e in events)
         assert end["copy"]["length"] == longest_common_span(text, SHORT) <= 6
         assert end["copy"]["file"] == "short.txt" and end["copy"]["text"] in SHORT
+        # Unguarded, two samples: the report is the longer of the two, found in the text that sample sent.
+        events = served.generate(prompt="the ", length=120, seed=2, num_samples=2)
+        texts = ["".join(e["text"] for e in events if "text" in e and e.get("sample") == k) for k in range(2)]
+        report = events[-1]["copy"]
+        assert report["length"] == max(longest_common_span(t, SHORT) for t in texts) > 6
+        assert report["text"] in texts[report["sample"]] and len(report["text"]) == report["length"]
         primed = served.generate(prime="all that glitters ", prompt="is", length=20, seed=1)
         assert primed[-1]["end"] == "length"
     finally:

@@ -356,11 +356,10 @@ async def _lines(job: Job, name: str, engine=None):
     yield _ndjson([{"id": job.id, "model": name, "seed": job.seed, "samples": job.samples}])
     texts: dict[int, list[str]] = {}
     while True:
-        events = [event for _, event in await arrived([job])]
-        for kind, value in events:
-            if isinstance(kind, int):
-                texts.setdefault(kind, []).append(getattr(value, "char", value))     # a Scored with logprobs
-        lines, ended = _summary(events, job)
+        lines, ended = _summary([event for _, event in await arrived([job])], job)
+        for line in lines:                          # the text as sent, kept for the copy report
+            if "text" in line:
+                texts.setdefault(line.get("sample", 0), []).append(line["text"])
         if ended and engine is not None:            # the report reads the index: off the loop
             outputs = ["".join(texts.get(i, [])) for i in range(job.samples)]
             lines[-1]["copy"] = await asyncio.to_thread(copy_report, engine, outputs)
