@@ -124,6 +124,17 @@ class CountingKernel:
         self.slices.append(slices)
         self.kernel.backward_step(B, H, slices, *pointers)
 
+    def forward_step_bf16(self, B, H, slices, *pointers):
+        self.slices.append(slices)
+        self.kernel.forward_step_bf16(B, H, slices, *pointers)
+
+    def backward_step_bf16(self, B, H, slices, *pointers):
+        self.slices.append(slices)
+        self.kernel.backward_step_bf16(B, H, slices, *pointers)
+
+    def transpose(self, *arguments):
+        self.kernel.transpose(*arguments)
+
 
 def need_c_compiler(or_native_off: bool = True) -> None:
     """Skip where there is no C compiler (or TEXTGEN_NATIVE=0 turns the kernel off), except under CI

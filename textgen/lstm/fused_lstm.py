@@ -72,6 +72,21 @@ def _packed_weight(weight: torch.Tensor, batch: int):
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
 
 
+def low_precision_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None):
+    """A function x -> x @ weight^T with x, the weight and the result in low_precision (bfloat16 or
+    float16), for a weight reused at every step; None where there is no low precision, or where the
+    product is small enough on the CPU that the casts would cost more than low precision saves."""
+    weight = weight.detach()
+    if low_precision is None or (weight.device.type == "cpu" and batch * weight.numel() <= _SMALL_PRODUCT):
+        return None
+    weight = weight.to(low_precision)
+    if weight.device.type == "cpu" and packs(weight.dtype):
+        packed, linear = _packed_weight(weight, batch), torch.ops.mkldnn._linear_pointwise
+        return lambda x: linear(x, packed, None, "none", [], "")
+    weight_t = weight.t()
+    return lambda x: torch.mm(x, weight_t)
+
+
 def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dtype | None = None,
                       overwrite_add: bool = False, transposed_copy: bool = False):
     """A function (x, add) -> add + x @ weight^T for a weight reused at every step.
@@ -84,19 +99,16 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
     stepper asks for it, the chunk loop (whose numbers resume must reproduce) does not.
     """
     weight = weight.detach()
+    low = low_precision_product(weight, batch, low_precision)
+    if low is not None:
+        def product(x, add=None):
+            out = low(x.to(low_precision)).float()
+            return out if add is None else out.add_(add)
+        return product
     small = weight.device.type == "cpu" and batch * weight.numel() <= _SMALL_PRODUCT
-    if small:
-        low_precision = None          # the casts would cost more than the low-precision product saves
-    if low_precision is not None:
-        weight = weight.to(low_precision)
-    if not small and weight.device.type == "cpu" and packs(weight.dtype):
+    if weight.device.type == "cpu" and not small and packs(weight.dtype):
         packed = _packed_weight(weight, batch)
         linear = torch.ops.mkldnn._linear_pointwise
-        if low_precision is not None:
-            def product(x, add=None):
-                out = linear(x.to(low_precision), packed, None, "none", [], "").float()
-                return out if add is None else out.add_(add)
-            return product
 
         def product(x, add=None):
             if add is None:
@@ -104,11 +116,6 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
             return linear.binary(x, add, packed, None, "add")
         return product
     weight_t = weight.t().contiguous() if transposed_copy and small else weight.t()
-    if low_precision is not None:
-        def product(x, add=None):
-            out = torch.mm(x.to(low_precision), weight_t).float()
-            return out if add is None else out.add_(add)
-        return product
 
     def product(x, add=None):
         if add is None:
@@ -150,14 +157,41 @@ def low_precision_mm(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtyp
     return (a.to(low_precision) @ b.to(low_precision)).to(dtype)
 
 
+def _onednn_float32(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN's float32 product serves these tensors (CPU float32, outside torch.compile)."""
+    return (_PACKED_LINEAR and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+
+def _transposed(*blocks: torch.Tensor) -> torch.Tensor:
+    """The rows of the blocks (each (rows, cols), float32) one after another, transposed: (cols, all rows),
+    contiguous. The C kernel's tiled transpose where it runs (three times PyTorch's copy here), else PyTorch."""
+    kernel = pointwise_kernel(*blocks)
+    if kernel is None:
+        return torch.cat(blocks).t().contiguous()
+    cols, rows = blocks[0].shape[1], sum(block.shape[0] for block in blocks)
+    out = blocks[0].new_empty(cols, rows)
+    out_at, done = native_kernel.pointer(out, (cols, rows), "transposed"), 0
+    for block in blocks:
+        block = block.contiguous()
+        kernel.transpose(block.shape[0], cols, native_kernel.pointer(block, (block.shape[0], cols), "block"),
+                         out_at + done * 4, rows)              # its rows become columns done.. of out
+        done += block.shape[0]
+    return out
+
+
+def _steps_before(h0: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    """h of the step before each step, (T, B, H): h0, then hs without its last step."""
+    return torch.cat([h0.unsqueeze(0), hs[:-1]])
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for the large once-per-chunk products.
 
     On the CPU, in float32, oneDNN's product is 10-20% faster than MKL's (the default for
     torch.mm) on these shapes here: 4096x256 by 256x1024 takes 10.3 ms against 12.4.
     """
-    if (_PACKED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()):     # inductor lowers this op only with packed weights
+    if _onednn_float32(x, weight):     # (not under torch.compile: inductor lowers this op only with packed weights)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -271,6 +305,65 @@ def _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c):
     return step, lambda: (grad_c, grad_bias)
 
 
+def _kernel_forward_steps_bf16(kernel, gates, c0, hs, cs):
+    """The C forward step whose recurrent product is in bfloat16: (step(t, product) -> h in bfloat16, h0 in it).
+
+    gates holds x W_ih^T + biases; step t adds product (B, 4H), h_{t-1} W_hh^T in bfloat16, in
+    float32 itself and returns h_t in bfloat16, the next product's input: no casts or additions left
+    to PyTorch between steps. Bit for bit what the float32 step gives after those casts and additions
+    (the kernel's self-check holds it to that).
+    """
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    c0 = c0.contiguous()
+    pointer, bf16 = native_kernel.pointer, torch.bfloat16                # checked whole, as in the float32 steps
+    gates_at, hs_at = pointer(gates, (T, B, four_h), "gates"), pointer(hs, (T, B, H), "hs")
+    cs_at, c0_at = pointer(cs, (cs.shape[0], B, H), "cs"), pointer(c0, (B, H), "c0")
+    h_low = hs.new_empty(B, H, dtype=bf16)           # one buffer: each step's product has read it before the step
+    h_low_at = pointer(h_low, (B, H), "h_low", bf16)
+    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    cs_bytes = state_bytes if cs.shape[0] == T else 0
+    kernel_step, slices, product_shape = kernel.forward_step_bf16, native_kernel.step_slices(B, H), (B, four_h)
+
+    def step(t, product):
+        c_prev_at = c0_at if t == 0 else cs_at + (t - 1) * cs_bytes
+        kernel_step(B, H, slices, pointer(product, product_shape, "product", bf16), gates_at + t * gate_bytes,
+                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes, h_low_at)
+        return h_low
+    step.keep_alive = (gates, c0, hs, cs)
+    return step
+
+
+def _kernel_backward_steps_bf16(kernel, gates, cs, c0, grad_gates_low, grad_c):
+    """The C backward step with bfloat16 products: (step(t, grad_h, product), finish() -> (dL/dc0, dL/dbias)).
+
+    grad_h is dL/dh_t from above; product (or None at the chunk's last step) is step t+1's bfloat16
+    product grad_gates(t+1) W_hh, which the step adds in float32. grad_gates_low (T, B, 4H) receives
+    the pre-activation gradients in bfloat16, what the products that read them take; the bias
+    gradient is summed in float32 before that rounding.
+    """
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    c0 = c0.contiguous()
+    grad_c = grad_c.clone(memory_format=torch.contiguous_format)
+    grad_bias = gates.new_zeros(four_h)
+    pointer, bf16 = native_kernel.pointer, torch.bfloat16
+    gates_at, grad_low_at = pointer(gates, (T, B, four_h), "gates"), pointer(grad_gates_low, (T, B, four_h), "grad_gates", bf16)
+    cs_at, c0_at = pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0")
+    grad_c_at, grad_bias_at = pointer(grad_c, (B, H), "grad_c"), pointer(grad_bias, (four_h,), "grad_bias")
+    gate_bytes, low_bytes, state_bytes = B * four_h * 4, B * four_h * 2, B * H * 4
+    kernel_step, slices, state_shape = kernel.backward_step_bf16, native_kernel.step_slices(B, H), (B, H)
+
+    def step(t, grad_h, product):
+        c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0_at
+        product_at = None if product is None else pointer(product, state_shape, "product", bf16)
+        kernel_step(B, H, slices, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at,
+                    pointer(grad_h, state_shape, "grad_h"), product_at, grad_c_at, grad_low_at + t * low_bytes,
+                    grad_bias_at)
+    step.keep_alive = (gates, cs, c0, grad_gates_low)
+    return step, lambda: (grad_c, grad_bias)
+
+
 @functools.cache
 def _constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """-1 and 2 as 0-dim tensors, made once: a Python number is wrapped into a new tensor at every call."""
@@ -366,6 +459,12 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
     cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
+    low_product = _bf16_kernel_product(x_proj, c, weight_hh, low_precision)
+    if low_product is not None:         # the C step takes the bfloat16 product as it comes and gives h in bfloat16
+        step, h = _kernel_forward_steps_bf16(native_kernel.load(), x_proj, c, hs, cs), h.to(torch.bfloat16)
+        for t in range(T):
+            h = step(t, low_product(h))
+        return hs, cs[-1], (cs if keep_for_backward else None)
     step, g_scale = forward_steps(x_proj, c, hs, cs)
     if g_scale != 1:                                          # the backend scaled x_proj's g rows: scale ours
         weight_hh = weight_hh.detach().clone()
@@ -375,6 +474,29 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     for t in range(T):
         h = step(t, recurrent(h, pre_activations[t]))      # (B, 4H) pre-activations, then the pointwise work
     return hs, cs[-1], (cs if keep_for_backward else None)
+
+
+def _bf16_kernel_product(gates, c, weight, low_precision):
+    """The bfloat16 step product for the C kernel's bfloat16 steps (x -> x @ weight^T, all bfloat16),
+    or None where those steps do not run: no kernel, another precision, or a product small enough to
+    stay float32 (low_precision_product)."""
+    if low_precision is not torch.bfloat16 or pointwise_kernel(gates, c) is None:
+        return None
+    return low_precision_product(weight, gates.shape[1], low_precision)
+
+
+def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
+    """recurrent_backward for the C kernel's bfloat16 steps: dL/d(pre-activations) (T, B, 4H) in bfloat16,
+    dL/dh0, dL/dc0 and dL/dbias. product_t: x -> x @ W_hh in bfloat16 (low_precision_product)."""
+    T = gates.shape[0]
+    grad_gates = gates.new_empty(gates.shape, dtype=torch.bfloat16)
+    step, finish = _kernel_backward_steps_bf16(native_kernel.load(), gates, cs, c0, grad_gates, grad_c)
+    grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
+    step(T - 1, grad_h, None)
+    for t in range(T - 2, -1, -1):
+        step(t, grad_hs_steps[t], product_t(grad_gate_steps[t + 1]))    # dL/dh_t: from above and from step t+1
+    grad_c0, grad_bias = finish()
+    return grad_gates, product_t(grad_gate_steps[0]).float(), grad_c0, grad_bias
 
 
 def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
@@ -417,16 +539,30 @@ class FusedLSTMLayer(torch.autograd.Function):
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
-        recurrent_t = recurrent_product(weight_hh.t(), B, low)   # dh_prev = dgates @ W_hh
-        grad_gates, grad_h, grad_c, grad_bias = recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t)
+        low_product_t = _bf16_kernel_product(gates, grad_c, weight_hh.t(), low)      # dh_prev = dgates @ W_hh
+        if low_product_t is not None:
+            grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c,
+                                                                            low_product_t)
+        else:
+            recurrent_t = recurrent_product(weight_hh.t(), B, low)
+            grad_gates, grad_h, grad_c, grad_bias = recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c,
+                                                                       recurrent_t)
         flat = grad_gates.view(T * B, 4 * H)
-        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(T * B, H)
-        if low is not None:
-            flat = flat.to(low)                             # cast once for the three products
-        # the weight gradients of all steps in one product each
         dtype = hs.dtype
-        grad_weight_hh = low_precision_mm(flat.t(), h_prev, low, dtype)
-        grad_weight_ih = low_precision_mm(flat.t(), x.reshape(T * B, I), low, dtype)
+        if low is None and _onednn_float32(flat):
+            # the weight gradients of all steps in one product each, sum over the T*B rows of
+            # grad_gates^T @ inputs. oneDNN wants that inner dimension contiguous: transposed once here,
+            # the pair of products takes 4.4 ms at 2x256 against 10.6 for MKL's mm on the transposed views
+            # (AMD EPYC; benchmarks/README.md, "Speed close to the chip").
+            flat_t = _transposed(flat)
+            grad_weight_hh = _linear(flat_t, _transposed(h0, hs[:-1].reshape(-1, H)))     # h of each step's previous
+            grad_weight_ih = _linear(flat_t, _transposed(x.reshape(T * B, I)))
+        else:
+            h_prev = _steps_before(h0, hs).view(T * B, H)
+            if low is not None:
+                flat = flat.to(low)                         # cast once for the three products
+            grad_weight_hh = low_precision_mm(flat.t(), h_prev, low, dtype)
+            grad_weight_ih = low_precision_mm(flat.t(), x.reshape(T * B, I), low, dtype)
         grad_x = (low_precision_mm(flat, weight_ih, low, dtype) if low is not None
                   else _linear(flat, weight_ih.t())).view(T, B, I)
         return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
