@@ -66,10 +66,13 @@ def category(name: str) -> str | None:
 class TimedKernel:
     """The C kernel's two entry points, timed: the profiler cannot see a ctypes call."""
 
+    ENTRY_POINTS = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16", "transpose")
+
     def __init__(self, kernel):
         self.kernel, self.seconds, self.calls = kernel, 0.0, 0
-        self.original = (kernel.forward_step, kernel.backward_step)
-        kernel.forward_step, kernel.backward_step = self._timed(self.original[0]), self._timed(self.original[1])
+        self.original = {name: getattr(kernel, name) for name in self.ENTRY_POINTS}
+        for name, fn in self.original.items():
+            setattr(kernel, name, self._timed(fn))
 
     def _timed(self, fn):
         def call(*args):
@@ -80,7 +83,8 @@ class TimedKernel:
         return call
 
     def restore(self):
-        self.kernel.forward_step, self.kernel.backward_step = self.original
+        for name, fn in self.original.items():
+            setattr(self.kernel, name, fn)
 
 
 def wall_per_step(step, steps: int, rounds: int) -> float:

@@ -180,6 +180,32 @@ def _transposed(*blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Rows of grad_gates transposed at a time for the weight gradients: the block stays in cache between its
+# transpose and its products, and the copies add this much to the step's peak memory, not a chunk's worth.
+_WEIGHT_GRADIENT_BLOCK_BYTES = 4 << 20
+
+
+def _weight_gradients(flat, h0, hs, x):
+    """dL/dW_hh and dL/dW_ih in float32 on oneDNN: the sums over the T*B rows of grad_gates^T @ inputs.
+
+    oneDNN wants that inner dimension contiguous, so blocks of rows are transposed (_transposed) and
+    their products summed: at 2x256 the two take 4.4 ms a layer against 10.6 for MKL's mm on the
+    transposed views (AMD EPYC; benchmarks/README.md, "Speed close to the chip").
+    """
+    rows, four_h = flat.shape
+    B, H = h0.shape
+    x_rows, hs_rows = x.reshape(rows, -1), hs.reshape(rows, H)
+    block = max(1, _WEIGHT_GRADIENT_BLOCK_BYTES // (four_h * 4 * B)) * B      # whole steps: h0 starts block 0
+    grad_hh = grad_ih = None
+    for start in range(0, rows, block):
+        end = min(rows, start + block)
+        grad_t = _transposed(flat[start:end])
+        h_prev_t = _transposed(h0, hs_rows[: end - B]) if start == 0 else _transposed(hs_rows[start - B : end - B])
+        hh, ih = _linear(grad_t, h_prev_t), _linear(grad_t, _transposed(x_rows[start:end]))
+        grad_hh, grad_ih = (hh, ih) if grad_hh is None else (grad_hh.add_(hh), grad_ih.add_(ih))
+    return grad_hh, grad_ih
+
+
 def _steps_before(h0: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
     """h of the step before each step, (T, B, H): h0, then hs without its last step."""
     return torch.cat([h0.unsqueeze(0), hs[:-1]])
@@ -550,13 +576,7 @@ class FusedLSTMLayer(torch.autograd.Function):
         flat = grad_gates.view(T * B, 4 * H)
         dtype = hs.dtype
         if low is None and _onednn_float32(flat):
-            # the weight gradients of all steps in one product each, sum over the T*B rows of
-            # grad_gates^T @ inputs. oneDNN wants that inner dimension contiguous: transposed once here,
-            # the pair of products takes 4.4 ms at 2x256 against 10.6 for MKL's mm on the transposed views
-            # (AMD EPYC; benchmarks/README.md, "Speed close to the chip").
-            flat_t = _transposed(flat)
-            grad_weight_hh = _linear(flat_t, _transposed(h0, hs[:-1].reshape(-1, H)))     # h of each step's previous
-            grad_weight_ih = _linear(flat_t, _transposed(x.reshape(T * B, I)))
+            grad_weight_hh, grad_weight_ih = _weight_gradients(flat, h0, hs, x)
         else:
             h_prev = _steps_before(h0, hs).view(T * B, H)
             if low is not None:
