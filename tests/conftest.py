@@ -135,6 +135,10 @@ class CountingKernel:
     def transpose(self, *arguments):
         self.kernel.transpose(*arguments)
 
+    def rows_step(self, rows, *arguments):
+        self.slices.append(1)
+        self.kernel.rows_step(rows, *arguments)
+
 
 def need_c_compiler(or_native_off: bool = True) -> None:
     """Skip where there is no C compiler (or TEXTGEN_NATIVE=0 turns the kernel off), except under CI

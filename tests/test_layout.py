@@ -89,8 +89,9 @@ def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
     assert within_imports("lstm", "config") == set()                            # ModelConfig: settings alone
     assert within_imports("lstm", "model") == {"config", "fused_lstm", "heads"}   # the reference cell, the fast layer
     assert within_imports("lstm", "heads") == {"fused_lstm"}                   # its low-precision product
-    assert within_imports("lstm", "stepper") == {"fused_lstm", "heads", "model"}
+    assert within_imports("lstm", "stepper") == {"fused_lstm", "heads", "model", "rows_step"}
     assert within_imports("lstm", "fused_lstm") == {"native_kernel"}
+    assert within_imports("lstm", "rows_step") == {"native_kernel"}
     assert within_imports("lstm", "native_kernel") == set()
     assert within_imports("lstm", "__init__") == {"config", "model", "fused_lstm", "heads", "stepper"}
     for unit in MODULES:                         # the rest see the LSTM's face (lstm/__init__), not its fast path

@@ -112,6 +112,9 @@ class Kernel:
         self.backward_step_bf16 = lib.lstm_backward_step_bf16
         self.backward_step_bf16.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         self.backward_step_bf16.restype = None
+        self.rows_step = lib.lstm_rows_step                       # generation's step, every layer and the head
+        self.rows_step.argtypes = [size] * 5 + [ptr] * 10
+        self.rows_step.restype = None
         self.transpose = lib.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
         self.transpose.restype = None

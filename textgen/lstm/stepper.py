@@ -9,6 +9,7 @@ import torch
 from .fused_lstm import forward_steps, recurrent_product, row_stable_product
 from .heads import AdaptiveHead
 from .model import CharLSTM, State, _check_batch, check_state, style_table
+from .rows_step import RowsStep
 
 
 # see Stepper._padded_head
@@ -54,11 +55,18 @@ class Stepper:
             self.head_weight_t = model.head.weight.t().contiguous()
             self.head_bias = model.head.bias.detach().clone()
         self._prepared: dict[int, list] = {}
-        # Products whose rows agree at every batch size: per layer one (layer 0: h @ W_hh^T + its token's
-        # row; above: [x, h] @ [W_ih, W_hh]^T + bias, one call where the fast path makes two, as a call costs
-        # more than its arithmetic at a few rows), and the output layer's.
-        self.stable = None
-        if rows_agree and self.head_weight_t is not None:
+        # The whole step in one C call where the kernel runs (rows_step.py): its rows agree by construction.
+        self.rows_step = RowsStep.for_weights(self.layers, None if self.head_bias is None else model.head.weight.detach(),
+                                              self.head_bias, self.residual)
+        self.stable, self.rows_agree = None, False
+        if rows_agree and self.head_weight_t is not None and self.rows_step is not None:
+            self.rows_agree = self._rows_agree(most_rows)      # checked all the same, as the products below are
+            if not self.rows_agree:
+                self.rows_step = None
+        # Otherwise products whose rows agree at every batch size: per layer one (layer 0: h @ W_hh^T + its
+        # token's row; above: [x, h] @ [W_ih, W_hh]^T + bias, one call where the fast path makes two, as a call
+        # costs more than its arithmetic at a few rows), and the output layer's.
+        if rows_agree and self.head_weight_t is not None and not self.rows_agree:
             products = [row_stable_product(w_hh) if k == 0 else row_stable_product(torch.cat([w_ih, w_hh], 1), bias)
                         for k, (w_ih, w_hh, bias) in enumerate(self.layers)]
             if all(product is not None for product in products):
@@ -68,7 +76,7 @@ class Stepper:
                         break
                     self.stable = None
             self._prepared = {}             # the check's buffers are not the caller's sizes
-        self.rows_agree = self.stable is not None
+            self.rows_agree = self.stable is not None
 
     def _padded_head(self, x: torch.Tensor) -> torch.Tensor:
         """The output layer by MKL with at least HEAD_ROWS rows: from 4 rows up MKL gave a row the same bits
@@ -116,6 +124,22 @@ class Stepper:
             self._prepared[N] = layers
         return self._prepared[N]
 
+    def _layer0_gates(self, tokens: torch.Tensor, styles: torch.Tensor | None, out: torch.Tensor | None = None):
+        """Layer 0's input part for these tokens (and styles): rows of the folded table, (N, 4H)."""
+        try:
+            pre = torch.index_select(self.token_gates, 0, tokens, out=out) if out is not None else \
+                self.token_gates.index_select(0, tokens)
+        except IndexError:
+            raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
+                             f"{int(tokens.min())} to {int(tokens.max())}") from None
+        if styles is not None:
+            pre.add_(self.style_gates.index_select(0, self.model._style_rows(styles, tokens.shape)))
+        return pre
+
+    def _rows_step(self, tokens, state, styles):
+        logits, x, new_state = self.rows_step(self._layer0_gates(tokens, styles), state)
+        return (self.model.logits(x) if logits is None else logits), new_state
+
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: State, styles: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, State]:
@@ -127,20 +151,15 @@ class Stepper:
         _check_batch(N)
         weight = self.token_gates
         state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
+        if self.rows_step is not None:
+            return self._rows_step(tokens, state, styles)
         new_state = []
         x = None
         for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step, g_scale) in \
                 enumerate(self._steps(N)):
             h, c = state[k]
             if k == 0:
-                try:
-                    torch.index_select(self.token_gates, 0, tokens, out=pre)      # (N, 4H)
-                except IndexError:
-                    raise ValueError(f"tokens must be ids in [0, {self.vocab_size}); got values from "
-                                     f"{int(tokens.min())} to {int(tokens.max())}") from None
-                if styles is not None:
-                    rows = self.model._style_rows(styles, tokens.shape)
-                    pre.add_(self.style_gates.index_select(0, rows))
+                self._layer0_gates(tokens, styles, out=pre)                         # (N, 4H)
                 gates = hidden_product(h, pre)      # may be written in place, or a new tensor
             elif input_product is None:             # the stable products: one call for both
                 gates = hidden_product(torch.cat([x, h], 1))
