@@ -355,3 +355,46 @@ def test_the_stepper_gives_the_same_answer_for_the_same_state_and_never_overwrit
     again, _ = step(tokens, start)                                    # back to the first state
     assert torch.equal(again, first) and not torch.equal(second, first)
     assert ran_the_chosen_path(pointwise)
+
+
+@pytest.mark.parametrize("head", ["full", "adaptive"])
+def test_the_c_step_equals_forward_with_either_output_layer(head, monkeypatch):
+    """Generation's one-call C step (lstm_rows_step) against CharLSTM.forward, with the output layer in C
+    (full) or left to the model (adaptive), over hidden sizes off the vector widths (37: tails)."""
+    counting = c_kernel_or_skip()
+    torch.manual_seed(11)
+    model = CharLSTM(ModelConfig(vocab_size=40, embed_size=8, hidden_size=37, layers=3, residual=True,
+                                 head=head, cutoffs=(20,) if head == "adaptive" else ())).eval()
+    step = Stepper(model)
+    assert step.rows_step is not None
+    tokens = torch.randint(0, 40, (5, 9))
+    logits, final = model(tokens)
+    state, outs = model.initial_state(5), []
+    for t in range(tokens.shape[1]):
+        out, state = step(tokens[:, t], state)
+        outs.append(out)
+    torch.testing.assert_close(torch.stack(outs, 1), logits, atol=1e-5, rtol=0)
+    for (h, c), (final_h, final_c) in zip(state, final):
+        torch.testing.assert_close(h, final_h, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, final_c, atol=1e-5, rtol=0)
+    assert counting is not None
+
+
+@pytest.mark.parametrize("hidden", [32, 37, 64])
+def test_a_row_of_the_c_step_has_the_same_bits_at_every_batch_size(hidden):
+    """Each row alone, and in batches of 2 to 11 rows (four at a time in the kernel, and the rest one by one),
+    gives the same logits and state, bit for bit: the batching server's promise, by the kernel's construction."""
+    c_kernel_or_skip()
+    torch.manual_seed(3)
+    model = CharLSTM(ModelConfig(vocab_size=30, embed_size=8, hidden_size=hidden, layers=2)).eval()
+    step = Stepper(model, rows_agree=True, most_rows=11)
+    assert step.rows_step is not None and step.rows_agree
+    tokens = torch.randint(0, 30, (11,))
+    state = tuple((torch.randn(11, hidden), torch.randn(11, hidden)) for _ in range(2))
+    whole_logits, whole_state = step(tokens, state)
+    for n in range(1, 11):
+        for first in (0, 11 - n):
+            rows = slice(first, first + n)
+            logits, part = step(tokens[rows].clone(), tuple((h[rows].clone(), c[rows].clone()) for h, c in state))
+            assert torch.equal(logits, whole_logits[rows])
+            assert all(torch.equal(a, b[rows]) for pair, whole in zip(part, whole_state) for a, b in zip(pair, whole))

@@ -268,6 +268,18 @@ static inline lanes16 load16(const float *p)
     return v;
 }
 
+/* The lanes of a dot product's two accumulators, summed in a fixed order, then its tail from k on. */
+static inline float finish_dot(lanes16 even, lanes16 odd, const float *w, const float *x, int64_t k, int64_t K)
+{
+    even += odd;
+    float sum = 0.0f;
+    for (int lane = 0; lane < 16; lane++)
+        sum += even[lane];
+    for (; k < K; k++)
+        sum += w[k] * x[k];
+    return sum;
+}
+
 /* sum_k w[k] x[k] in a fixed order: two 16-lane accumulators over 32-element blocks, one more block
  * of 16, the lanes summed in order, then the tail one element at a time. */
 static inline float dot(const float *w, const float *x, int64_t K)
@@ -282,28 +294,60 @@ static inline float dot(const float *w, const float *x, int64_t K)
         even += load16(w + k) * load16(x + k);
         k += 16;
     }
-    even += odd;
-    float sum = 0.0f;
-    for (int lane = 0; lane < 16; lane++)
-        sum += even[lane];
-    for (; k < K; k++)
-        sum += w[k] * x[k];
-    return sum;
+    return finish_dot(even, odd, w, x, k, K);
+}
+
+/* dot(w, x_r, K) for four rows x_r = x + r * K at once, each weight block loaded once for the four:
+ * every row's operations are those of dot(), in its order, so its bits are dot()'s. */
+static inline void dot4(const float *w, const float *x, int64_t K, float *out, int64_t out_stride)
+{
+    lanes16 even0 = {0}, odd0 = {0}, even1 = {0}, odd1 = {0}, even2 = {0}, odd2 = {0}, even3 = {0}, odd3 = {0};
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        lanes16 w_even = load16(w + k), w_odd = load16(w + k + 16);
+        even0 += w_even * load16(x0 + k);
+        odd0 += w_odd * load16(x0 + k + 16);
+        even1 += w_even * load16(x1 + k);
+        odd1 += w_odd * load16(x1 + k + 16);
+        even2 += w_even * load16(x2 + k);
+        odd2 += w_odd * load16(x2 + k + 16);
+        even3 += w_even * load16(x3 + k);
+        odd3 += w_odd * load16(x3 + k + 16);
+    }
+    if (k + 16 <= K) {
+        lanes16 w_even = load16(w + k);
+        even0 += w_even * load16(x0 + k);
+        even1 += w_even * load16(x1 + k);
+        even2 += w_even * load16(x2 + k);
+        even3 += w_even * load16(x3 + k);
+        k += 16;
+    }
+    out[0] = finish_dot(even0, odd0, w, x0, k, K);
+    out[out_stride] = finish_dot(even1, odd1, w, x1, k, K);
+    out[2 * out_stride] = finish_dot(even2, odd2, w, x2, k, K);
+    out[3 * out_stride] = finish_dot(even3, odd3, w, x3, k, K);
 }
 
 /* y[b][n] = add[b][n] (or bias[n], or 0) + dot(W[n], x[b]) for b < rows, n < N; W is N x K row-major.
- * Threads share the weight rows; each weight row stays in cache while every input row meets it. */
+ * Threads share the weight rows; each block of weight rows stays in cache while every input row
+ * meets it, four input rows at a time. */
 static void rows_product(int64_t rows, int64_t N, int64_t K, const float *x, const float *W, const float *bias,
-                         const float *add, float *y)
+                         const float *add, float *y, int64_t threaded)
 {
-#pragma omp parallel for schedule(static) if (N * K >= 65536)
+#pragma omp parallel for schedule(static) if (threaded && N * K >= 65536)
     for (int64_t n0 = 0; n0 < N; n0 += 8) {
         int64_t n1 = n0 + 8 < N ? n0 + 8 : N;
-        for (int64_t b = 0; b < rows; b++)
-            for (int64_t n = n0; n < n1; n++) {
-                float base = add ? add[b * N + n] : (bias ? bias[n] : 0.0f);
-                y[b * N + n] = base + dot(W + n * K, x + b * K, K);
-            }
+        int64_t b = 0;
+        for (; b + 4 <= rows; b += 4)
+            for (int64_t n = n0; n < n1; n++)
+                dot4(W + n * K, x + b * K, K, y + b * N + n, N);
+        for (; b < rows; b++)
+            for (int64_t n = n0; n < n1; n++)
+                y[b * N + n] = dot(W + n * K, x + b * K, K);
+        for (int64_t r = 0; r < rows; r++)          /* the bias or the addend last, as each row's one addition */
+            for (int64_t n = n0; n < n1; n++)
+                y[r * N + n] += add ? add[r * N + n] : (bias ? bias[n] : 0.0f);
     }
 }
 
@@ -315,7 +359,7 @@ static void rows_product(int64_t rows, int64_t N, int64_t K, const float *x, con
  *   x_out (rows, H): the top layer's output (plus its input, with residual), what the output layer reads;
  *   head_w (V x H), head_b (V), logits (rows, V): the output layer, skipped where head_w is NULL;
  *   gates (rows, 4H) and joined (rows, 2H): scratch. */
-void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t residual,
+void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t residual, int64_t threaded,
                     const float *layer0_gates, const float *const *weights, const float *const *biases,
                     float *const *states, float *x_out, const float *head_w, const float *head_b, float *logits,
                     float *gates, float *joined)
@@ -324,13 +368,13 @@ void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t 
     float *const *h_out = states + 2 * layers, *const *c_out = states + 3 * layers;
     for (int64_t k = 0; k < layers; k++) {
         if (k == 0) {
-            rows_product(rows, 4 * H, H, h_in[0], weights[0], NULL, layer0_gates, gates);
+            rows_product(rows, 4 * H, H, h_in[0], weights[0], NULL, layer0_gates, gates, threaded);
         } else {
             for (int64_t b = 0; b < rows; b++) {
                 memcpy(joined + b * 2 * H, x_out + b * H, H * sizeof(float));
                 memcpy(joined + b * 2 * H + H, h_in[k] + b * H, H * sizeof(float));
             }
-            rows_product(rows, 4 * H, 2 * H, joined, weights[k], biases[k], NULL, gates);
+            rows_product(rows, 4 * H, 2 * H, joined, weights[k], biases[k], NULL, gates, threaded);
         }
         for (int64_t b = 0; b < rows; b++)
             forward_row(H, 0, H, gates + b * 4 * H, NULL, gates + b * 4 * H, c_in[k] + b * H, c_out[k] + b * H,
@@ -341,5 +385,5 @@ void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t 
                 x_out[b * H + j] = residual && k > 0 ? h_out[k][b * H + j] + x_out[b * H + j] : h_out[k][b * H + j];
     }
     if (head_w)
-        rows_product(rows, V, H, x_out, head_w, head_b, NULL, logits);
+        rows_product(rows, V, H, x_out, head_w, head_b, NULL, logits, threaded);
 }

@@ -97,7 +97,7 @@ def pointer(tensor: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torc
 class Kernel:
     """ctypes bindings of lstm_kernel.c. Arguments: sizes, the slice count, then data pointers from pointer()."""
 
-    def __init__(self, lib: ctypes.CDLL, path: str, flags: list[str]):
+    def __init__(self, lib: ctypes.PyDLL, path: str, flags: list[str]):
         self.path, self.flags = path, flags
         size, ptr = ctypes.c_int64, ctypes.c_void_p
         self.forward_step = lib.lstm_forward_step
@@ -113,7 +113,7 @@ class Kernel:
         self.backward_step_bf16.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         self.backward_step_bf16.restype = None
         self.rows_step = lib.lstm_rows_step                       # generation's step, every layer and the head
-        self.rows_step.argtypes = [size] * 5 + [ptr] * 10
+        self.rows_step.argtypes = [size] * 6 + [ptr] * 10
         self.rows_step.restype = None
         self.transpose = lib.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
@@ -184,14 +184,17 @@ def _read(fd: int, name: str) -> bytes | None:
         return f.read()
 
 
-def _load_verified(fd: int, folder: str, name: str) -> ctypes.CDLL | None:
+def _load_verified(fd: int, folder: str, name: str) -> ctypes.PyDLL | None:
     """The library `name` if its bytes hash to the sha256 recorded beside it at build time."""
     library, recorded = _read(fd, name), _read(fd, name + ".sha256")
     if library is None or recorded is None or hashlib.sha256(library).hexdigest() != recorded.decode(errors="replace").strip():
         return None
     # Through the checked descriptor where the OS offers one, so the path cannot be redirected.
     through_fd = f"/proc/self/fd/{fd}/{name}"
-    return ctypes.CDLL(through_fd if os.path.exists(through_fd) else os.path.join(folder, name))
+    # PyDLL: calls keep the GIL. A call takes microseconds; giving the GIL up and taking it back around
+    # each would let another thread (a server's) hold it for up to a switch interval in between, which
+    # halved a generation thread's speed beside an HTTP server's threads (benchmarks/bench_serve.py).
+    return ctypes.PyDLL(through_fd if os.path.exists(through_fd) else os.path.join(folder, name))
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +318,36 @@ def _self_check(kernel: Kernel) -> str | None:
         problem = check_step(kernel, B, H, slices)
         if problem:
             return f"B={B}, H={H}, {slices} slices: {problem}"
+    return check_rows_step(kernel)
+
+
+def check_rows_step(kernel: Kernel, rows: int = 6, H: int = 37, V: int = 11) -> str | None:
+    """lstm_rows_step (two residual layers and the output layer, rows and H off the vector widths) against
+    the same step in PyTorch: None, or what differs."""
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=gen)        # noqa: E731
+    layer0_gates, w0, w1, b1, head_w, head_b = r(rows, 4 * H) * 2, r(4 * H, H) / 4, r(4 * H, 2 * H) / 4, r(4 * H), \
+        r(V, H), r(V)
+    h_in, c_in = [r(rows, H) for _ in range(2)], [r(rows, H) for _ in range(2)]
+    out, x, logits = torch.full((2, 2, rows, H), float("nan")), torch.full((rows, H), float("nan")), \
+        torch.full((rows, V), float("nan"))
+
+    def cell(pre, c):
+        i, f, g, o = pre.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    h0, c0 = cell(layer0_gates + h_in[0] @ w0.t(), c_in[0])
+    h1, c1 = cell(torch.cat([h0, h_in[1]], 1) @ w1.t() + b1, c_in[1])
+    expected = {"h": torch.stack([h0, h1]), "c": torch.stack([c0, c1]), "x": h1 + h0, "logits": (h1 + h0) @ head_w.t() + head_b}
+    address = lambda t: pointer(t, tuple(t.shape), "rows step")          # noqa: E731
+    scratch = torch.empty(rows, 4 * H), torch.empty(rows, 2 * H)         # alive until the call returns
+    states = [address(t) for t in (*h_in, *c_in)] + [address(out[i, k]) for i in range(2) for k in range(2)]
+    kernel.rows_step(rows, 2, H, V, 1, 0, address(layer0_gates), (ctypes.c_void_p * 2)(address(w0), address(w1)),
+                     (ctypes.c_void_p * 2)(None, address(b1)), (ctypes.c_void_p * 8)(*states), address(x),
+                     address(head_w), address(head_b), address(logits), address(scratch[0]), address(scratch[1]))
+    for name, ours in {"h": out[0], "c": out[1], "x": x, "logits": logits}.items():
+        if not torch.allclose(ours, expected[name], atol=1e-4, rtol=1e-4):
+            return f"the rows step's {name} differs by {(ours - expected[name]).abs().nan_to_num(float('inf')).max().item():.3g}"
     return None
 
 

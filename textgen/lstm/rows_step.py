@@ -11,6 +11,7 @@ the Stepper), with the C kernel's sigmoid and tanh.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -52,6 +53,14 @@ class RowsStep:
         kernel = native_kernel.load()
         return None if kernel is None else cls(kernel, layers, head_weight, head_bias, residual)
 
+    @staticmethod
+    def _threaded() -> bool:
+        """Whether the products share the work among OpenMP's threads: on the main thread only. On another
+        (a server's), a second team of OpenMP threads makes libgomp stop spinning between parallel regions,
+        and waking its threads at every product costs more than they save: one row 5,745 chars/s against
+        10,207 one-threaded, 16 rows 60k rows/s against 59k (2x256 on 2 cores; benchmarks/README.md)."""
+        return threading.current_thread() is threading.main_thread()
+
     def __call__(self, layer0_gates: torch.Tensor, state) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
         """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H).
         Returns the logits (N, V) (None without the output layer), the top layer's output (N, H), and
@@ -67,7 +76,7 @@ class RowsStep:
         inputs = [t.contiguous() for t in (*(h for h, _ in state), *(c for _, c in state))]
         states = [pointer(t, (N, H), "state") for t in inputs]
         states += [pointer(out[0, k], (N, H), "h") for k in range(L)] + [pointer(out[1, k], (N, H), "c") for k in range(L)]
-        self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual),
+        self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual), int(self._threaded()),
                               pointer(layer0_gates, (N, 4 * H), "layer 0 gates"), self.weight_array, self.bias_array,
                               (ctypes.c_void_p * (4 * L))(*states), pointer(x_out, (N, H), "x"),
                               self.head_at[0], self.head_at[1],
