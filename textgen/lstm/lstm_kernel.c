@@ -268,92 +268,93 @@ static inline lanes16 load16(const float *p)
     return v;
 }
 
-/* The lanes of a dot product's two accumulators, summed in a fixed order, then its tail from k on. */
-static inline float finish_dot(lanes16 even, lanes16 odd, const float *w, const float *x, int64_t k, int64_t K)
+/* The products read their weight packed in panels of PANEL output columns (see rows_step.py):
+ * panel p holds columns p*PANEL.. for every k, k-major, so a panel streams through memory in order,
+ * and the padding columns past N hold zeros. Each output element is
+ *   sum = 0; for k = 0 .. K-1: sum += w[k][n] * x[k];   then y = sum + bias (or addend)
+ * in that order whatever the number of rows or which kernel below computes it: the bits of a row do
+ * not depend on the rows beside it. The lanes of a vector are 16 output columns, so no lanes are
+ * summed across, and four rows (or four panels, for a row alone) keep eight accumulators busy. */
+#define PANEL 32
+#define GROUP 4                                        /* panels a thread takes at a time */
+
+/* Four rows (x, stride K) by one panel: out[r][0..PANEL). */
+static inline void panel_rows4(const float *panel, const float *x, int64_t K, float out[4][PANEL])
 {
-    even += odd;
-    float sum = 0.0f;
-    for (int lane = 0; lane < 16; lane++)
-        sum += even[lane];
-    for (; k < K; k++)
-        sum += w[k] * x[k];
-    return sum;
+    lanes16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        lanes16 low = load16(panel + k * PANEL), high = load16(panel + k * PANEL + 16);
+        float x0 = x[k], x1 = x[K + k], x2 = x[2 * K + k], x3 = x[3 * K + k];
+        a0 += low * x0;
+        b0 += high * x0;
+        a1 += low * x1;
+        b1 += high * x1;
+        a2 += low * x2;
+        b2 += high * x2;
+        a3 += low * x3;
+        b3 += high * x3;
+    }
+    memcpy(out[0], &a0, 64), memcpy(out[0] + 16, &b0, 64);
+    memcpy(out[1], &a1, 64), memcpy(out[1] + 16, &b1, 64);
+    memcpy(out[2], &a2, 64), memcpy(out[2] + 16, &b2, 64);
+    memcpy(out[3], &a3, 64), memcpy(out[3] + 16, &b3, 64);
 }
 
-/* sum_k w[k] x[k] in a fixed order: two 16-lane accumulators over 32-element blocks, one more block
- * of 16, the lanes summed in order, then the tail one element at a time. */
-static inline float dot(const float *w, const float *x, int64_t K)
+/* One row by GROUP consecutive panels: out[0 .. GROUP * PANEL). */
+static inline void panels_row1(const float *panels, const float *x, int64_t K, float *out)
 {
-    lanes16 even = {0}, odd = {0};
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        even += load16(w + k) * load16(x + k);
-        odd += load16(w + k + 16) * load16(x + k + 16);
+    const int64_t stride = K * PANEL;
+    lanes16 a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *w = panels + k * PANEL;
+        float xk = x[k];
+        a0 += load16(w) * xk;
+        b0 += load16(w + 16) * xk;
+        a1 += load16(w + stride) * xk;
+        b1 += load16(w + stride + 16) * xk;
+        a2 += load16(w + 2 * stride) * xk;
+        b2 += load16(w + 2 * stride + 16) * xk;
+        a3 += load16(w + 3 * stride) * xk;
+        b3 += load16(w + 3 * stride + 16) * xk;
     }
-    if (k + 16 <= K) {
-        even += load16(w + k) * load16(x + k);
-        k += 16;
-    }
-    return finish_dot(even, odd, w, x, k, K);
+    memcpy(out, &a0, 64), memcpy(out + 16, &b0, 64), memcpy(out + 32, &a1, 64), memcpy(out + 48, &b1, 64);
+    memcpy(out + 64, &a2, 64), memcpy(out + 80, &b2, 64), memcpy(out + 96, &a3, 64), memcpy(out + 112, &b3, 64);
 }
 
-/* dot(w, x_r, K) for four rows x_r = x + r * K at once, each weight block loaded once for the four:
- * every row's operations are those of dot(), in its order, so its bits are dot()'s. */
-static inline void dot4(const float *w, const float *x, int64_t K, float *out, int64_t out_stride)
-{
-    lanes16 even0 = {0}, odd0 = {0}, even1 = {0}, odd1 = {0}, even2 = {0}, odd2 = {0}, even3 = {0}, odd3 = {0};
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        lanes16 w_even = load16(w + k), w_odd = load16(w + k + 16);
-        even0 += w_even * load16(x0 + k);
-        odd0 += w_odd * load16(x0 + k + 16);
-        even1 += w_even * load16(x1 + k);
-        odd1 += w_odd * load16(x1 + k + 16);
-        even2 += w_even * load16(x2 + k);
-        odd2 += w_odd * load16(x2 + k + 16);
-        even3 += w_even * load16(x3 + k);
-        odd3 += w_odd * load16(x3 + k + 16);
-    }
-    if (k + 16 <= K) {
-        lanes16 w_even = load16(w + k);
-        even0 += w_even * load16(x0 + k);
-        even1 += w_even * load16(x1 + k);
-        even2 += w_even * load16(x2 + k);
-        even3 += w_even * load16(x3 + k);
-        k += 16;
-    }
-    out[0] = finish_dot(even0, odd0, w, x0, k, K);
-    out[out_stride] = finish_dot(even1, odd1, w, x1, k, K);
-    out[2 * out_stride] = finish_dot(even2, odd2, w, x2, k, K);
-    out[3 * out_stride] = finish_dot(even3, odd3, w, x3, k, K);
-}
-
-/* y[b][n] = add[b][n] (or bias[n], or 0) + dot(W[n], x[b]) for b < rows, n < N; W is N x K row-major.
- * Threads share the weight rows; each block of weight rows stays in cache while every input row
- * meets it, four input rows at a time. */
-static void rows_product(int64_t rows, int64_t N, int64_t K, const float *x, const float *W, const float *bias,
+/* y[b][n] = dot + add[b][n] (or bias[n], or 0) for b < rows, n < N; panels: the weight packed as
+ * above, N rounded up to GROUP * PANEL columns. Threads share the groups of panels. */
+static void rows_product(int64_t rows, int64_t N, int64_t K, const float *x, const float *panels, const float *bias,
                          const float *add, float *y, int64_t threaded)
 {
+    const int64_t group_columns = GROUP * PANEL, groups = (N + group_columns - 1) / group_columns;
 #pragma omp parallel for schedule(static) if (threaded && N * K >= 65536)
-    for (int64_t n0 = 0; n0 < N; n0 += 8) {
-        int64_t n1 = n0 + 8 < N ? n0 + 8 : N;
-        int64_t b = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        float block[4][PANEL], row[GROUP * PANEL];
+        int64_t n0 = g * group_columns, b = 0;
         for (; b + 4 <= rows; b += 4)
-            for (int64_t n = n0; n < n1; n++)
-                dot4(W + n * K, x + b * K, K, y + b * N + n, N);
-        for (; b < rows; b++)
-            for (int64_t n = n0; n < n1; n++)
-                y[b * N + n] = dot(W + n * K, x + b * K, K);
-        for (int64_t r = 0; r < rows; r++)          /* the bias or the addend last, as each row's one addition */
-            for (int64_t n = n0; n < n1; n++)
-                y[r * N + n] += add ? add[r * N + n] : (bias ? bias[n] : 0.0f);
+            for (int64_t p = 0; p < GROUP; p++) {
+                int64_t n_first = n0 + p * PANEL;
+                panel_rows4(panels + (n_first / PANEL) * K * PANEL, x + b * K, K, block);
+                for (int64_t r = 0; r < 4; r++)
+                    for (int64_t j = 0; j < PANEL && n_first + j < N; j++) {
+                        int64_t n = n_first + j;
+                        y[(b + r) * N + n] = block[r][j] + (add ? add[(b + r) * N + n] : (bias ? bias[n] : 0.0f));
+                    }
+            }
+        for (; b < rows; b++) {
+            panels_row1(panels + (n0 / PANEL) * K * PANEL, x + b * K, K, row);
+            for (int64_t j = 0; j < group_columns && n0 + j < N; j++) {
+                int64_t n = n0 + j;
+                y[b * N + n] = row[j] + (add ? add[b * N + n] : (bias ? bias[n] : 0.0f));
+            }
+        }
     }
 }
 
 /* One character for `rows` streams through `layers` layers of width H and an output layer of V.
  *   layer0_gates (rows, 4H): layer 0's input part, x W_ih^T + both biases (a row of a table per token);
  *   weights[k]: layer 0's W_hh (4H x H); above it [W_ih | W_hh] (4H x 2H), with biases[k] (4H);
+ *   head_w (V x H): all weights packed in panels (rows_product);
  *   states: 4 * layers pointers, h_in[k], c_in[k] (rows, H), the state before, then h_out[k], c_out[k],
  *   the state after (h_in[0..layers), then c_in, h_out and c_out);
  *   x_out (rows, H): the top layer's output (plus its input, with residual), what the output layer reads;

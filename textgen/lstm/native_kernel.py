@@ -321,6 +321,20 @@ def _self_check(kernel: Kernel) -> str | None:
     return check_rows_step(kernel)
 
 
+# lstm_kernel.c's PANEL and GROUP: the step products' weight layout (panels)
+PANEL, GROUP = 32, 4
+
+
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) as lstm_rows_step's products read it: (panels, K, PANEL), panel p holding output columns
+    p*PANEL.. for every k (so a panel streams through memory in order), N padded with zero columns to a
+    whole number of GROUP panels."""
+    N, K = weight.shape
+    columns = -(-N // (PANEL * GROUP)) * PANEL * GROUP
+    padded = torch.cat([weight.detach(), weight.new_zeros(columns - N, K)])
+    return padded.view(columns // PANEL, PANEL, K).transpose(1, 2).contiguous()
+
+
 def check_rows_step(kernel: Kernel, rows: int = 6, H: int = 37, V: int = 11) -> str | None:
     """lstm_rows_step (two residual layers and the output layer, rows and H off the vector widths) against
     the same step in PyTorch: None, or what differs."""
@@ -342,9 +356,11 @@ def check_rows_step(kernel: Kernel, rows: int = 6, H: int = 37, V: int = 11) -> 
     address = lambda t: pointer(t, tuple(t.shape), "rows step")          # noqa: E731
     scratch = torch.empty(rows, 4 * H), torch.empty(rows, 2 * H)         # alive until the call returns
     states = [address(t) for t in (*h_in, *c_in)] + [address(out[i, k]) for i in range(2) for k in range(2)]
-    kernel.rows_step(rows, 2, H, V, 1, 0, address(layer0_gates), (ctypes.c_void_p * 2)(address(w0), address(w1)),
+    weights = [panels(w) for w in (w0, w1, head_w)]
+    kernel.rows_step(rows, 2, H, V, 1, 0, address(layer0_gates),
+                     (ctypes.c_void_p * 2)(address(weights[0]), address(weights[1])),
                      (ctypes.c_void_p * 2)(None, address(b1)), (ctypes.c_void_p * 8)(*states), address(x),
-                     address(head_w), address(head_b), address(logits), address(scratch[0]), address(scratch[1]))
+                     address(weights[2]), address(head_b), address(logits), address(scratch[0]), address(scratch[1]))
     for name, ours in {"h": out[0], "c": out[1], "x": x, "logits": logits}.items():
         if not torch.allclose(ours, expected[name], atol=1e-4, rtol=1e-4):
             return f"the rows step's {name} differs by {(ours - expected[name]).abs().nan_to_num(float('inf')).max().item():.3g}"

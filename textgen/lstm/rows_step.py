@@ -27,19 +27,19 @@ class RowsStep:
         self.kernel, self.residual = kernel, residual
         self.hidden_size = layers[0][1].shape[1]
         H = self.hidden_size
-        self.weights = [layers[0][1].contiguous()] + [torch.cat([w_ih, w_hh], 1).contiguous() for w_ih, w_hh, _ in layers[1:]]
+        self.weights = [native_kernel.panels(layers[0][1])] + [native_kernel.panels(torch.cat([w_ih, w_hh], 1)) for w_ih, w_hh, _ in layers[1:]]
         self.biases = [None] + [bias.contiguous() for _, _, bias in layers[1:]]
         pointer = native_kernel.pointer
-        weight_at = [pointer(self.weights[0], (4 * H, H), "W_hh")]
-        weight_at += [pointer(w, (4 * H, 2 * H), "[W_ih, W_hh]") for w in self.weights[1:]]
+        weight_at = [pointer(w, tuple(w.shape), "packed weight") for w in self.weights]
         bias_at = [None] + [pointer(b, (4 * H,), "bias") for b in self.biases[1:]]
         self.weight_array = (ctypes.c_void_p * len(layers))(*weight_at)
         self.bias_array = (ctypes.c_void_p * len(layers))(*bias_at)
-        self.head_weight = None if head_weight is None else head_weight.contiguous()
+        self.head_weight = None if head_weight is None else native_kernel.panels(head_weight)
         self.head_bias = None if head_bias is None else head_bias.contiguous()
         self.vocab_size = 0 if head_weight is None else head_weight.shape[0]
         self.head_at = (None, None) if head_weight is None else (
-            pointer(self.head_weight, (self.vocab_size, H), "head weight"), pointer(self.head_bias, (self.vocab_size,), "head bias"))
+            pointer(self.head_weight, tuple(self.head_weight.shape), "head weight"),
+            pointer(self.head_bias, (self.vocab_size,), "head bias"))
         self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -62,24 +62,27 @@ class RowsStep:
         return threading.current_thread() is threading.main_thread()
 
     def __call__(self, layer0_gates: torch.Tensor, state) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
-        """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H).
-        Returns the logits (N, V) (None without the output layer), the top layer's output (N, H), and
-        the new state, fresh tensors."""
+        """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H),
+        as model.check_state gives it. Returns the logits (N, V) (None without the output layer), the top
+        layer's output (N, H), and the new state, fresh tensors (views of one, allocated per call)."""
         N, H, L = layer0_gates.shape[0], self.hidden_size, len(self.weights)
         pointer = native_kernel.pointer
+        if N not in self._scratch:        # per batch size: buffers the kernel overwrites, the state's pointer array
+            self._scratch[N] = (layer0_gates.new_empty(N, 4 * H), layer0_gates.new_empty(N, 2 * H),
+                                (ctypes.c_void_p * (4 * L))())
+        gates, joined, states = self._scratch[N]
+        # The kernel's own buffers are made here at their sizes; what comes from outside is checked.
         out = layer0_gates.new_empty(2, L, N, H)
         x_out = layer0_gates.new_empty(N, H)
         logits = layer0_gates.new_empty(N, self.vocab_size) if self.vocab_size else None
-        if N not in self._scratch:
-            self._scratch[N] = (layer0_gates.new_empty(N, 4 * H), layer0_gates.new_empty(N, 2 * H))
-        gates, joined = self._scratch[N]
-        inputs = [t.contiguous() for t in (*(h for h, _ in state), *(c for _, c in state))]
-        states = [pointer(t, (N, H), "state") for t in inputs]
-        states += [pointer(out[0, k], (N, H), "h") for k in range(L)] + [pointer(out[1, k], (N, H), "c") for k in range(L)]
+        for k, (h, c) in enumerate(state):
+            states[k], states[L + k] = pointer(h, (N, H), "h"), pointer(c, (N, H), "c")
+        out_at, state_bytes = out.data_ptr(), N * H * 4
+        for k in range(2 * L):
+            states[2 * L + k] = out_at + k * state_bytes               # h_out[0..L), then c_out[0..L)
         self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual), int(self._threaded()),
                               pointer(layer0_gates, (N, 4 * H), "layer 0 gates"), self.weight_array, self.bias_array,
-                              (ctypes.c_void_p * (4 * L))(*states), pointer(x_out, (N, H), "x"),
-                              self.head_at[0], self.head_at[1],
-                              None if logits is None else pointer(logits, (N, self.vocab_size), "logits"),
-                              pointer(gates, (N, 4 * H), "gates"), pointer(joined, (N, 2 * H), "joined"))
-        return logits, x_out, tuple((out[0, k], out[1, k]) for k in range(L))
+                              states, x_out.data_ptr(), self.head_at[0], self.head_at[1],
+                              None if logits is None else logits.data_ptr(), gates.data_ptr(), joined.data_ptr())
+        hs, cs = out.unbind(0)
+        return logits, x_out, tuple(zip(hs.unbind(0), cs.unbind(0)))
