@@ -86,3 +86,36 @@ def test_a_continued_request_reports_the_seed_its_random_stream_carries_on_from(
     finally:
         engine.close()
         engine.scheduler.stop()
+
+
+def test_the_c_draw_is_the_reference_draw():
+    """The C kernel's draw (lstm.sample_rows, which next_tokens uses) against next_token_probs + draw, its
+    reference, on 3000 random steps: temperatures 0 to 2.5, top-k and top-p cuts (one for every row and
+    one per row), tokens at -inf (what --max-copy forbids). The two may only part where u falls within a
+    last bit of the boundary between two tokens (the kernel's exp is its own); here they never do."""
+    from conftest import c_kernel_or_skip
+    from textgen.generation.sampling import draw, next_token_probs
+    from textgen.lstm import sample_rows
+    c_kernel_or_skip()
+    g = torch.Generator().manual_seed(0)
+    rows = parted = 0
+    for trial in range(3000):
+        N, V = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(2, 300, (1,), generator=g))
+        logits = torch.randn(N, V, generator=g) * float(torch.rand(1, generator=g) * 8)
+        if trial % 7 == 0:
+            logits[:, : V // 3] = float("-inf")
+        T, top_k = (0.0, 0.3, 0.8, 1.0, 2.5)[trial % 5], (None, 1, 5, V, V + 3)[trial % 4]
+        top_p = (None, 0.5, 0.9, 1e-300, 1e-30)[trial % 5 if trial % 3 else 0]       # 1e-300: 0 in float32
+        if trial % 11 == 0:
+            T, top_k, top_p = torch.rand(N, generator=g) * 2, torch.randint(1, V + 2, (N,), generator=g), \
+                torch.rand(N, generator=g)
+        u = torch.rand(N, generator=g, dtype=torch.float64)
+        probs = next_token_probs(logits, T, top_k, top_p)
+        ours, reference = sample_rows(logits, T, top_k, top_p, u), draw(probs, u)
+        rows += N
+        for r in (ours != reference).nonzero().flatten().tolist():
+            cdf = probs[r].double().cumsum(0)
+            assert (cdf - u[r] * cdf[-1]).abs().min() < 1e-6 * cdf[-1], (trial, r)   # only at a boundary
+            parted += 1
+        assert bool((probs.gather(1, ours.unsqueeze(1)) > 0).all())      # never a token the cuts removed
+    assert rows > 7000 and parted <= rows // 1000

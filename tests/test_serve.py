@@ -203,12 +203,14 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
         alone = engine.submit(job(7, temperature=1.0, top_p=0.9))
         alone.finished.wait(30)
         assert set(sizes) == ({1} if engine.stepper.rows_agree else {8})
+        # Long enough that the crowd is still running when the last two join (a step of 5 rows takes
+        # well under 0.1 ms here: 300 characters were over within the 50 ms wait below).
         crowd = [engine.submit(job(s, temperature=t, top_k=k, length=n))
-                 for s, t, k, n in ((1, 0.5, None, 700), (2, 1.3, 5, 300), (3, 0.0, None, 900))]
-        crowd.append(engine.submit(job(4, temperature=1.0, num_samples=2, length=600)))
+                 for s, t, k, n in ((1, 0.5, None, 2800), (2, 1.3, 5, 1200), (3, 0.0, None, 3600))]
+        crowd.append(engine.submit(job(4, temperature=1.0, num_samples=2, length=2400)))
         time.sleep(0.05)                    # the crowd is running: the request joins mid-flight
         again = engine.submit(job(7, temperature=1.0, top_p=0.9))
-        crowd.append(engine.submit(job(5, temperature=0.9, length=100)))
+        crowd.append(engine.submit(job(5, temperature=0.9, length=400)))
         for j in crowd + [again]:
             assert j.finished.wait(60)
 
@@ -233,16 +235,21 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
         engine.scheduler.stop()
 
 
+@pytest.mark.parametrize("step", ["C step", "oneDNN products"])
 @pytest.mark.parametrize("hidden", [32, 256])
-def test_the_servers_stepper_gives_each_row_the_same_bits_at_every_batch_size(hidden):
-    """What the batch that follows the busy rows rests on: oneDNN's products with weights packed once
-    (Stepper(rows_agree=True)) give a row the same logits and state alone or among 1 to 39 others,
-    where the fastest product for each size (MKL at a few rows) does not. A CPU without those products
-    says so (rows_agree False), and the engine then keeps a fixed batch."""
-    from textgen.lstm import CharLSTM, ModelConfig, Stepper
+def test_the_servers_stepper_gives_each_row_the_same_bits_at_every_batch_size(hidden, step, monkeypatch):
+    """What the batch that follows the busy rows rests on: Stepper(rows_agree=True) gives a row the same
+    logits and state alone or among 1 to 39 others (the C step by its construction, or without the C
+    kernel oneDNN's products with weights packed once), where the fastest library product for each size
+    (MKL at a few rows) does not. A CPU without either says so (rows_agree False), and the engine then
+    keeps a fixed batch."""
+    from textgen.lstm import CharLSTM, ModelConfig, Stepper, native_kernel
+    if step == "oneDNN products":
+        monkeypatch.setattr(native_kernel, "load", lambda: None)
     torch.manual_seed(0)
     model = CharLSTM(ModelConfig(vocab_size=65, hidden_size=hidden, layers=2)).eval()
     stepper = Stepper(model, rows_agree=True)
+    assert (stepper.rows_step is not None) == (step == "C step" and native_kernel.load() is not None)
     if not stepper.rows_agree:
         pytest.skip("oneDNN does not pack float32 weights on this CPU: the engine keeps a fixed batch here")
     g = torch.Generator().manual_seed(1)

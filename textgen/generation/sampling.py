@@ -37,7 +37,7 @@ import torch
 from .. import settings
 from ..errors import SettingError, UsageError, check_range
 from ..settings import setting
-from ..lstm import CharLSTM, Stepper, State
+from ..lstm import CharLSTM, Stepper, State, sample_rows
 from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer, UnknownCharactersError, escape_char
 
@@ -152,8 +152,13 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row: the distribution the settings give (next_token_probs), inverted at u."""
-    return draw(next_token_probs(logits, temperature, top_k, top_p), u)
+    """One draw per row: the distribution the settings give (next_token_probs), inverted at u.
+
+    The C kernel's sample_rows computes this in one call where it runs (a CPU float32 model), here
+    and in the batching server alike, so a seed's text does not depend on which of them serves it;
+    next_token_probs and draw stay the reference it is tested against."""
+    ids = sample_rows(logits, temperature, top_k, top_p, u)
+    return ids if ids is not None else draw(next_token_probs(logits, temperature, top_k, top_p), u)
 
 
 class Scored(NamedTuple):

@@ -12,7 +12,9 @@
  * place): every element is read before it is written, and only at its own index, which
  * is what `#pragma GCC ivdep` tells the compiler so that it vectorises the loops anyway.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The work is split by columns (hidden units) into `slices` slices of whole vectors: each
@@ -387,4 +389,116 @@ void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t 
     }
     if (head_w)
         rows_product(rows, V, H, x_out, head_w, head_b, NULL, logits, threaded);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Drawing the next character of each row: what generation/sampling.py's next_token_probs and draw
+ * compute (its reference, tested against it), in one call instead of a dozen PyTorch operations:
+ *   z = logits / T;  p = softmax(z) in float32;  top-k: keep p >= the k-th largest;
+ *   top-p: keep the most likely tokens while the mass before them is under top_p times the total,
+ *   and always the most likely;  p /= sum(p);  then the first token whose float64 cumulative sum
+ *   exceeds u times the total. T = 0 is the argmax (the first, a NaN counting as the largest).
+ * exp here is the kernel's own, so a probability may differ from PyTorch's in its last bit, and a draw
+ * within that distance of a boundary between two tokens may fall the other way.
+ * Settings are per row, or one for every row where their stride is 0.
+ * ------------------------------------------------------------------------------------------------ */
+/* order[0..n) by p descending, ties by id: a merge sort (stable, no shared state: rows of different
+ * models may be drawn on different threads at once), using spare (n more) as room. */
+static void sort_by_probability(int32_t *order, int32_t *spare, int64_t n, const float *p)
+{
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t i = lo, j = mid, out = lo;
+            while (i < mid && j < hi)
+                spare[out++] = p[order[j]] > p[order[i]] ? order[j++] : order[i++];
+            while (i < mid)
+                spare[out++] = order[i++];
+            while (j < hi)
+                spare[out++] = order[j++];
+        }
+        memcpy(order, spare, (size_t)n * sizeof *order);
+    }
+}
+
+static int64_t sample_row(int64_t V, const float *logits, float T, int64_t top_k, float top_p, double u,
+                          float *p, int32_t *order, int32_t *spare, double *cdf, int64_t *nan_seen)
+{
+    if (T == 0.0f) {
+        int64_t best = 0;
+        for (int64_t j = 0; j < V; j++) {
+            if (logits[j] != logits[j])
+                return j;                                       /* NaN: the largest, as torch.argmax has it */
+            if (logits[j] > logits[best])
+                best = j;
+        }
+        return best;
+    }
+    float m = -INFINITY;
+    for (int64_t j = 0; j < V; j++) {
+        p[j] = logits[j] / T;
+        if (p[j] != p[j])
+            *nan_seen = 1;
+        m = p[j] > m ? p[j] : m;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < V; j++) {
+        p[j] = p[j] == -INFINITY ? 0.0f : exp_approx(p[j] - m);     /* a token at -inf (--max-copy's) stays at 0 */
+        sum += p[j];
+    }
+    for (int64_t j = 0; j < V; j++)
+        p[j] /= sum;
+    int cut_k = top_k < V, cut_p = top_p < 1.0f;
+    if (cut_k || cut_p) {
+        for (int64_t j = 0; j < V; j++)
+            order[j] = (int32_t)j;
+        sort_by_probability(order, spare, V, p);
+        float kth = cut_k ? p[order[(top_k < 1 ? 1 : top_k) - 1]] : 0.0f, total = 0.0f, before = 0.0f;
+        for (int64_t r = 0; r < V; r++)
+            total += p[order[r]];
+        for (int64_t r = 0; r < V; r++) {
+            float q = p[order[r]];
+            int keep = r == 0 || ((!cut_k || q >= kth) && (!cut_p || before < top_p * total));
+            before += q;
+            if (!keep)
+                p[order[r]] = 0.0f;
+        }
+    }
+    float kept = 0.0f;
+    for (int64_t j = 0; j < V; j++)
+        kept += p[j];
+    double cumulative = 0.0;
+    for (int64_t j = 0; j < V; j++) {
+        cumulative += (double)(p[j] / kept);
+        cdf[j] = cumulative;
+    }
+    double target = u * cdf[V - 1];
+    if (target != target || *nan_seen)
+        return V - 1;
+    for (int64_t j = 0; j < V; j++)
+        if (cdf[j] > target)
+            return j;
+    return V - 1;
+}
+
+/* ids[r] for r < rows; temperature, top_k, top_p: arrays read at r * their stride (0: one for all).
+ * Returns 0, or -1 where memory for the scratch could not be had (the caller then draws another way). */
+int lstm_sample_rows(int64_t rows, int64_t V, const float *logits, const float *temperature, int64_t t_stride,
+                     const int64_t *top_k, int64_t k_stride, const float *top_p, int64_t p_stride, const double *u,
+                     int64_t *ids)
+{
+    double *cdf = malloc((size_t)V * sizeof(double));             /* then p (V floats), order and spare (V int32 each) */
+    float *p = malloc((size_t)V * sizeof(float));
+    int32_t *order = malloc((size_t)V * 2 * sizeof(int32_t));
+    if (!cdf || !p || !order) {
+        free(cdf), free(p), free(order);
+        return -1;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t nan_seen = 0;
+        ids[r] = sample_row(V, logits + r * V, temperature[r * t_stride], top_k[r * k_stride], top_p[r * p_stride],
+                            u[r], p, order, order + V, cdf, &nan_seen);
+    }
+    free(cdf), free(p), free(order);
+    return 0;
 }

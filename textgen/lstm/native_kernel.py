@@ -115,6 +115,9 @@ class Kernel:
         self.rows_step = lib.lstm_rows_step                       # generation's step, every layer and the head
         self.rows_step.argtypes = [size] * 6 + [ptr] * 10
         self.rows_step.restype = None
+        self.sample_rows = lib.lstm_sample_rows                   # each row's next character drawn
+        self.sample_rows.argtypes = [size, size, ptr, ptr, size, ptr, size, ptr, size, ptr, ptr]
+        self.sample_rows.restype = ctypes.c_int
         self.transpose = lib.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
         self.transpose.restype = None

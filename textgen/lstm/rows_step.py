@@ -40,7 +40,8 @@ class RowsStep:
         self.head_at = (None, None) if head_weight is None else (
             pointer(self.head_weight, tuple(self.head_weight.shape), "head weight"),
             pointer(self.head_bias, (self.vocab_size,), "head bias"))
-        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[int, tuple] = {}
+        self._returned: tuple = (None, 0, None)     # the state last returned, its buffer's address, the buffer
 
     @classmethod
     def for_weights(cls, layers: list, head_weight: torch.Tensor | None, head_bias: torch.Tensor | None,
@@ -71,18 +72,60 @@ class RowsStep:
             self._scratch[N] = (layer0_gates.new_empty(N, 4 * H), layer0_gates.new_empty(N, 2 * H),
                                 (ctypes.c_void_p * (4 * L))())
         gates, joined, states = self._scratch[N]
-        # The kernel's own buffers are made here at their sizes; what comes from outside is checked.
-        out = layer0_gates.new_empty(2, L, N, H)
+        # The kernel's own buffers are made here at their sizes; what comes from outside is checked, but
+        # for the state this step returned last (its buffer, untouched since: tuples and shapes cannot change).
+        out = layer0_gates.new_empty(2 * L, N, H)                    # h_out[0..L), then c_out[0..L)
         x_out = layer0_gates.new_empty(N, H)
         logits = layer0_gates.new_empty(N, self.vocab_size) if self.vocab_size else None
-        for k, (h, c) in enumerate(state):
-            states[k], states[L + k] = pointer(h, (N, H), "h"), pointer(c, (N, H), "c")
         out_at, state_bytes = out.data_ptr(), N * H * 4
+        if state is not None and state is self._returned[0]:
+            for k in range(2 * L):
+                states[k] = self._returned[1] + k * state_bytes
+        else:
+            for k, (h, c) in enumerate(state):
+                states[k], states[L + k] = pointer(h, (N, H), "h"), pointer(c, (N, H), "c")
         for k in range(2 * L):
-            states[2 * L + k] = out_at + k * state_bytes               # h_out[0..L), then c_out[0..L)
+            states[2 * L + k] = out_at + k * state_bytes
         self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual), int(self._threaded()),
                               pointer(layer0_gates, (N, 4 * H), "layer 0 gates"), self.weight_array, self.bias_array,
                               states, x_out.data_ptr(), self.head_at[0], self.head_at[1],
                               None if logits is None else logits.data_ptr(), gates.data_ptr(), joined.data_ptr())
-        hs, cs = out.unbind(0)
-        return logits, x_out, tuple(zip(hs.unbind(0), cs.unbind(0)))
+        parts = out.unbind(0)
+        new_state = tuple((parts[k], parts[L + k]) for k in range(L))
+        self._returned = (new_state, out_at, out)
+        return logits, x_out, new_state
+
+
+def _column(value, ctype, dtype: torch.dtype, rows: int, keep: list):
+    """A setting as lstm_sample_rows reads it: (address, stride), one number (stride 0) or one per row."""
+    if isinstance(value, torch.Tensor):
+        column = value.to(dtype).expand(rows).contiguous()
+        keep.append(column)
+        return native_kernel.pointer(column, (rows,), "setting", dtype), 1
+    number = ctype(value)
+    keep.append(number)
+    return ctypes.addressof(number), 0
+
+
+def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor) -> torch.Tensor | None:
+    """One token per row of logits (N, V), drawn at u (N,) as generation/sampling.py's next_tokens draws it
+    (its reference), in one C call; None where the kernel does not run (another device or dtype, none built).
+    Each setting is one number for every row or an (N,) tensor; top_k None (no cut) or an int, top_p None or
+    a float. A draw within a last bit of a boundary between two tokens may fall the other way than the
+    reference's (the kernel's exp is its own)."""
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
+            or torch.compiler.is_compiling()):
+        return None
+    kernel = native_kernel.load()
+    if kernel is None:
+        return None
+    N, V = logits.shape
+    logits, keep = logits.contiguous(), []
+    columns = (_column(temperature, ctypes.c_float, torch.float32, N, keep),
+               _column(V if top_k is None else top_k, ctypes.c_int64, torch.int64, N, keep),
+               _column(1.0 if top_p is None else top_p, ctypes.c_float, torch.float32, N, keep))
+    ids = torch.empty(N, dtype=torch.int64)
+    done = kernel.sample_rows(N, V, native_kernel.pointer(logits, (N, V), "logits"), *columns[0], *columns[1],
+                              *columns[2], native_kernel.pointer(u, (N,), "u", torch.float64),
+                              native_kernel.pointer(ids, (N,), "ids", torch.int64))
+    return ids if done == 0 else None

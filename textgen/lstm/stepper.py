@@ -141,17 +141,19 @@ class Stepper:
         logits, x, new_state = self.rows_step(self._layer0_gates(tokens, styles), state)
         return (self.model.logits(x) if logits is None else logits), new_state
 
-    @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, state: State, styles: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, State]:
         """tokens (N,) int64 -> logits (N, V) and the new state; styles (N,) a style id per row (-1: none),
         for a model with styles."""
+        if torch.is_grad_enabled():           # (a check, not a decorator: generation calls this per character)
+            with torch.no_grad():
+                return self(tokens, state, styles)
         H = self.hidden_size
         self.model._check_tokens(tokens, 1, "(batch,)")
         N = len(tokens)
         _check_batch(N)
         weight = self.token_gates
-        if state is not self._returned or len(state[0][0]) != N:    # what it returned last, at this N, is known good
+        if state is not self._returned or state[0][0].shape[0] != N:    # what it returned last, at this N, is known good
             state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         if self.rows_step is not None:
             logits, self._returned = self._rows_step(tokens, state, styles)
