@@ -139,6 +139,17 @@ class CountingKernel:
         self.slices.append(1)
         self.kernel.rows_step(rows, *arguments)
 
+    def forward_chunk(self, *arguments):
+        self.slices.append(1)
+        self.kernel.forward_chunk(*arguments)
+
+    def backward_chunk(self, *arguments):
+        self.slices.append(1)
+        self.kernel.backward_chunk(*arguments)
+
+    def sample_rows(self, *arguments):
+        return self.kernel.sample_rows(*arguments)
+
 
 def need_c_compiler(or_native_off: bool = True) -> None:
     """Skip where there is no C compiler (or TEXTGEN_NATIVE=0 turns the kernel off), except under CI

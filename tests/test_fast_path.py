@@ -156,6 +156,9 @@ def assert_close_in_bf16(ours, ref, label):
             assert F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item() >= 0.99, f"{label}: {name}"
 
 
+DEFAULT_CHUNK = fused._CHUNK_PRODUCT
+
+
 @pytest.fixture
 def paths(monkeypatch, c_kernel_if_any):
     """Sets up one named execution path at a time; returns a function path -> what it must have run."""
@@ -171,9 +174,11 @@ def paths(monkeypatch, c_kernel_if_any):
         counting = CountingKernel(c_kernel_if_any) if pointwise == "c-kernel" else None
         monkeypatch.setattr(native_kernel, "load", lambda: counting)
         monkeypatch.setattr(native_kernel, "step_slices", lambda B, H: slices)
-        # "packed": oneDNN's packed product at every size; "plain": never; "default": the model's choice.
-        small = {"packed": -1, "plain": 1 << 62, "default": 1 << 20}[products]
+        # "packed": oneDNN's packed product at every size; "plain": never (MKL's, a step at a time); "chunk":
+        # never, and the C kernel runs the whole time loop with its own products; "default": the model's choice.
+        small = {"packed": -1, "plain": 1 << 62, "chunk": 1 << 62, "default": 1 << 20}[products]
         monkeypatch.setattr(fused, "_SMALL_PRODUCT", small)
+        monkeypatch.setattr(fused, "_CHUNK_PRODUCT", {"chunk": 1 << 62, "default": DEFAULT_CHUNK}.get(products, -1))
         spy["packed"] = 0
         return counting
     use.spy, use.has_kernel = spy, c_kernel_if_any is not None
@@ -187,7 +192,7 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
         ref = reference(inputs, upstream)
         for pointwise, slices, products in [("torch-ops", 1, "plain"), ("torch-ops", 1, "packed"),
                                             *[("c-kernel", n, "plain") for n in SLICES],
-                                            ("c-kernel", 2, "packed")]:
+                                            ("c-kernel", 2, "packed"), ("c-kernel", 1, "chunk")]:
             if pointwise == "c-kernel" and not paths.has_kernel:
                 continue
             label = f"H={H} B={B} {pointwise} slices={slices} {products}"
@@ -201,11 +206,13 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
         bf16_refs = {products: bf16_reference(inputs, upstream, recurrent_in_bf16=products == "packed")
                      for products in ("packed", "plain")}
         for pointwise in ("torch-ops", "c-kernel") if paths.has_kernel else ("torch-ops",):
-            for products in ("packed", "plain"):
+            for products in ("packed", "plain") + (("chunk",) if pointwise == "c-kernel" else ()):
                 label = f"H={H} B={B} {pointwise} bf16 {products}"
-                paths(pointwise, 2, products)
+                counting = paths(pointwise, 2, products)
                 assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
-                                     bf16_refs[products], label)
+                                     bf16_refs["plain" if products == "chunk" else products], label)
+                if products == "chunk":
+                    assert counting.calls == 2, label          # the forward and the backward loop, one call each
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
                 assert (paths.spy["packed"] >= 2) == (products == "packed" and fused.packs(torch.bfloat16)), label
 
@@ -241,18 +248,24 @@ def test_the_packing_probe_agrees_with_the_cpu():
 
 @pytest.mark.parametrize("threads", [1, 3, 4, 8, 31])
 def test_the_kernel_on_real_threads_equals_the_cell(threads, c_kernel, monkeypatch):
-    """The model's own choice of slices (PyTorch's thread count) with that many OpenMP threads running."""
+    """The model's own choice of slices (PyTorch's thread count) with that many OpenMP threads running; and
+    the whole-chunk loops, whose products share their panels among those threads."""
     counting = CountingKernel(c_kernel)
     monkeypatch.setattr(native_kernel, "load", lambda: counting)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for B, H in ((32, 129), (16, 257), (48, 100), (64, 300), (128, 513), (4096, 1)):
-            inputs, upstream = make_case(B, H, seed=B + H)
-            counting.slices.clear()
-            assert_matches(run_layer(lstm_layer, inputs, upstream), reference(inputs, upstream),
-                           f"B={B} H={H} on {threads} threads")
-            assert set(counting.slices) == {threads}
+        for chunk, shapes in ((False, ((32, 129), (16, 257), (48, 100), (64, 300), (128, 513), (4096, 1))),
+                              (True, ((16, 128), (3, 37), (4096, 1), (40, 70)))):
+            monkeypatch.setattr(fused, "_CHUNK_PRODUCT", 1 << 62 if chunk else -1)
+            monkeypatch.setattr(fused, "_SMALL_PRODUCT", 1 << 62 if chunk else 1 << 20)
+            for B, H in shapes:
+                inputs, upstream = make_case(B, H, seed=B + H)
+                counting.slices.clear()
+                assert_matches(run_layer(lstm_layer, inputs, upstream), reference(inputs, upstream),
+                               f"B={B} H={H} on {threads} threads{', whole chunk' if chunk else ''}")
+                assert set(counting.slices) == ({1} if chunk else {threads})
+                assert len(counting.slices) == (2 if chunk else 2 * T)
     finally:
         torch.set_num_threads(before)
 

@@ -485,6 +485,17 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     H = four_h // 4
     hs = x_proj.new_empty(T, B, H)
     cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
+    kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
+    if kernel is not None:              # a small layer: the whole time loop in one C call
+        c = c.contiguous()
+        pointer = native_kernel.pointer
+        panels = native_kernel.panels(weight_hh)
+        kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"),
+                             pointer(x_proj, (T, B, four_h), "gates"), pointer(h.contiguous(), (B, H), "h0"),
+                             pointer(c, (B, H), "c0"), pointer(hs, (T, B, H), "hs"),
+                             pointer(cs, (cs.shape[0], B, H), "cs"), B * H if keep_for_backward else 0,
+                             int(native_kernel.threads_pay_here()))
+        return hs, cs[-1], (cs if keep_for_backward else None)
     low_product = _bf16_kernel_product(x_proj, c, weight_hh, low_precision)
     if low_product is not None:         # the C step takes the bfloat16 product as it comes and gives h in bfloat16
         step, h = _kernel_forward_steps_bf16(native_kernel.load(), x_proj, c, hs, cs), h.to(torch.bfloat16)
@@ -500,6 +511,43 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     for t in range(T):
         h = step(t, recurrent(h, pre_activations[t]))      # (B, 4H) pre-activations, then the pointwise work
     return hs, cs[-1], (cs if keep_for_backward else None)
+
+
+# Float32 recurrent products of at most this many multiply-adds run their chunk's time loop in C, with the
+# kernel's own products: 2x128 at 16 streams (1M) trains 1.29x faster so, 2x256 at 16 streams (4.2M) 1.14x;
+# at 32 streams (8.4M) oneDNN's product and the Python loop are as fast (AMD EPYC; benchmarks/README.md).
+_CHUNK_PRODUCT = 1 << 22
+
+
+def _chunk_kernel(gates, c, weight_hh, low_precision):
+    """The C kernel where a chunk's whole time loop runs in it (lstm_forward_chunk, lstm_backward_chunk), else
+    None: where the pointwise kernel runs and the recurrent product is float32 and small (_CHUNK_PRODUCT),
+    so that a library's product costs more in dispatch than in arithmetic and the Python loop as much again.
+    With low precision asked for, only where the product stays float32 anyway (_SMALL_PRODUCT)."""
+    limit = _CHUNK_PRODUCT if low_precision is None else min(_CHUNK_PRODUCT, _SMALL_PRODUCT)
+    if gates.shape[1] * weight_hh.numel() > limit:
+        return None
+    return pointwise_kernel(gates, c, weight_hh)
+
+
+def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh):
+    """recurrent_backward in one C call (lstm_backward_chunk): dL/d(pre-activations) (T, B, 4H), dL/dh0,
+    dL/dc0 and dL/dbias."""
+    T, B, four_h = gates.shape
+    H = four_h // 4
+    pointer = native_kernel.pointer
+    panels = native_kernel.panels(weight_hh.t())             # dh_prev = dgates @ W_hh: W_hh^T's rows are outputs
+    grad_gates, grad_bias = torch.empty_like(gates), gates.new_zeros(four_h)
+    grad_h = grad_h.clone(memory_format=torch.contiguous_format)          # the kernel updates both in place
+    grad_c = grad_c.clone(memory_format=torch.contiguous_format)
+    c0, scratch = c0.contiguous(), gates.new_empty(B, H)
+    kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"),
+                          pointer(gates, (T, B, four_h), "gates"), pointer(cs, (T, B, H), "cs"),
+                          pointer(c0, (B, H), "c0"), pointer(grad_hs, (T, B, H), "grad_hs"),
+                          pointer(grad_h, (B, H), "grad_h"), pointer(grad_c, (B, H), "grad_c"),
+                          pointer(grad_gates, (T, B, four_h), "grad_gates"), pointer(grad_bias, (four_h,), "grad_bias"),
+                          pointer(scratch, (B, H), "scratch"), int(native_kernel.threads_pay_here()))
+    return grad_gates, grad_h, grad_c, grad_bias
 
 
 def _bf16_kernel_product(gates, c, weight, low_precision):
@@ -566,7 +614,11 @@ class FusedLSTMLayer(torch.autograd.Function):
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
         low_product_t = _bf16_kernel_product(gates, grad_c, weight_hh.t(), low)      # dh_prev = dgates @ W_hh
-        if low_product_t is not None:
+        chunk_kernel = _chunk_kernel(gates, grad_c, weight_hh, low)
+        if chunk_kernel is not None:
+            grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_chunk(chunk_kernel, gates, cs, c0, grad_hs,
+                                                                             grad_h, grad_c, weight_hh)
+        elif low_product_t is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c,
                                                                             low_product_t)
         else:

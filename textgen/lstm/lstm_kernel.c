@@ -502,3 +502,48 @@ int lstm_sample_rows(int64_t rows, int64_t V, const float *logits, const float *
     free(cdf), free(p), free(order);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * A chunk's whole time loop in one call, for small layers: each step's recurrent product by
+ * rows_product (weights packed in panels) and its pointwise work, with no return to Python between
+ * steps. Below about a million multiply-adds a step, a library's product costs more in dispatch
+ * than in arithmetic, and the Python loop around it as much again (fused_lstm.py chooses).
+ * ------------------------------------------------------------------------------------------------ */
+
+/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
+ * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
+ * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place. */
+void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
+                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
+{
+    for (int64_t t = 0; t < T; t++) {
+        float *pre = gates + t * B * 4 * H;
+        const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
+        const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
+        rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);       /* pre += h_prev W_hh^T */
+        for (int64_t b = 0; b < B; b++)
+            forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H, cs + t * cs_stride + b * H,
+                        hs + t * B * H + b * H, NULL, 0);
+    }
+}
+
+/* Backward, from step T-1 down to 0: wt_panels is W_hh^T (H x 4H) packed; gates and cs (T, B, ...) the
+ * forward's activations and cell states, c0 the cell state before; grad_hs (T, B, H) the gradients reaching
+ * each h from above; grad_h (B, H) holds dL/dh of the last step on entry (from above and from after the
+ * chunk) and dL/dh0 on return, grad_c dL/dc of the last step on entry and dL/dc0 on return; grad_gates
+ * (T, B, 4H) receives the pre-activation gradients, grad_bias (4H) their sums; scratch (B, H). */
+void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels, const float *gates,
+                         const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
+                         float *grad_gates, float *grad_bias, float *scratch, int64_t threaded)
+{
+    for (int64_t t = T - 1; t >= 0; t--) {
+        const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+        float *d = grad_gates + t * B * 4 * H;
+        for (int64_t b = 0; b < B; b++)
+            backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
+                         d + b * 4 * H, NULL, grad_bias, 0);
+        /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
+        rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
+        memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
+    }
+}

@@ -46,6 +46,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 
 import torch
@@ -77,6 +78,15 @@ def step_slices(batch: int, hidden: int) -> int:
     it only decides how many threads share the work.
     """
     return torch.get_num_threads() if batch * hidden >= PARALLEL_MIN_CELLS else 1
+
+
+def threads_pay_here() -> bool:
+    """Whether the kernel's products (lstm_rows_step, the chunk loops) share their work among OpenMP's
+    threads from this thread: on the main thread only. On another (a server's), a second team of OpenMP
+    threads makes libgomp stop spinning between parallel regions, and waking its threads at every product
+    costs more than they save: a row of generation 5,745 chars/s against 10,207 one-threaded, 16 rows 60k
+    rows/s against 59k (2x256, AMD EPYC, 2 cores; benchmarks/README.md)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def pointer(tensor: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype = torch.float32) -> int:
@@ -118,6 +128,12 @@ class Kernel:
         self.sample_rows = lib.lstm_sample_rows                   # each row's next character drawn
         self.sample_rows.argtypes = [size, size, ptr, ptr, size, ptr, size, ptr, size, ptr, ptr]
         self.sample_rows.restype = ctypes.c_int
+        self.forward_chunk = lib.lstm_forward_chunk               # a small layer's whole time loop
+        self.forward_chunk.argtypes = [size] * 3 + [ptr] * 6 + [size, size]
+        self.forward_chunk.restype = None
+        self.backward_chunk = lib.lstm_backward_chunk
+        self.backward_chunk.argtypes = [size] * 3 + [ptr] * 10 + [size]
+        self.backward_chunk.restype = None
         self.transpose = lib.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
         self.transpose.restype = None

@@ -11,7 +11,6 @@ the Stepper), with the C kernel's sigmoid and tanh.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -54,14 +53,6 @@ class RowsStep:
         kernel = native_kernel.load()
         return None if kernel is None else cls(kernel, layers, head_weight, head_bias, residual)
 
-    @staticmethod
-    def _threaded() -> bool:
-        """Whether the products share the work among OpenMP's threads: on the main thread only. On another
-        (a server's), a second team of OpenMP threads makes libgomp stop spinning between parallel regions,
-        and waking its threads at every product costs more than they save: one row 5,745 chars/s against
-        10,207 one-threaded, 16 rows 60k rows/s against 59k (2x256 on 2 cores; benchmarks/README.md)."""
-        return threading.current_thread() is threading.main_thread()
-
     def __call__(self, layer0_gates: torch.Tensor, state) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
         """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H),
         as model.check_state gives it. Returns the logits (N, V) (None without the output layer), the top
@@ -86,7 +77,7 @@ class RowsStep:
                 states[k], states[L + k] = pointer(h, (N, H), "h"), pointer(c, (N, H), "c")
         for k in range(2 * L):
             states[2 * L + k] = out_at + k * state_bytes
-        self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual), int(self._threaded()),
+        self.kernel.rows_step(N, L, H, self.vocab_size, int(self.residual), int(native_kernel.threads_pay_here()),
                               pointer(layer0_gates, (N, 4 * H), "layer 0 gates"), self.weight_array, self.bias_array,
                               states, x_out.data_ptr(), self.head_at[0], self.head_at[1],
                               None if logits is None else logits.data_ptr(), gates.data_ptr(), joined.data_ptr())
