@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import textgen.lstm.fused_lstm as fused
+import textgen.lstm.products as lstm_products
 from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
 from textgen.lstm import native_kernel
 from textgen.lstm.fused_lstm import lstm_layer
@@ -111,7 +112,7 @@ class Product(torch.autograd.Function):
 def bf16_reference(inputs, upstream, recurrent_in_bf16):
     """The gate-by-gate cell in float64 with the layer's bf16 products as Product computes them: the
     input projection (one product over the chunk), the recurrent product where recurrent_in_bf16 (the
-    layer keeps small ones float32: fused._SMALL_PRODUCT), the weight gradients rounded once."""
+    layer keeps small ones float32: lstm_products._SMALL_PRODUCT), the weight gradients rounded once."""
     leaves = {k: v.double().requires_grad_() for k, v in inputs.items()}
     x, h, c = leaves["x"], leaves["h0"], leaves["c0"]
     steps, B, I = x.shape
@@ -163,12 +164,12 @@ DEFAULT_CHUNK = fused._CHUNK_PRODUCT
 def paths(monkeypatch, c_kernel_if_any):
     """Sets up one named execution path at a time; returns a function path -> what it must have run."""
     spy = {"packed": 0}
-    real_pack = fused._packed_weight
+    real_pack = lstm_products._packed_weight
 
     def packed(weight, batch):
         spy["packed"] += 1
         return real_pack(weight, batch)
-    monkeypatch.setattr(fused, "_packed_weight", packed)
+    monkeypatch.setattr(lstm_products, "_packed_weight", packed)
 
     def use(pointwise, slices=1, products="default"):
         counting = CountingKernel(c_kernel_if_any) if pointwise == "c-kernel" else None
@@ -177,7 +178,7 @@ def paths(monkeypatch, c_kernel_if_any):
         # "packed": oneDNN's packed product at every size; "plain": never (MKL's, a step at a time); "chunk":
         # never, and the C kernel runs the whole time loop with its own products; "default": the model's choice.
         small = {"packed": -1, "plain": 1 << 62, "chunk": 1 << 62, "default": 1 << 20}[products]
-        monkeypatch.setattr(fused, "_SMALL_PRODUCT", small)
+        monkeypatch.setattr(lstm_products, "_SMALL_PRODUCT", small)
         monkeypatch.setattr(fused, "_CHUNK_PRODUCT", {"chunk": 1 << 62, "default": DEFAULT_CHUNK}.get(products, -1))
         spy["packed"] = 0
         return counting
@@ -200,7 +201,7 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
             assert_matches(run_layer(lstm_layer, inputs, upstream), ref, label)
             if counting is not None:
                 assert counting.slices and set(counting.slices) == {slices}, label
-            if products == "packed" and fused._PACKED_LINEAR:
+            if products == "packed" and lstm_products._PACKED_LINEAR:
                 assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
         # "packed": every recurrent product in bf16; "plain": all of them small, so float32 (the layer's rule)
         bf16_refs = {products: bf16_reference(inputs, upstream, recurrent_in_bf16=products == "packed")
@@ -214,13 +215,13 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
                 if products == "chunk":
                     assert counting.calls == 2, label          # the forward and the backward loop, one call each
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
-                assert (paths.spy["packed"] >= 2) == (products == "packed" and fused.packs(torch.bfloat16)), label
+                assert (paths.spy["packed"] >= 2) == (products == "packed" and lstm_products.packs(torch.bfloat16)), label
 
 
 def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):
     """As on an AVX2-only CPU (AMD Zen 3), where oneDNN's bf16 reorder raises: the products run
     as plain bf16 matrix products, float32 ones stay packed, and the layer still matches the cell."""
-    monkeypatch.setattr(fused, "packs", lambda dtype: dtype == torch.float32 and fused._PACKED_LINEAR)
+    monkeypatch.setattr(lstm_products, "packs", lambda dtype: dtype == torch.float32 and lstm_products._PACKED_LINEAR)
     inputs, upstream = make_case(32, 129, seed=5)
     ref = reference(inputs, upstream)
     paths("torch-ops", 1, "packed")
@@ -228,22 +229,22 @@ def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):
                          bf16_reference(inputs, upstream, recurrent_in_bf16=True), "bf16")
     assert paths.spy["packed"] == 0
     assert_matches(run_layer(lstm_layer, inputs, upstream), ref, "float32")
-    assert paths.spy["packed"] >= 2 or not fused._PACKED_LINEAR
+    assert paths.spy["packed"] >= 2 or not lstm_products._PACKED_LINEAR
 
 
 def test_the_packing_probe_agrees_with_the_cpu():
     """oneDNN packs bf16 weights given avx512bw+vl+dq or avx_ne_convert (its own error message says
     so on CPUs without them); the probe must say the same, or training in bf16 raises mid-run."""
     from textgen.machine import cpu_flags
-    if not fused._PACKED_LINEAR:
+    if not lstm_products._PACKED_LINEAR:
         pytest.skip("this PyTorch has no oneDNN packed products")
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     can = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
-    assert fused.packs(torch.float32)
-    assert fused.packs(torch.bfloat16) == can
-    assert not fused.packs(torch.float16)
+    assert lstm_products.packs(torch.float32)
+    assert lstm_products.packs(torch.bfloat16) == can
+    assert not lstm_products.packs(torch.float16)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 4, 8, 31])
@@ -258,7 +259,7 @@ def test_the_kernel_on_real_threads_equals_the_cell(threads, c_kernel, monkeypat
         for chunk, shapes in ((False, ((32, 129), (16, 257), (48, 100), (64, 300), (128, 513), (4096, 1))),
                               (True, ((16, 128), (3, 37), (4096, 1), (40, 70)))):
             monkeypatch.setattr(fused, "_CHUNK_PRODUCT", 1 << 62 if chunk else -1)
-            monkeypatch.setattr(fused, "_SMALL_PRODUCT", 1 << 62 if chunk else 1 << 20)
+            monkeypatch.setattr(lstm_products, "_SMALL_PRODUCT", 1 << 62 if chunk else 1 << 20)
             for B, H in shapes:
                 inputs, upstream = make_case(B, H, seed=B + H)
                 counting.slices.clear()
@@ -275,8 +276,8 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
     counting = CountingKernel(c_kernel)
     monkeypatch.setattr(native_kernel, "load", lambda: counting)
     packs = []
-    real_pack = fused._packed_weight
-    monkeypatch.setattr(fused, "_packed_weight", lambda w, b: packs.append(b) or real_pack(w, b))
+    real_pack = lstm_products._packed_weight
+    monkeypatch.setattr(lstm_products, "_packed_weight", lambda w, b: packs.append(b) or real_pack(w, b))
     torch.manual_seed(11)
     config = ModelConfig(vocab_size=65, dropout=0.0)       # the default sizes: 2 layers of 512, embedding 64
     ours = CharLSTM(config)
@@ -302,7 +303,7 @@ def test_the_default_configuration_equals_nn_lstm(c_kernel, monkeypatch):
         expected = ref.grad(name)
         torch.testing.assert_close(p.grad, expected, atol=max(1e-4, 2e-6 * float(expected.abs().max())), rtol=1e-4)
     assert counting.slices and set(counting.slices) == {torch.get_num_threads()}
-    if fused._PACKED_LINEAR:
+    if lstm_products._PACKED_LINEAR:
         assert 128 in packs
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_lstm import low_precision_mm
+from .products import low_precision_mm
 
 
 class AdaptiveHead(nn.Module):

@@ -80,6 +80,17 @@ def step_slices(batch: int, hidden: int) -> int:
     return torch.get_num_threads() if batch * hidden >= PARALLEL_MIN_CELLS else 1
 
 
+def for_tensors(*tensors: torch.Tensor) -> Kernel | None:
+    """The compiled kernel for work on these tensors, or None: PyTorch ops do it.
+
+    The kernel takes CPU float32 only (and is not even built for other devices). None under
+    torch.compile too: a ctypes call cannot be traced, PyTorch ops can be fused.
+    """
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return load()
+
+
 def threads_pay_here() -> bool:
     """Whether the kernel's products (lstm_rows_step, the chunk loops) share their work among OpenMP's
     threads from this thread: on the main thread only. On another (a server's), a second team of OpenMP

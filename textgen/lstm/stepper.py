@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .fused_lstm import forward_steps, recurrent_product, row_stable_product
+from .products import recurrent_product, row_stable_product
+from .steps import forward_steps
 from .heads import AdaptiveHead
 from .model import CharLSTM, State, _check_batch, check_state, style_table
 from .rows_step import RowsStep
