@@ -66,11 +66,13 @@ def category(name: str) -> str | None:
 class TimedKernel:
     """The C kernel's two entry points, timed: the profiler cannot see a ctypes call."""
 
-    ENTRY_POINTS = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16", "transpose")
+    ENTRY_POINTS = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16", "transpose",
+                    "forward_chunk", "backward_chunk")
 
     def __init__(self, kernel):
         self.kernel, self.seconds, self.calls = kernel, 0.0, 0
-        self.original = {name: getattr(kernel, name) for name in self.ENTRY_POINTS}
+        # (an older kernel, profiled for a before/after, has fewer of them)
+        self.original = {name: getattr(kernel, name) for name in self.ENTRY_POINTS if hasattr(kernel, name)}
         for name, fn in self.original.items():
             setattr(kernel, name, self._timed(fn))
 
