@@ -119,3 +119,15 @@ def test_the_c_draw_is_the_reference_draw():
             parted += 1
         assert bool((probs.gather(1, ours.unsqueeze(1)) > 0).all())      # never a token the cuts removed
     assert rows > 7000 and parted <= rows // 1000
+
+
+def test_a_top_k_past_the_vocabulary_is_no_cut_however_large():
+    """A top-k of the vocabulary or more cuts nothing, up to the largest number a setting may hold (a C int64
+    would wrap 2**63 to a negative number, which is greedy)."""
+    from textgen.generation.sampling import next_tokens
+    g = torch.Generator().manual_seed(2)
+    logits, u = torch.randn(8, 40, generator=g), torch.rand(8, generator=g, dtype=torch.float64)
+    uncut = next_tokens(logits, 2.0, None, None, u)
+    assert not torch.equal(uncut, logits.argmax(1))          # a cut to one token would show
+    for top_k in (40, 41, 10**12, 2**63, 2**70):
+        assert torch.equal(next_tokens(logits, 2.0, top_k, None, u), uncut), top_k

@@ -398,3 +398,21 @@ def test_a_row_of_the_c_step_has_the_same_bits_at_every_batch_size(hidden):
             logits, part = step(tokens[rows].clone(), tuple((h[rows].clone(), c[rows].clone()) for h, c in state))
             assert torch.equal(logits, whole_logits[rows])
             assert all(torch.equal(a, b[rows]) for pair, whole in zip(part, whole_state) for a, b in zip(pair, whole))
+
+
+def test_a_layer_reads_a_state_that_is_not_contiguous(pointwise, monkeypatch):
+    """h0 and c0 as expanded views (no storage of their own per row), on the whole-chunk C path and the
+    step-by-step ones, against the reference cell fed contiguous copies."""
+    import textgen.lstm.fused_lstm as fused
+    from textgen.lstm.fused_lstm import lstm_layer
+    from textgen.lstm.model import lstm_layer_reference
+    torch.manual_seed(9)
+    T, B, I, H = 3, 8, 5, 16
+    x = torch.randn(T, B, I)
+    weights = [torch.randn(4 * H, I) * 0.3, torch.randn(4 * H, H) * 0.3, torch.randn(4 * H) * 0.1, torch.randn(4 * H) * 0.1]
+    h, c = torch.randn(1, H).expand(B, H), torch.randn(1, H).expand(B, H)
+    expected = lstm_layer_reference(x, h.contiguous(), c.contiguous(), *weights)
+    for chunk in (1 << 62, -1):
+        monkeypatch.setattr(fused, "_CHUNK_PRODUCT", chunk)
+        for ours, ref in zip(lstm_layer(x, h, c, *weights), expected):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)

@@ -80,6 +80,27 @@ def test_a_malformed_state_is_refused_by_the_stepper(model, pointwise, name, sta
     assert pointwise is None or pointwise.calls == 0
 
 
+def test_the_stepper_checks_a_state_it_returned_once_the_caller_changed_it(model, pointwise):
+    """The stepper reads the state it returned last without checking it again, but only while it is still
+    what it returned: None is refused, a tensor resized is refused, one whose storage was replaced is read
+    (its values, as a fresh state would be), each as a state from elsewhere would be."""
+    tokens = torch.randint(0, V, (B,))
+    with pytest.raises(ValueError, match="one .h, c. pair per layer"):
+        Stepper(model)(tokens, None)
+    step = Stepper(model)
+    _, returned = step(tokens, good_state())
+    returned[1][1].resize_(2, 4000)
+    with pytest.raises(ValueError, match="c of layer 1"):
+        step(tokens, returned)
+    step = Stepper(model)
+    _, returned = step(tokens, good_state())
+    replaced = torch.randn(B, H)
+    returned[0][0].data = replaced.clone()
+    logits, _ = step(tokens, returned)
+    fresh, _ = Stepper(model)(tokens, ((replaced, returned[0][1].clone()), tuple(t.clone() for t in returned[1])))
+    assert torch.equal(logits, fresh)
+
+
 BAD_TOKENS = [
     ("an empty batch", torch.zeros(0, 4, dtype=torch.long), "the batch is empty"),
     ("no time steps", torch.zeros(B, 0, dtype=torch.long), "no time steps"),

@@ -46,11 +46,11 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
     kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
     if kernel is not None:              # a small layer: the whole time loop in one C call
-        c = c.contiguous()
+        h, c = h.contiguous(), c.contiguous()          # held here: the kernel reads them after pointer() returns
         pointer = native_kernel.pointer
         panels = native_kernel.panels(weight_hh)
         kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"),
-                             pointer(x_proj, (T, B, four_h), "gates"), pointer(h.contiguous(), (B, H), "h0"),
+                             pointer(x_proj, (T, B, four_h), "gates"), pointer(h, (B, H), "h0"),
                              pointer(c, (B, H), "c0"), pointer(hs, (T, B, H), "hs"),
                              pointer(cs, (cs.shape[0], B, H), "cs"), B * H if keep_for_backward else 0,
                              int(native_kernel.threads_pay_here()))

@@ -118,7 +118,7 @@ def pointer(tensor: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torc
 class Kernel:
     """ctypes bindings of lstm_kernel.c. Arguments: sizes, the slice count, then data pointers from pointer()."""
 
-    def __init__(self, lib: ctypes.PyDLL, path: str, flags: list[str]):
+    def __init__(self, lib: ctypes.CDLL, path: str, flags: list[str]):
         self.path, self.flags = path, flags
         size, ptr = ctypes.c_int64, ctypes.c_void_p
         self.forward_step = lib.lstm_forward_step
@@ -214,17 +214,16 @@ def _read(fd: int, name: str) -> bytes | None:
         return f.read()
 
 
-def _load_verified(fd: int, folder: str, name: str) -> ctypes.PyDLL | None:
+def _load_verified(fd: int, folder: str, name: str) -> ctypes.CDLL | None:
     """The library `name` if its bytes hash to the sha256 recorded beside it at build time."""
     library, recorded = _read(fd, name), _read(fd, name + ".sha256")
     if library is None or recorded is None or hashlib.sha256(library).hexdigest() != recorded.decode(errors="replace").strip():
         return None
     # Through the checked descriptor where the OS offers one, so the path cannot be redirected.
     through_fd = f"/proc/self/fd/{fd}/{name}"
-    # PyDLL: calls keep the GIL. A call takes microseconds; giving the GIL up and taking it back around
-    # each would let another thread (a server's) hold it for up to a switch interval in between, which
-    # halved a generation thread's speed beside an HTTP server's threads (benchmarks/bench_serve.py).
-    return ctypes.PyDLL(through_fd if os.path.exists(through_fd) else os.path.join(folder, name))
+    # CDLL: a call gives up the GIL while it runs, so a long one (a whole chunk read from a server's
+    # prompt) does not stall the server's other threads.
+    return ctypes.CDLL(through_fd if os.path.exists(through_fd) else os.path.join(folder, name))
 
 
 # ---------------------------------------------------------------------------

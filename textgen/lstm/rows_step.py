@@ -53,23 +53,35 @@ class RowsStep:
         kernel = native_kernel.load()
         return None if kernel is None else cls(kernel, layers, head_weight, head_bias, residual)
 
-    def __call__(self, layer0_gates: torch.Tensor, state) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
+    def returned(self, state, rows: int) -> bool:
+        """Whether state is the one this step returned last, still as it was: the same tuple, each tensor
+        still (rows, H) at the address it was given (not resized, its storage not replaced). Such a state
+        needs no checking (model.check_state) before it is read again."""
+        known, out_at, _ = self._returned
+        if state is None or state is not known:
+            return False
+        L, H, size = len(self.weights), self.hidden_size, rows * self.hidden_size * 4
+        return all(t.shape == (rows, H) and t.is_contiguous() and t.data_ptr() == out_at + (k + i * L) * size
+                   for k, pair in enumerate(state) for i, t in enumerate(pair))
+
+    def __call__(self, layer0_gates: torch.Tensor, state, known: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
         """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H),
-        as model.check_state gives it. Returns the logits (N, V) (None without the output layer), the top
-        layer's output (N, H), and the new state, fresh tensors (views of one, allocated per call)."""
+        as model.check_state gives it, or known: the state this step returned last (returned() says so).
+        Returns the logits (N, V) (None without the output layer), the top layer's output (N, H), and the
+        new state, fresh tensors (views of one, allocated per call)."""
         N, H, L = layer0_gates.shape[0], self.hidden_size, len(self.weights)
         pointer = native_kernel.pointer
         if N not in self._scratch:        # per batch size: buffers the kernel overwrites, the state's pointer array
             self._scratch[N] = (layer0_gates.new_empty(N, 4 * H), layer0_gates.new_empty(N, 2 * H),
                                 (ctypes.c_void_p * (4 * L))())
         gates, joined, states = self._scratch[N]
-        # The kernel's own buffers are made here at their sizes; what comes from outside is checked, but
-        # for the state this step returned last (its buffer, untouched since: tuples and shapes cannot change).
+        # The kernel's own buffers are made here at their sizes; what comes from outside is checked, but for
+        # the state this step returned last, still at the addresses it had (returned()).
         out = layer0_gates.new_empty(2 * L, N, H)                    # h_out[0..L), then c_out[0..L)
         x_out = layer0_gates.new_empty(N, H)
         logits = layer0_gates.new_empty(N, self.vocab_size) if self.vocab_size else None
         out_at, state_bytes = out.data_ptr(), N * H * 4
-        if state is not None and state is self._returned[0]:
+        if known:
             for k in range(2 * L):
                 states[k] = self._returned[1] + k * state_bytes
         else:
@@ -88,11 +100,16 @@ class RowsStep:
 
 
 def _column(value, ctype, dtype: torch.dtype, rows: int, keep: list):
-    """A setting as lstm_sample_rows reads it: (address, stride), one number (stride 0) or one per row."""
+    """A setting as lstm_sample_rows reads it: (address, stride), one number (stride 0) or one per row;
+    None for any other form (the reference then draws)."""
     if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.shape not in ((), (1,), (rows,)):
+            return None
         column = value.to(dtype).expand(rows).contiguous()
         keep.append(column)
         return native_kernel.pointer(column, (rows,), "setting", dtype), 1
+    if not isinstance(value, (int, float)):
+        return None
     number = ctype(value)
     keep.append(number)
     return ctypes.addressof(number), 0
@@ -111,10 +128,16 @@ def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor
     if kernel is None:
         return None
     N, V = logits.shape
-    logits, keep = logits.contiguous(), []
+    if not isinstance(u, torch.Tensor) or u.device.type != "cpu" or u.shape != (N,):
+        return None
+    if isinstance(top_k, int):
+        top_k = max(0, min(top_k, V))        # as the reference cuts (no cut from V on); a C int64 could wrap
+    logits, u, keep = logits.contiguous(), u.to(torch.float64).contiguous(), []
     columns = (_column(temperature, ctypes.c_float, torch.float32, N, keep),
                _column(V if top_k is None else top_k, ctypes.c_int64, torch.int64, N, keep),
                _column(1.0 if top_p is None else top_p, ctypes.c_float, torch.float32, N, keep))
+    if None in columns:
+        return None
     ids = torch.empty(N, dtype=torch.int64)
     done = kernel.sample_rows(N, V, native_kernel.pointer(logits, (N, V), "logits"), *columns[0], *columns[1],
                               *columns[2], native_kernel.pointer(u, (N,), "u", torch.float64),

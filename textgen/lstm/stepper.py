@@ -56,7 +56,6 @@ class Stepper:
             self.head_weight_t = model.head.weight.t().contiguous()
             self.head_bias = model.head.bias.detach().clone()
         self._prepared: dict[int, list] = {}
-        self._returned = None
         # The whole step in one C call where the kernel runs (rows_step.py): its rows agree by construction.
         self.rows_step = RowsStep.for_weights(self.layers, None if self.head_bias is None else model.head.weight.detach(),
                                               self.head_bias, self.residual)
@@ -138,10 +137,6 @@ class Stepper:
             pre.add_(self.style_gates.index_select(0, self.model._style_rows(styles, tokens.shape)))
         return pre
 
-    def _rows_step(self, tokens, state, styles):
-        logits, x, new_state = self.rows_step(self._layer0_gates(tokens, styles), state)
-        return (self.model.logits(x) if logits is None else logits), new_state
-
     def __call__(self, tokens: torch.Tensor, state: State, styles: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, State]:
         """tokens (N,) int64 -> logits (N, V) and the new state; styles (N,) a style id per row (-1: none),
@@ -154,11 +149,13 @@ class Stepper:
         N = len(tokens)
         _check_batch(N)
         weight = self.token_gates
-        if state is not self._returned or state[0][0].shape[0] != N:    # what it returned last, at this N, is known good
-            state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         if self.rows_step is not None:
-            logits, self._returned = self._rows_step(tokens, state, styles)
-            return logits, self._returned
+            known = self.rows_step.returned(state, N)   # what it returned last, untouched, needs no checking
+            if not known:
+                state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
+            logits, x, new_state = self.rows_step(self._layer0_gates(tokens, styles), state, known)
+            return (self.model.logits(x) if logits is None else logits), new_state
+        state = check_state(state, len(self.layers), N, H, weight.device, weight.dtype)
         new_state = []
         x = None
         for k, (input_product, hidden_product, bias_rows, pre, c_prev, h_out, c_out, step, g_scale) in \
