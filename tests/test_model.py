@@ -118,9 +118,14 @@ def test_stepper_equals_forward_one_character_at_a_time(pointwise, layers, resid
     torch.manual_seed(5)
     model = CharLSTM(ModelConfig(vocab_size=17, embed_size=8, hidden_size=16, layers=layers, dropout=0.3,
                                  residual=residual)).eval()
-    tokens = torch.randint(0, 17, (3, 12))
+    assert_steps_equal_forward(Stepper(model), model, torch.randint(0, 17, (3, 12)))
+    assert ran_the_chosen_path(pointwise)
+
+
+def assert_steps_equal_forward(step, model, tokens):
+    """The stepper, one character at a time, gives the logits and final state of CharLSTM.forward over tokens."""
     logits, final = model(tokens)
-    step, state, outs = Stepper(model), model.initial_state(3), []
+    state, outs = model.initial_state(tokens.shape[0]), []
     for t in range(tokens.shape[1]):
         out, state = step(tokens[:, t], state)
         outs.append(out)
@@ -128,7 +133,6 @@ def test_stepper_equals_forward_one_character_at_a_time(pointwise, layers, resid
     for (h, c), (final_h, final_c) in zip(state, final):
         torch.testing.assert_close(h, final_h, atol=1e-5, rtol=0)
         torch.testing.assert_close(c, final_c, atol=1e-5, rtol=0)
-    assert ran_the_chosen_path(pointwise)
 
 
 def test_forget_gate_bias_starts_at_one_and_shapes_match_config():
@@ -366,18 +370,8 @@ def test_the_c_step_equals_forward_with_either_output_layer(head, monkeypatch):
     model = CharLSTM(ModelConfig(vocab_size=40, embed_size=8, hidden_size=37, layers=3, residual=True,
                                  head=head, cutoffs=(20,) if head == "adaptive" else ())).eval()
     step = Stepper(model)
-    assert step.rows_step is not None
-    tokens = torch.randint(0, 40, (5, 9))
-    logits, final = model(tokens)
-    state, outs = model.initial_state(5), []
-    for t in range(tokens.shape[1]):
-        out, state = step(tokens[:, t], state)
-        outs.append(out)
-    torch.testing.assert_close(torch.stack(outs, 1), logits, atol=1e-5, rtol=0)
-    for (h, c), (final_h, final_c) in zip(state, final):
-        torch.testing.assert_close(h, final_h, atol=1e-5, rtol=0)
-        torch.testing.assert_close(c, final_c, atol=1e-5, rtol=0)
-    assert counting is not None
+    assert step.rows_step is not None and counting is not None
+    assert_steps_equal_forward(step, model, torch.randint(0, 40, (5, 9)))
 
 
 @pytest.mark.parametrize("hidden", [32, 37, 64])

@@ -88,14 +88,7 @@ def recurrent_product(weight: torch.Tensor, batch: int, low_precision: torch.dty
         return product
     small = weight.device.type == "cpu" and batch * weight.numel() <= _SMALL_PRODUCT
     if weight.device.type == "cpu" and not small and packs(weight.dtype):
-        packed = _packed_weight(weight, batch)
-        linear = torch.ops.mkldnn._linear_pointwise
-
-        def product(x, add=None):
-            if add is None:
-                return linear(x, packed, None, "none", [], "")
-            return linear.binary(x, add, packed, None, "add")
-        return product
+        return _packed_product(weight, batch)
     weight_t = weight.t().contiguous() if transposed_copy and small else weight.t()
 
     def product(x, add=None):
@@ -119,9 +112,12 @@ def row_stable_product(weight: torch.Tensor, bias: torch.Tensor | None = None):
     weight = weight.detach()
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not packs(torch.float32):
         return None
-    packed = _packed_weight(weight, ROW_STABLE_PACK)
-    bias = None if bias is None else bias.detach().clone()
-    linear = torch.ops.mkldnn._linear_pointwise
+    return _packed_product(weight, ROW_STABLE_PACK, None if bias is None else bias.detach().clone())
+
+
+def _packed_product(weight: torch.Tensor, rows: int, bias: torch.Tensor | None = None):
+    """(x, add=None) -> x @ weight^T (+ bias) (+ add) by oneDNN, the weight packed once for `rows` rows."""
+    packed, linear = _packed_weight(weight, rows), torch.ops.mkldnn._linear_pointwise
 
     def product(x, add=None):
         if add is None:
