@@ -201,3 +201,15 @@ def test_train_with_textgen_native_1_and_no_working_compiler_exits_with_one_sent
                    env_extra={**env, "TEXTGEN_NATIVE": ""})
     assert fallback.returncode == 0, fallback.stderr
     assert "PyTorch ops (no C kernel: fake-cc failed to build lstm_kernel.c: error: planted failure)" in fallback.stdout
+
+
+def test_the_long_calls_give_up_the_gil_and_the_short_ones_keep_it():
+    """A whole chunk (a long prompt read in a server's thread) or a block's transpose must let the server's
+    other threads run; a step or a draw, microseconds, keeps the GIL so as not to wait to take it back."""
+    import ctypes
+    from conftest import c_kernel_or_skip
+    kernel = c_kernel_or_skip()
+    keeps_gil = lambda function: bool(function._flags_ & ctypes._FUNCFLAG_PYTHONAPI)   # noqa: E731  (ctypes.PyDLL's)
+    assert not any(keeps_gil(f) for f in (kernel.forward_chunk, kernel.backward_chunk, kernel.transpose))
+    assert all(keeps_gil(f) for f in (kernel.forward_step, kernel.backward_step, kernel.forward_step_bf16,
+                                      kernel.backward_step_bf16, kernel.rows_step, kernel.sample_rows))

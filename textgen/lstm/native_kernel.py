@@ -116,11 +116,19 @@ def pointer(tensor: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torc
 
 
 class Kernel:
-    """ctypes bindings of lstm_kernel.c. Arguments: sizes, the slice count, then data pointers from pointer()."""
+    """ctypes bindings of lstm_kernel.c. Arguments: sizes, the slice count, then data pointers from pointer().
 
-    def __init__(self, lib: ctypes.CDLL, path: str, flags: list[str]):
+    lib's calls give up the GIL while they run; quick's (the same library, as ctypes.PyDLL) keep it. The
+    calls of a few microseconds to a millisecond (a step, a generation step, a draw) go through quick:
+    giving the GIL up around each lets a server's threads take it, and the step then waits to get it back
+    (16 served clients 44,692 chars/s keeping it, 38,992 giving it up). The calls that run a whole chunk
+    or transpose a block (a long prompt read in a server's thread: 463 ms) give it up.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, path: str, flags: list[str], quick: ctypes.PyDLL | None = None):
         self.path, self.flags = path, flags
         size, ptr = ctypes.c_int64, ctypes.c_void_p
+        long_calls, lib = lib, quick or lib
         self.forward_step = lib.lstm_forward_step
         self.forward_step.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr]
         self.forward_step.restype = None
@@ -139,13 +147,13 @@ class Kernel:
         self.sample_rows = lib.lstm_sample_rows                   # each row's next character drawn
         self.sample_rows.argtypes = [size, size, ptr, ptr, size, ptr, size, ptr, size, ptr, ptr]
         self.sample_rows.restype = ctypes.c_int
-        self.forward_chunk = lib.lstm_forward_chunk               # a small layer's whole time loop
+        self.forward_chunk = long_calls.lstm_forward_chunk        # a small layer's whole time loop
         self.forward_chunk.argtypes = [size] * 3 + [ptr] * 6 + [size, size]
         self.forward_chunk.restype = None
-        self.backward_chunk = lib.lstm_backward_chunk
+        self.backward_chunk = long_calls.lstm_backward_chunk
         self.backward_chunk.argtypes = [size] * 3 + [ptr] * 10 + [size]
         self.backward_chunk.restype = None
-        self.transpose = lib.lstm_transpose
+        self.transpose = long_calls.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
         self.transpose.restype = None
         lib.lstm_kernel_threaded.restype = ctypes.c_int
@@ -214,16 +222,15 @@ def _read(fd: int, name: str) -> bytes | None:
         return f.read()
 
 
-def _load_verified(fd: int, folder: str, name: str) -> ctypes.CDLL | None:
+def _load_verified(fd: int, folder: str, name: str) -> tuple[ctypes.CDLL, ctypes.PyDLL] | None:
     """The library `name` if its bytes hash to the sha256 recorded beside it at build time."""
     library, recorded = _read(fd, name), _read(fd, name + ".sha256")
     if library is None or recorded is None or hashlib.sha256(library).hexdigest() != recorded.decode(errors="replace").strip():
         return None
     # Through the checked descriptor where the OS offers one, so the path cannot be redirected.
     through_fd = f"/proc/self/fd/{fd}/{name}"
-    # CDLL: a call gives up the GIL while it runs, so a long one (a whole chunk read from a server's
-    # prompt) does not stall the server's other threads.
-    return ctypes.CDLL(through_fd if os.path.exists(through_fd) else os.path.join(folder, name))
+    path = through_fd if os.path.exists(through_fd) else os.path.join(folder, name)
+    return ctypes.CDLL(path), ctypes.PyDLL(path)          # one library, two ways to call it (see Kernel)
 
 
 # ---------------------------------------------------------------------------
@@ -299,9 +306,9 @@ def _build(compiler: str, source: bytes, fd: int, folder: str) -> Kernel:
         key = hashlib.sha256("\0".join([source.hex(), compiler, version, " ".join(flags), platform.machine(),
                                         cpu_identity()]).encode()).hexdigest()[:20]
         name = f"lstm_kernel-{key}{suffix}"
-        lib = _load_verified(fd, folder, name)
-        if lib is not None:
-            return Kernel(lib, os.path.join(folder, name), flags)
+        libs = _load_verified(fd, folder, name)
+        if libs is not None:
+            return Kernel(libs[0], os.path.join(folder, name), flags, libs[1])
         # Build under a partial name, then install: processes started together (torchrun) may all
         # build, and none may load another's half-written file.
         partial = f"{PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}{suffix}"
@@ -325,9 +332,9 @@ def _build(compiler: str, source: bytes, fd: int, folder: str) -> Kernel:
                 os.unlink(partial, dir_fd=fd)
             except OSError:
                 pass
-        lib = _load_verified(fd, folder, name)
-        if lib is not None:
-            return Kernel(lib, os.path.join(folder, name), flags)
+        libs = _load_verified(fd, folder, name)
+        if libs is not None:
+            return Kernel(libs[0], os.path.join(folder, name), flags, libs[1])
         errors.append("the library changed between its build and its load")   # another process rebuilt it
     raise _BuildFailed(f"{os.path.basename(compiler)} failed to build {os.path.basename(SOURCE)}: {errors[0]}")
 

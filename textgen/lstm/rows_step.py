@@ -11,6 +11,7 @@ the Stepper), with the C kernel's sigmoid and tanh.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -60,9 +61,12 @@ class RowsStep:
         known, out_at, _ = self._returned
         if state is None or state is not known:
             return False
-        L, H, size = len(self.weights), self.hidden_size, rows * self.hidden_size * 4
-        return all(t.shape == (rows, H) and t.is_contiguous() and t.data_ptr() == out_at + (k + i * L) * size
-                   for k, pair in enumerate(state) for i, t in enumerate(pair))
+        L, shape, size = len(self.weights), (rows, self.hidden_size), rows * self.hidden_size * 4
+        for k, (h, c) in enumerate(state):          # (a loop, not all(...): this runs per character)
+            if (h.data_ptr() != out_at + k * size or c.data_ptr() != out_at + (L + k) * size or h.shape != shape
+                    or c.shape != shape or not (h.is_contiguous() and c.is_contiguous())):
+                return False
+        return True
 
     def __call__(self, layer0_gates: torch.Tensor, state, known: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
         """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H),
@@ -110,9 +114,16 @@ def _column(value, ctype, dtype: torch.dtype, rows: int, keep: list):
         return native_kernel.pointer(column, (rows,), "setting", dtype), 1
     if not isinstance(value, (int, float)):
         return None
-    number = ctype(value)
-    keep.append(number)
+    number = _number(ctype, value)
+    keep.append(number)                          # alive through the call, whatever the cache drops meanwhile
     return ctypes.addressof(number), 0
+
+
+@functools.lru_cache(maxsize=256)
+def _number(ctype, value):
+    """A C number holding value, made once per value (the kernel only reads it): a request's settings repeat
+    at every character."""
+    return ctype(value)
 
 
 def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor) -> torch.Tensor | None:
@@ -132,7 +143,9 @@ def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor
         return None
     if isinstance(top_k, int):
         top_k = max(0, min(top_k, V))        # as the reference cuts (no cut from V on); a C int64 could wrap
-    logits, u, keep = logits.contiguous(), u.to(torch.float64).contiguous(), []
+    if u.dtype != torch.float64 or not u.is_contiguous():
+        u = u.to(torch.float64).contiguous()
+    logits, keep = (logits if logits.is_contiguous() else logits.contiguous()), []
     columns = (_column(temperature, ctypes.c_float, torch.float32, N, keep),
                _column(V if top_k is None else top_k, ctypes.c_int64, torch.int64, N, keep),
                _column(1.0 if top_p is None else top_p, ctypes.c_float, torch.float32, N, keep))
