@@ -1,10 +1,12 @@
-/* One LSTM time step's pointwise work, forward and backward, in one pass over memory.
+/* The LSTM's C kernel: what costs more in dispatch than in arithmetic when PyTorch does it.
  *
- * textgen/model.py keeps the time loop and the matrix products (oneDNN and MKL do those
- * best); these two functions replace the ten or so tensor operations that each step
- * otherwise dispatches one by one, which on small shapes cost more than the arithmetic.
- * textgen/native_kernel.py compiles this file with the machine's C compiler on first use
- * and calls it through ctypes; without a compiler the pure-PyTorch path runs instead.
+ * - One time step's pointwise work, forward and backward, in one pass over memory (also with the
+ *   recurrent product in bfloat16); the time loop and the large products stay in Python, on oneDNN.
+ * - A small layer's whole time loop, forward or backward, with its own products (lstm_forward_chunk).
+ * - Generation's whole step for a few rows (lstm_rows_step) and the draw of each row's next character
+ *   (lstm_sample_rows); the tiled transpose the weight gradients' products want (lstm_transpose).
+ * textgen/lstm/native_kernel.py compiles this file with the machine's C compiler on first use and
+ * calls it through ctypes; without a compiler the pure-PyTorch path runs instead.
  *
  * Layouts are those of model.py: row-major float32, one row per stream (B rows), gates
  * in nn.LSTM's order i, f, g, o, each H wide. The same pointer may be passed for an input

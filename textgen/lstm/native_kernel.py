@@ -1,10 +1,11 @@
-"""The LSTM's per-step pointwise work in C (lstm_kernel.c), compiled on first use.
+"""The LSTM's C kernel (lstm_kernel.c), compiled on first use.
 
-Only the model's fast path (fused_lstm.py) imports this; it imports only machine.py, the
-stdlib-only module that says where textgen's cache is, and files.py, the one writer. On small shapes one LSTM step's ten or so
-pointwise tensor operations cost more in dispatch than in arithmetic, and
-torch.tanh is slow on some CPUs; lstm_kernel.c does a step's pointwise work,
-forward or backward, in one vectorised pass. It is compiled with the machine's
+Only the fast path's modules in lstm/ import this (fused_lstm, products, steps, rows_step); it imports
+only machine.py, the stdlib-only module that says where textgen's cache is, and files.py, the one writer.
+On small shapes one LSTM step's ten or so pointwise tensor operations cost more in dispatch than in
+arithmetic, and torch.tanh is slow on some CPUs; lstm_kernel.c does a step's pointwise work, forward or
+backward, in one vectorised pass, and a small layer's whole time loop, generation's whole step and its
+draw in one call each (see the file's head). It is compiled with the machine's
 C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``; ``-march=native``, since it is
 built where it runs), once per source, compiler and CPU, and called through
 ctypes, so it needs neither PyTorch headers nor a build step at install time.
