@@ -15,8 +15,9 @@ One layer over a chunk of T steps, in the style of torch-rnn:
 * for a small layer (a product of a few million multiply-adds or less) the C kernel runs
   the whole time loop, forward or backward, in one call with its own products.
 
-A step's pointwise work has two backends behind one interface (steps.py). Optionally the matrix products run in bfloat16 or float16 (``low_precision``) while the cell
-state and all pointwise work stay float32.
+A step's pointwise work has two backends behind one interface (steps.py). Optionally the matrix
+products run in bfloat16 or float16 (``low_precision``) while the cell state and all pointwise work
+stay float32.
 """
 from __future__ import annotations
 

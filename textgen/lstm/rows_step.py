@@ -27,7 +27,8 @@ class RowsStep:
         self.kernel, self.residual = kernel, residual
         self.hidden_size = layers[0][1].shape[1]
         H = self.hidden_size
-        self.weights = [native_kernel.panels(layers[0][1])] + [native_kernel.panels(torch.cat([w_ih, w_hh], 1)) for w_ih, w_hh, _ in layers[1:]]
+        self.weights = [native_kernel.panels(layers[0][1])]            # layer 0's input part is the token's row
+        self.weights += [native_kernel.panels(torch.cat([w_ih, w_hh], 1)) for w_ih, w_hh, _ in layers[1:]]
         self.biases = [None] + [bias.contiguous() for _, _, bias in layers[1:]]
         pointer = native_kernel.pointer
         weight_at = [pointer(w, tuple(w.shape), "packed weight") for w in self.weights]
@@ -68,7 +69,8 @@ class RowsStep:
                 return False
         return True
 
-    def __call__(self, layer0_gates: torch.Tensor, state, known: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
+    def __call__(self, layer0_gates: torch.Tensor, state, known: bool = False
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, tuple]:
         """layer0_gates (N, 4H): layer 0's input part with both biases; state: per layer (h, c), each (N, H),
         as model.check_state gives it, or known: the state this step returned last (returned() says so).
         Returns the logits (N, V) (None without the output layer), the top layer's output (N, H), and the
