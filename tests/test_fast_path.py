@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import textgen.lstm.fused_lstm as fused
 import textgen.lstm.products as lstm_products
 from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
-from textgen.lstm import native_kernel
+from textgen.lstm import kernel_build, native_kernel
 from textgen.lstm.fused_lstm import lstm_layer
 from textgen.lstm.model import CharLSTM, ModelConfig, lstm_layer_reference
 
@@ -312,7 +312,7 @@ def test_the_self_check_rejects_a_kernel_with_the_old_column_split(c_kernel, tmp
     the last columns of H = 129 on 2 slices): the self-check that runs after every build must reject it."""
     import ctypes
     import subprocess
-    source = open(native_kernel.SOURCE).read()
+    source = open(kernel_build.SOURCE).read()
     fixes = {"int64_t width = ((H + slices - 1) / slices + 15) / 16 * 16;": "int64_t width = (H / slices + 15) / 16 * 16;",
              "if (k >= slices)\n        return H;\n": ""}       # the last bound was not pinned to H either
     for fixed, old in fixes.items():
@@ -321,7 +321,7 @@ def test_the_self_check_rejects_a_kernel_with_the_old_column_split(c_kernel, tmp
     broken = tmp_path / "broken.c"
     broken.write_text(source)
     library = tmp_path / "broken.so"
-    subprocess.run([native_kernel._compiler(), "-O2", "-shared", "-fPIC", str(broken), "-o", str(library)], check=True)
+    subprocess.run([kernel_build.compiler(), "-O2", "-shared", "-fPIC", str(broken), "-o", str(library)], check=True)
     problem = native_kernel._self_check(native_kernel.Kernel(ctypes.CDLL(str(library)), str(library), []))
     assert problem is not None and "129, 2 slices" in problem, problem
     assert native_kernel._self_check(c_kernel) is None
@@ -338,7 +338,7 @@ def test_the_c_kernel_tests_skip_without_a_compiler_but_fail_under_ci(monkeypatc
     else:
         monkeypatch.setenv("CI", ci)
     if missing == "compiler":
-        monkeypatch.setattr(native_kernel, "_compiler", lambda: None)
+        monkeypatch.setattr(kernel_build, "compiler", lambda: None)
     else:
         monkeypatch.setenv("TEXTGEN_NATIVE", "0")
     expected = pytest.fail.Exception if ci else pytest.skip.Exception

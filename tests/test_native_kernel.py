@@ -14,7 +14,7 @@ import torch
 
 import textgen.lstm.model
 from conftest import ROOT, TINY, assert_user_error, need_c_compiler, run
-from textgen.lstm import native_kernel
+from textgen.lstm import kernel_build, native_kernel
 from textgen.lstm.model import CharLSTM, ModelConfig
 
 PLANTED = r"""
@@ -49,7 +49,7 @@ def kernels_folder(tmp_path):
 def planted_library(tmp_path) -> bytes:
     source = tmp_path / "planted.c"
     source.write_text(PLANTED)
-    subprocess.run([native_kernel._compiler(), "-shared", "-fPIC", str(source), "-o", str(tmp_path / "planted.so")],
+    subprocess.run([kernel_build.compiler(), "-shared", "-fPIC", str(source), "-o", str(tmp_path / "planted.so")],
                    check=True)
     return (tmp_path / "planted.so").read_bytes()
 
@@ -170,8 +170,8 @@ echo "lstm_kernel.c:12:3: error: planted failure" >&2; exit 1"""))
 
 HANGING_BUILD = """
 import sys, time
-from textgen.lstm import native_kernel
-native_kernel.BUILD_TIMEOUT_S = 1.0
+from textgen.lstm import native_kernel, kernel_build
+kernel_build.BUILD_TIMEOUT_S = 1.0
 started = time.monotonic()
 print(native_kernel.describe())
 print(f"returned after {time.monotonic() - started:.1f} s")
