@@ -110,10 +110,10 @@ class CountingKernel:
     """The compiled kernel, recording the slice count of each call: proof that a test ran the C path.
 
     The per-step entry points record the slice count they were given; the whole-step ones (a chunk's loop,
-    generation's step) record 1; the transpose and the draw record nothing. Anything else passes through."""
+    generation's step, its many steps) record 1; the transpose and the draw record nothing. Anything else passes through."""
 
     SLICED = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16")
-    WHOLE = ("rows_step", "forward_chunk", "backward_chunk")
+    WHOLE = ("rows_step", "forward_chunk", "backward_chunk", "decode_rows")
 
     def __init__(self, kernel):
         self.kernel, self.slices, self.threaded = kernel, [], kernel.threaded

@@ -131,3 +131,82 @@ def test_a_top_k_past_the_vocabulary_is_no_cut_however_large():
     assert not torch.equal(uncut, logits.argmax(1))          # a cut to one token would show
     for top_k in (40, 41, 10**12, 2**63, 2**70):
         assert torch.equal(next_tokens(logits, 2.0, top_k, None, u), uncut), top_k
+
+
+def _streamed(gen, configs, read=None):
+    """What gen.stream yields for each config in turn (a reader taking only `read` lists of the first),
+    then the state, logits and random state the generator is left with."""
+    shown = []
+    for number, config in enumerate(configs):
+        for count, chars in enumerate(gen.stream(config), 1):
+            shown.append(chars)
+            if number == 0 and count == read:
+                break
+    return shown, gen.state, gen.logits, gen.rng.get_state()
+
+
+def _same_leftovers(a, b):
+    (_, state_a, logits_a, rng_a), (_, state_b, logits_b, rng_b) = a, b
+    return (all(torch.equal(x, y) for pa, pb in zip(state_a, state_b) for x, y in zip(pa, pb))
+            and torch.equal(logits_a, logits_b) and torch.equal(rng_a, rng_b))
+
+
+@pytest.mark.parametrize("block", [7, 256])
+@pytest.mark.parametrize("samples, settings", [
+    (1, dict(temperature=1.0)),
+    (1, dict(temperature=0.8, stop="\n")),              # a stop met mid-call: the call returns there
+    (3, dict(temperature=1.2, top_k=5, top_p=0.9, stop="e ")),
+    (2, dict(temperature=0.0)),
+    (4, dict(temperature=0.7, top_p=0.5, stop="\n\n"))])
+def test_many_characters_per_call_give_what_one_at_a_time_gives(model, monkeypatch, samples, settings, block):
+    """Generator.stream decodes many characters per C call (Stepper.decode): every character yielded, the
+    stop strings met (within a call and across calls), the state, the logits and the random stream left for
+    the next request are those of one character at a time, the reference, bit for bit. A reader who stops
+    reading mid-call leaves the generator where one step at a time would have."""
+    from conftest import CountingKernel, c_kernel_or_skip
+    from textgen.lstm import native_kernel
+    model, tokenizer = model
+    counting = CountingKernel(c_kernel_or_skip())
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
+    monkeypatch.setattr(Generator, "DECODE_STEPS", block)
+    configs = [SampleConfig(length=length, seed=5, num_samples=samples, **settings) for length in (600, 90, 333)]
+
+    def run(read=None, one_at_a_time=False):
+        gen = Generator(model, tokenizer, num_samples=samples, seed=5)
+        if one_at_a_time:
+            gen._decoded = lambda decoding: iter(())
+        gen.feed("ANNA: ")
+        counting.slices.clear()
+        return _streamed(gen, configs, read), counting.calls
+    (fast, calls), (reference, _) = run(), run(one_at_a_time=True)
+    total = sum(map(len, (fast[0], reference[0])))
+    assert fast[0] == reference[0] and _same_leftovers(fast, reference), settings
+    assert 0 < calls < total / 2                 # many characters per call, not one step each
+    for read in (block // 2 + 1, 10):
+        (fast, _), (reference, _) = run(read), run(read, one_at_a_time=True)
+        assert fast[0] == reference[0] and _same_leftovers(fast, reference), (settings, read)
+
+
+def test_many_characters_per_call_with_styles_give_what_one_at_a_time_gives(monkeypatch):
+    """A model with styles (their share of layer 0's gates added to each row's), residual layers, rows in
+    different styles: the decoded text and state are the per-step path's."""
+    from conftest import c_kernel_or_skip
+    from textgen.lstm import CharLSTM, ModelConfig
+    from textgen.tokenizer import CharTokenizer
+    c_kernel_or_skip()
+    torch.manual_seed(3)
+    tokenizer = CharTokenizer("abcdefgh \n")
+    model = CharLSTM(ModelConfig(vocab_size=10, embed_size=8, hidden_size=37, layers=3, dropout=0.0,
+                                 style_names=("x", "y"))).eval()
+    with torch.no_grad():
+        model.style_embedding.weight.normal_()
+    results = []
+    for one_at_a_time in (False, True):
+        gen = Generator(model, tokenizer, num_samples=3, seed=9, style="y")
+        if one_at_a_time:
+            gen._decoded = lambda decoding: iter(())
+        gen.feed("abc")
+        gen.styles = torch.tensor([0, 1, -1])
+        results.append(_streamed(gen, [SampleConfig(length=500, temperature=1.0, stop="h\n")]))
+    assert results[0][0] == results[1][0] and _same_leftovers(*results)
+    assert len({"".join(ch or "" for ch in column) for column in zip(*results[0][0])}) == 3

@@ -214,8 +214,17 @@ class Decoding:
         """The rows' logits with what --max-copy forbids at -inf (as they are without it)."""
         return logits if self.guard is None else self.guard.mask(logits)
 
-    def uniforms(self) -> torch.Tensor:
-        return uniforms(self.samples, self.rng)
+    def uniforms(self, steps: int = 1) -> torch.Tensor:
+        """The random numbers of the next steps, one per sample each, step after step (in bulk, the same
+        numbers as one step at a time)."""
+        return uniforms(steps * self.samples, self.rng)
+
+    def stop_ends(self, chars: str) -> list[int] | None:
+        """The ids of the stop strings' last characters, after which a stop may have been met (None where a
+        stop string is empty, met after any character)."""
+        if "" in self.stops:
+            return None
+        return sorted({chars.index(stop[-1]) for stop in self.stops if stop[-1] in chars})
 
     def score(self, logits: torch.Tensor, ids: torch.Tensor, chars: str) -> list[Scored] | None:
         """This step's scores of the drawn ids (one per sample) from the logits they were drawn from;
@@ -343,6 +352,8 @@ class Generator:
         decoding = Decoding(config, self.rng, self.num_samples, logprobs=logprobs, copy_index=self.copy_index,
                             copy_tails=self.copy_tails)
         chars = self.tokenizer.chars
+        if logprobs is None and decoding.guard is None and self.stepper.decodes:
+            yield from self._decoded(decoding)              # the same characters, many per C call
         while decoding.ended is None:
             ids = next_tokens(decoding.guarded(self.logits), config.temperature, config.top_k, config.top_p,
                               decoding.uniforms())
@@ -350,6 +361,49 @@ class Generator:
             self.logits, self.state = self.stepper(ids.to(self.device), self.state, self.styles)
             listed = ids.tolist()
             yield decoding.advance([chars[i] for i in listed], scored, listed)
+
+    # A decode call's characters: at most this many per sample, and this many row-steps in all, so that a reader
+    # of the stream waits a few milliseconds at most while a call's cost is spread over hundreds of characters.
+    DECODE_STEPS, DECODE_ROW_STEPS = 256, 8192
+
+    def _decoded(self, decoding: Decoding) -> Iterator[list]:
+        """stream's loop with many characters per call (Stepper.decode): the same characters, state and random
+        numbers used as one step at a time. A reader who stops reading mid-call leaves the state, the logits and
+        the random stream where one step at a time would have left them. Returns where decode does not run
+        (then stream steps on one character at a time)."""
+        config, chars, N = decoding.config, self.tokenizer.chars, self.num_samples
+        ends = decoding.stop_ends(chars)
+        most = 1 if ends is None else max(1, min(self.DECODE_STEPS, self.DECODE_ROW_STEPS // N))
+        while decoding.ended is None:
+            steps = min(most, config.length - decoding.produced)
+            start = (self.logits, self.state, self.rng.get_state())
+            decoded = self.stepper.decode(self.logits, self.state, self.styles, config.temperature, config.top_k,
+                                          config.top_p, decoding.uniforms(steps), ends or [],
+                                          [not stopped for stopped in decoding.stopped])
+            if decoded is None:
+                self.rng.set_state(start[2])
+                return
+            ids, self.logits, self.state = decoded
+            if len(ids) < steps:                    # returned early: give back the numbers it did not use
+                self.rng.set_state(start[2])
+                decoding.uniforms(len(ids))
+            rows = ids.tolist()
+            for shown, row in enumerate(rows, 1):
+                try:
+                    yield decoding.advance([chars[i] for i in row], None, row)
+                except GeneratorExit:
+                    if shown < len(rows):
+                        self._take_back(start, decoding, shown)
+                    raise
+
+    def _take_back(self, start: tuple, decoding: Decoding, steps: int) -> None:
+        """Redo a decode call from its start (logits, state, random state) for only the steps the reader took."""
+        config = decoding.config
+        self.logits, self.state = start[0], start[1]
+        self.rng.set_state(start[2])
+        _, self.logits, self.state = self.stepper.decode(
+            self.logits, self.state, self.styles, config.temperature, config.top_k, config.top_p,
+            decoding.uniforms(steps), [], [False] * self.num_samples)
 
     def generate(self, config: SampleConfig) -> list[str]:
         """The generated continuations (without the text fed), one string per sample."""

@@ -3,8 +3,9 @@
  * - One time step's pointwise work, forward and backward, in one pass over memory (also with the
  *   recurrent product in bfloat16); the time loop and the large products stay in Python, on oneDNN.
  * - A small layer's whole time loop, forward or backward, with its own products (lstm_forward_chunk).
- * - Generation's whole step for a few rows (lstm_rows_step) and the draw of each row's next character
- *   (lstm_sample_rows); the tiled transpose the weight gradients' products want (lstm_transpose).
+ * - Generation's whole step for a few rows (lstm_rows_step), the draw of each row's next character
+ *   (lstm_sample_rows), and many characters of both in one call (lstm_decode_rows); the tiled
+ *   transpose the weight gradients' products want (lstm_transpose).
  * textgen/lstm/native_kernel.py compiles this file with the machine's C compiler on first use and
  * calls it through ctypes; without a compiler the pure-PyTorch path runs instead.
  *
@@ -503,6 +504,74 @@ int lstm_sample_rows(int64_t rows, int64_t V, const float *logits, const float *
     }
     free(cdf), free(p), free(order);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Generation's loop: many characters of a few rows in one call, each step what one lstm_sample_rows
+ * and one lstm_rows_step compute (the same functions, in the same order), so a seed gives the same text
+ * whether its characters come one call each or many. Between characters nothing returns to Python.
+ * ------------------------------------------------------------------------------------------------ */
+/* Up to `steps` times: draw each row's next character from logits (rows, V) at u[s * rows + r] with the
+ * row's settings (as lstm_sample_rows), write it to ids[s * rows + r], and step every layer and the
+ * output layer on it (as lstm_rows_step), the new logits replacing the old in place.
+ *   token_gates (V, 4H): layer 0's input part per token, both biases in; style_gates (rows, 4H) added to
+ *   each row's, or NULL; state_in: 2 * layers pointers, h[0..layers) then c, each (rows, H);
+ *   state_out and spare: (2 * layers, rows, H) each, h then c: the state after the last step lands in
+ *   state_out, spare is scratch; the rest as lstm_rows_step's and lstm_sample_rows' arguments.
+ * Returns the number of steps taken: `steps`, or fewer where a watched row (watch[r] != 0) drew one of
+ * the n_ends ids in `ends` (the last character of a stop string, which the caller checks there); -1
+ * where memory for scratch could not be had (nothing was drawn or stepped). */
+int64_t lstm_decode_rows(int64_t steps, int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t residual,
+                         int64_t threaded, const float *token_gates, const float *style_gates,
+                         const float *const *weights, const float *const *biases, float *const *state_in,
+                         float *state_out, float *spare, const float *head_w, const float *head_b, float *logits,
+                         const float *temperature, int64_t t_stride, const int64_t *top_k, int64_t k_stride,
+                         const float *top_p, int64_t p_stride, const double *u, int64_t *ids,
+                         const int64_t *ends, int64_t n_ends, const int64_t *watch)
+{
+    const int64_t G = 4 * H, state_size = rows * H;
+    float *floats = malloc((size_t)(rows * (2 * G + 3 * H) + V) * sizeof(float));
+    double *cdf = malloc((size_t)V * sizeof(double));
+    int32_t *order = malloc((size_t)V * 2 * sizeof(int32_t));
+    float **states = malloc((size_t)(4 * layers) * sizeof(float *));
+    if (!floats || !cdf || !order || !states) {
+        free(floats), free(cdf), free(order), free(states);
+        return -1;
+    }
+    float *layer0 = floats, *gates = layer0 + rows * G, *joined = gates + rows * G, *x_out = joined + rows * 2 * H;
+    float *p = x_out + rows * H;
+    float *written = NULL;                              /* the buffer holding the latest state */
+    int64_t taken = 0;
+    while (taken < steps) {
+        const int64_t s = taken;
+        int64_t *drawn = ids + s * rows, stop = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t nan_seen = 0;
+            drawn[r] = sample_row(V, logits + r * V, temperature[r * t_stride], top_k[r * k_stride],
+                                  top_p[r * p_stride], u[s * rows + r], p, order, order + V, cdf, &nan_seen);
+            const float *row = token_gates + drawn[r] * G, *style = style_gates ? style_gates + r * G : NULL;
+#pragma GCC ivdep
+            for (int64_t j = 0; j < G; j++)
+                layer0[r * G + j] = style ? row[j] + style[j] : row[j];
+            for (int64_t e = 0; e < n_ends && watch[r]; e++)
+                stop |= drawn[r] == ends[e];
+        }
+        float *target = written == state_out ? spare : state_out;
+        for (int64_t k = 0; k < 2 * layers; k++) {
+            states[k] = written ? written + k * state_size : state_in[k];
+            states[2 * layers + k] = target + k * state_size;
+        }
+        lstm_rows_step(rows, layers, H, V, residual, threaded, layer0, weights, biases, states, x_out, head_w,
+                       head_b, logits, gates, joined);
+        written = target;
+        taken++;
+        if (stop)
+            break;
+    }
+    if (written == spare)
+        memcpy(state_out, spare, (size_t)(2 * layers * state_size) * sizeof(float));
+    free(floats), free(cdf), free(order), free(states);
+    return taken;
 }
 
 /* ------------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ class Kernel:
     lib's calls give up the GIL while they run; quick's (the same library, as ctypes.PyDLL) keep it. The
     calls of a few microseconds to a millisecond (a step, a generation step, a draw) go through quick:
     giving the GIL up around each lets a server's threads take it, and the step then waits to get it back
-    (16 served clients 44,692 chars/s keeping it, 38,992 giving it up). The calls that run a whole chunk
-    or transpose a block (a long prompt read in a server's thread: 463 ms) give it up.
+    (16 served clients 44,692 chars/s keeping it, 38,992 giving it up). The calls that run a whole chunk,
+    many characters of generation or transpose a block (a long prompt read in a server's thread: 463 ms)
+    give it up.
     """
 
     def __init__(self, lib: ctypes.CDLL, path: str, flags: list[str], quick: ctypes.PyDLL | None = None):
@@ -124,6 +125,9 @@ class Kernel:
         self.backward_chunk = long_calls.lstm_backward_chunk
         self.backward_chunk.argtypes = [size] * 3 + [ptr] * 10 + [size]
         self.backward_chunk.restype = None
+        self.decode_rows = long_calls.lstm_decode_rows            # many characters: draws and steps
+        self.decode_rows.argtypes = [size] * 7 + [ptr] * 10 + [ptr, size] * 3 + [ptr, ptr, ptr, size, ptr]
+        self.decode_rows.restype = ctypes.c_int64
         self.transpose = long_calls.lstm_transpose
         self.transpose.argtypes = [size, size, ptr, ptr, size]
         self.transpose.restype = None

@@ -99,10 +99,65 @@ class RowsStep:
                               pointer(layer0_gates, (N, 4 * H), "layer 0 gates"), self.weight_array, self.bias_array,
                               states, x_out.data_ptr(), self.head_at[0], self.head_at[1],
                               None if logits is None else logits.data_ptr(), gates.data_ptr(), joined.data_ptr())
-        parts = out.unbind(0)
+        return logits, x_out, self._state_of(out)
+
+    def _state_of(self, out: torch.Tensor) -> tuple:
+        """The state held in out (2L, N, H), h then c, as per-layer (h, c) views; remembered as returned."""
+        L, parts = len(self.weights), out.unbind(0)
         new_state = tuple((parts[k], parts[L + k]) for k in range(L))
-        self._returned = (new_state, out_at, out)
-        return logits, x_out, new_state
+        self._returned = (new_state, out.data_ptr(), out)
+        return new_state
+
+    def decode(self, steps: int, token_gates: torch.Tensor, style_rows: torch.Tensor | None, logits: torch.Tensor,
+               state, known: bool, temperature, top_k, top_p, u: torch.Tensor, ends: list[int], watch: list[bool]
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
+        """Up to `steps` characters for each of N rows in one C call (lstm_decode_rows): each drawn from the
+        logits (N, V) at its number of u (steps * N,) with the settings (as sample_rows draws), then stepped
+        (as __call__ steps) with token_gates (V, 4H) its layer 0's input part, plus style_rows (N, 4H) where
+        given. The call returns early, after the step where a row whose watch is true drew one of the ids in
+        ends. Returns the ids drawn (taken, N), the logits after the last (a new tensor) and the new state; None
+        where the settings are of a form the kernel does not read (nothing drawn: the caller steps)"""
+        N, V = logits.shape
+        H, L, pointer = self.hidden_size, len(self.weights), native_kernel.pointer
+        settings = _settings(temperature, top_k, top_p, N, V)
+        if settings is None or self.vocab_size != V or u.shape != (steps * N,) or steps < 1:
+            return None
+        columns = settings[0]                     # (settings holds what they point at until the call returns)
+        states = (ctypes.c_void_p * (2 * L))()
+        if known:
+            for k in range(2 * L):
+                states[k] = self._returned[1] + k * N * H * 4
+        else:
+            for k, (h, c) in enumerate(state):
+                states[k], states[L + k] = pointer(h, (N, H), "h"), pointer(c, (N, H), "c")
+        logits = logits.to(torch.float32, copy=True).contiguous()       # overwritten step by step
+        out, spare = logits.new_empty(2 * L, N, H), logits.new_empty(2 * L, N, H)
+        ids = torch.empty(steps, N, dtype=torch.int64)
+        u = u.to(torch.float64).contiguous()
+        ends_array = (ctypes.c_int64 * max(1, len(ends)))(*ends)
+        watch_array = (ctypes.c_int64 * N)(*map(int, watch))
+        taken = self.kernel.decode_rows(
+            steps, N, L, H, V, int(self.residual), int(native_kernel.threads_pay_here()),
+            pointer(token_gates, (V, 4 * H), "token gates"),
+            None if style_rows is None else pointer(style_rows, (N, 4 * H), "style gates"),
+            self.weight_array, self.bias_array, states, out.data_ptr(), spare.data_ptr(), self.head_at[0],
+            self.head_at[1], pointer(logits, (N, V), "logits"), *columns[0], *columns[1], *columns[2],
+            pointer(u, (steps * N,), "u", torch.float64), ids.data_ptr(), ends_array, len(ends), watch_array)
+        if taken < 1:
+            return None
+        return ids[:taken], logits, self._state_of(out)
+
+
+def _settings(temperature, top_k, top_p, rows: int, V: int) -> tuple[tuple, list] | None:
+    """The draw's settings as the kernel reads them: per setting (address, stride) (see _column), and what
+    must stay alive through the call; None where one is of a form the kernel does not read."""
+    if isinstance(top_k, int):
+        top_k = max(0, min(top_k, V))        # as the reference cuts (no cut from V on); a C int64 could wrap
+    keep = []
+    columns = (_column(temperature, ctypes.c_float, torch.float32, rows, keep),
+               _column(V if top_k is None else top_k, ctypes.c_int64, torch.int64, rows, keep),
+               _column(1.0 if top_p is None else top_p, ctypes.c_float, torch.float32, rows, keep))
+    return None if None in columns else (columns, keep)
 
 
 def _column(value, ctype, dtype: torch.dtype, rows: int, keep: list):
@@ -143,16 +198,13 @@ def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, u: torch.Tensor
     N, V = logits.shape
     if not isinstance(u, torch.Tensor) or u.device.type != "cpu" or u.shape != (N,):
         return None
-    if isinstance(top_k, int):
-        top_k = max(0, min(top_k, V))        # as the reference cuts (no cut from V on); a C int64 could wrap
     if u.dtype != torch.float64 or not u.is_contiguous():
         u = u.to(torch.float64).contiguous()
-    logits, keep = (logits if logits.is_contiguous() else logits.contiguous()), []
-    columns = (_column(temperature, ctypes.c_float, torch.float32, N, keep),
-               _column(V if top_k is None else top_k, ctypes.c_int64, torch.int64, N, keep),
-               _column(1.0 if top_p is None else top_p, ctypes.c_float, torch.float32, N, keep))
-    if None in columns:
+    logits = logits if logits.is_contiguous() else logits.contiguous()
+    settings = _settings(temperature, top_k, top_p, N, V)
+    if settings is None:
         return None
+    columns = settings[0]
     ids = torch.empty(N, dtype=torch.int64)
     done = kernel.sample_rows(N, V, native_kernel.pointer(logits, (N, V), "logits"), *columns[0], *columns[1],
                               *columns[2], native_kernel.pointer(u, (N,), "u", torch.float64),

@@ -137,6 +137,32 @@ class Stepper:
             pre.add_(self.style_gates.index_select(0, self.model._style_rows(styles, tokens.shape)))
         return pre
 
+    @property
+    def decodes(self) -> bool:
+        """Whether decode runs here: the C step with a full output layer (CPU float32, the kernel built)."""
+        return self.rows_step is not None and self.rows_step.vocab_size > 0
+
+    @torch.no_grad()
+    def decode(self, logits: torch.Tensor, state: State, styles: torch.Tensor | None, temperature, top_k, top_p,
+               u: torch.Tensor, ends: list[int], watch: list[bool]) -> tuple[torch.Tensor, torch.Tensor, State] | None:
+        """Many characters in one C call, each what generation's draw (sampling.next_tokens) and then this
+        stepper's __call__ give, in that order: for N rows (logits (N, V), the state, the styles as __call__
+        takes them), up to len(u) // N characters, the k-th drawn at u[k * N : (k + 1) * N]. It stops early
+        after a step where a row whose watch is true drew one of the ids in ends (the last character of a
+        stop string). Returns (ids (taken, N), the logits after them, the new state), or None where it does
+        not run (not decodes, settings it does not read): nothing was drawn."""
+        N, H = logits.shape[0], self.hidden_size
+        if not self.decodes or logits.dim() != 2 or N == 0 or len(u) % N:
+            return None
+        _check_batch(N)
+        known = self.rows_step.returned(state, N)
+        if not known:
+            state = check_state(state, len(self.layers), N, H, self.token_gates.device, self.token_gates.dtype)
+        style_rows = None if styles is None else \
+            self.style_gates.index_select(0, self.model._style_rows(styles, (N,)))
+        return self.rows_step.decode(len(u) // N, self.token_gates, style_rows, logits, state, known, temperature,
+                                     top_k, top_p, u, ends, watch)
+
     def __call__(self, tokens: torch.Tensor, state: State, styles: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, State]:
         """tokens (N,) int64 -> logits (N, V) and the new state; styles (N,) a style id per row (-1: none),
