@@ -210,3 +210,50 @@ def test_many_characters_per_call_with_styles_give_what_one_at_a_time_gives(monk
         results.append(_streamed(gen, [SampleConfig(length=500, temperature=1.0, stop="h\n")]))
     assert results[0][0] == results[1][0] and _same_leftovers(*results)
     assert len({"".join(ch or "" for ch in column) for column in zip(*results[0][0])}) == 3
+
+
+def test_the_server_decodes_many_characters_as_it_steps_one(model, monkeypatch):
+    """The batching engine decodes its busy rows many characters per call (decode_many: several jobs, each
+    with its own settings, random stream and stop strings). Each job's text, where it ended, and the session
+    it leaves (state, logits, random state) are those the engine gives stepping one character at a time."""
+    from conftest import CountingKernel, c_kernel_or_skip
+    from textgen.lstm import native_kernel
+    model, tokenizer = model
+    counting = CountingKernel(c_kernel_or_skip())
+    monkeypatch.setattr(native_kernel, "load", lambda: counting)
+    settings = [dict(temperature=1.0, stop="\n"), dict(temperature=0.6, top_k=4, stop="e"),
+                dict(temperature=1.3, top_p=0.8, num_samples=2, stop=" the"), dict(temperature=0.0),
+                dict(temperature=0.9, length=77)]
+
+    def serve(decodes: bool):
+        engine = BatchingEngine(model, tokenizer, slots=6, max_waiting=8)
+        if not decodes:
+            monkeypatch.setattr(engine.stepper, "decode", lambda *arguments: None)
+        try:
+            jobs = [engine.submit(Job("ANNA: ", SampleConfig(**{"length": 500, "seed": 20 + k, **kw})))
+                    for k, kw in enumerate(settings)]
+            out = []
+            for job in jobs:
+                assert job.finished.wait(60)
+                texts, events = {}, []
+                while not job.events.empty():
+                    events.append(job.events.get())
+                for kind, value in events:
+                    if isinstance(kind, int):
+                        texts[kind] = texts.get(kind, "") + value
+                session = engine.sessions[job.id]
+                out.append((texts, events[-1], session.state, session.logits, session.rng_state))
+            return out
+        finally:
+            engine.close()
+            engine.scheduler.stop()
+    counting.slices.clear()
+    decoded = serve(True)
+    calls = counting.calls
+    stepped = serve(False)
+    for (texts, end, state, logits, rng), (texts1, end1, state1, logits1, rng1) in zip(decoded, stepped):
+        assert texts == texts1 and end == end1
+        assert all(torch.equal(a, b) for pair, pair1 in zip(state, state1) for a, b in zip(pair, pair1))
+        assert torch.equal(logits, logits1) and torch.equal(rng, rng1)
+    assert {end for _, end, *_ in decoded} == {("end", "stop"), ("end", "length")}
+    assert 0 < calls < sum(len(t) for texts, *_ in decoded for t in texts.values()) / 4

@@ -147,7 +147,8 @@ def test_num_samples_are_drawn_as_a_batch_and_differ(trained, monkeypatch):
     import textgen.generation.sampling as sampling
     real_uniforms = sampling.uniforms
     for row in range(3):
-        monkeypatch.setattr(sampling, "uniforms", lambda n, rng: real_uniforms(3, rng)[row:row + 1])
+        # (n: one number a step, for n steps at once: each step's three, this row's taken)
+        monkeypatch.setattr(sampling, "uniforms", lambda n, rng: real_uniforms(3 * n, rng).view(n, 3)[:, row])
         alone = generator(trained, seed=2)
         alone.feed("DMITRI:\n")
         assert alone.generate(SampleConfig(length=80, temperature=1.0))[0] == texts[row], row

@@ -192,9 +192,21 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
     if batch == "fixed":
         engine.stepper = Stepper(model)                     # the fastest product at each size: no row agreement
     sizes = []                                              # the batch size of every step
-    step = engine.stepper.__call__
-    engine.stepper = lambda tokens, state, styles=None: sizes.append(len(tokens)) or step(tokens, state, styles)
-    engine.stepper.rows_agree = step.__self__.rows_agree
+
+    class Recording:
+        """The engine's stepper, recording the batch size of every step it takes, one at a time or many."""
+        def __init__(self, stepper):
+            self.stepper, self.rows_agree, self.decodes = stepper, stepper.rows_agree, stepper.decodes
+
+        def __call__(self, tokens, state, styles=None):
+            sizes.append(len(tokens))
+            return self.stepper(tokens, state, styles)
+
+        def decode(self, logits, *rest):
+            decoded = self.stepper.decode(logits, *rest)
+            sizes.extend([len(logits)] * (0 if decoded is None else len(decoded[0])))
+            return decoded
+    engine.stepper = Recording(engine.stepper)
     try:
         def job(seed, **settings):
             config = SampleConfig(length=settings.pop("length", 400), seed=seed, **settings)
@@ -204,11 +216,13 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
         alone.finished.wait(30)
         assert set(sizes) == ({1} if engine.stepper.rows_agree else {8})
         # Long enough that the crowd is still running when the last two join (a step of 5 rows takes
-        # well under 0.1 ms here: 300 characters were over within the 50 ms wait below).
+        # well under 0.1 ms here: 300 characters were over within a 50 ms wait).
         crowd = [engine.submit(job(s, temperature=t, top_k=k, length=n))
                  for s, t, k, n in ((1, 0.5, None, 2800), (2, 1.3, 5, 1200), (3, 0.0, None, 3600))]
         crowd.append(engine.submit(job(4, temperature=1.0, num_samples=2, length=2400)))
-        time.sleep(0.05)                    # the crowd is running: the request joins mid-flight
+        waited = time.monotonic()           # the crowd is running: the request joins mid-flight
+        while not all(j.produced for j in crowd) and time.monotonic() - waited < 30:
+            time.sleep(0.001)
         again = engine.submit(job(7, temperature=1.0, top_p=0.9))
         crowd.append(engine.submit(job(5, temperature=0.9, length=400)))
         for j in crowd + [again]:

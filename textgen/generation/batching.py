@@ -37,7 +37,7 @@ import torch
 from ..errors import SettingError, UsageError
 from ..lstm import CharLSTM, Stepper
 from .jobs import Busy, Job, Scheduler, Session
-from .sampling import Decoding, encode_text, next_tokens, opening_ids, scores
+from .sampling import Decoding, decode_many, encode_text, next_tokens, opening_ids, scores
 from ..styles import NO_STYLE, style_id
 from ..tokenizer import CharTokenizer
 
@@ -91,6 +91,10 @@ class BatchingEngine:
 
     Without a scheduler it makes one and runs it on a thread of its own.
     """
+
+    # Characters per tick where every job is decoded many per C call (decode_many): enough to spread a call's
+    # cost, few enough that a request arriving meanwhile waits a few milliseconds to join.
+    DECODE_STEPS, DECODE_ROW_STEPS = 128, 512
 
     def __init__(self, model: CharLSTM, tokenizer: CharTokenizer, slots: int = 16, max_waiting: int = 64,
                  scheduler: Scheduler | None = None):
@@ -267,23 +271,37 @@ class BatchingEngine:
 
     @torch.no_grad()
     def _step(self) -> None:
-        """One character for every busy row. The batch is the busy rows where the stepper's rows agree at
-        every size, else all `slots` rows (idle ones zeros): a fixed shape."""
+        """Characters for every busy row: many per call where the stepper decodes every job's (decode_many),
+        else one. The batch is the busy rows where the stepper's rows agree at every size, else all `slots`
+        rows (idle ones zeros): a fixed shape."""
         jobs, batch = list(self.running.values()), self.batch
-        n = len(batch)
+        n, styles = len(batch), batch.columns.get("style")
         if len(jobs) == 1:                  # one job: its own settings, the same arithmetic as one per row
-            cfg, decoding = jobs[0][0].config, jobs[0][2]
-            u, settings = decoding.uniforms(), (cfg.temperature, cfg.top_k, cfg.top_p)
+            cfg = jobs[0][0].config
+            settings = (cfg.temperature, cfg.top_k, cfg.top_p)
         else:
-            u = torch.cat([decoding.uniforms() for _, _, decoding in jobs])       # rows are in the jobs' order
             settings = tuple(batch.columns[name] for name in ("temperature", "top_k", "top_p"))
+        if (self.stepper.decodes and (self.stepper.rows_agree or n == self.slots)       # (no fixed batch to pad)
+                and all(job.logprobs is None and decoding.guard is None for job, _, decoding in jobs)):
+            steps = min(self.DECODE_STEPS, max(1, self.DECODE_ROW_STEPS // n),
+                        *(decoding.config.length - decoding.produced for _, _, decoding in jobs))
+            decoded = decode_many(self.stepper, batch.logits, batch.state, styles, settings,
+                                  [(decoding, rows) for _, rows, decoding in jobs], steps, self.tokenizer.chars)
+            if decoded is not None:
+                drawn, batch.logits, batch.state = decoded
+                for listed in drawn:
+                    ended = self._advance(listed)        # a job ends only at the call's last step (decode_many)
+                for job, reason in ended:
+                    self._leave(job, reason)
+                return
+        u = torch.cat([decoding.uniforms() for _, _, decoding in jobs])       # rows are in the jobs' order
         drawn_from = model_logits = batch.logits
         for job, rows, decoding in jobs:
             if decoding.guard is not None:           # --max-copy: this job's rows lose what would copy
                 drawn_from = drawn_from.clone() if drawn_from is model_logits else drawn_from
                 drawn_from[rows] = decoding.guarded(model_logits[rows])
         ids = next_tokens(drawn_from, *settings, u).to(self.device)
-        tokens, state, styles = ids, batch.state, batch.columns.get("style")
+        tokens, state = ids, batch.state
         if not self.stepper.rows_agree and n < self.slots:
             tokens = torch.cat([ids, ids.new_zeros(self.slots - n)])
             state = tuple((torch.cat([h, h.new_zeros(self.slots - n, h.shape[1])]),
@@ -293,13 +311,19 @@ class BatchingEngine:
         batch.logits, batch.state = self.stepper(tokens, state, None if styles is None else styles.to(self.device))
         if len(tokens) > n:                 # the fixed batch's idle rows: dropped again
             batch.logits, batch.state = batch.logits[:n], tuple((h[:n], c[:n]) for h, c in batch.state)
+        # The model's own figures, before --max-copy takes anything away (as before temperature).
         table = self.tokenizer.chars
-        listed = ids.tolist()
+        for job, reason in self._advance(ids.tolist(), lambda job, rows, decoding: decoding.score(
+                model_logits[rows], ids[rows], table)):
+            self._leave(job, reason)
+
+    def _advance(self, listed: list[int], score=None) -> list[tuple[Job, str]]:
+        """One step's characters (ids, one per row) to each job's Decoding and its stream, scored where the
+        job asks (score(job, rows, decoding)); the jobs that end here and why."""
+        table, ended = self.tokenizer.chars, []
         chars = [table[i] for i in listed]
-        ended = []
         for job, rows, decoding in self.running.values():
-            # The model's own figures, before --max-copy takes anything away (as before temperature).
-            scored = None if job.logprobs is None else decoding.score(model_logits[rows], ids[rows], table)
+            scored = None if job.logprobs is None or score is None else score(job, rows, decoding)
             for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], scored,
                                                          [listed[i] for i in rows])):
                 if ch is not None:
@@ -309,8 +333,7 @@ class BatchingEngine:
                 ended.append((job, "stopped"))
             elif decoding.ended:
                 ended.append((job, decoding.ended))
-        for job, reason in ended:
-            self._leave(job, reason)
+        return ended
 
     def _leave(self, job: Job, reason: str) -> None:
         """Free the job's rows, keeping where it ended as a session."""

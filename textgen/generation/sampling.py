@@ -257,6 +257,37 @@ class Decoding:
         return "length" if self.produced >= self.config.length else None
 
 
+def decode_many(stepper, logits: torch.Tensor, state, styles, settings: tuple, parts: list[tuple[Decoding, list[int]]],
+                steps: int, chars: str) -> tuple[list[list[int]], torch.Tensor, tuple] | None:
+    """Up to `steps` characters for every row of logits (N, V) in one C call (Stepper.decode), each what one
+    next_tokens draw and one step would give: the rows of one request or several (parts: each request's
+    Decoding and its rows), settings (temperature, top_k, top_p) as next_tokens takes them. Each request's
+    random numbers are drawn in bulk from its own generator, and those the call did not use are given back,
+    so its stream goes on as one step at a time leaves it. The call returns early after a character that may
+    end a stop string; every newly stopped sample is therefore at the last step. Returns (the ids drawn, one
+    list of N per step; the logits and state after them), or None where the stepper does not decode these
+    (nothing drawn)."""
+    ends = [decoding.stop_ends(chars) for decoding, _ in parts]
+    if None in ends:                                 # an empty stop string is met after any character
+        steps = 1
+    u = logits.new_empty(steps, logits.shape[0], dtype=torch.float64, device="cpu")
+    watch = [False] * logits.shape[0]
+    starts = []
+    for decoding, rows in parts:
+        starts.append(decoding.rng.get_state())
+        u[:, rows] = decoding.uniforms(steps).view(steps, len(rows))
+        for sample, row in enumerate(rows):
+            watch[row] = not decoding.stopped[sample]
+    decoded = stepper.decode(logits, state, styles, *settings, u.view(-1),
+                             sorted({end for found in ends if found for end in found}), watch)
+    for (decoding, _), start in zip(parts, starts):
+        if decoded is None or len(decoded[0]) < steps:        # give back the numbers not used
+            decoding.rng.set_state(start)
+            if decoded is not None:
+                decoding.uniforms(len(decoded[0]))
+    return None if decoded is None else (decoded[0].tolist(), decoded[1], decoded[2])
+
+
 def opening_ids(tokenizer: CharTokenizer, ids: torch.Tensor, logits) -> torch.Tensor:
     """What to read before generating: the prompt's ids, or, with nothing read at all, the opening
     text (a newline where the model knows one), as text starts."""
@@ -367,32 +398,25 @@ class Generator:
     DECODE_STEPS, DECODE_ROW_STEPS = 256, 8192
 
     def _decoded(self, decoding: Decoding) -> Iterator[list]:
-        """stream's loop with many characters per call (Stepper.decode): the same characters, state and random
+        """stream's loop with many characters per call (decode_many): the same characters, state and random
         numbers used as one step at a time. A reader who stops reading mid-call leaves the state, the logits and
         the random stream where one step at a time would have left them. Returns where decode does not run
         (then stream steps on one character at a time)."""
         config, chars, N = decoding.config, self.tokenizer.chars, self.num_samples
-        ends = decoding.stop_ends(chars)
-        most = 1 if ends is None else max(1, min(self.DECODE_STEPS, self.DECODE_ROW_STEPS // N))
+        settings, rows = (config.temperature, config.top_k, config.top_p), list(range(N))
+        most = max(1, min(self.DECODE_STEPS, self.DECODE_ROW_STEPS // N))
         while decoding.ended is None:
-            steps = min(most, config.length - decoding.produced)
             start = (self.logits, self.state, self.rng.get_state())
-            decoded = self.stepper.decode(self.logits, self.state, self.styles, config.temperature, config.top_k,
-                                          config.top_p, decoding.uniforms(steps), ends or [],
-                                          [not stopped for stopped in decoding.stopped])
+            decoded = decode_many(self.stepper, self.logits, self.state, self.styles, settings, [(decoding, rows)],
+                                  min(most, config.length - decoding.produced), chars)
             if decoded is None:
-                self.rng.set_state(start[2])
                 return
-            ids, self.logits, self.state = decoded
-            if len(ids) < steps:                    # returned early: give back the numbers it did not use
-                self.rng.set_state(start[2])
-                decoding.uniforms(len(ids))
-            rows = ids.tolist()
-            for shown, row in enumerate(rows, 1):
+            drawn, self.logits, self.state = decoded
+            for shown, listed in enumerate(drawn, 1):
                 try:
-                    yield decoding.advance([chars[i] for i in row], None, row)
+                    yield decoding.advance([chars[i] for i in listed], None, listed)
                 except GeneratorExit:
-                    if shown < len(rows):
+                    if shown < len(drawn):
                         self._take_back(start, decoding, shown)
                     raise
 
