@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import textgen.lstm.fused_lstm as fused
 import textgen.lstm.products as lstm_products
 from conftest import CountingKernel, NNLSTMStack, c_kernel_or_skip
-from textgen.lstm import kernel_build, native_kernel
+from textgen.lstm import buffers, kernel_build, native_kernel
 from textgen.lstm.fused_lstm import lstm_layer
 from textgen.lstm.model import CharLSTM, ModelConfig, lstm_layer_reference
 
@@ -157,7 +157,7 @@ def assert_close_in_bf16(ours, ref, label):
             assert F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item() >= 0.99, f"{label}: {name}"
 
 
-DEFAULT_CHUNK = fused._CHUNK_PRODUCT
+DEFAULT_CHUNK, DEFAULT_BLOCK, DEFAULT_KEEP = fused._CHUNK_PRODUCT, fused._PROJECTION_BLOCK_BYTES, buffers.KEEP_FROM_BYTES
 
 
 @pytest.fixture
@@ -177,9 +177,12 @@ def paths(monkeypatch, c_kernel_if_any):
         monkeypatch.setattr(native_kernel, "step_slices", lambda B, H: slices)
         # "packed": oneDNN's packed product at every size; "plain": never (MKL's, a step at a time); "chunk":
         # never, and the C kernel runs the whole time loop with its own products; "default": the model's choice.
-        small = {"packed": -1, "plain": 1 << 62, "chunk": 1 << 62, "default": 1 << 20}[products]
+        # "blocks": packed, the input projection a step at a time, every chunk buffer a kept one (buffers.py).
+        small = {"packed": -1, "blocks": -1, "plain": 1 << 62, "chunk": 1 << 62, "default": 1 << 20}[products]
         monkeypatch.setattr(lstm_products, "_SMALL_PRODUCT", small)
         monkeypatch.setattr(fused, "_CHUNK_PRODUCT", {"chunk": 1 << 62, "default": DEFAULT_CHUNK}.get(products, -1))
+        monkeypatch.setattr(fused, "_PROJECTION_BLOCK_BYTES", 1 if products == "blocks" else DEFAULT_BLOCK)
+        monkeypatch.setattr(buffers, "KEEP_FROM_BYTES", 0 if products == "blocks" else DEFAULT_KEEP)
         spy["packed"] = 0
         return counting
     use.spy, use.has_kernel = spy, c_kernel_if_any is not None
@@ -193,7 +196,8 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
         ref = reference(inputs, upstream)
         for pointwise, slices, products in [("torch-ops", 1, "plain"), ("torch-ops", 1, "packed"),
                                             *[("c-kernel", n, "plain") for n in SLICES],
-                                            ("c-kernel", 2, "packed"), ("c-kernel", 1, "chunk")]:
+                                            ("c-kernel", 2, "packed"), ("c-kernel", 2, "blocks"),
+                                            ("c-kernel", 1, "chunk")]:
             if pointwise == "c-kernel" and not paths.has_kernel:
                 continue
             label = f"H={H} B={B} {pointwise} slices={slices} {products}"
@@ -201,7 +205,7 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
             assert_matches(run_layer(lstm_layer, inputs, upstream), ref, label)
             if counting is not None:
                 assert counting.slices and set(counting.slices) == {slices}, label
-            if products == "packed" and lstm_products._PACKED_LINEAR:
+            if products in ("packed", "blocks") and lstm_products._PACKED_LINEAR:
                 assert paths.spy["packed"] >= 2, label     # forward and backward products were packed
         # "packed": every recurrent product in bf16; "plain": all of them small, so float32 (the layer's rule)
         bf16_refs = {products: bf16_reference(inputs, upstream, recurrent_in_bf16=products == "packed")
@@ -216,6 +220,35 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
                     assert counting.calls == 2, label          # the forward and the backward loop, one call each
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
                 assert (paths.spy["packed"] >= 2) == (products == "packed" and lstm_products.packs(torch.bfloat16)), label
+
+
+def test_a_kept_buffer_is_lent_again_only_once_nothing_holds_it(paths):
+    """buffers.py lends a chunk's large buffers again: never while a graph (or anything else) still holds
+    one. Three chunks' forward passes with every buffer a kept one, their graphs all alive, then their
+    backward passes in another order: each equals its own reference; and a buffer let go is lent again."""
+    if not paths.has_kernel:
+        pytest.skip("the blocked path runs with the C kernel's steps")
+    paths("c-kernel", 2, "blocks")
+    cases = [make_case(8, 37, seed=k) for k in range(3)]
+    leaves, outputs = [], []
+    for inputs, upstream in cases:
+        leaf = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        outputs.append(lstm_layer(leaf["x"], leaf["h0"], leaf["c0"], leaf["weight_ih"], leaf["weight_hh"],
+                                  leaf["bias_ih"], leaf["bias_hh"]))
+        leaves.append(leaf)
+    for k in (1, 2, 0):
+        upstream = cases[k][1]
+        loss = sum((t * upstream[name].float()).sum() for name, t in zip(("out", "h", "c"), outputs[k]))
+        loss.backward()
+        ours = {"out": outputs[k][0], "h": outputs[k][1], "c": outputs[k][2],
+                **{f"grad {name}": v.grad for name, v in leaves[k].items()}}
+        assert_matches({n: t.detach().double() for n, t in ours.items()}, reference(*cases[k]), f"chunk {k}")
+    held = buffers.empty((3, 5), torch.empty(0))
+    other = buffers.empty((3, 5), torch.empty(0))
+    assert held.data_ptr() != other.data_ptr()              # held: not lent twice
+    address = held.data_ptr()
+    del held
+    assert buffers.empty((5, 3), torch.empty(0)).data_ptr() == address     # let go: lent again
 
 
 def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):

@@ -90,14 +90,15 @@ def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
     assert within_imports("lstm", "model") == {"config", "fused_lstm", "heads"}   # the reference cell, the fast layer
     assert within_imports("lstm", "heads") == {"products"}                     # its low-precision product
     assert within_imports("lstm", "stepper") == {"products", "steps", "heads", "model", "rows_step"}
-    assert within_imports("lstm", "fused_lstm") == {"native_kernel", "products", "steps"}
+    assert within_imports("lstm", "fused_lstm") == {"buffers", "native_kernel", "products", "steps"}
+    assert within_imports("lstm", "buffers") == set()
     assert within_imports("lstm", "products") == {"native_kernel"}
     assert within_imports("lstm", "steps") == {"native_kernel"}
     assert within_imports("lstm", "rows_step") == {"native_kernel"}
     assert within_imports("lstm", "native_kernel") == {"kernel_build"}
     assert within_imports("lstm", "kernel_build") == set()
     assert within_imports("lstm", "__init__") == {"config", "model", "native_kernel", "steps", "heads", "stepper",
-                                                  "rows_step"}
+                                                  "rows_step", "buffers"}
     for unit in MODULES:                         # the rest see the LSTM's face (lstm/__init__), not its fast path
         if unit != "lstm":
             for package, path in _files_of(unit):
@@ -107,7 +108,8 @@ def test_the_model_and_its_fast_path_import_nothing_else_of_ours():
                         target = ".".join(base + (node.module.split(".") if node.module else []))
                         names = {target + "." + alias.name for alias in node.names} | {target}
                         assert not {"textgen.lstm.fused_lstm", "textgen.lstm.native_kernel", "textgen.lstm.products",
-                                    "textgen.lstm.steps", "textgen.lstm.rows_step", "textgen.lstm.kernel_build"} & names, path
+                                    "textgen.lstm.steps", "textgen.lstm.rows_step", "textgen.lstm.kernel_build",
+                                    "textgen.lstm.buffers"} & names, path
 
 
 def test_nothing_in_the_package_imports_cli_but_the_entry_point():

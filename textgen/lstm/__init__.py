@@ -5,9 +5,11 @@ and config.py the ModelConfig that describes it; heads.py the adaptive output la
 one-character step. fused_lstm.py is the fast path (fused products, bf16), proven against that cell,
 with its matrix products in products.py and a step's pointwise work in steps.py; native_kernel.py
 compiles and checks lstm_kernel.c, the C kernel (a step's pointwise work, a small layer's whole time
-loop); rows_step.py is generation's whole step in one C call, and the draw of each row's next character.
+loop); rows_step.py is generation's whole step in one C call, and the draw of each row's next character;
+buffers.py keeps a chunk's large buffers for the next (release_buffers gives them back).
 Nothing outside this folder imports any of those but through this face.
 """
+from .buffers import release as release_buffers
 from .native_kernel import KernelUnavailable
 from .steps import describe_step_path
 from .heads import AdaptiveHead
@@ -17,4 +19,4 @@ from .rows_step import sample_rows
 from .stepper import Stepper
 
 __all__ = ["ADAPTIVE_FROM", "DROPOUT_FIELDS", "AdaptiveHead", "CharLSTM", "KernelUnavailable", "ModelConfig",
-           "State", "Stepper", "describe_step_path", "detach_state", "sample_rows"]
+           "State", "Stepper", "describe_step_path", "detach_state", "release_buffers", "sample_rows"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import native_kernel, products
+from . import buffers, native_kernel, products
 from .products import (_linear, _onednn_float32, _steps_before, _weight_gradients, input_projection,
                        low_precision_mm, low_precision_product, recurrent_product)
 from .steps import _kernel_backward_steps_bf16, _kernel_forward_steps_bf16, backward_steps, forward_steps
@@ -33,6 +33,37 @@ from .steps import _kernel_backward_steps_bf16, _kernel_forward_steps_bf16, back
 # ---------------------------------------------------------------------------
 # The time loops and the autograd Function
 # ---------------------------------------------------------------------------
+
+# The input projection's block of steps on the blocked path: a few MB, still in cache when its steps read it.
+_PROJECTION_BLOCK_BYTES = 4 << 20
+
+
+def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward, low_precision=None):
+    """One layer's forward over a chunk: the input projection and the time loop. Returns the activations
+    (T, B, 4H), h of every step, the final c, and c of every step when keep_for_backward.
+
+    A float32 layer too large for the whole-chunk C loop, with the C kernel's steps, projects its input a
+    block of steps at a time (each block a few MB, read while still in cache) instead of into one (T, B, 4H)
+    tensor, and writes the activations into a buffer of buffers.py: over 32 MB such a tensor came from
+    pages glibc mapped afresh at every chunk, which the kernel had to fault in and zero (3x512, 64 streams
+    of 128 steps: 9,420 -> 10,904 chars/s; 2x512 64x50 +4%; AMD EPYC, benchmarks/README.md)."""
+    T, B, I = x.shape
+    H = weight_hh.shape[1]
+    kernel = native_kernel.for_tensors(x, c, weight_hh) if low_precision is None else None
+    if kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None:
+        x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+        return (x_proj, *recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision))
+    gates, hs = buffers.empty((T, B, 4 * H), x), buffers.empty((T, B, H), x)
+    cs = buffers.empty((T if keep_for_backward else 1, B, H), x)
+    step, _ = forward_steps(gates, c, hs, cs)               # the C kernel's: it scales nothing (g_scale 1)
+    recurrent = recurrent_product(weight_hh, B, None, overwrite_add=True)
+    bias, block = bias_ih + bias_hh, max(1, _PROJECTION_BLOCK_BYTES // (B * 4 * H * 4))
+    for start in range(0, T, block):
+        projected = _linear(x[start : start + block].reshape(-1, I), weight_ih, bias).view(-1, B, 4 * H)
+        for t, pre in enumerate(projected.unbind(0), start):
+            h = step(t, recurrent(h, pre))
+    return gates, hs, cs[-1], (cs if keep_for_backward else None)
+
 
 def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
     """The forward time loop, shared by training and inference.
@@ -43,8 +74,8 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
-    hs = x_proj.new_empty(T, B, H)
-    cs = x_proj.new_empty(T if keep_for_backward else 1, B, H)
+    hs = buffers.empty((T, B, H), x_proj)
+    cs = buffers.empty((T if keep_for_backward else 1, B, H), x_proj)
     kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
     if kernel is not None:              # a small layer: the whole time loop in one C call
         h, c = h.contiguous(), c.contiguous()          # held here: the kernel reads them after pointer() returns
@@ -136,7 +167,7 @@ def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
 def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
     """The backward time loop: dL/d(pre-activations) (T, B, 4H), dL/dh0, dL/dc0 and dL/dbias."""
     T = gates.shape[0]
-    grad_gates = torch.empty_like(gates)
+    grad_gates = buffers.empty(gates.shape, gates)
     step, finish = backward_steps(gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     for t in range(T - 1, -1, -1):
@@ -152,10 +183,9 @@ class FusedLSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
-        x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
-        hs, c_last, cs = recurrent_forward(x_proj, h0, c0, weight_hh, True, low_precision)
+        gates, hs, c_last, cs = layer_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True, low_precision)
         ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
-        ctx.gates, ctx.cs = x_proj, cs                      # intermediates, not inputs or outputs
+        ctx.gates, ctx.cs = gates, cs                       # intermediates, not inputs or outputs
         ctx.low_precision = low_precision
         # Outputs are copies: h_last must not be a view of another output, and c_last must not
         # be a view of the tensor ctx.cs holds, or output -> grad_fn -> ctx.cs -> output is a
@@ -209,6 +239,5 @@ def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=No
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)):
         return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision)
-    x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
-    hs, c, _ = recurrent_forward(x_proj, h, c, weight_hh, False, low_precision)
+    _, hs, c, _ = layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, False, low_precision)
     return hs, hs[-1], c

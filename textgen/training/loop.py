@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import checkpoint, files
+from ..lstm import release_buffers
 from . import schedule
 from ..errors import OutputError, StopTraining
 from .reporter import Reporter
@@ -38,6 +39,7 @@ def train(run: Run, log=print) -> TrainResult:
         return _train(run, log)
     finally:
         run.folder.release()              # the process's end would too; a Python caller goes on living
+        release_buffers()                 # the large chunk buffers the fast path kept for the next step
 
 
 def _train(run: Run, log) -> TrainResult:

@@ -1,0 +1,65 @@
+"""Large buffers kept for reuse: a chunk's gates, their gradients, its h and c.
+
+glibc gives every allocation over 32 MB pages of its own (mmap) and hands them back when it is freed,
+so each chunk faulted its large buffers in afresh and the kernel zeroed every page: at 3x512, 64
+streams of 128 steps, 550 MB a training step, and without those faults the step takes 9% less time
+(AMD EPYC; benchmarks/README.md, "Speed close to the chip"). A buffer kept here is lent again only
+once nothing else holds its memory (its storage's use count says so), so the chunk after reuses the
+pages the chunk before faulted in, whatever autograd still keeps or frees, and in whatever order.
+Only fused_lstm.py imports this.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+# Below this glibc reuses freed memory itself; above it a buffer is worth keeping.
+KEEP_FROM_BYTES = 32 << 20
+# At most this many buffers kept; a free one of another size makes room for a new size.
+MOST_KEPT = 16
+
+_lock = threading.Lock()
+_kept: list[torch.Tensor] = []              # flat CPU tensors, lent as views
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+def _counts_uses() -> bool:
+    try:
+        return _use_count(torch.empty(1)) == 2      # the tensor and the storage object asked
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_COUNTS_USES = _counts_uses()
+
+
+def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of this shape with like's dtype and device: one of the kept buffers where it
+    is large, on the CPU, and one of its size is free; else a new one (kept where large)."""
+    numel = math.prod(shape)
+    if like.device.type != "cpu" or numel * like.element_size() < KEEP_FROM_BYTES or not _COUNTS_USES:
+        return like.new_empty(shape)
+    with _lock:
+        for base in _kept:
+            # 2: the kept tensor and the storage object asked; any view lent out adds one.
+            if base.dtype == like.dtype and base.numel() == numel and _use_count(base) == 2:
+                return base.view(shape)
+        if len(_kept) >= MOST_KEPT:
+            free = [base for base in _kept if _use_count(base) == 2]
+            if not free:
+                return like.new_empty(shape)
+            _kept.remove(free[0])
+        base = like.new_empty(numel)
+        _kept.append(base)
+        return base.view(shape)
+
+
+def release() -> None:
+    """Let go of every kept buffer that nothing else holds (their memory goes back to the system)."""
+    with _lock:
+        _kept[:] = [base for base in _kept if _use_count(base) != 2]
