@@ -211,15 +211,16 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
         bf16_refs = {products: bf16_reference(inputs, upstream, recurrent_in_bf16=products == "packed")
                      for products in ("packed", "plain")}
         for pointwise in ("torch-ops", "c-kernel") if paths.has_kernel else ("torch-ops",):
-            for products in ("packed", "plain") + (("chunk",) if pointwise == "c-kernel" else ()):
+            for products in ("packed", "plain", "blocks") + (("chunk",) if pointwise == "c-kernel" else ()):
                 label = f"H={H} B={B} {pointwise} bf16 {products}"
                 counting = paths(pointwise, 2, products)
                 assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
-                                     bf16_refs["plain" if products == "chunk" else products], label)
+                                     bf16_refs[{"chunk": "plain", "blocks": "packed"}.get(products, products)], label)
                 if products == "chunk":
                     assert counting.calls == 2, label          # the forward and the backward loop, one call each
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
-                assert (paths.spy["packed"] >= 2) == (products == "packed" and lstm_products.packs(torch.bfloat16)), label
+                assert (paths.spy["packed"] >= 2) == (products in ("packed", "blocks")
+                                                      and lstm_products.packs(torch.bfloat16)), label
 
 
 def test_a_kept_buffer_is_lent_again_only_once_nothing_holds_it(paths):

@@ -38,23 +38,24 @@ def _counts_uses() -> bool:
 _COUNTS_USES = _counts_uses()
 
 
-def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of this shape with like's dtype and device: one of the kept buffers where it
-    is large, on the CPU, and one of its size is free; else a new one (kept where large)."""
-    numel = math.prod(shape)
-    if like.device.type != "cpu" or numel * like.element_size() < KEEP_FROM_BYTES or not _COUNTS_USES:
-        return like.new_empty(shape)
+def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor of this shape with like's device and dtype (or this dtype): one of the kept
+    buffers where it is large, on the CPU, and one of its size is free; else a new one (kept where large)."""
+    numel, dtype = math.prod(shape), dtype or like.dtype
+    if (like.device.type != "cpu" or numel * torch.empty(0, dtype=dtype).element_size() < KEEP_FROM_BYTES
+            or not _COUNTS_USES):
+        return like.new_empty(shape, dtype=dtype)
     with _lock:
         for base in _kept:
             # 2: the kept tensor and the storage object asked; any view lent out adds one.
-            if base.dtype == like.dtype and base.numel() == numel and _use_count(base) == 2:
+            if base.dtype == dtype and base.numel() == numel and _use_count(base) == 2:
                 return base.view(shape)
         if len(_kept) >= MOST_KEPT:
             free = [base for base in _kept if _use_count(base) == 2]
             if not free:
-                return like.new_empty(shape)
+                return like.new_empty(shape, dtype=dtype)
             _kept.remove(free[0])
-        base = like.new_empty(numel)
+        base = like.new_empty(numel, dtype=dtype)
         _kept.append(base)
         return base.view(shape)
 

@@ -51,7 +51,10 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
     H = weight_hh.shape[1]
     kernel = native_kernel.for_tensors(x, c, weight_hh) if low_precision is None else None
     if kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None:
-        x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
+        if low_precision is not None and x.device.type == "cpu":
+            x_proj = _low_precision_projection(x, weight_ih, bias_ih + bias_hh, low_precision)
+        else:
+            x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
         return (x_proj, *recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision))
     gates, hs = buffers.empty((T, B, 4 * H), x), buffers.empty((T, B, H), x)
     cs = buffers.empty((T if keep_for_backward else 1, B, H), x)
@@ -63,6 +66,20 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
         for t, pre in enumerate(projected.unbind(0), start):
             h = step(t, recurrent(h, pre))
     return gates, hs, cs[-1], (cs if keep_for_backward else None)
+
+
+def _low_precision_projection(x, weight_ih, bias, low_precision):
+    """input_projection with low-precision products, into a buffer of buffers.py a block of steps at a time:
+    the same numbers (each block's product widened and its bias added in one float32 operation, as
+    input_projection does in two), without a (T, B, 4H) tensor and its low-precision twin from fresh pages."""
+    T, B, I = x.shape
+    four_h = weight_ih.shape[0]
+    gates, weight_t = buffers.empty((T, B, four_h), x), weight_ih.t().to(low_precision)
+    block = max(1, _PROJECTION_BLOCK_BYTES // (B * four_h * 4))
+    for start in range(0, T, block):
+        rows = x[start : start + block].reshape(-1, I).to(low_precision)
+        torch.add(rows @ weight_t, bias, out=gates[start : start + block].view(-1, four_h))
+    return gates
 
 
 def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
@@ -154,7 +171,7 @@ def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
     """recurrent_backward for the C kernel's bfloat16 steps: dL/d(pre-activations) (T, B, 4H) in bfloat16,
     dL/dh0, dL/dc0 and dL/dbias. product_t: x -> x @ W_hh in bfloat16 (low_precision_product)."""
     T = gates.shape[0]
-    grad_gates = gates.new_empty(gates.shape, dtype=torch.bfloat16)
+    grad_gates = buffers.empty(gates.shape, gates, torch.bfloat16)
     step, finish = _kernel_backward_steps_bf16(native_kernel.load(), gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     step(T - 1, grad_h, None)
