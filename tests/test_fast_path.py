@@ -157,7 +157,8 @@ def assert_close_in_bf16(ours, ref, label):
             assert F.cosine_similarity(ours[name].flatten(), r.flatten(), dim=0).item() >= 0.99, f"{label}: {name}"
 
 
-DEFAULT_CHUNK, DEFAULT_BLOCK, DEFAULT_KEEP = fused._CHUNK_PRODUCT, fused._PROJECTION_BLOCK_BYTES, buffers.KEEP_FROM_BYTES
+DEFAULT_CHUNK, DEFAULT_BLOCK, DEFAULT_BLOCKED = fused._CHUNK_PRODUCT, fused._PROJECTION_BLOCK_BYTES, fused._BLOCKED_FROM_BYTES
+DEFAULT_KEEP = buffers.KEEP_FROM_BYTES
 
 
 @pytest.fixture
@@ -183,6 +184,7 @@ def paths(monkeypatch, c_kernel_if_any):
         monkeypatch.setattr(fused, "_CHUNK_PRODUCT", {"chunk": 1 << 62, "default": DEFAULT_CHUNK}.get(products, -1))
         monkeypatch.setattr(fused, "_PROJECTION_BLOCK_BYTES", 1 if products == "blocks" else DEFAULT_BLOCK)
         monkeypatch.setattr(buffers, "KEEP_FROM_BYTES", 0 if products == "blocks" else DEFAULT_KEEP)
+        monkeypatch.setattr(fused, "_BLOCKED_FROM_BYTES", 0 if products == "blocks" else DEFAULT_BLOCKED)
         spy["packed"] = 0
         return counting
     use.spy, use.has_kernel = spy, c_kernel_if_any is not None

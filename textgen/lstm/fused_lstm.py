@@ -36,21 +36,25 @@ from .steps import _kernel_backward_steps_bf16, _kernel_forward_steps_bf16, back
 
 # The input projection's block of steps on the blocked path: a few MB, still in cache when its steps read it.
 _PROJECTION_BLOCK_BYTES = 4 << 20
+# Gates of this size or more take the blocked path (glibc maps them afresh at every chunk); below it the
+# whole projection at once is as fast and holds a block's 4 MB less (2x256, 2x512 64x50: 16 and 26 MB).
+_BLOCKED_FROM_BYTES = 32 << 20
 
 
 def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward, low_precision=None):
     """One layer's forward over a chunk: the input projection and the time loop. Returns the activations
     (T, B, 4H), h of every step, the final c, and c of every step when keep_for_backward.
 
-    A float32 layer too large for the whole-chunk C loop, with the C kernel's steps, projects its input a
-    block of steps at a time (each block a few MB, read while still in cache) instead of into one (T, B, 4H)
-    tensor, and writes the activations into a buffer of buffers.py: over 32 MB such a tensor came from
-    pages glibc mapped afresh at every chunk, which the kernel had to fault in and zero (3x512, 64 streams
-    of 128 steps: 9,420 -> 10,904 chars/s; 2x512 64x50 +4%; AMD EPYC, benchmarks/README.md)."""
+    A float32 layer whose gates take 32 MB or more, with the C kernel's steps, projects its input a block of
+    steps at a time (each block a few MB, read while still in cache) instead of into one (T, B, 4H) tensor,
+    and writes the activations into a buffer of buffers.py: such a tensor came from pages glibc mapped
+    afresh at every chunk, which the kernel had to fault in and zero (3x512, 64 streams of 128 steps:
+    9,420 -> 10,904 chars/s; AMD EPYC, benchmarks/README.md)."""
     T, B, I = x.shape
     H = weight_hh.shape[1]
     kernel = native_kernel.for_tensors(x, c, weight_hh) if low_precision is None else None
-    if kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None:
+    if (kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None
+            or T * B * 4 * H * 4 < _BLOCKED_FROM_BYTES):
         if low_precision is not None and x.device.type == "cpu":
             x_proj = _low_precision_projection(x, weight_ih, bias_ih + bias_hh, low_precision)
         else:
