@@ -575,46 +575,135 @@ int64_t lstm_decode_rows(int64_t steps, int64_t rows, int64_t layers, int64_t H,
 }
 
 /* ------------------------------------------------------------------------------------------------
- * A chunk's whole time loop in one call, for small layers: each step's recurrent product by
- * rows_product (weights packed in panels) and its pointwise work, with no return to Python between
- * steps. Below about a million multiply-adds a step, a library's product costs more in dispatch
+ * A chunk's whole time loop in one call, for small layers: each step's recurrent product on the
+ * weights packed in panels and its pointwise work, with no return to Python between steps. Below about a million multiply-adds a step, a library's product costs more in dispatch
  * than in arithmetic, and the Python loop around it as much again (fused_lstm.py chooses).
  * ------------------------------------------------------------------------------------------------ */
 
-/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
- * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
- * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place. */
-void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
-                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
+/* One panel (output columns p*PANEL..) for every row: y[b][n] = dot + add[b][n] (or 0) for n < N, each
+ * element summed over k in order, as rows_product sums it. add may be y (updated in place). */
+static void panel_every_row(int64_t rows, int64_t N, int64_t K, const float *x, const float *panels, int64_t p,
+                            const float *add, float *y)
 {
-    for (int64_t t = 0; t < T; t++) {
-        float *pre = gates + t * B * 4 * H;
-        const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-        const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
-        rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);       /* pre += h_prev W_hh^T */
-        for (int64_t b = 0; b < B; b++)
-            forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H, cs + t * cs_stride + b * H,
-                        hs + t * B * H + b * H, NULL, 0);
+    const float *panel = panels + p * K * PANEL;
+    float block[4][PANEL];
+    const int64_t n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
+    int64_t b = 0;
+    for (; b + 4 <= rows; b += 4) {
+        panel_rows4(panel, x + b * K, K, block);
+        for (int64_t r = 0; r < 4; r++)
+            for (int64_t j = 0; j < width; j++)
+                y[(b + r) * N + n0 + j] = block[r][j] + (add ? add[(b + r) * N + n0 + j] : 0.0f);
+    }
+    for (; b < rows; b++) {
+        lanes16 low = {0}, high = {0};
+        for (int64_t k = 0; k < K; k++) {
+            low += load16(panel + k * PANEL) * x[b * K + k];
+            high += load16(panel + k * PANEL + 16) * x[b * K + k];
+        }
+        memcpy(block[0], &low, 64), memcpy(block[0] + 16, &high, 64);
+        for (int64_t j = 0; j < width; j++)
+            y[b * N + n0 + j] = block[0][j] + (add ? add[b * N + n0 + j] : 0.0f);
     }
 }
 
-/* Backward, from step T-1 down to 0: wt_panels is W_hh^T (H x 4H) packed; gates and cs (T, B, ...) the
- * forward's activations and cell states, c0 the cell state before; grad_hs (T, B, H) the gradients reaching
- * each h from above; grad_h (B, H) holds dL/dh of the last step on entry (from above and from after the
- * chunk) and dL/dh0 on return, grad_c dL/dc of the last step on entry and dL/dc0 on return; grad_gates
- * (T, B, 4H) receives the pre-activation gradients, grad_bias (4H) their sums; scratch (B, H). */
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUMBER omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_NUMBER 0
+#define THREAD_COUNT 1
+#endif
+
+/* The hidden units [*begin, *end) a thread owns in the whole-chunk loops: whole panels, so that no two
+ * threads write the same panel's columns. */
+static inline void units_of_thread(int64_t H, int64_t *begin, int64_t *end)
+{
+    const int64_t count = THREAD_COUNT, width = ((H / PANEL + count - 1) / count) * PANEL;
+    *begin = THREAD_NUMBER * width < H ? THREAD_NUMBER * width : H;
+    *end = *begin + width < H ? *begin + width : H;
+}
+
+/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
+ * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
+ * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place.
+ * Where H is a whole number of panels the threads share the hidden units, each computing its units' gate
+ * columns and their pointwise work, and wait for one another once a step (h is then whole); else the
+ * products' panels are shared step by step and the pointwise work runs on one thread. */
+void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
+                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
+{
+    if (H % PANEL) {
+        for (int64_t t = 0; t < T; t++) {
+            float *pre = gates + t * B * 4 * H;
+            const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
+            const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
+            rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);   /* pre += h_prev W_hh^T */
+            for (int64_t b = 0; b < B; b++)
+                forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
+                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0);
+        }
+        return;
+    }
+#pragma omp parallel if (threaded && 4 * H * H >= 65536)
+    {
+        int64_t begin, end;
+        units_of_thread(H, &begin, &end);
+        for (int64_t t = 0; t < T; t++) {
+            float *pre = gates + t * B * 4 * H;
+            const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
+            const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
+            for (int64_t gate = 0; gate < 4; gate++)                        /* pre += h_prev W_hh^T, own units */
+                for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++)
+                    panel_every_row(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
+            for (int64_t b = 0; b < B; b++)
+                forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
+                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0);
+#pragma omp barrier
+        }
+    }
+}
+
+/* Backward: the gradient of the chunk's pre-activations (grad_gates, T x B x 4H) and their sum over steps
+ * and streams (grad_bias, 4H, added to), from the activations (gates), c of every step (cs) and before
+ * (c0), the gradient reaching each step's h from above (grad_hs), and grad_h, grad_c (B, H): the gradient
+ * reaching the last step's h and c on entry, h0's and c0's on return. wt_panels is W_hh^T (H x 4H) packed;
+ * scratch (B, H). Where H is a whole number of panels the threads share the hidden units (their gate
+ * columns' pointwise work, then their units of the product through W_hh), waiting once a step. */
 void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels, const float *gates,
                          const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
                          float *grad_gates, float *grad_bias, float *scratch, int64_t threaded)
 {
-    for (int64_t t = T - 1; t >= 0; t--) {
-        const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
-        float *d = grad_gates + t * B * 4 * H;
-        for (int64_t b = 0; b < B; b++)
-            backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
-                         d + b * 4 * H, NULL, grad_bias, 0);
-        /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
-        rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
-        memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
+    if (H % PANEL) {
+        for (int64_t t = T - 1; t >= 0; t--) {
+            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+            float *d = grad_gates + t * B * 4 * H;
+            for (int64_t b = 0; b < B; b++)
+                backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
+                             d + b * 4 * H, NULL, grad_bias, 0);
+            /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
+            rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
+            memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
+        }
+        return;
     }
+#pragma omp parallel if (threaded && 4 * H * H >= 65536)
+    {
+        int64_t begin, end;
+        units_of_thread(H, &begin, &end);
+        for (int64_t t = T - 1; t >= 0; t--) {
+            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+            float *d = grad_gates + t * B * 4 * H;
+            for (int64_t b = 0; b < B; b++)
+                backward_row(H, begin, end, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL,
+                             grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0);
+#pragma omp barrier
+            /* dL/dh_{t-1} of the own units: through W_hh (all of step t's d, now whole), plus what reached
+             * h_{t-1} from above (none before the chunk); only this thread reads them next */
+            for (int64_t p = begin / PANEL; p < end / PANEL; p++)
+                panel_every_row(B, H, 4 * H, d, wt_panels, p, t > 0 ? grad_hs + (t - 1) * B * H : NULL, grad_h);
+        }
+    }
+    (void)scratch;
 }
