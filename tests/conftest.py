@@ -113,7 +113,7 @@ class CountingKernel:
     generation's step, its many steps) record 1; the transpose and the draw record nothing. Anything else passes through."""
 
     SLICED = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16")
-    WHOLE = ("rows_step", "forward_chunk", "backward_chunk", "decode_rows")
+    WHOLE = ("rows_step", "forward_chunk", "backward_chunk", "decode_rows", "forward_chunk_bf16", "backward_chunk_bf16")
 
     def __init__(self, kernel):
         self.kernel, self.slices, self.threaded = kernel, [], kernel.threaded

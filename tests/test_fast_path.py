@@ -188,6 +188,7 @@ def paths(monkeypatch, c_kernel_if_any):
         spy["packed"] = 0
         return counting
     use.spy, use.has_kernel = spy, c_kernel_if_any is not None
+    use.bf16_dot = c_kernel_if_any is not None and c_kernel_if_any.bf16_dot
     return use
 
 
@@ -216,8 +217,11 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
             for products in ("packed", "plain", "blocks") + (("chunk",) if pointwise == "c-kernel" else ()):
                 label = f"H={H} B={B} {pointwise} bf16 {products}"
                 counting = paths(pointwise, 2, products)
+                # The whole-chunk loops' products are bf16 where the kernel has AVX512-BF16 and H is whole panels.
+                chunk_in_bf16 = paths.has_kernel and paths.bf16_dot and H % native_kernel.PANEL == 0
                 assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
-                                     bf16_refs[{"chunk": "plain", "blocks": "packed"}.get(products, products)], label)
+                                     bf16_refs[{"chunk": "packed" if chunk_in_bf16 else "plain",
+                                                "blocks": "packed"}.get(products, products)], label)
                 if products == "chunk":
                     assert counting.calls == 2, label          # the forward and the backward loop, one call each
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
@@ -293,7 +297,7 @@ def test_the_kernel_on_real_threads_equals_the_cell(threads, c_kernel, monkeypat
     torch.set_num_threads(threads)
     try:
         for chunk, shapes in ((False, ((32, 129), (16, 257), (48, 100), (64, 300), (128, 513), (4096, 1))),
-                              (True, ((16, 128), (3, 37), (4096, 1), (40, 70)))):
+                              (True, ((16, 128), (3, 37), (4096, 1), (40, 70), (5, 256)))):
             monkeypatch.setattr(fused, "_CHUNK_PRODUCT", 1 << 62 if chunk else -1)
             monkeypatch.setattr(lstm_products, "_SMALL_PRODUCT", 1 << 62 if chunk else 1 << 20)
             for B, H in shapes:
@@ -303,6 +307,10 @@ def test_the_kernel_on_real_threads_equals_the_cell(threads, c_kernel, monkeypat
                                f"B={B} H={H} on {threads} threads{', whole chunk' if chunk else ''}")
                 assert set(counting.slices) == ({1} if chunk else {threads})
                 assert len(counting.slices) == (2 if chunk else 2 * T)
+                if chunk and c_kernel.bf16_dot and H % native_kernel.PANEL == 0:     # the bf16 chunk loops too
+                    assert_close_in_bf16(run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16),
+                                         bf16_reference(inputs, upstream, recurrent_in_bf16=True),
+                                         f"B={B} H={H} bf16 on {threads} threads")
     finally:
         torch.set_num_threads(before)
 

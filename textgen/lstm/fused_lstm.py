@@ -101,13 +101,17 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
     if kernel is not None:              # a small layer: the whole time loop in one C call
         h, c = h.contiguous(), c.contiguous()          # held here: the kernel reads them after pointer() returns
-        pointer = native_kernel.pointer
-        panels = native_kernel.panels(weight_hh)
-        kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"),
-                             pointer(x_proj, (T, B, four_h), "gates"), pointer(h, (B, H), "h0"),
-                             pointer(c, (B, H), "c0"), pointer(hs, (T, B, H), "hs"),
-                             pointer(cs, (cs.shape[0], B, H), "cs"), B * H if keep_for_backward else 0,
-                             int(native_kernel.threads_pay_here()))
+        pointer, threads = native_kernel.pointer, int(native_kernel.threads_pay_here())
+        common = (pointer(x_proj, (T, B, four_h), "gates"), pointer(h, (B, H), "h0"), pointer(c, (B, H), "c0"),
+                  pointer(hs, (T, B, H), "hs"), pointer(cs, (cs.shape[0], B, H), "cs"),
+                  B * H if keep_for_backward else 0)
+        if _bf16_chunk(kernel, weight_hh, low_precision):
+            panels, h_low = native_kernel.panels_bf16(weight_hh), h.new_empty(2, B, H, dtype=torch.bfloat16)
+            kernel.forward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels", torch.bfloat16),
+                                      *common, pointer(h_low, (2, B, H), "h scratch", torch.bfloat16), threads)
+        else:
+            panels = native_kernel.panels(weight_hh)
+            kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"), *common, threads)
         return hs, cs[-1], (cs if keep_for_backward else None)
     low_product = _bf16_kernel_product(x_proj, c, weight_hh, low_precision)
     if low_product is not None:         # the C step takes the bfloat16 product as it comes and gives h in bfloat16
@@ -136,30 +140,45 @@ def _chunk_kernel(gates, c, weight_hh, low_precision):
     """The C kernel where a chunk's whole time loop runs in it (lstm_forward_chunk, lstm_backward_chunk), else
     None: where the pointwise kernel runs and the recurrent product is float32 and small (_CHUNK_PRODUCT),
     so that a library's product costs more in dispatch than in arithmetic and the Python loop as much again.
-    With low precision asked for, only where the product stays float32 anyway (_SMALL_PRODUCT)."""
+    With low precision asked for, only where a library's product would stay float32 (_SMALL_PRODUCT): the
+    loops' products are then float32 too, or bfloat16 where the kernel has AVX512-BF16 (_bf16_chunk)."""
     limit = _CHUNK_PRODUCT if low_precision is None else min(_CHUNK_PRODUCT, products._SMALL_PRODUCT)
     if gates.shape[1] * weight_hh.numel() > limit:
         return None
     return native_kernel.for_tensors(gates, c, weight_hh)
 
 
-def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh):
+def _bf16_chunk(kernel, weight_hh, low_precision) -> bool:
+    """Whether the whole-chunk loops run their recurrent products in bfloat16 (lstm_forward_chunk_bf16):
+    bfloat16 asked, the kernel built for a CPU with AVX512-BF16, H a whole number of panels. Elsewhere the
+    chunk loops' products stay float32, as a product this small does on the bf16 path."""
+    return low_precision is torch.bfloat16 and kernel.bf16_dot and weight_hh.shape[1] % native_kernel.PANEL == 0
+
+
+def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh, low_precision=None):
     """recurrent_backward in one C call (lstm_backward_chunk): dL/d(pre-activations) (T, B, 4H), dL/dh0,
     dL/dc0 and dL/dbias."""
     T, B, four_h = gates.shape
     H = four_h // 4
     pointer = native_kernel.pointer
-    panels = native_kernel.panels(weight_hh.t())             # dh_prev = dgates @ W_hh: W_hh^T's rows are outputs
-    grad_gates, grad_bias = torch.empty_like(gates), gates.new_zeros(four_h)
+    grad_gates, grad_bias = buffers.empty(gates.shape, gates), gates.new_zeros(four_h)
     grad_h = grad_h.clone(memory_format=torch.contiguous_format)          # the kernel updates both in place
     grad_c = grad_c.clone(memory_format=torch.contiguous_format)
-    c0, scratch = c0.contiguous(), gates.new_empty(B, H)
-    kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"),
-                          pointer(gates, (T, B, four_h), "gates"), pointer(cs, (T, B, H), "cs"),
-                          pointer(c0, (B, H), "c0"), pointer(grad_hs, (T, B, H), "grad_hs"),
-                          pointer(grad_h, (B, H), "grad_h"), pointer(grad_c, (B, H), "grad_c"),
-                          pointer(grad_gates, (T, B, four_h), "grad_gates"), pointer(grad_bias, (four_h,), "grad_bias"),
-                          pointer(scratch, (B, H), "scratch"), int(native_kernel.threads_pay_here()))
+    c0 = c0.contiguous()
+    common = (pointer(gates, (T, B, four_h), "gates"), pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0"),
+              pointer(grad_hs, (T, B, H), "grad_hs"), pointer(grad_h, (B, H), "grad_h"),
+              pointer(grad_c, (B, H), "grad_c"), pointer(grad_gates, (T, B, four_h), "grad_gates"),
+              pointer(grad_bias, (four_h,), "grad_bias"))
+    # dh_prev = dgates @ W_hh: W_hh^T's rows are the outputs
+    if _bf16_chunk(kernel, weight_hh, low_precision):
+        panels, d_low = native_kernel.panels_bf16(weight_hh.t()), gates.new_empty(2, B, four_h, dtype=torch.bfloat16)
+        kernel.backward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels", torch.bfloat16),
+                                   *common, pointer(d_low, (2, B, four_h), "gate gradient scratch", torch.bfloat16),
+                                   int(native_kernel.threads_pay_here()))
+    else:
+        panels, scratch = native_kernel.panels(weight_hh.t()), gates.new_empty(B, H)
+        kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"), *common,
+                              pointer(scratch, (B, H), "scratch"), int(native_kernel.threads_pay_here()))
     return grad_gates, grad_h, grad_c, grad_bias
 
 
@@ -229,7 +248,7 @@ class FusedLSTMLayer(torch.autograd.Function):
         chunk_kernel = _chunk_kernel(gates, grad_c, weight_hh, low)
         if chunk_kernel is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_chunk(chunk_kernel, gates, cs, c0, grad_hs,
-                                                                             grad_h, grad_c, weight_hh)
+                                                                             grad_h, grad_c, weight_hh, low)
         elif low_product_t is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c,
                                                                             low_product_t)

@@ -707,3 +707,118 @@ void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels
     }
     (void)scratch;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * The whole-chunk loops with bfloat16 recurrent products, where the CPU has AVX512-BF16 dot products
+ * (vdpbf16ps): the product's inputs rounded to bfloat16 (h or the gate gradients, and the weight),
+ * summed in float32, and its result rounded to bfloat16 before it is added, as the bf16 path's library
+ * products do (fused_lstm.py's bf16 steps take that product as it comes); the rest float32.
+ * ------------------------------------------------------------------------------------------------ */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 1 where this build has the bfloat16 chunk loops (the compiler targets a CPU with AVX512-BF16). */
+int lstm_kernel_bf16_dot(void) { return 1; }
+
+/* One panel for every row, as panel_every_row, in bfloat16: panels are (panels, K / 2, PANEL, 2) bfloat16
+ * (a k pair of each column side by side), x (rows, K) bfloat16 with K even; y = bf16(dot) + add. */
+static void panel_every_row_bf16(int64_t rows, int64_t N, int64_t K, const uint16_t *x, const uint16_t *panels,
+                                 int64_t p, const float *add, float *y)
+{
+    const uint16_t *panel = panels + p * K * PANEL;
+    const int64_t n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL, pairs = K / 2;
+    float block[4][PANEL];
+    int64_t b = 0;
+    while (b < rows) {
+        const int64_t count = rows - b < 4 ? rows - b : 4;
+        __m512 acc[4][2];
+        for (int64_t r = 0; r < 4; r++)
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t q = 0; q < pairs; q++) {
+            __m512bh low = (__m512bh)_mm512_loadu_si512(panel + q * 2 * PANEL);
+            __m512bh high = (__m512bh)_mm512_loadu_si512(panel + q * 2 * PANEL + PANEL);
+            for (int64_t r = 0; r < count; r++) {
+                uint32_t pair;
+                memcpy(&pair, x + (b + r) * K + 2 * q, sizeof pair);
+                __m512bh xr = (__m512bh)_mm512_set1_epi32((int)pair);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], low, xr);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], high, xr);
+            }
+        }
+        for (int64_t r = 0; r < count; r++) {
+            _mm512_storeu_ps(block[r], acc[r][0]);
+            _mm512_storeu_ps(block[r] + 16, acc[r][1]);
+            for (int64_t j = 0; j < width; j++)
+                y[(b + r) * N + n0 + j] = bf16_to_float(float_to_bf16(block[r][j]))
+                                          + (add ? add[(b + r) * N + n0 + j] : 0.0f);
+        }
+        b += count;
+    }
+}
+
+/* lstm_forward_chunk with the recurrent product in bfloat16 (H a whole number of panels): w_panels is W_hh
+ * packed for panel_every_row_bf16; h_low (2, B, H) bfloat16 scratch, h of the step before rounded (two, so
+ * that a thread may write the next while another still reads this one). */
+void lstm_forward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w_panels, float *gates,
+                             const float *h0, const float *c0, float *hs, float *cs, int64_t cs_stride,
+                             uint16_t *h_low, int64_t threaded)
+{
+#pragma omp parallel if (threaded && 4 * H * H >= 65536)
+    {
+        int64_t begin, end;
+        units_of_thread(H, &begin, &end);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = begin; j < end; j++)
+                h_low[b * H + j] = float_to_bf16(h0[b * H + j]);
+#pragma omp barrier
+        for (int64_t t = 0; t < T; t++) {
+            float *pre = gates + t * B * 4 * H, *h_t = hs + t * B * H;
+            const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
+            const uint16_t *h_prev = h_low + (t % 2) * B * H;
+            uint16_t *h_next = h_low + ((t + 1) % 2) * B * H;
+            for (int64_t gate = 0; gate < 4; gate++)
+                for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++)
+                    panel_every_row_bf16(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
+            for (int64_t b = 0; b < B; b++) {
+                forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
+                            cs + t * cs_stride + b * H, h_t + b * H, NULL, 0);
+                for (int64_t j = begin; j < end; j++)
+                    h_next[b * H + j] = float_to_bf16(h_t[b * H + j]);
+            }
+#pragma omp barrier
+        }
+    }
+}
+
+/* lstm_backward_chunk with the product through W_hh in bfloat16 (H a whole number of panels): wt_panels is
+ * W_hh^T packed for panel_every_row_bf16; d_low (2, B, 4H) bfloat16 scratch, the step's gate gradients
+ * rounded (two, as h_low above). grad_gates are written in float32. */
+void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *wt_panels, const float *gates,
+                              const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
+                              float *grad_gates, float *grad_bias, uint16_t *d_low, int64_t threaded)
+{
+#pragma omp parallel if (threaded && 4 * H * H >= 65536)
+    {
+        int64_t begin, end;
+        units_of_thread(H, &begin, &end);
+        for (int64_t t = T - 1; t >= 0; t--) {
+            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+            float *d = grad_gates + t * B * 4 * H;
+            uint16_t *rounded = d_low + (t % 2) * B * 4 * H;
+            for (int64_t b = 0; b < B; b++) {
+                backward_row(H, begin, end, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL,
+                             grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0);
+                for (int64_t gate = 0; gate < 4; gate++)
+                    for (int64_t j = begin; j < end; j++)
+                        rounded[b * 4 * H + gate * H + j] = float_to_bf16(d[b * 4 * H + gate * H + j]);
+            }
+#pragma omp barrier
+            for (int64_t p = begin / PANEL; p < end / PANEL; p++)
+                panel_every_row_bf16(B, H, 4 * H, rounded, wt_panels, p, t > 0 ? grad_hs + (t - 1) * B * H : NULL,
+                                     grad_h);
+        }
+    }
+}
+#else
+int lstm_kernel_bf16_dot(void) { return 0; }
+#endif

@@ -125,6 +125,15 @@ class Kernel:
         self.backward_chunk = long_calls.lstm_backward_chunk
         self.backward_chunk.argtypes = [size] * 3 + [ptr] * 10 + [size]
         self.backward_chunk.restype = None
+        lib.lstm_kernel_bf16_dot.restype = ctypes.c_int
+        self.bf16_dot = bool(lib.lstm_kernel_bf16_dot())          # built for a CPU with AVX512-BF16
+        if self.bf16_dot:                                         # the whole-chunk loops, bf16 products
+            self.forward_chunk_bf16 = long_calls.lstm_forward_chunk_bf16
+            self.forward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 6 + [size, ptr, size]
+            self.forward_chunk_bf16.restype = None
+            self.backward_chunk_bf16 = long_calls.lstm_backward_chunk_bf16
+            self.backward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 10 + [size]
+            self.backward_chunk_bf16.restype = None
         self.decode_rows = long_calls.lstm_decode_rows            # many characters: draws and steps
         self.decode_rows.argtypes = [size] * 7 + [ptr] * 10 + [ptr, size] * 3 + [ptr, ptr, ptr, size, ptr]
         self.decode_rows.restype = ctypes.c_int64
@@ -165,6 +174,16 @@ def panels(weight: torch.Tensor) -> torch.Tensor:
     columns = -(-N // (PANEL * GROUP)) * PANEL * GROUP
     padded = torch.cat([weight.detach(), weight.new_zeros(columns - N, K)])
     return padded.view(columns // PANEL, PANEL, K).transpose(1, 2).contiguous()
+
+
+def panels_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K), K even, as the bfloat16 chunk loops' products read it: rounded to bfloat16, (panels,
+    K / 2, PANEL, 2), each k pair of a column side by side (what one AVX512-BF16 dot product takes), N padded
+    with zero columns to a whole number of panels."""
+    N, K = weight.shape
+    columns = -(-N // PANEL) * PANEL
+    padded = torch.cat([weight.detach(), weight.new_zeros(columns - N, K)]).to(torch.bfloat16)
+    return padded.view(columns // PANEL, PANEL, K // 2, 2).transpose(1, 2).contiguous()
 
 
 def check_rows_step(kernel: Kernel, rows: int = 6, H: int = 37, V: int = 11) -> str | None:
