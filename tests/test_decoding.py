@@ -257,3 +257,47 @@ def test_the_server_decodes_many_characters_as_it_steps_one(model, monkeypatch):
         assert torch.equal(logits, logits1) and torch.equal(rng, rng1)
     assert {end for _, end, *_ in decoded} == {("end", "stop"), ("end", "length")}
     assert 0 < calls < sum(len(t) for texts, *_ in decoded for t in texts.values()) / 4
+
+
+def test_a_stream_held_open_leaves_the_generator_where_its_reader_stopped(model):
+    """A reader who stops reading a stream without closing it (it stays referenced) and then feeds and
+    generates again gets what one character at a time gives: the decode call is taken back to what was
+    handed out the moment the generator is used again; a stream read on after that goes on from there, and
+    closing it later changes nothing."""
+    model, tokenizer = model
+
+    def session(one_at_a_time):
+        gen = Generator(model, tokenizer, seed=3)
+        if one_at_a_time:
+            gen._decoded = lambda decoding: iter(())
+        gen.feed("ANNA: ")
+        stream = gen.stream(SampleConfig(length=500, temperature=1.0))
+        first = [chars[0] for _, chars in zip(range(5), stream)]    # five read; the stream stays open
+        gen.feed("\n")
+        second = gen.generate(SampleConfig(length=40, temperature=1.0))[0]
+        more = [chars[0] for _, chars in zip(range(30), stream)]      # the held stream read on
+        del stream                                                    # closed now
+        third = gen.generate(SampleConfig(length=40, temperature=1.0))[0]
+        return first, second, more, third, gen.state, gen.rng.get_state()
+    decoded, stepped = session(False), session(True)
+    assert decoded[:4] == stepped[:4]
+    assert all(torch.equal(a, b) for pa, pb in zip(decoded[4], stepped[4]) for a, b in zip(pa, pb))
+    assert torch.equal(decoded[5], stepped[5])
+
+
+def test_a_cancelled_request_stops_at_the_next_call(model):
+    """A job cancelled before it is first stepped ends after one character at most, not a decode call's
+    worth; one cancelled while running ends at the next call (here: at all)."""
+    model, tokenizer = model
+    engine = BatchingEngine(model, tokenizer, slots=2, max_waiting=4)
+    engine.scheduler.stop()                  # stepped by hand below
+    try:
+        job = engine.submit(Job("ANNA: ", SampleConfig(length=2000, seed=4, temperature=1.0)))
+        engine.tick()                        # admitted and stepped
+        produced = job.produced
+        job.cancel()
+        engine.tick()
+        assert job.finished.is_set() and job.reason == "stopped"
+        assert job.produced <= produced + 1
+    finally:
+        engine.close()

@@ -258,6 +258,33 @@ def test_a_kept_buffer_is_lent_again_only_once_nothing_holds_it(paths):
     assert buffers.empty((5, 3), torch.empty(0)).data_ptr() == address     # let go: lent again
 
 
+def test_kept_buffers_are_a_training_steps_only_and_make_room(paths, monkeypatch):
+    """buffers.py keeps a training step's buffers, not those of text read without a backward pass (a prompt's
+    lengths vary) nor those made under inference mode (they could not be saved for a backward pass later);
+    with as many kept as it may hold, a free one makes room for a new size even while another is lent."""
+    if not paths.has_kernel:
+        pytest.skip("the blocked path runs with the C kernel's steps")
+    paths("c-kernel", 2, "blocks")
+    buffers.release()
+    inputs, upstream = make_case(8, 37, seed=4)
+    with torch.inference_mode():
+        lstm_layer(*(inputs[k] for k in ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+    with torch.no_grad():
+        lstm_layer(*(inputs[k] for k in ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+    with torch.inference_mode():
+        buffers.empty((5, 7), torch.empty(0))
+    assert buffers._kept == []
+    assert_matches(run_layer(lstm_layer, inputs, upstream), reference(inputs, upstream), "after inference mode")
+    monkeypatch.setattr(buffers, "MOST_KEPT", 3)
+    buffers.release()
+    like = torch.empty(0)
+    held = [buffers.empty((n,), like) for n in (10, 11, 12)]
+    del held[1]
+    newer = buffers.empty((13,), like)            # the free one (11) makes room, the lent ones stay
+    assert [base.numel() for base in buffers._kept] == [10, 12, 13] and newer.numel() == 13
+    buffers.release()
+
+
 def test_bf16_runs_unpacked_where_onednn_cannot_pack_it(paths, monkeypatch):
     """As on an AVX2-only CPU (AMD Zen 3), where oneDNN's bf16 reorder raises: the products run
     as plain bf16 matrix products, float32 ones stay packed, and the layer still matches the cell."""

@@ -282,7 +282,8 @@ class BatchingEngine:
         else:
             settings = tuple(batch.columns[name] for name in ("temperature", "top_k", "top_p"))
         if (self.stepper.decodes and (self.stepper.rows_agree or n == self.slots)       # (no fixed batch to pad)
-                and all(job.logprobs is None and decoding.guard is None for job, _, decoding in jobs)):
+                and all(job.logprobs is None and decoding.guard is None and not job.cancelled
+                        for job, _, decoding in jobs)):
             steps = min(self.DECODE_STEPS, max(1, self.DECODE_ROW_STEPS // n),
                         *(decoding.config.length - decoding.produced for _, _, decoding in jobs))
             decoded = decode_many(self.stepper, batch.logits, batch.state, styles, settings,

@@ -120,7 +120,8 @@ class Job:
         self.reason: str | None = None
 
     def cancel(self) -> None:
-        """Stop at the next character (Stop pressed, or the client went away)."""
+        """Stop at the next call of the model (Stop pressed, or the client went away): within the characters
+        being decoded at the time (a few milliseconds), and at once where none are."""
         self._cancelled.set()
 
     @property

@@ -329,7 +329,31 @@ class Generator:
         self.styles: torch.Tensor | None = None      # (num_samples,) the style of every row, or None: no style
         self.set_style(style)
         self.copy_index = None                   # the training text's CopyIndex, which --max-copy needs
+        self._open = None      # a decode call's characters a stream has not all handed out yet (see _settle)
         self.reset()
+
+    # The state and logits carried on. A stream that decoded many characters in one call but has handed out
+    # only some when anything else reads or replaces these is first settled: taken back to what it handed out,
+    # as one character at a time would have left them.
+    @property
+    def state(self) -> State:
+        self._settle()
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._settle()
+        self._state = state
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        self._settle()
+        return self._logits
+
+    @logits.setter
+    def logits(self, logits: torch.Tensor | None) -> None:
+        self._settle()
+        self._logits = logits
 
     def set_style(self, style: str | None) -> None:
         """Read and write in this style from now on (None: no style); a name the model lacks is a UsageError."""
@@ -399,35 +423,49 @@ class Generator:
 
     def _decoded(self, decoding: Decoding) -> Iterator[list]:
         """stream's loop with many characters per call (decode_many): the same characters, state and random
-        numbers used as one step at a time. A reader who stops reading mid-call leaves the state, the logits and
-        the random stream where one step at a time would have left them. Returns where decode does not run
-        (then stream steps on one character at a time)."""
+        numbers used as one step at a time. While a call's characters are being handed out, the generator
+        holds the state after all of them; should anything else use the generator meanwhile, or the reader
+        close the stream, it is first taken back to what was handed out (_settle), and a stream read on after
+        that goes on from where the generator then stands, as one step at a time would. Returns where decode
+        does not run (then stream steps on one character at a time)."""
         config, chars, N = decoding.config, self.tokenizer.chars, self.num_samples
         settings, rows = (config.temperature, config.top_k, config.top_p), list(range(N))
         most = max(1, min(self.DECODE_STEPS, self.DECODE_ROW_STEPS // N))
         while decoding.ended is None:
             start = (self.logits, self.state, self.rng.get_state())
-            decoded = decode_many(self.stepper, self.logits, self.state, self.styles, settings, [(decoding, rows)],
+            decoded = decode_many(self.stepper, self._logits, self._state, self.styles, settings, [(decoding, rows)],
                                   min(most, config.length - decoding.produced), chars)
             if decoded is None:
                 return
-            drawn, self.logits, self.state = decoded
-            for shown, listed in enumerate(drawn, 1):
+            drawn, self._logits, self._state = decoded
+            call = [start, decoding, 0, len(drawn)]          # [start, decoding, handed out, drawn]
+            self._open = call
+            for listed in drawn:
+                call[2] += 1
+                if call[2] == call[3]:
+                    self._open = None                        # all handed out: the state is this one's
                 try:
                     yield decoding.advance([chars[i] for i in listed], None, listed)
                 except GeneratorExit:
-                    if shown < len(drawn):
-                        self._take_back(start, decoding, shown)
+                    self._settle(call)
                     raise
+                if self._open is not call and call[2] < call[3]:
+                    break                                    # settled meanwhile: go on from where it stands
 
-    def _take_back(self, start: tuple, decoding: Decoding, steps: int) -> None:
-        """Redo a decode call from its start (logits, state, random state) for only the steps the reader took."""
+    def _settle(self, call: list | None = None) -> None:
+        """Take an open decode call (call, or whichever is open) back to the characters it handed out: redo
+        it from its start (logits, state, random state) for only those steps."""
+        if self._open is None or (call is not None and self._open is not call):
+            return
+        (logits, state, rng_state), decoding, handed, _ = self._open
+        self._open = None
         config = decoding.config
-        self.logits, self.state = start[0], start[1]
-        self.rng.set_state(start[2])
-        _, self.logits, self.state = self.stepper.decode(
-            self.logits, self.state, self.styles, config.temperature, config.top_k, config.top_p,
-            decoding.uniforms(steps), [], [False] * self.num_samples)
+        self.rng.set_state(rng_state)
+        self._logits, self._state = logits, state
+        if handed:
+            _, self._logits, self._state = self.stepper.decode(
+                logits, state, self.styles, config.temperature, config.top_k, config.top_p,
+                decoding.uniforms(handed), [], [False] * self.num_samples)
 
     def generate(self, config: SampleConfig) -> list[str]:
         """The generated continuations (without the text fed), one string per sample."""

@@ -6,7 +6,9 @@ buffers in afresh and the kernel zeroed every page: at 3x512, 64 streams of 128 
 training step, and without those faults the step takes 9% less time (AMD EPYC; benchmarks/README.md,
 "Speed close to the chip"). A buffer kept here is lent again only
 once nothing else holds its memory (its storage's use count says so), so the chunk after reuses the
-pages the chunk before faulted in, whatever autograd still keeps or frees, and in whatever order.
+pages the chunk before faulted in, whatever autograd still keeps or frees, and in whatever order. (Not
+seen: a caller who keeps only a storage object of an output, tensor.untyped_storage(), without any
+tensor on it; PyTorch caches that object, so its use count does not show it.)
 Only fused_lstm.py imports this.
 """
 from __future__ import annotations
@@ -41,12 +43,16 @@ def _counts_uses() -> bool:
 _COUNTS_USES = _counts_uses()
 
 
-def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None,
+          keep: bool = True) -> torch.Tensor:
     """An uninitialised tensor of this shape with like's device and dtype (or this dtype): one of the kept
-    buffers where it is large, on the CPU, and one of its size is free; else a new one (kept where large)."""
+    buffers where it is large, on the CPU, keep is true (a training step's buffers: the same sizes chunk
+    after chunk; not a prompt's, whose lengths vary) and one of its size is free; else a new one (kept where
+    large and keep is true). Never under inference mode: a buffer made there could not be saved for a
+    backward pass later."""
     numel, dtype = math.prod(shape), dtype or like.dtype
-    if (like.device.type != "cpu" or numel * torch.empty(0, dtype=dtype).element_size() < KEEP_FROM_BYTES
-            or not _COUNTS_USES):
+    if (not keep or like.device.type != "cpu" or numel * torch.empty(0, dtype=dtype).element_size() < KEEP_FROM_BYTES
+            or not _COUNTS_USES or torch.is_inference_mode_enabled()):
         return like.new_empty(shape, dtype=dtype)
     with _lock:
         for base in _kept:
@@ -54,10 +60,10 @@ def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None 
             if base.dtype == dtype and base.numel() == numel and _use_count(base) == 2:
                 return base.view(shape)
         if len(_kept) >= MOST_KEPT:
-            free = [base for base in _kept if _use_count(base) == 2]
+            free = [k for k, base in enumerate(_kept) if _use_count(base) == 2]
             if not free:
                 return like.new_empty(shape, dtype=dtype)
-            _kept.remove(free[0])
+            del _kept[free[0]]                       # (by position: == between tensors compares their values)
         base = like.new_empty(numel, dtype=dtype)
         _kept.append(base)
         return base.view(shape)

@@ -56,12 +56,13 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
     if (kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None
             or T * B * 4 * H * 4 < _BLOCKED_FROM_BYTES):
         if low_precision is not None and x.device.type == "cpu":
-            x_proj = _low_precision_projection(x, weight_ih, bias_ih + bias_hh, low_precision)
+            x_proj = _low_precision_projection(x, weight_ih, bias_ih + bias_hh, low_precision, keep_for_backward)
         else:
             x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
         return (x_proj, *recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision))
-    gates, hs = buffers.empty((T, B, 4 * H), x), buffers.empty((T, B, H), x)
-    cs = buffers.empty((T if keep_for_backward else 1, B, H), x)
+    keep = keep_for_backward                # (training's sizes repeat; a prompt's vary: its buffers are not kept)
+    gates, hs = buffers.empty((T, B, 4 * H), x, keep=keep), buffers.empty((T, B, H), x, keep=keep)
+    cs = buffers.empty((T if keep_for_backward else 1, B, H), x, keep=keep)
     step, _ = forward_steps(gates, c, hs, cs)               # the C kernel's: it scales nothing (g_scale 1)
     recurrent = recurrent_product(weight_hh, B, None, overwrite_add=True)
     bias, block = bias_ih + bias_hh, max(1, _PROJECTION_BLOCK_BYTES // (B * 4 * H * 4))
@@ -72,13 +73,13 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
     return gates, hs, cs[-1], (cs if keep_for_backward else None)
 
 
-def _low_precision_projection(x, weight_ih, bias, low_precision):
+def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
     """input_projection with low-precision products, into a buffer of buffers.py a block of steps at a time:
     the same numbers (each block's product widened, then its bias added in float32), without a (T, B, 4H)
     tensor and its low-precision twin from fresh pages."""
     T, B, I = x.shape
     four_h = weight_ih.shape[0]
-    gates, weight_t = buffers.empty((T, B, four_h), x), weight_ih.t().to(low_precision)
+    gates, weight_t = buffers.empty((T, B, four_h), x, keep=keep), weight_ih.t().to(low_precision)
     block = max(1, _PROJECTION_BLOCK_BYTES // (B * four_h * 4))
     for start in range(0, T, block):
         rows = x[start : start + block].reshape(-1, I).to(low_precision)
@@ -96,8 +97,8 @@ def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
-    hs = buffers.empty((T, B, H), x_proj)
-    cs = buffers.empty((T if keep_for_backward else 1, B, H), x_proj)
+    hs = buffers.empty((T, B, H), x_proj, keep=keep_for_backward)
+    cs = buffers.empty((T if keep_for_backward else 1, B, H), x_proj, keep=keep_for_backward)
     kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
     if kernel is not None:              # a small layer: the whole time loop in one C call
         h, c = h.contiguous(), c.contiguous()          # held here: the kernel reads them after pointer() returns

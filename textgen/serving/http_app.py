@@ -319,7 +319,7 @@ class JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             for job in self.jobs:
-                job.cancel()                # a no-op if it ended; if the client left, it stops at the next step
+                job.cancel()                # a no-op if it ended; if the client left, it stops at the next call
                 self.registry.pop(job.id, None)
 
 

@@ -18,7 +18,7 @@ prompt size; a job is submitted only once its whole body has arrived, so a slow 
 a slot; Host header checks against DNS rebinding and an Origin check on POSTs; a model is named
 only from the served list, never by a path; generated text leaves as JSON strings under a Content
 Security Policy that allows no inline script; a client that goes away, or presses Stop, ends its
-generation at the next character.
+generation at the next call of the model (within milliseconds).
 
 API (JSON in, JSON lines out; see README, "Playground"):
 
