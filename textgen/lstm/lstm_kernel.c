@@ -2,7 +2,8 @@
  *
  * - One time step's pointwise work, forward and backward, in one pass over memory (also with the
  *   recurrent product in bfloat16); the time loop and the large products stay in Python, on oneDNN.
- * - A small layer's whole time loop, forward or backward, with its own products (lstm_forward_chunk).
+ * - A small layer's whole time loop, forward or backward, with its own products (lstm_forward_chunk),
+ *   in bfloat16 where the CPU has AVX512-BF16 dot products (lstm_forward_chunk_bf16).
  * - Generation's whole step for a few rows (lstm_rows_step), the draw of each row's next character
  *   (lstm_sample_rows), and many characters of both in one call (lstm_decode_rows); the tiled
  *   transpose the weight gradients' products want (lstm_transpose).
