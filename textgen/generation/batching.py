@@ -86,6 +86,24 @@ class Rows:
         return [i for i, (owner, _) in enumerate(self.owners) if owner is job]
 
 
+def _hand_out(running, chars: str, listed: list[int], score=None) -> list[tuple[Job, str]]:
+    """One step's characters (ids, one per row) to each running job's Decoding and its stream (running: job id
+    -> (job, its rows, its Decoding)), scored where the job asks (score(job, rows, decoding)); the jobs that
+    end here and why."""
+    ended, shown = [], [chars[i] for i in listed]
+    for job, rows, decoding in running.values():
+        scored = None if job.logprobs is None or score is None else score(job, rows, decoding)
+        for sample, ch in enumerate(decoding.advance([shown[i] for i in rows], scored, [listed[i] for i in rows])):
+            if ch is not None:
+                job.events.put((sample, ch))
+        job.produced = decoding.produced
+        if job.cancelled:
+            ended.append((job, "stopped"))
+        elif decoding.ended:
+            ended.append((job, decoding.ended))
+    return ended
+
+
 class BatchingEngine:
     """One model and up to `slots` rows stepped together; at most `max_waiting` queued jobs.
 
@@ -291,7 +309,7 @@ class BatchingEngine:
             if decoded is not None:
                 drawn, batch.logits, batch.state = decoded
                 for listed in drawn:
-                    ended = self._advance(listed)        # a job ends only at the call's last step (decode_many)
+                    ended = _hand_out(self.running, self.tokenizer.chars, listed)   # ends: at the last step only
                 for job, reason in ended:
                     self._leave(job, reason)
                 return
@@ -314,27 +332,9 @@ class BatchingEngine:
             batch.logits, batch.state = batch.logits[:n], tuple((h[:n], c[:n]) for h, c in batch.state)
         # The model's own figures, before --max-copy takes anything away (as before temperature).
         table = self.tokenizer.chars
-        for job, reason in self._advance(ids.tolist(), lambda job, rows, decoding: decoding.score(
+        for job, reason in _hand_out(self.running, table, ids.tolist(), lambda job, rows, decoding: decoding.score(
                 model_logits[rows], ids[rows], table)):
             self._leave(job, reason)
-
-    def _advance(self, listed: list[int], score=None) -> list[tuple[Job, str]]:
-        """One step's characters (ids, one per row) to each job's Decoding and its stream, scored where the
-        job asks (score(job, rows, decoding)); the jobs that end here and why."""
-        table, ended = self.tokenizer.chars, []
-        chars = [table[i] for i in listed]
-        for job, rows, decoding in self.running.values():
-            scored = None if job.logprobs is None or score is None else score(job, rows, decoding)
-            for sample, ch in enumerate(decoding.advance([chars[i] for i in rows], scored,
-                                                         [listed[i] for i in rows])):
-                if ch is not None:
-                    job.events.put((sample, ch))
-            job.produced = decoding.produced
-            if job.cancelled:
-                ended.append((job, "stopped"))
-            elif decoding.ended:
-                ended.append((job, decoding.ended))
-        return ended
 
     def _leave(self, job: Job, reason: str) -> None:
         """Free the job's rows, keeping where it ended as a session."""
