@@ -577,8 +577,12 @@ int64_t lstm_decode_rows(int64_t steps, int64_t rows, int64_t layers, int64_t H,
 
 /* ------------------------------------------------------------------------------------------------
  * A chunk's whole time loop in one call, for small layers: each step's recurrent product on the
- * weights packed in panels and its pointwise work, with no return to Python between steps. Below about a million multiply-adds a step, a library's product costs more in dispatch
- * than in arithmetic, and the Python loop around it as much again (fused_lstm.py chooses).
+ * weights packed in panels and its pointwise work, with no return to Python between steps. Below
+ * about a million multiply-adds a step, a library's product costs more in dispatch than in
+ * arithmetic, and the Python loop around it as much again (fused_lstm.py chooses). Where the CPU has
+ * AVX512-BF16 dot products (vdpbf16ps) the loops also run with the products in bfloat16: their
+ * inputs rounded to bfloat16 (h or the gate gradients, and the weight), summed in float32, and the
+ * result rounded to bfloat16 before it is added, as the bf16 path's library products do.
  * ------------------------------------------------------------------------------------------------ */
 
 /* One panel (output columns p*PANEL..) for every row: y[b][n] = dot + add[b][n] (or 0) for n < N, each
@@ -608,118 +612,9 @@ static void panel_every_row(int64_t rows, int64_t N, int64_t K, const float *x, 
     }
 }
 
-#ifdef _OPENMP
-#include <omp.h>
-#define THREAD_NUMBER omp_get_thread_num()
-#define THREAD_COUNT omp_get_num_threads()
-#else
-#define THREAD_NUMBER 0
-#define THREAD_COUNT 1
-#endif
-
-/* The hidden units [*begin, *end) a thread owns in the whole-chunk loops: whole panels, so that no two
- * threads write the same panel's columns. */
-static inline void units_of_thread(int64_t H, int64_t *begin, int64_t *end)
-{
-    const int64_t count = THREAD_COUNT, width = ((H / PANEL + count - 1) / count) * PANEL;
-    *begin = THREAD_NUMBER * width < H ? THREAD_NUMBER * width : H;
-    *end = *begin + width < H ? *begin + width : H;
-}
-
-/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
- * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
- * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place.
- * Where H is a whole number of panels the threads share the hidden units, each computing its units' gate
- * columns and their pointwise work, and wait for one another once a step (h is then whole); else the
- * products' panels are shared step by step and the pointwise work runs on one thread. */
-void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
-                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
-{
-    if (H % PANEL) {
-        for (int64_t t = 0; t < T; t++) {
-            float *pre = gates + t * B * 4 * H;
-            const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-            const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
-            rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);   /* pre += h_prev W_hh^T */
-            for (int64_t b = 0; b < B; b++)
-                forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
-                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0);
-        }
-        return;
-    }
-#pragma omp parallel if (threaded && 4 * H * H >= 65536)
-    {
-        int64_t begin, end;
-        units_of_thread(H, &begin, &end);
-        for (int64_t t = 0; t < T; t++) {
-            float *pre = gates + t * B * 4 * H;
-            const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-            const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
-            for (int64_t gate = 0; gate < 4; gate++)                        /* pre += h_prev W_hh^T, own units */
-                for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++)
-                    panel_every_row(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
-            for (int64_t b = 0; b < B; b++)
-                forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
-                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0);
-#pragma omp barrier
-        }
-    }
-}
-
-/* Backward: the gradient of the chunk's pre-activations (grad_gates, T x B x 4H) and their sum over steps
- * and streams (grad_bias, 4H, added to), from the activations (gates), c of every step (cs) and before
- * (c0), the gradient reaching each step's h from above (grad_hs), and grad_h, grad_c (B, H): the gradient
- * reaching the last step's h and c on entry, h0's and c0's on return. wt_panels is W_hh^T (H x 4H) packed;
- * scratch (B, H). Where H is a whole number of panels the threads share the hidden units (their gate
- * columns' pointwise work, then their units of the product through W_hh), waiting once a step. */
-void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels, const float *gates,
-                         const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
-                         float *grad_gates, float *grad_bias, float *scratch, int64_t threaded)
-{
-    if (H % PANEL) {
-        for (int64_t t = T - 1; t >= 0; t--) {
-            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
-            float *d = grad_gates + t * B * 4 * H;
-            for (int64_t b = 0; b < B; b++)
-                backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
-                             d + b * 4 * H, NULL, grad_bias, 0);
-            /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
-            rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
-            memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
-        }
-        return;
-    }
-#pragma omp parallel if (threaded && 4 * H * H >= 65536)
-    {
-        int64_t begin, end;
-        units_of_thread(H, &begin, &end);
-        for (int64_t t = T - 1; t >= 0; t--) {
-            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
-            float *d = grad_gates + t * B * 4 * H;
-            for (int64_t b = 0; b < B; b++)
-                backward_row(H, begin, end, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL,
-                             grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0);
-#pragma omp barrier
-            /* dL/dh_{t-1} of the own units: through W_hh (all of step t's d, now whole), plus what reached
-             * h_{t-1} from above (none before the chunk); only this thread reads them next */
-            for (int64_t p = begin / PANEL; p < end / PANEL; p++)
-                panel_every_row(B, H, 4 * H, d, wt_panels, p, t > 0 ? grad_hs + (t - 1) * B * H : NULL, grad_h);
-        }
-    }
-    (void)scratch;
-}
-
-/* ------------------------------------------------------------------------------------------------
- * The whole-chunk loops with bfloat16 recurrent products, where the CPU has AVX512-BF16 dot products
- * (vdpbf16ps): the product's inputs rounded to bfloat16 (h or the gate gradients, and the weight),
- * summed in float32, and its result rounded to bfloat16 before it is added, as the bf16 path's library
- * products do (fused_lstm.py's bf16 steps take that product as it comes); the rest float32.
- * ------------------------------------------------------------------------------------------------ */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
-
-/* 1 where this build has the bfloat16 chunk loops (the compiler targets a CPU with AVX512-BF16). */
-int lstm_kernel_bf16_dot(void) { return 1; }
+#define BF16_DOT 1
 
 /* One panel for every row, as panel_every_row, in bfloat16: panels are (panels, K / 2, PANEL, 2) bfloat16
  * (a k pair of each column side by side), x (rows, K) bfloat16 with K even; y = bf16(dot) + add. */
@@ -757,33 +652,69 @@ static void panel_every_row_bf16(int64_t rows, int64_t N, int64_t K, const uint1
     }
 }
 
-/* lstm_forward_chunk with the recurrent product in bfloat16 (H a whole number of panels): w_panels is W_hh
- * packed for panel_every_row_bf16; h_low (2, B, H) bfloat16 scratch, h of the step before rounded (two, so
- * that a thread may write the next while another still reads this one). */
-void lstm_forward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w_panels, float *gates,
-                             const float *h0, const float *c0, float *hs, float *cs, int64_t cs_stride,
-                             uint16_t *h_low, int64_t threaded)
+#else
+#define BF16_DOT 0
+#endif
+
+/* 1 where this build has the bfloat16 chunk loops (the compiler targets a CPU with AVX512-BF16). */
+int lstm_kernel_bf16_dot(void) { return BF16_DOT; }
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUMBER omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_NUMBER 0
+#define THREAD_COUNT 1
+#endif
+
+/* The hidden units [*begin, *end) a thread owns in the whole-chunk loops: whole panels, so that no two
+ * threads write the same panel's columns. */
+static inline void units_of_thread(int64_t H, int64_t *begin, int64_t *end)
+{
+    const int64_t count = THREAD_COUNT, width = ((H / PANEL + count - 1) / count) * PANEL;
+    *begin = THREAD_NUMBER * width < H ? THREAD_NUMBER * width : H;
+    *end = *begin + width < H ? *begin + width : H;
+}
+
+/* The forward loop where H is a whole number of panels: the threads share the hidden units, each computing
+ * its units' gate columns and their pointwise work, and wait for one another once a step (h is then whole).
+ * With w_low (W_hh packed for panel_every_row_bf16) the product is in bfloat16, h of the step before rounded
+ * into h_low (2, B, H: two, so that a thread may write the next while another still reads this one); else
+ * float32 on w_panels. */
+static void forward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w_panels, const uint16_t *w_low,
+                                float *gates, const float *h0, const float *c0, float *hs, float *cs,
+                                int64_t cs_stride, uint16_t *h_low, int64_t threaded)
 {
 #pragma omp parallel if (threaded && 4 * H * H >= 65536)
     {
         int64_t begin, end;
         units_of_thread(H, &begin, &end);
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t j = begin; j < end; j++)
-                h_low[b * H + j] = float_to_bf16(h0[b * H + j]);
+        if (w_low) {
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = begin; j < end; j++)
+                    h_low[b * H + j] = float_to_bf16(h0[b * H + j]);
 #pragma omp barrier
+        }
         for (int64_t t = 0; t < T; t++) {
             float *pre = gates + t * B * 4 * H, *h_t = hs + t * B * H;
+            const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
             const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
-            const uint16_t *h_prev = h_low + (t % 2) * B * H;
-            uint16_t *h_next = h_low + ((t + 1) % 2) * B * H;
-            for (int64_t gate = 0; gate < 4; gate++)
-                for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++)
-                    panel_every_row_bf16(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
+            uint16_t *h_next = w_low ? h_low + ((t + 1) % 2) * B * H : NULL;
+            for (int64_t gate = 0; gate < 4; gate++)                        /* pre += h_prev W_hh^T, own units */
+                for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++) {
+#if BF16_DOT
+                    if (w_low) {
+                        panel_every_row_bf16(B, 4 * H, H, h_low + (t % 2) * B * H, w_low, p, pre, pre);
+                        continue;
+                    }
+#endif
+                    panel_every_row(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
+                }
             for (int64_t b = 0; b < B; b++) {
                 forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
                             cs + t * cs_stride + b * H, h_t + b * H, NULL, 0);
-                for (int64_t j = begin; j < end; j++)
+                for (int64_t j = begin; h_next && j < end; j++)
                     h_next[b * H + j] = float_to_bf16(h_t[b * H + j]);
             }
 #pragma omp barrier
@@ -791,12 +722,14 @@ void lstm_forward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w_
     }
 }
 
-/* lstm_backward_chunk with the product through W_hh in bfloat16 (H a whole number of panels): wt_panels is
- * W_hh^T packed for panel_every_row_bf16; d_low (2, B, 4H) bfloat16 scratch, the step's gate gradients
- * rounded (two, as h_low above). grad_gates are written in float32. */
-void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *wt_panels, const float *gates,
-                              const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
-                              float *grad_gates, float *grad_bias, uint16_t *d_low, int64_t threaded)
+/* The backward loop where H is a whole number of panels: the threads share the hidden units (their gate
+ * columns' pointwise work, then their units of the product through W_hh), waiting once a step. With wt_low
+ * (W_hh^T packed for panel_every_row_bf16) the product is in bfloat16, the step's gate gradients rounded
+ * into d_low (2, B, 4H, as h_low above); else float32 on wt_panels. */
+static void backward_chunk_units(int64_t T, int64_t B, int64_t H, const float *wt_panels, const uint16_t *wt_low,
+                                 const float *gates, const float *cs, const float *c0, const float *grad_hs,
+                                 float *grad_h, float *grad_c, float *grad_gates, float *grad_bias, uint16_t *d_low,
+                                 int64_t threaded)
 {
 #pragma omp parallel if (threaded && 4 * H * H >= 65536)
     {
@@ -805,21 +738,98 @@ void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w
         for (int64_t t = T - 1; t >= 0; t--) {
             const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
             float *d = grad_gates + t * B * 4 * H;
-            uint16_t *rounded = d_low + (t % 2) * B * 4 * H;
+            uint16_t *rounded = wt_low ? d_low + (t % 2) * B * 4 * H : NULL;
             for (int64_t b = 0; b < B; b++) {
                 backward_row(H, begin, end, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL,
                              grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0);
-                for (int64_t gate = 0; gate < 4; gate++)
+                for (int64_t gate = 0; rounded && gate < 4; gate++)
                     for (int64_t j = begin; j < end; j++)
                         rounded[b * 4 * H + gate * H + j] = float_to_bf16(d[b * 4 * H + gate * H + j]);
             }
 #pragma omp barrier
-            for (int64_t p = begin / PANEL; p < end / PANEL; p++)
-                panel_every_row_bf16(B, H, 4 * H, rounded, wt_panels, p, t > 0 ? grad_hs + (t - 1) * B * H : NULL,
-                                     grad_h);
+            /* dL/dh_{t-1} of the own units: through W_hh (all of step t's d, now whole), plus what reached
+             * h_{t-1} from above (none before the chunk); only this thread reads them next */
+            const float *above = t > 0 ? grad_hs + (t - 1) * B * H : NULL;
+            for (int64_t p = begin / PANEL; p < end / PANEL; p++) {
+#if BF16_DOT
+                if (wt_low) {
+                    panel_every_row_bf16(B, H, 4 * H, rounded, wt_low, p, above, grad_h);
+                    continue;
+                }
+#endif
+                panel_every_row(B, H, 4 * H, d, wt_panels, p, above, grad_h);
+            }
         }
     }
 }
-#else
-int lstm_kernel_bf16_dot(void) { return 0; }
+
+/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
+ * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
+ * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place.
+ * Where H is a whole number of panels the threads share the hidden units (forward_chunk_units); else the
+ * products' panels are shared step by step and the pointwise work runs on one thread. */
+void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
+                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
+{
+    if (H % PANEL == 0) {
+        forward_chunk_units(T, B, H, w_panels, NULL, gates, h0, c0, hs, cs, cs_stride, NULL, threaded);
+        return;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float *pre = gates + t * B * 4 * H;
+        const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
+        const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
+        rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);       /* pre += h_prev W_hh^T */
+        for (int64_t b = 0; b < B; b++)
+            forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H, cs + t * cs_stride + b * H,
+                        hs + t * B * H + b * H, NULL, 0);
+    }
+}
+
+/* Backward: the gradient of the chunk's pre-activations (grad_gates, T x B x 4H) and their sum over steps
+ * and streams (grad_bias, 4H, added to), from the activations (gates), c of every step (cs) and before
+ * (c0), the gradient reaching each step's h from above (grad_hs), and grad_h, grad_c (B, H): the gradient
+ * reaching the last step's h and c on entry, h0's and c0's on return. wt_panels is W_hh^T (H x 4H) packed;
+ * scratch (B, H). Where H is a whole number of panels the threads share the hidden units
+ * (backward_chunk_units). */
+void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels, const float *gates,
+                         const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
+                         float *grad_gates, float *grad_bias, float *scratch, int64_t threaded)
+{
+    if (H % PANEL == 0) {
+        backward_chunk_units(T, B, H, wt_panels, NULL, gates, cs, c0, grad_hs, grad_h, grad_c, grad_gates, grad_bias,
+                             NULL, threaded);
+        return;
+    }
+    for (int64_t t = T - 1; t >= 0; t--) {
+        const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+        float *d = grad_gates + t * B * 4 * H;
+        for (int64_t b = 0; b < B; b++)
+            backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
+                         d + b * 4 * H, NULL, grad_bias, 0);
+        /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
+        rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
+        memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
+    }
+}
+
+#if BF16_DOT
+/* lstm_forward_chunk with the recurrent product in bfloat16 (H a whole number of panels): w_panels is W_hh
+ * packed for panel_every_row_bf16; h_low (2, B, H) bfloat16 scratch. */
+void lstm_forward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w_panels, float *gates,
+                             const float *h0, const float *c0, float *hs, float *cs, int64_t cs_stride,
+                             uint16_t *h_low, int64_t threaded)
+{
+    forward_chunk_units(T, B, H, NULL, w_panels, gates, h0, c0, hs, cs, cs_stride, h_low, threaded);
+}
+
+/* lstm_backward_chunk with the product through W_hh in bfloat16 (H a whole number of panels): wt_panels is
+ * W_hh^T packed for panel_every_row_bf16; d_low (2, B, 4H) bfloat16 scratch. grad_gates are float32. */
+void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *wt_panels, const float *gates,
+                              const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
+                              float *grad_gates, float *grad_bias, uint16_t *d_low, int64_t threaded)
+{
+    backward_chunk_units(T, B, H, NULL, wt_panels, gates, cs, c0, grad_hs, grad_h, grad_c, grad_gates, grad_bias,
+                         d_low, threaded);
+}
 #endif
