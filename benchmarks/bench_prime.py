@@ -29,7 +29,7 @@ from textgen.checkpoint import load_model  # noqa: E402
 from textgen.corpus import read_text  # noqa: E402
 from textgen.evaluate import ADAPT_LR, LN2  # noqa: E402
 from textgen.generation.priming import prime  # noqa: E402
-from textgen.generation.sampling import Generator  # noqa: E402
+from textgen.generation.generator import Generator  # noqa: E402
 
 
 @torch.no_grad()

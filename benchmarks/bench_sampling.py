@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from textgen.lstm.model import CharLSTM, ModelConfig  # noqa: E402
-from textgen.generation.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms  # noqa: E402
+from textgen.generation.generator import Generator  # noqa: E402
+from textgen.generation.sampling import SampleConfig, draw, next_token_probs, uniforms  # noqa: E402
 from textgen.tokenizer import CharTokenizer  # noqa: E402
 
 

@@ -8,7 +8,7 @@ lines) and OpenAI's (POST /v1/completions with "stream": true, server-sent event
 side in one run, rounds interleaved:
 
 * batched: the real server (`textgen.serving.server`), every request stepped together in one batch;
-* unbatched: the same HTTP server, but each request gets its own `sampling.Generator` at batch 1
+* unbatched: the same HTTP server, but each request gets its own `generator.Generator` at batch 1
   in its own thread, as a server without batching would do (for one client: generation at batch 1).
 
     python benchmarks/bench_serve.py [--clients 1 4 16] [--chars 2000] [--rounds 3]
@@ -53,7 +53,7 @@ def serve(run: str, mode: str, slots: int) -> None:
     from textgen.serving import server
     from textgen.checkpoint import load_model
     from textgen.serving.http_server import PlaygroundServer
-    from textgen.generation.sampling import Generator
+    from textgen.generation.generator import Generator
 
     class Unbatched:
         """One batch-1 Generator per request, each in a thread of its own: serving without batching."""

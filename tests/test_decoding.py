@@ -7,7 +7,8 @@ from conftest import train_tiny
 from textgen.generation.batching import BatchingEngine
 from textgen.generation.jobs import Job
 from textgen.checkpoint import load_model
-from textgen.generation.sampling import Decoding, Generator, SampleConfig
+from textgen.generation.generator import Generator
+from textgen.generation.sampling import Decoding, SampleConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT, assert_user_error, run, train_tiny
 from textgen.checkpoint import load_model
-from textgen.generation.sampling import Generator, SampleConfig, draw, next_token_probs, uniforms
+from textgen.generation.generator import Generator
+from textgen.generation.sampling import SampleConfig, draw, next_token_probs, uniforms
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_bad_checkpoints_from_the_command_line(tmp_path):
 
 
 def test_sampling_mid_training_ignores_dropout_and_keeps_the_mode(trained):
-    from textgen.generation.sampling import sample
+    from textgen.generation.generator import sample
     model, tok, _ = load_model(trained)
     model.eval()
     expected = sample(model, tok, "ANNA:\n", SampleConfig(length=50, seed=1))

@@ -182,4 +182,6 @@ def test_the_copy_index_reads_the_corpus_and_knows_no_model():
     """copy_index.py: the training text's suffix array, from the token cache; sampling's loop asks it
     (inside Decoding, for --max-copy), and priming reuses evaluation's adapting."""
     assert set(imports_of("copy_index")) == {"corpus", "errors", "files", "tokenizer"}
-    assert within_imports("generation", "priming") == {"sampling"}
+    assert within_imports("generation", "priming") == {"generator", "sampling"}
+    assert within_imports("generation", "generator") == {"sampling"}         # one prompt over the one loop
+    assert within_imports("generation", "sampling") == set()

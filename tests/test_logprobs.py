@@ -9,7 +9,8 @@ import torch
 from conftest import train_tiny
 from test_serve import Served
 from textgen.checkpoint import load_model
-from textgen.generation.sampling import Generator, SampleConfig
+from textgen.generation.generator import Generator
+from textgen.generation.sampling import SampleConfig
 
 
 @pytest.fixture(scope="module")

@@ -367,7 +367,8 @@ def test_a_large_vocabulary_trains_with_the_adaptive_head_then_evaluates_and_gen
     # (This used to run `python -m textgen.evaluate`, a module with no main, which exits 0 doing nothing.)
     from textgen.checkpoint import load_model
     from textgen.cli import generate_main, textgen_main
-    from textgen.generation.sampling import Generator, SampleConfig
+    from textgen.generation.generator import Generator
+    from textgen.generation.sampling import SampleConfig
     content = text.read_text(encoding="utf-8")
     capsys.readouterr()
     assert textgen_main(["eval", "--checkpoint", str(out), "--text", str(text), "--json", "--batch-size", "1"]) == 0
@@ -398,7 +399,8 @@ def test_the_averaged_weights_are_validated_saved_and_generated_from(tmp_path, m
     from textgen.cli import generate_main
     from textgen.data import split_tokens
     from textgen.evaluate import cross_entropy
-    from textgen.generation.sampling import Generator, SampleConfig
+    from textgen.generation.generator import Generator
+    from textgen.generation.sampling import SampleConfig
     from textgen.tokenizer import CharTokenizer
     weights = {}                                     # step -> the training weights after it, float64
     real_step = training.loop.train_step

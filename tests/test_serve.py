@@ -18,7 +18,8 @@ from textgen.generation.batching import BatchingEngine
 from textgen.generation.jobs import Job, Scheduler
 from textgen.checkpoint import load_model
 from textgen.serving.http_server import PlaygroundServer
-from textgen.generation.sampling import Generator, SampleConfig
+from textgen.generation.generator import Generator
+from textgen.generation.sampling import SampleConfig
 
 
 @pytest.fixture(scope="module")

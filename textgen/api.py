@@ -20,7 +20,8 @@ from dataclasses import fields
 from .checkpoint import load_model
 from .errors import UsageError, check_range
 from .lstm import ModelConfig
-from .generation.sampling import Generator, SampleConfig
+from .generation.generator import Generator
+from .generation.sampling import SampleConfig
 from .settings import check, shown
 
 

@@ -47,7 +47,8 @@ def generate_main(argv=None) -> int:
 def _generate(argv) -> int:
     from ..checkpoint import load_model
     from ..run_folder import latest_run
-    from ..generation.sampling import Generator, SampleConfig
+    from ..generation.generator import Generator
+    from ..generation.sampling import SampleConfig
     from ..devices import resolve_device
     args = generate_parser().parse_args(argv)
     for flag, text in (("--prompt", args.prompt), ("--stop", args.stop)):

@@ -19,7 +19,8 @@ import torch
 from ..errors import UsageError
 from ..evaluate import ADAPT_LR, adapt as adapt_weights
 from ..lstm import Stepper
-from .sampling import Generator, encode_text
+from .generator import Generator
+from .sampling import encode_text
 
 
 def prime(gen: Generator, document: str, adapt: bool = False, lr: float = ADAPT_LR, progress=None) -> dict:

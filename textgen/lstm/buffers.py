@@ -51,8 +51,8 @@ def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None 
     large and keep is true). Never under inference mode: a buffer made there could not be saved for a
     backward pass later."""
     numel, dtype = math.prod(shape), dtype or like.dtype
-    if (not keep or like.device.type != "cpu" or numel * torch.empty(0, dtype=dtype).element_size() < KEEP_FROM_BYTES
-            or not _COUNTS_USES or torch.is_inference_mode_enabled()):
+    if (not keep or like.device.type != "cpu" or numel * dtype.itemsize < KEEP_FROM_BYTES or not _COUNTS_USES
+            or torch.is_inference_mode_enabled()):
         return like.new_empty(shape, dtype=dtype)
     with _lock:
         for base in _kept:

@@ -14,7 +14,8 @@ import torch
 from ..errors import StopTraining
 from ..evaluate import cross_entropy
 from ..lstm import detach_state
-from ..generation.sampling import SampleConfig, sample
+from ..generation.generator import sample
+from ..generation.sampling import SampleConfig
 from .config import lr_at
 from .state import Run
 
