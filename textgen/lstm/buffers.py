@@ -2,9 +2,9 @@
 
 glibc gives every allocation over 32 MB pages of its own (mmap) and hands them back when it is freed
 (and smaller ones go back when the top of its heap is trimmed), so each chunk faulted its large
-buffers in afresh and the kernel zeroed every page: at 3x512, 64 streams of 128 steps, 550 MB a
-training step, and without those faults the step takes 9% less time (AMD EPYC; benchmarks/README.md,
-"Speed close to the chip"). A buffer kept here is lent again only
+buffers in afresh and the kernel zeroed every page: at 3x512, 64 streams of 128 steps, ~540 MB a
+training step; kept, 22-35 MB, and the step 15% shorter (benchmarks/page_faults.py, AMD EPYC;
+benchmarks/README.md, "Speed close to the chip"). A buffer kept here is lent again only
 once nothing else holds its memory (its storage's use count says so), so the chunk after reuses the
 pages the chunk before faulted in, whatever autograd still keeps or frees, and in whatever order. (Not
 seen: a caller who keeps only a storage object of an output, tensor.untyped_storage(), without any
@@ -19,8 +19,8 @@ import threading
 import torch
 
 # From this size a buffer is kept: over 32 MB glibc maps each afresh, and from a few MB its heap is trimmed
-# and grown again when other work runs between two chunks (2x256, 16 MB gates, side by side with nn.LSTM
-# in bench_lstm.py: 42,614 -> 50,618 chars/s kept from 8 MB; AMD EPYC).
+# and grown again when other work runs between two chunks (2x256, 16 MB gates, in bench_lstm.py beside
+# nn.LSTM: 42,614 chars/s kept from 32 MB, 50,618 from 8 MB, two separate runs; AMD EPYC).
 KEEP_FROM_BYTES = 8 << 20
 # At most this many buffers kept; a free one of another size makes room for a new size.
 MOST_KEPT = 16
