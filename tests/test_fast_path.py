@@ -109,10 +109,51 @@ class Product(torch.autograd.Function):
         return grad_a, bf16(a).t() @ bf16(grad), None
 
 
+def kept(a: torch.Tensor) -> torch.Tensor:
+    """An activation as a bf16 layer's backward reads it (fused_lstm.keeps_bf16), in float64: rounded to bf16
+    as it is where |a| <= 1/2, else as 1 / (1 - |a|) with its sign, so that 1 - |a| keeps 8 significant bits."""
+    m = a.abs()
+    rounded = bf16(torch.where(m <= 0.5, a, torch.copysign(1 / (1 - m), a)))
+    m = rounded.abs()
+    return torch.where(m <= 0.5, rounded, torch.copysign(1 - 1 / m, rounded))
+
+
+class KeptActivation(torch.autograd.Function):
+    """sigmoid or tanh whose backward reads its output as the layer keeps it for its backward pass (kept)."""
+
+    @staticmethod
+    def forward(ctx, pre, kind):
+        out = torch.sigmoid(pre) if kind == "sigmoid" else torch.tanh(pre)
+        ctx.save_for_backward(kept(out))
+        ctx.kind = kind
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept, = ctx.saved_tensors
+        return grad * (kept * (1 - kept) if ctx.kind == "sigmoid" else 1 - kept * kept), None
+
+
+class KeptProduct(torch.autograd.Function):
+    """a * b (elementwise) whose backward reads each factor as the layer keeps it: an activation as kept
+    says (round_a, round_b), the cell state and tanh of it exact (float32 in the layer)."""
+
+    @staticmethod
+    def forward(ctx, a, b, round_a, round_b):
+        ctx.save_for_backward(kept(a) if round_a else a, kept(b) if round_b else b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b, grad * a, None, None
+
+
 def bf16_reference(inputs, upstream, recurrent_in_bf16):
     """The gate-by-gate cell in float64 with the layer's bf16 products as Product computes them: the
     input projection (one product over the chunk), the recurrent product where recurrent_in_bf16 (the
-    layer keeps small ones float32: lstm_products._SMALL_PRODUCT), the weight gradients rounded once."""
+    layer keeps small ones float32: lstm_products._SMALL_PRODUCT), the weight gradients rounded once;
+    and its backward reading the activations i, f, g, o as the layer keeps them (kept)."""
     leaves = {k: v.double().requires_grad_() for k, v in inputs.items()}
     x, h, c = leaves["x"], leaves["h0"], leaves["c0"]
     steps, B, I = x.shape
@@ -121,8 +162,10 @@ def bf16_reference(inputs, upstream, recurrent_in_bf16):
     outputs = []
     for t in range(steps):
         i, f, g, o = (projected[t] + Product.apply(h, leaves["weight_hh"].t(), recurrent_in_bf16)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        i, f, o = (KeptActivation.apply(gate, "sigmoid") for gate in (i, f, o))
+        g = KeptActivation.apply(g, "tanh")
+        c = KeptProduct.apply(f, c, True, False) + KeptProduct.apply(i, g, True, True)
+        h = KeptProduct.apply(o, torch.tanh(c), True, False)
         outputs.append(h)
     out = torch.stack(outputs)
     loss = sum((t * upstream[name].double()).sum() for name, t in (("out", out), ("h", h), ("c", c)))
@@ -227,6 +270,72 @@ def test_every_path_equals_the_gate_by_gate_cell(H, paths):
                 # Packed in bf16 only where oneDNN can (not on AVX2-only CPUs): there "packed" runs plain.
                 assert (paths.spy["packed"] >= 2) == (products in ("packed", "blocks")
                                                       and lstm_products.packs(torch.bfloat16)), label
+
+
+def test_a_bf16_layer_keeps_what_its_backward_reads_in_bf16(paths):
+    """In training with bf16 products every path keeps the activations, h (h0 first) and x for the backward
+    pass in bf16, h and x exactly as the weight-gradient products round them, and keeps neither the float32
+    x nor the float32 h: under two thirds of the bytes a float32 layer keeps (nn.LSTM's bf16 keeps about as few)."""
+    B, H = 8, 64
+    inputs, _ = make_case(B, H, seed=5)
+
+    def kept(low_precision):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out, _, _ = lstm_layer(*(leaves[k] for k in ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")),
+                               low_precision=low_precision)
+        ctx = out.grad_fn
+        x_kept, *_, hs_kept = ctx.saved_tensors            # (the weights and h0, c0: the same either way)
+        held = [t for t in (x_kept, hs_kept, ctx.gates, ctx.cs, ctx.h_low, ctx.x_low) if t is not None]
+        return ctx, out, sum(t.numel() * t.element_size() for t in held)
+
+    paths("torch-ops", 1, "plain")
+    _, _, float32_bytes = kept(None)
+    for pointwise, products in [("torch-ops", "plain"), ("torch-ops", "packed"), ("c-kernel", "packed"),
+                                ("c-kernel", "blocks"), ("c-kernel", "plain"), ("c-kernel", "chunk")]:
+        if pointwise == "c-kernel" and not paths.has_kernel:
+            continue
+        label = f"{pointwise} {products}"
+        paths(pointwise, 2, products)
+        ctx, out, kept_bytes = kept(torch.bfloat16)
+        assert ctx.gates.dtype == torch.bfloat16 and ctx.gates.shape == (T, B, 4 * H), label
+        assert ctx.cs.dtype == torch.float32, label                    # the cell state stays float32
+        assert torch.equal(ctx.h_low, torch.cat([inputs["h0"].unsqueeze(0), out.detach()]).to(torch.bfloat16)), label
+        assert torch.equal(ctx.x_low, inputs["x"].to(torch.bfloat16)), label
+        x_kept, *_, hs_kept = ctx.saved_tensors
+        assert x_kept is None and hs_kept is None, label
+        # per step and stream 14H + 2I bytes against 24H + 4I (and h0 once): 0.61 of them here, at T = 3
+        assert kept_bytes < 0.65 * float32_bytes, f"{label}: {kept_bytes} of {float32_bytes} bytes"
+        assert native_kernel.from_kept_bf16(ctx.gates).abs().max() <= 1, label    # activations, not sums
+    paths("torch-ops", 1, "plain")
+    ctx, _, _ = kept(torch.float16)              # float16 keeps float32 activations, as before
+    assert ctx.gates.dtype == torch.float32 and ctx.h_low is None
+
+
+def test_saturated_gates_keep_their_gradient_in_bf16(paths):
+    """A forget gate biased to stay open (bias 7: f above 0.999) has a small derivative f(1 - f) that a bf16
+    layer must not round away: its bias gradient stays as close to the float64 cell's as with float32
+    activations (0.24% of its norm here; activations rounded plainly to bf16 read f as 1: 14%), and so
+    does the gradient reaching c0 (0.9%; plainly rounded 2.8%)."""
+    T_, B, H, I = 64, 16, 64, 32
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(T_, B, I, generator=gen), "h0": torch.randn(B, H, generator=gen) * 0.5,
+              "c0": torch.randn(B, H, generator=gen), "weight_ih": torch.randn(4 * H, I, generator=gen) / I**0.5,
+              "weight_hh": torch.randn(4 * H, H, generator=gen) / H**0.5,
+              "bias_ih": torch.randn(4 * H, generator=gen) * 0.5, "bias_hh": torch.randn(4 * H, generator=gen) * 0.5}
+    inputs["bias_ih"][H : 2 * H] += 7
+    upstream = {"out": torch.zeros(T_, B, H), "h": torch.zeros(B, H), "c": torch.randn(B, H, generator=gen)}
+    ref = reference(inputs, upstream)
+    forget_bias = ref["grad bias_ih"][H : 2 * H]
+    for pointwise, products in [("torch-ops", "packed"), ("c-kernel", "packed"), ("c-kernel", "chunk")]:
+        if pointwise == "c-kernel" and not paths.has_kernel:
+            continue
+        paths(pointwise, 2, products)
+        ours = run_layer(lstm_layer, inputs, upstream, low_precision=torch.bfloat16)
+        label = f"{pointwise} {products}"
+        error = (ours["grad bias_ih"][H : 2 * H] - forget_bias).norm() / forget_bias.norm()
+        assert error < 0.01, f"{label}: the forget gates' bias gradient is off by {error:.3g} of its norm"
+        error = (ours["grad c0"] - ref["grad c0"]).norm() / ref["grad c0"].norm()
+        assert error < 0.02, f"{label}: dL/dc0 is off by {error:.3g} of its norm"
 
 
 def test_a_kept_buffer_is_lent_again_only_once_nothing_holds_it(paths):

@@ -21,6 +21,8 @@ stay float32.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -41,25 +43,57 @@ _PROJECTION_BLOCK_BYTES = 4 << 20
 _BLOCKED_FROM_BYTES = 32 << 20
 
 
-def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward, low_precision=None):
-    """One layer's forward over a chunk: the input projection and the time loop. Returns the activations
-    (T, B, 4H), h of every step, the final c, and c of every step when keep_for_backward.
+class LayerForward(NamedTuple):
+    """What one layer's forward pass over a chunk leaves. With bfloat16 products and a backward pass to come,
+    what that pass reads is kept in bfloat16 (``keeps_bf16``): the activations, and h and x as its
+    weight-gradient products read them anyway, so that the float32 h (the output) and x need not be kept."""
+    gates: torch.Tensor                 # (T, B, 4H) the activations i, f, g, o: float32, or bfloat16 (keeps_bf16)
+    hs: torch.Tensor                    # (T, B, H) h of every step, float32: the layer's output
+    c_last: torch.Tensor                # (B, H) the final c
+    cs: torch.Tensor | None             # (T, B, H) c of every step, float32, where a backward pass will need it
+    h_low: torch.Tensor | None = None   # (T + 1, B, H) h0 and every step's h in bfloat16 (keeps_bf16)
+    x_low: torch.Tensor | None = None   # (T, B, I) the input in bfloat16 (keeps_bf16)
+
+
+def keeps_bf16(keep_for_backward, low_precision) -> bool:
+    """Whether a layer keeps what its backward pass reads in bfloat16: with bfloat16 products, in training.
+
+    The cell state stays float32 (its rounding would reach every later step); the activations are kept so
+    that each of a and 1 - |a| keeps 8 significant bits (native_kernel.kept_bf16: rounded plainly, a gate
+    above 0.998 reads as 1, its derivative as 0, and a forget gate biased to stay open lost half its
+    gradient, as it does under nn.LSTM's bf16 autocast), and the backward's pointwise work reads them back
+    in float32; h and x are rounded just as the weight-gradient products round them (the same numbers). nn.LSTM under bf16
+    autocast keeps about as much: ~59 MB a layer at that size (resident memory after its forward).
+    Half the bytes of each: at 3x512, 64 streams of 128 steps, a layer keeps 64 MB instead of 112."""
+    return keep_for_backward and low_precision is torch.bfloat16
+
+
+def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_backward,
+                  low_precision=None) -> LayerForward:
+    """One layer's forward over a chunk: the input projection and the time loop (LayerForward).
 
     A float32 layer whose gates take 32 MB or more, with the C kernel's steps, projects its input a block of
     steps at a time (each block a few MB, read while still in cache) instead of into one (T, B, 4H) tensor,
     and writes the activations into a buffer of buffers.py: such a tensor came from pages glibc mapped
     afresh at every chunk, which the kernel had to fault in and zero (3x512, 64 streams of 128 steps:
-    9,420 -> 10,904 chars/s; AMD EPYC, benchmarks/README.md)."""
+    9,420 -> 10,904 chars/s; AMD EPYC, benchmarks/README.md). The C kernel's bfloat16 steps always do so."""
     T, B, I = x.shape
     H = weight_hh.shape[1]
+    keep_low = keeps_bf16(keep_for_backward, low_precision)
+    x_low = x.to(torch.bfloat16, copy=True) if keep_low else None    # what the weight gradient of W_ih reads
+    # (a copy even of a bfloat16 x: kept outside save_for_backward, an in-place change to x would go unseen)
+    if _bf16_kernel_product(x, c, weight_hh, low_precision) is not None:
+        return _bf16_forward(x if x_low is None else x_low, h, c, weight_ih, weight_hh, bias_ih + bias_hh,
+                             keep_for_backward, x_low)
     kernel = native_kernel.for_tensors(x, c, weight_hh) if low_precision is None else None
     if (kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None
             or T * B * 4 * H * 4 < _BLOCKED_FROM_BYTES):
         if low_precision is not None and x.device.type == "cpu":
-            x_proj = _low_precision_projection(x, weight_ih, bias_ih + bias_hh, low_precision, keep_for_backward)
+            x_proj = _low_precision_projection(x if x_low is None else x_low, weight_ih, bias_ih + bias_hh,
+                                               low_precision, keep_for_backward)
         else:
             x_proj = input_projection(x, weight_ih, bias_ih, bias_hh, low_precision)
-        return (x_proj, *recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision))
+        return recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision)._replace(x_low=x_low)
     keep = keep_for_backward                # (training's sizes repeat; a prompt's vary: its buffers are not kept)
     gates, hs = buffers.empty((T, B, 4 * H), x, keep=keep), buffers.empty((T, B, H), x, keep=keep)
     cs = buffers.empty((T if keep_for_backward else 1, B, H), x, keep=keep)
@@ -70,16 +104,43 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
         projected = _linear(x[start : start + block].reshape(-1, I), weight_ih, bias).view(-1, B, 4 * H)
         for t, pre in enumerate(projected.unbind(0), start):
             h = step(t, recurrent(h, pre))
-    return gates, hs, cs[-1], (cs if keep_for_backward else None)
+    return LayerForward(gates, hs, cs[-1], cs if keep_for_backward else None)
+
+
+def _bf16_forward(x, h, c, weight_ih, weight_hh, bias, keep_for_backward, x_low):
+    """layer_forward with the C kernel's bfloat16 steps: each block of steps (a few MB) projected in bfloat16
+    (widened, the bias added in float32: input_projection's numbers) into one float32 buffer, then its steps
+    run, each adding h_{t-1} W_hh^T in bfloat16. In training the activations and h are kept in bfloat16."""
+    T, B, I = x.shape
+    H = weight_hh.shape[1]
+    bf16, keep = torch.bfloat16, keep_for_backward
+    kept_steps = T if keep_for_backward else 1
+    hs = c.new_empty(T, B, H)          # the output, kept by nothing here: its memory serves other work after it
+    cs = buffers.empty((kept_steps, B, H), c, keep=keep)
+    gates = buffers.empty((kept_steps, B, 4 * H), c, bf16, keep=keep)      # one slot where nothing reads them
+    h_low = buffers.empty((T + 1 if keep_for_backward else 2, B, H), c, bf16, keep=keep)
+    h_low[0].copy_(h)
+    block = max(1, _PROJECTION_BLOCK_BYTES // (B * 4 * H * 4))
+    pre, weight_t = c.new_empty(min(block, T), B, 4 * H), weight_ih.t().to(bf16)
+    product = low_precision_product(weight_hh, B, bf16)
+    step, h = _kernel_forward_steps_bf16(native_kernel.load(), gates, c, hs, cs, h_low), h_low[0]
+    for start in range(0, T, block):
+        steps = pre[: min(block, T - start)]
+        steps.view(-1, 4 * H).copy_(x[start : start + block].reshape(-1, I).to(bf16) @ weight_t).add_(bias)
+        for t, pre_t in enumerate(steps.unbind(0), start):
+            h = step(t, pre_t, product(h))
+    if not keep_for_backward:
+        return LayerForward(gates, hs, cs[-1], None)
+    return LayerForward(gates, hs, cs[-1], cs, h_low, x_low)
 
 
 def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
     """input_projection with low-precision products, into a buffer of buffers.py a block of steps at a time:
     the same numbers (each block's product widened, then its bias added in float32), without a (T, B, 4H)
-    tensor and its low-precision twin from fresh pages."""
+    tensor and its low-precision twin from fresh pages. x may come in low precision already."""
     T, B, I = x.shape
     four_h = weight_ih.shape[0]
-    gates, weight_t = buffers.empty((T, B, four_h), x, keep=keep), weight_ih.t().to(low_precision)
+    gates, weight_t = buffers.empty((T, B, four_h), bias, keep=keep), weight_ih.t().to(low_precision)
     block = max(1, _PROJECTION_BLOCK_BYTES // (B * four_h * 4))
     for start in range(0, T, block):
         rows = x[start : start + block].reshape(-1, I).to(low_precision)
@@ -88,47 +149,57 @@ def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
     return gates
 
 
-def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None):
-    """The forward time loop, shared by training and inference.
+def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None) -> LayerForward:
+    """The forward time loop, shared by training and inference, over the whole chunk's projection.
 
-    x_proj (T, B, 4H) holds x W_ih^T + biases on entry and each step's activations on return
-    (its slice is spent once the step's product has read it). Returns h of every step
-    (T, B, H), the final c, and c of every step when the backward pass will need it.
+    x_proj (T, B, 4H) holds x W_ih^T + biases on entry and each step's activations on return (its slice is
+    spent once the step's product has read it), unless they are kept in bfloat16 (keeps_bf16): then in a
+    tensor of their own, the LayerForward's gates.
     """
     T, B, four_h = x_proj.shape
     H = four_h // 4
-    hs = buffers.empty((T, B, H), x_proj, keep=keep_for_backward)
+    keep_low = keeps_bf16(keep_for_backward, low_precision)
+    hs = buffers.empty((T, B, H), x_proj, keep=keep_for_backward and not keep_low)     # (as in _bf16_forward)
     cs = buffers.empty((T if keep_for_backward else 1, B, H), x_proj, keep=keep_for_backward)
+    kept_cs = cs if keep_for_backward else None
     kernel = _chunk_kernel(x_proj, c, weight_hh, low_precision)
     if kernel is not None:              # a small layer: the whole time loop in one C call
         h, c = h.contiguous(), c.contiguous()          # held here: the kernel reads them after pointer() returns
-        pointer, threads = native_kernel.pointer, int(native_kernel.threads_pay_here())
-        common = (pointer(x_proj, (T, B, four_h), "gates"), pointer(h, (B, H), "h0"), pointer(c, (B, H), "c0"),
+        pointer, threads, bf16 = native_kernel.pointer, int(native_kernel.threads_pay_here()), torch.bfloat16
+        gates = buffers.empty((T, B, four_h), x_proj, bf16) if keep_low else x_proj
+        common = (pointer(x_proj, (T, B, four_h), "gates"),
+                  pointer(gates, (T, B, four_h), "gates kept", bf16) if keep_low else None,
+                  pointer(h, (B, H), "h0"), pointer(c, (B, H), "c0"),
                   pointer(hs, (T, B, H), "hs"), pointer(cs, (cs.shape[0], B, H), "cs"),
                   B * H if keep_for_backward else 0)
-        if _bf16_chunk(kernel, weight_hh, low_precision):
-            panels, h_low = native_kernel.panels_bf16(weight_hh), h.new_empty(2, B, H, dtype=torch.bfloat16)
-            kernel.forward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels", torch.bfloat16),
-                                      *common, pointer(h_low, (2, B, H), "h scratch", torch.bfloat16), threads)
-        else:
-            panels = native_kernel.panels(weight_hh)
-            kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"), *common, threads)
-        return hs, cs[-1], (cs if keep_for_backward else None)
-    low_product = _bf16_kernel_product(x_proj, c, weight_hh, low_precision)
-    if low_product is not None:         # the C step takes the bfloat16 product as it comes and gives h in bfloat16
-        step, h = _kernel_forward_steps_bf16(native_kernel.load(), x_proj, c, hs, cs), h.to(torch.bfloat16)
-        for t in range(T):
-            h = step(t, low_product(h))
-        return hs, cs[-1], (cs if keep_for_backward else None)
+        if _bf16_chunk(kernel, weight_hh, low_precision):      # h0 and every h in bfloat16, as the products read them
+            slots = T + 1 if keep_low else 2                   # (else the steps take turns in two)
+            panels, h_low = native_kernel.panels_bf16(weight_hh), h.new_empty(slots, B, H, dtype=bf16)
+            kernel.forward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels", bf16),
+                                      *common, pointer(h_low, (slots, B, H), "h in bfloat16", bf16), slots, threads)
+            return LayerForward(gates, hs, cs[-1], kept_cs, h_low if keep_low else None)
+        panels = native_kernel.panels(weight_hh)
+        kernel.forward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh panels"), *common, threads)
+        return LayerForward(gates, hs, cs[-1], kept_cs, _rounded_steps(h, hs) if keep_low else None)
     step, g_scale = forward_steps(x_proj, c, hs, cs)
     if g_scale != 1:                                          # the backend scaled x_proj's g rows: scale ours
         weight_hh = weight_hh.detach().clone()
         weight_hh[2 * H : 3 * H].mul_(g_scale)
     recurrent = recurrent_product(weight_hh, B, low_precision, overwrite_add=True)   # x_proj[t] is spent
-    pre_activations = x_proj.unbind(0)
+    pre_activations, h0 = x_proj.unbind(0), h
     for t in range(T):
         h = step(t, recurrent(h, pre_activations[t]))      # (B, 4H) pre-activations, then the pointwise work
-    return hs, cs[-1], (cs if keep_for_backward else None)
+    if keep_low:
+        return LayerForward(native_kernel.kept_bf16(x_proj), hs, cs[-1], cs, _rounded_steps(h0, hs))
+    return LayerForward(x_proj, hs, cs[-1], kept_cs)
+
+
+def _rounded_steps(h0, hs):
+    """h0 and every step's h in bfloat16, (T + 1, B, H): what the bfloat16 weight-gradient products read."""
+    out = hs.new_empty(hs.shape[0] + 1, *hs.shape[1:], dtype=torch.bfloat16)
+    out[0].copy_(h0)
+    out[1:].copy_(hs)
+    return out
 
 
 # Float32 recurrent products of at most this many multiply-adds run their chunk's time loop in C, with the
@@ -158,28 +229,33 @@ def _bf16_chunk(kernel, weight_hh, low_precision) -> bool:
 
 def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh, low_precision=None):
     """recurrent_backward in one C call (lstm_backward_chunk): dL/d(pre-activations) (T, B, 4H), dL/dh0,
-    dL/dc0 and dL/dbias."""
+    dL/dc0 and dL/dbias. The activations may come in bfloat16 (keeps_bf16); the pre-activation gradients go
+    out in bfloat16 where the loop's products are bfloat16 (_bf16_chunk), what every product that reads them
+    would round them to, else in float32."""
     T, B, four_h = gates.shape
     H = four_h // 4
-    pointer = native_kernel.pointer
-    grad_gates, grad_bias = buffers.empty(gates.shape, gates), gates.new_zeros(four_h)
+    pointer, bf16, threads = native_kernel.pointer, torch.bfloat16, int(native_kernel.threads_pay_here())
+    grad_bias = cs.new_zeros(four_h)
     grad_h = grad_h.clone(memory_format=torch.contiguous_format)          # the kernel updates both in place
     grad_c = grad_c.clone(memory_format=torch.contiguous_format)
     c0 = c0.contiguous()
-    common = (pointer(gates, (T, B, four_h), "gates"), pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0"),
-              pointer(grad_hs, (T, B, H), "grad_hs"), pointer(grad_h, (B, H), "grad_h"),
-              pointer(grad_c, (B, H), "grad_c"), pointer(grad_gates, (T, B, four_h), "grad_gates"),
-              pointer(grad_bias, (four_h,), "grad_bias"))
+    low_gates = gates.dtype is bf16                         # kept in bfloat16 (keeps_bf16)
+    gates_at = pointer(gates, (T, B, four_h), "gates", bf16 if low_gates else torch.float32)
+    state = (pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0"), pointer(grad_hs, (T, B, H), "grad_hs"),
+             pointer(grad_h, (B, H), "grad_h"), pointer(grad_c, (B, H), "grad_c"))
     # dh_prev = dgates @ W_hh: W_hh^T's rows are the outputs
     if _bf16_chunk(kernel, weight_hh, low_precision):
-        panels, d_low = native_kernel.panels_bf16(weight_hh.t()), gates.new_empty(2, B, four_h, dtype=torch.bfloat16)
-        kernel.backward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels", torch.bfloat16),
-                                   *common, pointer(d_low, (2, B, four_h), "gate gradient scratch", torch.bfloat16),
-                                   int(native_kernel.threads_pay_here()))
+        grad_gates, panels = buffers.empty(gates.shape, cs, bf16), native_kernel.panels_bf16(weight_hh.t())
+        kernel.backward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels", bf16),
+                                   gates_at, *state,
+                                   pointer(grad_gates, (T, B, four_h), "grad_gates", bf16),
+                                   pointer(grad_bias, (four_h,), "grad_bias"), threads)
     else:
-        panels, scratch = native_kernel.panels(weight_hh.t()), gates.new_empty(B, H)
-        kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"), *common,
-                              pointer(scratch, (B, H), "scratch"), int(native_kernel.threads_pay_here()))
+        grad_gates, panels, scratch = buffers.empty(gates.shape, cs), native_kernel.panels(weight_hh.t()), cs.new_empty(B, H)
+        kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"),
+                              None if low_gates else gates_at, gates_at if low_gates else None, *state,
+                              pointer(grad_gates, (T, B, four_h), "grad_gates"), pointer(grad_bias, (four_h,), "grad_bias"),
+                              pointer(scratch, (B, H), "scratch"), threads)
     return grad_gates, grad_h, grad_c, grad_bias
 
 
@@ -193,10 +269,11 @@ def _bf16_kernel_product(gates, c, weight, low_precision):
 
 
 def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
-    """recurrent_backward for the C kernel's bfloat16 steps: dL/d(pre-activations) (T, B, 4H) in bfloat16,
-    dL/dh0, dL/dc0 and dL/dbias. product_t: x -> x @ W_hh in bfloat16 (low_precision_product)."""
+    """recurrent_backward for the C kernel's bfloat16 steps, from the activations they kept in bfloat16:
+    dL/d(pre-activations) (T, B, 4H) in bfloat16, dL/dh0, dL/dc0 and dL/dbias. product_t: x -> x @ W_hh in
+    bfloat16 (low_precision_product)."""
     T = gates.shape[0]
-    grad_gates = buffers.empty(gates.shape, gates, torch.bfloat16)
+    grad_gates = buffers.empty(gates.shape, cs, torch.bfloat16)
     step, finish = _kernel_backward_steps_bf16(native_kernel.load(), gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     step(T - 1, grad_h, None)
@@ -209,7 +286,7 @@ def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
 def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
     """The backward time loop: dL/d(pre-activations) (T, B, 4H), dL/dh0, dL/dc0 and dL/dbias."""
     T = gates.shape[0]
-    grad_gates = buffers.empty(gates.shape, gates)
+    grad_gates = buffers.empty(gates.shape, cs)              # float32, also where gates are kept in bfloat16
     step, finish = backward_steps(gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     for t in range(T - 1, -1, -1):
@@ -225,28 +302,32 @@ class FusedLSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
-        gates, hs, c_last, cs = layer_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True, low_precision)
-        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, hs)
-        ctx.gates, ctx.cs = gates, cs                       # intermediates, not inputs or outputs
+        run = layer_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True, low_precision)
+        if run.h_low is None:
+            ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, run.hs)
+        else:                   # the float32 x and h are not kept: backward reads their bfloat16 roundings
+            ctx.save_for_backward(None, h0, c0, weight_ih, weight_hh, None)
+        # intermediates, not inputs or outputs
+        ctx.gates, ctx.cs, ctx.h_low, ctx.x_low = run.gates, run.cs, run.h_low, run.x_low
         ctx.low_precision = low_precision
         # Outputs are copies: h_last must not be a view of another output, and c_last must not
         # be a view of the tensor ctx.cs holds, or output -> grad_fn -> ctx.cs -> output is a
         # cycle that keeps every chunk's graph alive (a memory leak).
-        return hs, hs[-1].clone(), c_last.clone()
+        return run.hs, run.hs[-1].clone(), run.c_last.clone()
 
     @staticmethod
     @once_differentiable       # the backward is hand-written: a second derivative through it would be wrong
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):
         x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
         gates, cs = ctx.gates, ctx.cs                       # activations (T, B, 4H), cell states (T, B, H)
-        T, B, I = x.shape
-        H = hs.shape[2]
-        grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs.contiguous()
+        T, B, four_h = gates.shape
+        H, I = four_h // 4, weight_ih.shape[1]
+        grad_hs = cs.new_zeros(T, B, H) if grad_hs is None else grad_hs.contiguous()
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
-        low_product_t = _bf16_kernel_product(gates, grad_c, weight_hh.t(), low)      # dh_prev = dgates @ W_hh
-        chunk_kernel = _chunk_kernel(gates, grad_c, weight_hh, low)
+        low_product_t = _bf16_kernel_product(cs, grad_c, weight_hh.t(), low)      # dh_prev = dgates @ W_hh
+        chunk_kernel = _chunk_kernel(cs, grad_c, weight_hh, low)
         if chunk_kernel is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_chunk(chunk_kernel, gates, cs, c0, grad_hs,
                                                                              grad_h, grad_c, weight_hh, low)
@@ -258,15 +339,18 @@ class FusedLSTMLayer(torch.autograd.Function):
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c,
                                                                        recurrent_t)
         flat = grad_gates.view(T * B, 4 * H)
-        dtype = hs.dtype
+        dtype = cs.dtype
         if low is None and _onednn_float32(flat):
             grad_weight_hh, grad_weight_ih = _weight_gradients(flat, h0, hs, x)
         else:
-            h_prev = _steps_before(h0, hs).view(T * B, H)
+            if ctx.h_low is not None:                       # kept rounded as these products round them
+                h_prev, x_rows = ctx.h_low[:T].view(T * B, H), ctx.x_low.reshape(T * B, I)
+            else:
+                h_prev, x_rows = _steps_before(h0, hs).view(T * B, H), x.reshape(T * B, I)
             if low is not None:
                 flat = flat.to(low)                         # cast once for the three products
             grad_weight_hh = low_precision_mm(flat.t(), h_prev, low, dtype)
-            grad_weight_ih = low_precision_mm(flat.t(), x.reshape(T * B, I), low, dtype)
+            grad_weight_ih = low_precision_mm(flat.t(), x_rows, low, dtype)
         grad_x = (low_precision_mm(flat, weight_ih, low, dtype) if low is not None
                   else _linear(flat, weight_ih.t())).view(T, B, I)
         return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
@@ -277,9 +361,10 @@ def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=No
 
     low_precision (torch.bfloat16, torch.float16 or None) runs the matrix products in that
     dtype; the cell state and every pointwise operation stay in float32. float16 gradients
-    need loss scaling (the trainer's GradScaler).
+    need loss scaling (the trainer's GradScaler). In training with bfloat16 products, what the
+    backward pass reads is kept in bfloat16 (keeps_bf16).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)):
         return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision)
-    _, hs, c, _ = layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, False, low_precision)
-    return hs, hs[-1], c
+    run = layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, False, low_precision)
+    return run.hs, run.hs[-1], run.c_last

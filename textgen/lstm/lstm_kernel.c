@@ -102,12 +102,32 @@ static inline uint16_t float_to_bf16(float f)
     return f == f ? rounded : (uint16_t)0x7FC0;
 }
 
+/* An activation (a sigmoid in (0, 1) or a tanh in (-1, 1)) as a bf16 layer keeps it for its backward pass,
+ * which reads a(1 - a) or 1 - a^2: rounded to bf16 as it is where |a| <= 1/2, else as 1 / (1 - |a|) with
+ * a's sign, so that 1 - |a| keeps 8 significant bits however close |a| comes to 1. (Rounded plainly, every
+ * gate above 0.998 would read as 1 and its derivative as 0: a forget gate biased to stay open lost half its
+ * gradient.) The two ranges never meet: |a| <= 1/2 rounds to at most 1/2, the rest to at least 2. */
+static inline uint16_t kept_to_bf16(float a)
+{
+    const float m = fabsf(a);
+    return float_to_bf16(m <= 0.5f ? a : copysignf(1.0f / (1.0f - m), a));
+}
+
+static inline float kept_from_bf16(uint16_t kept)
+{
+    const float v = bf16_to_float(kept), m = fabsf(v);
+    return m <= 0.5f ? v : copysignf(1.0f - 1.0f / m, v);
+}
+
 /* One slice of one row of the forward step. With a bfloat16 product (low != 0), the pre-activations
  * are pre + product, added in float32 (pre holds x W_ih^T + biases, product h W_hh^T), and h is also
- * written in bfloat16 to h_low, the next step's product input. `low` is a constant at each call, so
- * the compiler makes one loop of each kind. */
+ * written in bfloat16 to h_low, the next step's product input. With low_gates != 0 the activations go to
+ * a_low in bfloat16 (kept_to_bf16: what the backward pass of a bf16 layer reads), else to a in float32.
+ * `low` and `low_gates` are constants at each call, so the compiler makes one vectorised loop of each kind
+ * (a test of a pointer inside the loop kept it from vectorising: the bf16 training step 25% slower). */
 static inline void forward_row(int64_t H, int64_t begin, int64_t end, const float *p, const uint16_t *product,
-                               float *a, const float *cp, float *cb, float *hb, uint16_t *h_low, const int low)
+                               float *a, uint16_t *a_low, const float *cp, float *cb, float *hb, uint16_t *h_low,
+                               const int low, const int low_gates)
 {
 #pragma GCC ivdep
     for (int64_t j = begin; j < end; j++) {
@@ -122,10 +142,17 @@ static inline void forward_row(int64_t H, int64_t begin, int64_t end, const floa
         float f = sigmoid(pf);                 /* forget gate: how much of the old cell to keep */
         float g = tanh_approx(pg);             /* candidate: what to write */
         float o = sigmoid(po);                 /* output gate: how much of the cell to expose */
-        a[j] = i;
-        a[H + j] = f;
-        a[2 * H + j] = g;
-        a[3 * H + j] = o;
+        if (low_gates) {
+            a_low[j] = kept_to_bf16(i);
+            a_low[H + j] = kept_to_bf16(f);
+            a_low[2 * H + j] = kept_to_bf16(g);
+            a_low[3 * H + j] = kept_to_bf16(o);
+        } else {
+            a[j] = i;
+            a[H + j] = f;
+            a[2 * H + j] = g;
+            a[3 * H + j] = o;
+        }
         float cn = f * cp[j] + i * g;
         cb[j] = cn;
         float hn = o * tanh_approx(cn);
@@ -146,33 +173,48 @@ void lstm_forward_step(int64_t B, int64_t H, int64_t slices, const float *pre, f
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++)
         forward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), pre + b * 4 * H, NULL,
-                    gates + b * 4 * H, c_prev + b * H, c + b * H, h + b * H, NULL, 0);
+                    gates + b * 4 * H, NULL, c_prev + b * H, c + b * H, h + b * H, NULL, 0, 0);
 }
 
-/* Forward step with the recurrent product in bfloat16: gates (B, 4H) holds x W_ih^T + biases on entry
- * and the activations on return; product (B, 4H) is h_prev W_hh^T in bfloat16, added here in float32
- * (what product.float() + pre would give); h is written in float32 and in bfloat16 (h_low, B x H). */
-void lstm_forward_step_bf16(int64_t B, int64_t H, int64_t slices, const uint16_t *product, float *gates,
-                            const float *c_prev, float *c, float *h, uint16_t *h_low)
+/* Forward step with the recurrent product in bfloat16: pre (B, 4H) holds x W_ih^T + biases; product (B, 4H)
+ * is h_prev W_hh^T in bfloat16, added here in float32 (what product.float() + pre would give); the
+ * activations go to gates_low (B, 4H) in bfloat16, what the backward pass reads; h is written in float32
+ * and in bfloat16 (h_low, B x H). */
+void lstm_forward_step_bf16(int64_t B, int64_t H, int64_t slices, const uint16_t *product, const float *pre,
+                            uint16_t *gates_low, const float *c_prev, float *c, float *h, uint16_t *h_low)
 {
     slices = slices < 1 ? 1 : slices;
 #pragma omp parallel for schedule(static) if (slices > 1)
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++)
-        forward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), gates + b * 4 * H,
-                    product + b * 4 * H, gates + b * 4 * H, c_prev + b * H, c + b * H, h + b * H, h_low + b * H, 1);
+        forward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), pre + b * 4 * H,
+                    product + b * 4 * H, NULL, gates_low + b * 4 * H, c_prev + b * H, c + b * H, h + b * H,
+                    h_low + b * H, 1, 1);
 }
 
 /* One slice of one row of the backward step. With low != 0, grad_h is the float32 gradient from above
  * plus, where product is not NULL, the bfloat16 product grad_pre(t+1) W_hh (added in float32), and the
- * pre-activation gradients are written in bfloat16 only (grad_pre_low), as the next products take them. */
-static inline void backward_row(int64_t H, int64_t begin, int64_t end, const float *a, const float *cb,
-                                const float *cp, const float *gh, const uint16_t *product, float *gc, float *d,
-                                uint16_t *d_low, float *grad_bias, const int low)
+ * pre-activation gradients are written in bfloat16 only (grad_pre_low), as the next products take them.
+ * The activations come from a_low (kept_from_bf16) with low_gates != 0, else from a. Both switches are
+ * constants at each call, as in forward_row. */
+static inline void backward_row(int64_t H, int64_t begin, int64_t end, const float *a, const uint16_t *a_low,
+                                const float *cb, const float *cp, const float *gh, const uint16_t *product, float *gc,
+                                float *d, uint16_t *d_low, float *grad_bias, const int low, const int low_gates)
 {
 #pragma GCC ivdep
     for (int64_t j = begin; j < end; j++) {
-        float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+        float i, f, g, o;
+        if (low_gates) {
+            i = kept_from_bf16(a_low[j]);
+            f = kept_from_bf16(a_low[H + j]);
+            g = kept_from_bf16(a_low[2 * H + j]);
+            o = kept_from_bf16(a_low[3 * H + j]);
+        } else {
+            i = a[j];
+            f = a[H + j];
+            g = a[2 * H + j];
+            o = a[3 * H + j];
+        }
         float grad_h = gh[j];
         if (low && product)
             grad_h = bf16_to_float(product[j]) + grad_h;
@@ -216,16 +258,17 @@ void lstm_backward_step(int64_t B, int64_t H, int64_t slices, const float *gates
 #pragma omp parallel for schedule(static) if (slices > 1)
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++)
-        backward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), gates + b * 4 * H,
+        backward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), gates + b * 4 * H, NULL,
                      c + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H, grad_pre + b * 4 * H, NULL,
-                     grad_bias, 0);
+                     grad_bias, 0, 0);
 }
 
-/* Backward step with the recurrent products in bfloat16: grad_h (B, H) is the gradient from above, to
- * which product (B, H), the bfloat16 product grad_pre(t+1) W_hh, is added in float32 (NULL at the
- * chunk's last step); the pre-activation gradients go to grad_pre_low (B, 4H) in bfloat16 only (the
- * products that read them cast to bfloat16 anyway); grad_bias sums them in float32, before rounding. */
-void lstm_backward_step_bf16(int64_t B, int64_t H, int64_t slices, const float *gates, const float *c,
+/* Backward step with the recurrent products in bfloat16: gates_low (B, 4H) are the step's activations in
+ * bfloat16, as the forward step kept them; grad_h (B, H) is the gradient from above, to which product
+ * (B, H), the bfloat16 product grad_pre(t+1) W_hh, is added in float32 (NULL at the chunk's last step);
+ * the pre-activation gradients go to grad_pre_low (B, 4H) in bfloat16 only (the products that read them
+ * cast to bfloat16 anyway); grad_bias sums them in float32, before rounding. */
+void lstm_backward_step_bf16(int64_t B, int64_t H, int64_t slices, const uint16_t *gates_low, const float *c,
                              const float *c_prev, const float *grad_h, const uint16_t *product, float *grad_c,
                              uint16_t *grad_pre_low, float *grad_bias)
 {
@@ -233,9 +276,9 @@ void lstm_backward_step_bf16(int64_t B, int64_t H, int64_t slices, const float *
 #pragma omp parallel for schedule(static) if (slices > 1)
     for (int64_t slice = 0; slice < slices; slice++)
     for (int64_t b = 0; b < B; b++)
-        backward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), gates + b * 4 * H,
-                     c + b * H, c_prev + b * H, grad_h + b * H, product ? product + b * H : NULL, grad_c + b * H,
-                     NULL, grad_pre_low + b * 4 * H, grad_bias, 1);
+        backward_row(H, slice_bound(slice, slices, H), slice_bound(slice + 1, slices, H), NULL,
+                     gates_low + b * 4 * H, c + b * H, c_prev + b * H, grad_h + b * H,
+                     product ? product + b * H : NULL, grad_c + b * H, NULL, grad_pre_low + b * 4 * H, grad_bias, 1, 1);
 }
 
 /* dst[c * dst_stride + r] = src[r * cols + c]: the transpose of src (rows x cols) into columns of dst, so
@@ -384,8 +427,8 @@ void lstm_rows_step(int64_t rows, int64_t layers, int64_t H, int64_t V, int64_t 
             rows_product(rows, 4 * H, 2 * H, joined, weights[k], biases[k], NULL, gates, threaded);
         }
         for (int64_t b = 0; b < rows; b++)
-            forward_row(H, 0, H, gates + b * 4 * H, NULL, gates + b * 4 * H, c_in[k] + b * H, c_out[k] + b * H,
-                        h_out[k] + b * H, NULL, 0);
+            forward_row(H, 0, H, gates + b * 4 * H, NULL, gates + b * 4 * H, NULL, c_in[k] + b * H,
+                        c_out[k] + b * H, h_out[k] + b * H, NULL, 0, 0);
         for (int64_t b = 0; b < rows; b++)
 #pragma GCC ivdep
             for (int64_t j = 0; j < H; j++)
@@ -679,12 +722,13 @@ static inline void units_of_thread(int64_t H, int64_t *begin, int64_t *end)
 
 /* The forward loop where H is a whole number of panels: the threads share the hidden units, each computing
  * its units' gate columns and their pointwise work, and wait for one another once a step (h is then whole).
- * With w_low (W_hh packed for panel_every_row_bf16) the product is in bfloat16, h of the step before rounded
- * into h_low (2, B, H: two, so that a thread may write the next while another still reads this one); else
- * float32 on w_panels. */
+ * With w_low (W_hh packed for panel_every_row_bf16) the product is in bfloat16 and reads h_low (h_slots, B, H):
+ * with T + 1 slots h0 and then every step's h rounded to bfloat16, written here (what the weight gradients
+ * read too); with 2 the steps take turns (a thread writes one while another still reads the other); else
+ * float32 on w_panels. The activations go to gates_low in bfloat16 where it is given, else over gates. */
 static void forward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w_panels, const uint16_t *w_low,
-                                float *gates, const float *h0, const float *c0, float *hs, float *cs,
-                                int64_t cs_stride, uint16_t *h_low, int64_t threaded)
+                                float *gates, uint16_t *gates_low, const float *h0, const float *c0, float *hs,
+                                float *cs, int64_t cs_stride, uint16_t *h_low, int64_t h_slots, int64_t threaded)
 {
 #pragma omp parallel if (threaded && 4 * H * H >= 65536)
     {
@@ -698,22 +742,27 @@ static void forward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w_
         }
         for (int64_t t = 0; t < T; t++) {
             float *pre = gates + t * B * 4 * H, *h_t = hs + t * B * H;
+            uint16_t *a_low = gates_low ? gates_low + t * B * 4 * H : NULL;
             const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
             const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
-            uint16_t *h_next = w_low ? h_low + ((t + 1) % 2) * B * H : NULL;
+            uint16_t *h_next = w_low ? h_low + ((t + 1) % h_slots) * B * H : NULL;
             for (int64_t gate = 0; gate < 4; gate++)                        /* pre += h_prev W_hh^T, own units */
                 for (int64_t p = (gate * H + begin) / PANEL; p < (gate * H + end) / PANEL; p++) {
 #if BF16_DOT
                     if (w_low) {
-                        panel_every_row_bf16(B, 4 * H, H, h_low + (t % 2) * B * H, w_low, p, pre, pre);
+                        panel_every_row_bf16(B, 4 * H, H, h_low + (t % h_slots) * B * H, w_low, p, pre, pre);
                         continue;
                     }
 #endif
                     panel_every_row(B, 4 * H, H, h_prev, w_panels, p, pre, pre);
                 }
             for (int64_t b = 0; b < B; b++) {
-                forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H,
-                            cs + t * cs_stride + b * H, h_t + b * H, NULL, 0);
+                if (a_low)
+                    forward_row(H, begin, end, pre + b * 4 * H, NULL, NULL, a_low + b * 4 * H, c_prev + b * H,
+                                cs + t * cs_stride + b * H, h_t + b * H, NULL, 0, 1);
+                else
+                    forward_row(H, begin, end, pre + b * 4 * H, NULL, pre + b * 4 * H, NULL, c_prev + b * H,
+                                cs + t * cs_stride + b * H, h_t + b * H, NULL, 0, 0);
                 for (int64_t j = begin; h_next && j < end; j++)
                     h_next[b * H + j] = float_to_bf16(h_t[b * H + j]);
             }
@@ -723,28 +772,36 @@ static void forward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w_
 }
 
 /* The backward loop where H is a whole number of panels: the threads share the hidden units (their gate
- * columns' pointwise work, then their units of the product through W_hh), waiting once a step. With wt_low
- * (W_hh^T packed for panel_every_row_bf16) the product is in bfloat16, the step's gate gradients rounded
- * into d_low (2, B, 4H, as h_low above); else float32 on wt_panels. */
+ * columns' pointwise work, then their units of the product through W_hh), waiting once a step. The
+ * activations come from gates_low (bfloat16) where given, else from gates. With wt_low (W_hh^T packed for
+ * panel_every_row_bf16) the gate gradients are written in bfloat16 only (grad_low, T x B x 4H: what the
+ * product through W_hh and the weight gradients read) and the product is in bfloat16; else float32, on
+ * wt_panels, into grad_gates. */
 static void backward_chunk_units(int64_t T, int64_t B, int64_t H, const float *wt_panels, const uint16_t *wt_low,
-                                 const float *gates, const float *cs, const float *c0, const float *grad_hs,
-                                 float *grad_h, float *grad_c, float *grad_gates, float *grad_bias, uint16_t *d_low,
-                                 int64_t threaded)
+                                 const float *gates, const uint16_t *gates_low, const float *cs, const float *c0,
+                                 const float *grad_hs, float *grad_h, float *grad_c, float *grad_gates,
+                                 uint16_t *grad_low, float *grad_bias, int64_t threaded)
 {
 #pragma omp parallel if (threaded && 4 * H * H >= 65536)
     {
         int64_t begin, end;
         units_of_thread(H, &begin, &end);
         for (int64_t t = T - 1; t >= 0; t--) {
-            const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
-            float *d = grad_gates + t * B * 4 * H;
-            uint16_t *rounded = wt_low ? d_low + (t % 2) * B * 4 * H : NULL;
+            const int64_t at = t * B * 4 * H;
+            const float *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+            float *d = wt_low ? NULL : grad_gates + at;
+            uint16_t *d_low = wt_low ? grad_low + at : NULL;
             for (int64_t b = 0; b < B; b++) {
-                backward_row(H, begin, end, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL,
-                             grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0);
-                for (int64_t gate = 0; rounded && gate < 4; gate++)
-                    for (int64_t j = begin; j < end; j++)
-                        rounded[b * 4 * H + gate * H + j] = float_to_bf16(d[b * 4 * H + gate * H + j]);
+                const int64_t row = at + b * 4 * H, state = b * H;
+                if (wt_low)             /* (with gates_low: the bfloat16 loops keep their activations so) */
+                    backward_row(H, begin, end, NULL, gates_low + row, c_t + state, c_prev + state, grad_h + state,
+                                 NULL, grad_c + state, NULL, grad_low + row, grad_bias, 1, 1);
+                else if (gates_low)
+                    backward_row(H, begin, end, NULL, gates_low + row, c_t + state, c_prev + state, grad_h + state,
+                                 NULL, grad_c + state, grad_gates + row, NULL, grad_bias, 0, 1);
+                else
+                    backward_row(H, begin, end, gates + row, NULL, c_t + state, c_prev + state, grad_h + state,
+                                 NULL, grad_c + state, grad_gates + row, NULL, grad_bias, 0, 0);
             }
 #pragma omp barrier
             /* dL/dh_{t-1} of the own units: through W_hh (all of step t's d, now whole), plus what reached
@@ -753,7 +810,7 @@ static void backward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w
             for (int64_t p = begin / PANEL; p < end / PANEL; p++) {
 #if BF16_DOT
                 if (wt_low) {
-                    panel_every_row_bf16(B, H, 4 * H, rounded, wt_low, p, above, grad_h);
+                    panel_every_row_bf16(B, H, 4 * H, d_low, wt_low, p, above, grad_h);
                     continue;
                 }
 #endif
@@ -763,50 +820,63 @@ static void backward_chunk_units(int64_t T, int64_t B, int64_t H, const float *w
     }
 }
 
-/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry and the activations on return;
- * w_panels is W_hh (4H x H) packed; h0, c0 (B, H) the state before; hs (T, B, H) receives h; cs
- * receives c at every step (cs_stride = B * H) or, with cs_stride 0, is one (B, H) slot updated in place.
- * Where H is a whole number of panels the threads share the hidden units (forward_chunk_units); else the
- * products' panels are shared step by step and the pointwise work runs on one thread. */
-void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, const float *h0,
-                        const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
+/* Forward: gates (T, B, 4H) holds x W_ih^T + biases on entry, and the activations on return unless
+ * gates_low is given, which then receives them in bfloat16; w_panels is W_hh (4H x H) packed; h0, c0 (B, H)
+ * the state before; hs (T, B, H) receives h; cs receives c at every step (cs_stride = B * H) or, with
+ * cs_stride 0, is one (B, H) slot updated in place. Where H is a whole number of panels the threads share
+ * the hidden units (forward_chunk_units); else the products' panels are shared step by step and the
+ * pointwise work runs on one thread. */
+void lstm_forward_chunk(int64_t T, int64_t B, int64_t H, const float *w_panels, float *gates, uint16_t *gates_low,
+                        const float *h0, const float *c0, float *hs, float *cs, int64_t cs_stride, int64_t threaded)
 {
     if (H % PANEL == 0) {
-        forward_chunk_units(T, B, H, w_panels, NULL, gates, h0, c0, hs, cs, cs_stride, NULL, threaded);
+        forward_chunk_units(T, B, H, w_panels, NULL, gates, gates_low, h0, c0, hs, cs, cs_stride, NULL, 2, threaded);
         return;
     }
     for (int64_t t = 0; t < T; t++) {
         float *pre = gates + t * B * 4 * H;
+        uint16_t *a_low = gates_low ? gates_low + t * B * 4 * H : NULL;
         const float *h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
         const float *c_prev = t == 0 ? c0 : cs + (t - 1) * cs_stride;
         rows_product(B, 4 * H, H, h_prev, w_panels, NULL, pre, pre, threaded);       /* pre += h_prev W_hh^T */
         for (int64_t b = 0; b < B; b++)
-            forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, c_prev + b * H, cs + t * cs_stride + b * H,
-                        hs + t * B * H + b * H, NULL, 0);
+            if (a_low)
+                forward_row(H, 0, H, pre + b * 4 * H, NULL, NULL, a_low + b * 4 * H, c_prev + b * H,
+                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0, 1);
+            else
+                forward_row(H, 0, H, pre + b * 4 * H, NULL, pre + b * 4 * H, NULL, c_prev + b * H,
+                            cs + t * cs_stride + b * H, hs + t * B * H + b * H, NULL, 0, 0);
     }
 }
 
 /* Backward: the gradient of the chunk's pre-activations (grad_gates, T x B x 4H) and their sum over steps
- * and streams (grad_bias, 4H, added to), from the activations (gates), c of every step (cs) and before
- * (c0), the gradient reaching each step's h from above (grad_hs), and grad_h, grad_c (B, H): the gradient
- * reaching the last step's h and c on entry, h0's and c0's on return. wt_panels is W_hh^T (H x 4H) packed;
- * scratch (B, H). Where H is a whole number of panels the threads share the hidden units
- * (backward_chunk_units). */
+ * and streams (grad_bias, 4H, added to), from the activations (gates, or gates_low in bfloat16 where given),
+ * c of every step (cs) and before (c0), the gradient reaching each step's h from above (grad_hs), and
+ * grad_h, grad_c (B, H): the gradient reaching the last step's h and c on entry, h0's and c0's on return.
+ * wt_panels is W_hh^T (H x 4H) packed; scratch (B, H). Where H is a whole number of panels the threads
+ * share the hidden units (backward_chunk_units). */
 void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels, const float *gates,
-                         const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
-                         float *grad_gates, float *grad_bias, float *scratch, int64_t threaded)
+                         const uint16_t *gates_low, const float *cs, const float *c0, const float *grad_hs,
+                         float *grad_h, float *grad_c, float *grad_gates, float *grad_bias, float *scratch,
+                         int64_t threaded)
 {
     if (H % PANEL == 0) {
-        backward_chunk_units(T, B, H, wt_panels, NULL, gates, cs, c0, grad_hs, grad_h, grad_c, grad_gates, grad_bias,
-                             NULL, threaded);
+        backward_chunk_units(T, B, H, wt_panels, NULL, gates, gates_low, cs, c0, grad_hs, grad_h, grad_c, grad_gates,
+                             NULL, grad_bias, threaded);
         return;
     }
     for (int64_t t = T - 1; t >= 0; t--) {
-        const float *a = gates + t * B * 4 * H, *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
-        float *d = grad_gates + t * B * 4 * H;
-        for (int64_t b = 0; b < B; b++)
-            backward_row(H, 0, H, a + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H, NULL, grad_c + b * H,
-                         d + b * 4 * H, NULL, grad_bias, 0);
+        const int64_t at = t * B * 4 * H;
+        const float *c_t = cs + t * B * H, *c_prev = t > 0 ? cs + (t - 1) * B * H : c0;
+        float *d = grad_gates + at;
+        for (int64_t b = 0; b < B; b++) {
+            if (gates_low)
+                backward_row(H, 0, H, NULL, gates_low + at + b * 4 * H, c_t + b * H, c_prev + b * H, grad_h + b * H,
+                             NULL, grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0, 1);
+            else
+                backward_row(H, 0, H, gates + at + b * 4 * H, NULL, c_t + b * H, c_prev + b * H, grad_h + b * H,
+                             NULL, grad_c + b * H, d + b * 4 * H, NULL, grad_bias, 0, 0);
+        }
         /* dL/dh_{t-1}: through W_hh, plus what reached h_{t-1} from above (none before the chunk) */
         rows_product(B, H, 4 * H, d, wt_panels, NULL, t > 0 ? grad_hs + (t - 1) * B * H : NULL, scratch, threaded);
         memcpy(grad_h, scratch, (size_t)(B * H) * sizeof(float));
@@ -815,21 +885,24 @@ void lstm_backward_chunk(int64_t T, int64_t B, int64_t H, const float *wt_panels
 
 #if BF16_DOT
 /* lstm_forward_chunk with the recurrent product in bfloat16 (H a whole number of panels): w_panels is W_hh
- * packed for panel_every_row_bf16; h_low (2, B, H) bfloat16 scratch. */
+ * packed for panel_every_row_bf16; h_low (h_slots, B, H), T + 1 or 2 slots, as forward_chunk_units says. */
 void lstm_forward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *w_panels, float *gates,
-                             const float *h0, const float *c0, float *hs, float *cs, int64_t cs_stride,
-                             uint16_t *h_low, int64_t threaded)
+                             uint16_t *gates_low, const float *h0, const float *c0, float *hs, float *cs,
+                             int64_t cs_stride, uint16_t *h_low, int64_t h_slots, int64_t threaded)
 {
-    forward_chunk_units(T, B, H, NULL, w_panels, gates, h0, c0, hs, cs, cs_stride, h_low, threaded);
+    forward_chunk_units(T, B, H, NULL, w_panels, gates, gates_low, h0, c0, hs, cs, cs_stride, h_low, h_slots,
+                        threaded);
 }
 
 /* lstm_backward_chunk with the product through W_hh in bfloat16 (H a whole number of panels): wt_panels is
- * W_hh^T packed for panel_every_row_bf16; d_low (2, B, 4H) bfloat16 scratch. grad_gates are float32. */
-void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *wt_panels, const float *gates,
+ * W_hh^T packed for panel_every_row_bf16; the activations come in bfloat16 (gates_low) and the gate
+ * gradients go out in bfloat16 only (grad_low, T x B x 4H), the bias gradient summed in float32 before
+ * that rounding. */
+void lstm_backward_chunk_bf16(int64_t T, int64_t B, int64_t H, const uint16_t *wt_panels, const uint16_t *gates_low,
                               const float *cs, const float *c0, const float *grad_hs, float *grad_h, float *grad_c,
-                              float *grad_gates, float *grad_bias, uint16_t *d_low, int64_t threaded)
+                              uint16_t *grad_low, float *grad_bias, int64_t threaded)
 {
-    backward_chunk_units(T, B, H, NULL, wt_panels, gates, cs, c0, grad_hs, grad_h, grad_c, grad_gates, grad_bias,
-                         d_low, threaded);
+    backward_chunk_units(T, B, H, NULL, wt_panels, NULL, gates_low, cs, c0, grad_hs, grad_h, grad_c, NULL, grad_low,
+                         grad_bias, threaded);
 }
 #endif

@@ -108,7 +108,7 @@ class Kernel:
         self.backward_step.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         self.backward_step.restype = None
         self.forward_step_bf16 = lib.lstm_forward_step_bf16      # the recurrent product in bfloat16
-        self.forward_step_bf16.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr, ptr]
+        self.forward_step_bf16.argtypes = [size, size, size] + [ptr] * 7
         self.forward_step_bf16.restype = None
         self.backward_step_bf16 = lib.lstm_backward_step_bf16
         self.backward_step_bf16.argtypes = [size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
@@ -120,19 +120,19 @@ class Kernel:
         self.sample_rows.argtypes = [size, size, ptr, ptr, size, ptr, size, ptr, size, ptr, ptr]
         self.sample_rows.restype = ctypes.c_int
         self.forward_chunk = long_calls.lstm_forward_chunk        # a small layer's whole time loop
-        self.forward_chunk.argtypes = [size] * 3 + [ptr] * 6 + [size, size]
+        self.forward_chunk.argtypes = [size] * 3 + [ptr] * 7 + [size, size]
         self.forward_chunk.restype = None
         self.backward_chunk = long_calls.lstm_backward_chunk
-        self.backward_chunk.argtypes = [size] * 3 + [ptr] * 10 + [size]
+        self.backward_chunk.argtypes = [size] * 3 + [ptr] * 11 + [size]
         self.backward_chunk.restype = None
         lib.lstm_kernel_bf16_dot.restype = ctypes.c_int
         self.bf16_dot = bool(lib.lstm_kernel_bf16_dot())          # built for a CPU with AVX512-BF16
         if self.bf16_dot:                                         # the whole-chunk loops, bf16 products
             self.forward_chunk_bf16 = long_calls.lstm_forward_chunk_bf16
-            self.forward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 6 + [size, ptr, size]
+            self.forward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 7 + [size, ptr, size, size]
             self.forward_chunk_bf16.restype = None
             self.backward_chunk_bf16 = long_calls.lstm_backward_chunk_bf16
-            self.backward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 10 + [size]
+            self.backward_chunk_bf16.argtypes = [size] * 3 + [ptr] * 8 + [size]
             self.backward_chunk_bf16.restype = None
         self.decode_rows = long_calls.lstm_decode_rows            # many characters: draws and steps
         self.decode_rows.argtypes = [size] * 7 + [ptr] * 10 + [ptr, size] * 3 + [ptr, ptr, ptr, size, ptr]
@@ -184,6 +184,21 @@ def panels_bf16(weight: torch.Tensor) -> torch.Tensor:
     columns = -(-N // PANEL) * PANEL
     padded = torch.cat([weight.detach(), weight.new_zeros(columns - N, K)]).to(torch.bfloat16)
     return padded.view(columns // PANEL, PANEL, K // 2, 2).transpose(1, 2).contiguous()
+
+
+def kept_bf16(activations: torch.Tensor) -> torch.Tensor:
+    """Activations (sigmoids and tanhs) as a bf16 layer keeps them for its backward pass, in bfloat16: as they
+    are where |a| <= 1/2, else 1 / (1 - |a|) with a's sign, so that 1 - |a| (which a(1 - a) and 1 - a^2 need)
+    keeps 8 significant bits near 1. Bit for bit lstm_kernel.c's kept_to_bf16."""
+    m = activations.abs()
+    return torch.where(m <= 0.5, activations, torch.copysign(1 / (1 - m), activations)).to(torch.bfloat16)
+
+
+def from_kept_bf16(kept: torch.Tensor) -> torch.Tensor:
+    """The activations kept_bf16 kept, in float32 (lstm_kernel.c's kept_from_bf16)."""
+    v = kept.float()
+    m = v.abs()
+    return torch.where(m <= 0.5, v, torch.copysign(1 - 1 / m, v))
 
 
 def check_rows_step(kernel: Kernel, rows: int = 6, H: int = 37, V: int = 11) -> str | None:
@@ -265,8 +280,9 @@ def _check_transpose(kernel: Kernel, rows: int, cols: int, gen: torch.Generator)
 def _check_bf16_steps(kernel: Kernel, B: int, H: int, slices: int, gen: torch.Generator) -> str | None:
     """The bfloat16 steps against the float32 ones fed what PyTorch's casts and additions give: bit for bit.
 
-    The bf16 forward adds a bfloat16 product to the float32 pre-activations and writes h in bfloat16 too;
-    the bf16 backward adds a bfloat16 product to grad_h and writes the gradients in bfloat16 only.
+    The bf16 forward adds a bfloat16 product to the float32 pre-activations, writes the activations in
+    bfloat16 and h in bfloat16 too; the bf16 backward reads those activations, adds a bfloat16 product to
+    grad_h and writes the gradients in bfloat16 only.
     """
     f32, bf16, nan = torch.float32, torch.bfloat16, float("nan")
     x_proj = torch.randn(B, 4 * H, generator=gen) * 3
@@ -275,15 +291,16 @@ def _check_bf16_steps(kernel: Kernel, B: int, H: int, slices: int, gen: torch.Ge
     grad_h_product = torch.randn(B, H, generator=gen).to(bf16)
     outputs = {}
     for low in (False, True):
-        gates = x_proj.clone() if low else torch.full((B, 4 * H), nan)
         c, h, h_low = torch.full((B, H), nan), torch.full((B, H), nan), torch.zeros(B, H, dtype=bf16)
         grad_c_io, grad_bias = grad_c.clone(), torch.zeros(4 * H)
         grad_pre, grad_pre_low = torch.full((B, 4 * H), nan), torch.zeros(B, 4 * H, dtype=bf16)
         if low:
+            gates = torch.zeros(B, 4 * H, dtype=bf16)
             kernel.forward_step_bf16(B, H, slices, pointer(product, (B, 4 * H), "product", bf16),
-                                     pointer(gates, (B, 4 * H), "gates"), pointer(c_prev, (B, H), "c_prev"),
-                                     pointer(c, (B, H), "c"), pointer(h, (B, H), "h"), pointer(h_low, (B, H), "h_low", bf16))
-            kernel.backward_step_bf16(B, H, slices, pointer(gates, (B, 4 * H), "gates"), pointer(c, (B, H), "c"),
+                                     pointer(x_proj, (B, 4 * H), "pre"), pointer(gates, (B, 4 * H), "gates", bf16),
+                                     pointer(c_prev, (B, H), "c_prev"), pointer(c, (B, H), "c"), pointer(h, (B, H), "h"),
+                                     pointer(h_low, (B, H), "h_low", bf16))
+            kernel.backward_step_bf16(B, H, slices, pointer(gates, (B, 4 * H), "gates", bf16), pointer(c, (B, H), "c"),
                                       pointer(c_prev, (B, H), "c_prev"), pointer(grad_h, (B, H), "grad_h"),
                                       pointer(grad_h_product, (B, H), "product", bf16), pointer(grad_c_io, (B, H), "grad_c"),
                                       pointer(grad_pre_low, (B, 4 * H), "grad_pre", bf16),
@@ -291,9 +308,12 @@ def _check_bf16_steps(kernel: Kernel, B: int, H: int, slices: int, gen: torch.Ge
             grad_pre = grad_pre_low
         else:
             pre, whole_grad_h = product.to(f32) + x_proj, grad_h_product.to(f32) + grad_h
+            gates = torch.full((B, 4 * H), nan)
             kernel.forward_step(B, H, slices, pointer(pre, (B, 4 * H), "pre"), pointer(gates, (B, 4 * H), "gates"),
                                 pointer(c_prev, (B, H), "c_prev"), pointer(c, (B, H), "c"), pointer(h, (B, H), "h"))
-            kernel.backward_step(B, H, slices, pointer(gates, (B, 4 * H), "gates"), pointer(c, (B, H), "c"),
+            gates = kept_bf16(gates)                        # kept for the backward pass in bfloat16
+            read_back = from_kept_bf16(gates)
+            kernel.backward_step(B, H, slices, pointer(read_back, (B, 4 * H), "gates"), pointer(c, (B, H), "c"),
                                  pointer(c_prev, (B, H), "c_prev"), pointer(whole_grad_h, (B, H), "grad_h"),
                                  pointer(grad_c_io, (B, H), "grad_c"), pointer(grad_pre, (B, 4 * H), "grad_pre"),
                                  pointer(grad_bias, (4 * H,), "grad_bias"))

@@ -99,40 +99,47 @@ def _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c):
     return step, lambda: (grad_c, grad_bias)
 
 
-def _kernel_forward_steps_bf16(kernel, gates, c0, hs, cs):
-    """The C forward step whose recurrent product is in bfloat16: (step(t, product) -> h in bfloat16, h0 in it).
+def _kernel_forward_steps_bf16(kernel, gates_low, c0, hs, cs, h_low):
+    """The C forward step whose recurrent product is in bfloat16: step(t, pre, product) -> h_t in bfloat16.
 
-    gates holds x W_ih^T + biases; step t adds product (B, 4H), h_{t-1} W_hh^T in bfloat16, in
-    float32 itself and returns h_t in bfloat16, the next product's input: no casts or additions left
-    to PyTorch between steps. Bit for bit what the float32 step gives after those casts and additions
+    pre (B, 4H) is step t's x W_ih^T + biases in float32, product h_{t-1} W_hh^T in bfloat16, added in
+    float32 in the step; the activations go to gates_low (T, B, 4H) in bfloat16 (what the backward pass
+    reads; with one slot, (1, B, 4H), overwritten at every step), h to hs in float32 and to h_low in
+    bfloat16, the next product's input: h_low (T + 1, B, H) holds h0 (the caller's) and then every step's h,
+    what the weight gradients read; with two slots, (2, B, H), the steps take turns. No casts or additions
+    left to PyTorch between steps: bit for bit what the float32 step gives after those casts and additions
     (the kernel's self-check holds it to that).
     """
-    T, B, four_h = gates.shape
-    H = four_h // 4
+    T, B, H = hs.shape
+    four_h = 4 * H
     c0 = c0.contiguous()
     pointer, bf16 = native_kernel.pointer, torch.bfloat16                # checked whole, as in the float32 steps
-    gates_at, hs_at = pointer(gates, (T, B, four_h), "gates"), pointer(hs, (T, B, H), "hs")
+    gates_at, hs_at = pointer(gates_low, (gates_low.shape[0], B, four_h), "gates", bf16), pointer(hs, (T, B, H), "hs")
     cs_at, c0_at = pointer(cs, (cs.shape[0], B, H), "cs"), pointer(c0, (B, H), "c0")
-    h_low = hs.new_empty(B, H, dtype=bf16)           # one buffer: each step's product has read it before the step
-    h_low_at = pointer(h_low, (B, H), "h_low", bf16)
-    gate_bytes, state_bytes = B * four_h * 4, B * H * 4
+    pointer(h_low, (h_low.shape[0], B, H), "h_low", bf16)
+    gate_bytes = B * four_h * 2 if gates_low.shape[0] == T else 0
+    state_bytes = B * H * 4
     cs_bytes = state_bytes if cs.shape[0] == T else 0
+    h_slots, h_views = h_low.shape[0], h_low.unbind(0)
     kernel_step, slices, product_shape = kernel.forward_step_bf16, native_kernel.step_slices(B, H), (B, four_h)
 
-    def step(t, product):
+    def step(t, pre, product):
         c_prev_at = c0_at if t == 0 else cs_at + (t - 1) * cs_bytes
-        kernel_step(B, H, slices, pointer(product, product_shape, "product", bf16), gates_at + t * gate_bytes,
-                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes, h_low_at)
-        return h_low
-    step.keep_alive = (gates, c0, hs, cs)
+        h_next = h_views[(t + 1) % h_slots]
+        kernel_step(B, H, slices, pointer(product, product_shape, "product", bf16),
+                    pointer(pre, product_shape, "pre-activations"), gates_at + t * gate_bytes,
+                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes, h_next.data_ptr())
+        return h_next
+    step.keep_alive = (gates_low, c0, hs, cs, h_low)
     return step
 
 
 def _kernel_backward_steps_bf16(kernel, gates, cs, c0, grad_gates_low, grad_c):
     """The C backward step with bfloat16 products: (step(t, grad_h, product), finish() -> (dL/dc0, dL/dbias)).
 
-    grad_h is dL/dh_t from above; product (or None at the chunk's last step) is step t+1's bfloat16
-    product grad_gates(t+1) W_hh, which the step adds in float32. grad_gates_low (T, B, 4H) receives
+    gates (T, B, 4H) are the activations in bfloat16, as the forward steps kept them; grad_h is dL/dh_t
+    from above; product (or None at the chunk's last step) is step t+1's bfloat16 product
+    grad_gates(t+1) W_hh, which the step adds in float32. grad_gates_low (T, B, 4H) receives
     the pre-activation gradients in bfloat16, what the products that read them take; the bias
     gradient is summed in float32 before that rounding.
     """
@@ -140,18 +147,19 @@ def _kernel_backward_steps_bf16(kernel, gates, cs, c0, grad_gates_low, grad_c):
     H = four_h // 4
     c0 = c0.contiguous()
     grad_c = grad_c.clone(memory_format=torch.contiguous_format)
-    grad_bias = gates.new_zeros(four_h)
+    grad_bias = cs.new_zeros(four_h)
     pointer, bf16 = native_kernel.pointer, torch.bfloat16
-    gates_at, grad_low_at = pointer(gates, (T, B, four_h), "gates"), pointer(grad_gates_low, (T, B, four_h), "grad_gates", bf16)
+    gates_at = pointer(gates, (T, B, four_h), "gates", bf16)
+    grad_low_at = pointer(grad_gates_low, (T, B, four_h), "grad_gates", bf16)
     cs_at, c0_at = pointer(cs, (T, B, H), "cs"), pointer(c0, (B, H), "c0")
     grad_c_at, grad_bias_at = pointer(grad_c, (B, H), "grad_c"), pointer(grad_bias, (four_h,), "grad_bias")
-    gate_bytes, low_bytes, state_bytes = B * four_h * 4, B * four_h * 2, B * H * 4
+    low_bytes, state_bytes = B * four_h * 2, B * H * 4
     kernel_step, slices, state_shape = kernel.backward_step_bf16, native_kernel.step_slices(B, H), (B, H)
 
     def step(t, grad_h, product):
         c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0_at
         product_at = None if product is None else pointer(product, state_shape, "product", bf16)
-        kernel_step(B, H, slices, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at,
+        kernel_step(B, H, slices, gates_at + t * low_bytes, cs_at + t * state_bytes, c_prev_at,
                     pointer(grad_h, state_shape, "grad_h"), product_at, grad_c_at, grad_low_at + t * low_bytes,
                     grad_bias_at)
     step.keep_alive = (gates, cs, c0, grad_gates_low)
@@ -219,22 +227,24 @@ def _torch_backward_steps(gates, cs, c0, grad_gates, grad_c):
     # dL/dh_t (o) into that gate's pre-activation gradient. It does not depend on the incoming
     # gradient, so it is computed for a cache-sized block of steps at once, leaving each step
     # only the truly sequential work; the step multiplies it in place into the gradient.
-    block = max(1, _CACHE_BYTES // (B * four_h * gates.element_size()))
-    f_steps = gates[:, :, H : 2 * H].unbind(0)
+    block = max(1, _CACHE_BYTES // (B * four_h * grad_gates.element_size()))
     local_ifg, local_o = grad_gates.unflatten(2, (4, H))[:, :, :3].unbind(0), grad_gates[:, :, 3 * H :].unbind(0)
-    carry = {"grad_c": grad_c, "start": T, "through_h": ()}
+    kept = gates.dtype == torch.bfloat16                     # kept by a bf16 layer (native_kernel.kept_bf16)
+    carry = {"grad_c": grad_c, "start": T, "through_h": (), "f": ()}
 
     def step(t, grad_h):
         if t < carry["start"]:                               # entering a new block of steps
             start = max(0, t + 1 - block)
             c_prev = cs[start - 1 : t] if start > 0 else torch.cat([c0.unsqueeze(0), cs[:t]])
-            carry["through_h"] = _local_derivatives(gates[start : t + 1], cs[start : t + 1], c_prev,
+            # (activations kept in bfloat16 are read back in float32 first: the derivatives are float32 work)
+            activations = native_kernel.from_kept_bf16(gates[start : t + 1]) if kept else gates[start : t + 1]
+            carry["through_h"] = _local_derivatives(activations, cs[start : t + 1], c_prev,
                                                     grad_gates[start : t + 1]).unbind(0)
-            carry["start"] = start
+            carry["f"], carry["start"] = activations[:, :, H : 2 * H].unbind(0), start
         dc = torch.addcmul(carry["grad_c"], grad_h, carry["through_h"][t - carry["start"]])   # dL/dc_t
         local_ifg[t].mul_(dc.unsqueeze(1))                   # dL/d(pre-activation) of i, f, g
         local_o[t].mul_(grad_h)                              # ... and of o
-        carry["grad_c"] = dc * f_steps[t]                    # on to c_{t-1}
+        carry["grad_c"] = dc * carry["f"][t - carry["start"]]     # on to c_{t-1}
     return step, lambda: (carry["grad_c"], grad_gates.sum((0, 1)))
 
 
