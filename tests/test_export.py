@@ -100,8 +100,9 @@ def test_onnx_steps_300_characters_of_two_streams_as_charlstm_does(runs, kind, t
         logits, state = onnx_step(session, tokens[:, t], state)
         np.testing.assert_allclose(logits, expected[:, t].numpy(), atol=1e-4, rtol=0, err_msg=f"step {t}")
     last = model.config.layers - 1
-    np.testing.assert_allclose(state[f"h_{last}"], h_last.numpy(), atol=1e-5)
-    np.testing.assert_allclose(state[f"c_{last}"], c_last.numpy(), atol=1e-5)
+    # (c grows past 10 in some units after 300 steps, where float32's steps are 2e-6: relative as well)
+    np.testing.assert_allclose(state[f"h_{last}"], h_last.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(state[f"c_{last}"], c_last.numpy(), atol=1e-5, rtol=1e-5)
     if kind == "adaptive":                       # exact log-probabilities: each row's probabilities sum to 1
         np.testing.assert_allclose(np.exp(logits).sum(1), 1.0, atol=1e-5)
 

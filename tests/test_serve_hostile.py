@@ -369,7 +369,9 @@ def test_300_slow_clients_cannot_lock_out_the_others(tiny_run):
     slow = Tricklers(served.port, n=300, every=2.0)
     try:
         slow.start()
-        time.sleep(2.0)                                    # all 300 connected and sending
+        connected_by = time.monotonic() + 15.0             # all 300 connected and sending before the clock starts
+        while len(slow.open) < 300 and time.monotonic() < connected_by:      # (2 s was not always enough on a
+            time.sleep(0.05)                               # busy 2-core machine: 252 open at the first request)
         results, open_counts = [], []
         start = time.monotonic()
         for i in range(20):
