@@ -188,20 +188,25 @@ class StackedLSTM(nn.Module):
         for k in range(self.layers):
             if k > 0:
                 x = dropout(x, self.dropout, self.training, self.locked_dropout)
-            h, c = state[k]
-            w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
-            if self.training and self.weight_dropout > 0:
-                # DropConnect (Wan et al. 2013; AWD-LSTM): one mask on W_hh for the whole chunk, so
-                # every step of it loses the same recurrent connections. Masking the matrix once
-                # costs one elementwise product per chunk, not one per step.
-                w_hh = F.dropout(w_hh, self.weight_dropout, True)
-            if reference:
-                out, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
-            else:
-                out, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
-            x = out + x if self.residual and k > 0 else out
+            x, h, c = self._layer(k, x, *state[k], reference)
             new_state.append((h, c))
         return x, tuple(new_state)
+
+    def _layer(self, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, reference: bool):
+        """Layer k over the chunk: its output (plus its input from the second layer on, where residual), h, c.
+        (A function of its own, so that the layer's own output is let go as it returns: with bf16 products
+        nothing else keeps it.)"""
+        w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
+        if self.training and self.weight_dropout > 0:
+            # DropConnect (Wan et al. 2013; AWD-LSTM): one mask on W_hh for the whole chunk, so
+            # every step of it loses the same recurrent connections. Masking the matrix once
+            # costs one elementwise product per chunk, not one per step.
+            w_hh = F.dropout(w_hh, self.weight_dropout, True)
+        if reference:
+            out, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        else:
+            out, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
+        return (out + x if self.residual and k > 0 else out), h, c
 
 
 def dropout(x: torch.Tensor, rate: float, training: bool, locked: bool) -> torch.Tensor:
