@@ -77,10 +77,10 @@ def test_exact_resume_after_a_stop(reference, tmp_path, how):
     assert_same_run(checkpoint.load(os.path.join(out, "latest.pt")), ref)
 
 
-# Large enough for the paths the default configuration takes: 32 streams x 128 cells is at the
-# kernel's threshold for splitting a step over threads, and the recurrent products (32 x 512 x 128)
-# are above the size where the weight is packed for oneDNN.
-THREADED_PACKED_FLAGS = ["--hidden-size", "192", "--embed-size", "16", "--layers", "2", "--dropout", "0.2",
+# Large enough for the paths the default configuration takes: 32 streams x 384 cells is past the
+# kernel's threshold for splitting a step over threads, and the recurrent products (32 x 1536 x 384)
+# are above the size where the weight is packed for oneDNN and above the whole-chunk C loop's.
+THREADED_PACKED_FLAGS = ["--hidden-size", "384", "--embed-size", "16", "--layers", "2", "--dropout", "0.2",
                          "--batch-size", "32", "--seq-len", "16", "--steps", "24", "--eval-every", "12",
                          "--save-every", "8", "--log-every", "5", "--sample-length", "10", "--warmup-steps", "4"]
 
@@ -102,8 +102,8 @@ def test_exact_resume_on_the_threaded_kernel_and_packed_products(tmp_path):
     import textgen.lstm.fused_lstm as fused
     from textgen.lstm import native_kernel, products
     # threaded steps, packed products, and not the whole-chunk C loop (FLAGS' small layers run that)
-    assert 32 * 192 >= native_kernel.PARALLEL_MIN_CELLS
-    assert 32 * 4 * 192 * 192 > max(products._SMALL_PRODUCT, fused._CHUNK_PRODUCT)
+    assert 32 * 384 >= native_kernel.PARALLEL_MIN_CELLS
+    assert 32 * 4 * 384 * 384 > max(products._SMALL_PRODUCT, fused._CHUNK_PRODUCT)
     text = tmp_path / "corpus.txt"
     text.write_text(small_text(600), encoding="utf-8")
     whole = run("train.py", str(text), *THREADED_PACKED_FLAGS, "--out", str(tmp_path / "whole"))

@@ -203,9 +203,11 @@ def _rounded_steps(h0, hs):
 
 
 # Float32 recurrent products of at most this many multiply-adds run their chunk's time loop in C, with the
-# kernel's own products: 2x128 at 16 streams (1M) trains 1.29x faster so, 2x256 at 16 streams (4.2M) 1.14x;
-# at 32 streams (8.4M) oneDNN's product and the Python loop are as fast (AMD EPYC; benchmarks/README.md).
-_CHUNK_PRODUCT = 1 << 22
+# kernel's own products. Since the loops' threads share the hidden units (one wait a step), side by side
+# against oneDNN's product and the Python loop: 2x256 at 32 streams (8.4M) 1.20x, 2x128 at 128 (8.4M) 1.14x,
+# 2x256 at 48 (12.6M) 1.10x, 2x512 at 16 (16.8M) 1.03x; at 33.5M (2x512 at 32, 2x256 at 128) 0.95x and
+# 0.89x (AMD EPYC; benchmarks/README.md). Before that the loops won only up to 4.2M.
+_CHUNK_PRODUCT = 1 << 24
 
 
 def _chunk_kernel(gates, c, weight_hh, low_precision):
