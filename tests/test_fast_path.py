@@ -280,13 +280,14 @@ def test_a_bf16_layer_keeps_what_its_backward_reads_in_bf16(paths):
     inputs, _ = make_case(B, H, seed=5)
 
     def kept(low_precision):
+        """What the layer saved for its backward pass, by name, its output, and the bytes of the per-step part."""
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
         out, _, _ = lstm_layer(*(leaves[k] for k in ("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")),
                                low_precision=low_precision)
-        ctx = out.grad_fn
-        x_kept, *_, hs_kept = ctx.saved_tensors            # (the weights and h0, c0: the same either way)
-        held = [t for t in (x_kept, hs_kept, ctx.gates, ctx.cs, ctx.h_low, ctx.x_low) if t is not None]
-        return ctx, out, sum(t.numel() * t.element_size() for t in held)
+        saved = dict(zip(("x", "h0", "c0", "weight_ih", "weight_hh", "hs", "gates", "cs", "h_low", "x_low"),
+                         out.grad_fn.saved_tensors))
+        per_step = [saved[k] for k in ("x", "hs", "gates", "cs", "h_low", "x_low") if saved[k] is not None]
+        return saved, out, sum(t.numel() * t.element_size() for t in per_step)   # (the weights, h0, c0: alike)
 
     paths("torch-ops", 1, "plain")
     _, _, float32_bytes = kept(None)
@@ -296,19 +297,18 @@ def test_a_bf16_layer_keeps_what_its_backward_reads_in_bf16(paths):
             continue
         label = f"{pointwise} {products}"
         paths(pointwise, 2, products)
-        ctx, out, kept_bytes = kept(torch.bfloat16)
-        assert ctx.gates.dtype == torch.bfloat16 and ctx.gates.shape == (T, B, 4 * H), label
-        assert ctx.cs.dtype == torch.float32, label                    # the cell state stays float32
-        assert torch.equal(ctx.h_low, torch.cat([inputs["h0"].unsqueeze(0), out.detach()]).to(torch.bfloat16)), label
-        assert torch.equal(ctx.x_low, inputs["x"].to(torch.bfloat16)), label
-        x_kept, *_, hs_kept = ctx.saved_tensors
-        assert x_kept is None and hs_kept is None, label
+        saved, out, kept_bytes = kept(torch.bfloat16)
+        assert saved["gates"].dtype == torch.bfloat16 and saved["gates"].shape == (T, B, 4 * H), label
+        assert saved["cs"].dtype == torch.float32, label                # the cell state stays float32
+        assert torch.equal(saved["h_low"], torch.cat([inputs["h0"].unsqueeze(0), out.detach()]).to(torch.bfloat16)), label
+        assert torch.equal(saved["x_low"], inputs["x"].to(torch.bfloat16)), label
+        assert saved["x"] is None and saved["hs"] is None, label
         # per step and stream 14H + 2I bytes against 24H + 4I (and h0 once): 0.61 of them here, at T = 3
         assert kept_bytes < 0.65 * float32_bytes, f"{label}: {kept_bytes} of {float32_bytes} bytes"
-        assert native_kernel.from_kept_bf16(ctx.gates).abs().max() <= 1, label    # activations, not sums
+        assert native_kernel.from_kept_bf16(saved["gates"]).abs().max() <= 1, label    # activations, not sums
     paths("torch-ops", 1, "plain")
-    ctx, _, _ = kept(torch.float16)              # float16 keeps float32 activations, as before
-    assert ctx.gates.dtype == torch.float32 and ctx.h_low is None
+    saved, _, _ = kept(torch.float16)            # float16 keeps float32 activations, as before
+    assert saved["gates"].dtype == torch.float32 and saved["h_low"] is None
 
 
 def test_saturated_gates_keep_their_gradient_in_bf16(paths):

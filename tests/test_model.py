@@ -177,7 +177,9 @@ def test_overfitting_one_batch_drives_the_loss_near_zero():
 
 
 def test_fused_layer_frees_its_graph_after_backward(pointwise):
-    """Intermediates kept for backward die with the graph by reference counting alone.
+    """Intermediates kept for backward die by reference counting alone: as soon as the backward pass has
+    run, while the outputs still live (the layers below then reuse their memory), or with the graph where
+    it is retained.
 
     A cycle through the autograd node (output -> grad_fn -> ctx -> output) would only
     be freed by Python's cyclic GC, which rarely runs in a training loop: memory grew
@@ -188,12 +190,14 @@ def test_fused_layer_frees_its_graph_after_backward(pointwise):
     stack = StackedLSTM(4, 8, layers=1)
     gc.disable()
     try:
-        out, state = stack(torch.randn(5, 2, 4))
-        kept = weakref.ref(state[0][1].grad_fn.cs)   # the cell states the backward pass needs
-        (out.sum() + state[0][1].sum()).backward()
-        carried = tuple((h.detach(), c.detach()) for h, c in state)   # what training keeps
-        del out, state
-        assert kept() is None
+        for retain in (False, True):
+            out, state = stack(torch.randn(5, 2, 4))
+            kept = weakref.ref(state[0][1].grad_fn.saved_tensors[7])   # the cell states the backward pass needs
+            (out.sum() + state[0][1].sum()).backward(retain_graph=retain)
+            carried = tuple((h.detach(), c.detach()) for h, c in state)   # what training keeps
+            assert (kept() is None) == (not retain)
+            del out, state
+            assert kept() is None
     finally:
         gc.enable()
     assert carried[0][1].shape == (2, 8)

@@ -305,23 +305,24 @@ class FusedLSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
         run = layer_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True, low_precision)
-        if run.h_low is None:
-            ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, run.hs)
-        else:                   # the float32 x and h are not kept: backward reads their bfloat16 roundings
-            ctx.save_for_backward(None, h0, c0, weight_ih, weight_hh, None)
-        # intermediates, not inputs or outputs
-        ctx.gates, ctx.cs, ctx.h_low, ctx.x_low = run.gates, run.cs, run.h_low, run.x_low
+        # The activations, c and the bfloat16 h and x are intermediates; saved here, not kept on ctx, autograd
+        # lets them go as soon as this backward has run (unless the graph is retained), so that the layers
+        # below reuse their memory for their own backward (buffers.py). With bfloat16 kept, the float32 x and
+        # h are not: backward reads their roundings.
+        keeps_low = run.h_low is not None
+        ctx.save_for_backward(None if keeps_low else x, h0, c0, weight_ih, weight_hh, None if keeps_low else run.hs,
+                              run.gates, run.cs, run.h_low, run.x_low)
         ctx.low_precision = low_precision
         # Outputs are copies: h_last must not be a view of another output, and c_last must not
-        # be a view of the tensor ctx.cs holds, or output -> grad_fn -> ctx.cs -> output is a
-        # cycle that keeps every chunk's graph alive (a memory leak).
+        # be a view of the saved cs, or output -> grad_fn -> cs -> output is a cycle that keeps
+        # every chunk's graph alive (a memory leak).
         return run.hs, run.hs[-1].clone(), run.c_last.clone()
 
     @staticmethod
     @once_differentiable       # the backward is hand-written: a second derivative through it would be wrong
     def backward(ctx, grad_hs, grad_h_last, grad_c_last):
-        x, h0, c0, weight_ih, weight_hh, hs = ctx.saved_tensors
-        gates, cs = ctx.gates, ctx.cs                       # activations (T, B, 4H), cell states (T, B, H)
+        x, h0, c0, weight_ih, weight_hh, hs, gates, cs, h_low, x_low = ctx.saved_tensors
+        # (gates: the activations (T, B, 4H); cs: the cell states (T, B, H))
         T, B, four_h = gates.shape
         H, I = four_h // 4, weight_ih.shape[1]
         grad_hs = cs.new_zeros(T, B, H) if grad_hs is None else grad_hs.contiguous()
@@ -345,8 +346,8 @@ class FusedLSTMLayer(torch.autograd.Function):
         if low is None and _onednn_float32(flat):
             grad_weight_hh, grad_weight_ih = _weight_gradients(flat, h0, hs, x)
         else:
-            if ctx.h_low is not None:                       # kept rounded as these products round them
-                h_prev, x_rows = ctx.h_low[:T].view(T * B, H), ctx.x_low.reshape(T * B, I)
+            if h_low is not None:                           # kept rounded as these products round them
+                h_prev, x_rows = h_low[:T].view(T * B, H), x_low.reshape(T * B, I)
             else:
                 h_prev, x_rows = _steps_before(h0, hs).view(T * B, H), x.reshape(T * B, I)
             if low is not None:
