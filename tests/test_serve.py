@@ -244,7 +244,9 @@ def test_a_request_gives_the_same_text_alone_or_in_a_crowd(runs, batch):
         assert torch.equal(a.logits, b.logits)
         assert len({drained(j)[0] for j in crowd}) == len(crowd)
         if engine.stepper.rows_agree:                       # the crowd grew and shrank around it
-            assert {1, 5, 7} <= set(sizes) and max(sizes) == 7 and len(set(sizes)) >= 4, sorted(set(sizes))
+            # (the crowd's 5 rows start together; which sizes follow depends on who is done by the time the
+            # last two join: {1, 5, 7, ...} mostly, {1, 3, 4, 6} once on a busy machine)
+            assert 1 in sizes and 5 <= max(sizes) <= 7 and len(set(sizes)) >= 4, sorted(set(sizes))
     finally:
         engine.close()
         engine.scheduler.stop()
