@@ -54,9 +54,12 @@ class Served:
         self.httpd.wait(timeout=10)
 
 
+MAX_LENGTH = 20_000      # the served model's longest answer: a stream test asks for all of it
+
+
 @pytest.fixture(scope="module")
 def served(run):
-    s = Served(run, slots=4, max_waiting=8, max_length=2000)
+    s = Served(run, slots=4, max_waiting=8, max_length=MAX_LENGTH)
     yield s
     s.close()
 
@@ -96,15 +99,15 @@ def test_the_same_seed_gives_the_same_text_twice(served, client):
 
 
 def test_a_stream_adds_up_to_the_whole_text(served, client):
-    whole = client.completions.create(model=served.name, prompt="CLÉO:\n", max_tokens=2000, seed=5).choices[0].text
-    chunks = list(client.completions.create(model=served.name, prompt="CLÉO:\n", max_tokens=2000, seed=5, stream=True,
+    whole = client.completions.create(model=served.name, prompt="CLÉO:\n", max_tokens=MAX_LENGTH, seed=5).choices[0].text
+    chunks = list(client.completions.create(model=served.name, prompt="CLÉO:\n", max_tokens=MAX_LENGTH, seed=5, stream=True,
                                             stream_options={"include_usage": True}))
     texts = [c.choices[0].text for c in chunks if c.choices]
-    assert "".join(texts) == whole and len(texts) > 1               # it arrived in pieces (2000: a few
-    # hundred characters are made within milliseconds, and may come as one)
+    assert "".join(texts) == whole and len(texts) > 1               # it arrived in pieces (20,000: a few
+    # thousand characters are made within milliseconds, and 2,000 once came as one)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2000
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == MAX_LENGTH
 
 
 def test_n_2_gives_two_choices_and_a_list_of_prompts_n_each(served, client):
@@ -179,7 +182,7 @@ def test_echo_scores_the_prompt_as_textgen_eval_scores_the_text(served, client, 
 
 
 def test_bad_values_raise_bad_request_with_the_field(served, client):
-    cases = [dict(temperature=-1), dict(top_p=1.5), dict(max_tokens=-1), dict(max_tokens=2001), dict(n=5),
+    cases = [dict(temperature=-1), dict(top_p=1.5), dict(max_tokens=-1), dict(max_tokens=MAX_LENGTH + 1), dict(n=5),
              dict(logprobs=21), dict(stop=["a", "b", "c", "d", "e"]), dict(stop=""), dict(seed=-1),
              dict(prompt="Zebra ×"), dict(extra_body={"top_k": 0}), dict(frequency_penalty=0.5)]
     params = ["temperature", "top_p", "max_tokens", "max_tokens", "n", "logprobs", "stop", "stop", "seed", "unknown",
