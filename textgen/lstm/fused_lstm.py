@@ -60,11 +60,10 @@ def keeps_bf16(keep_for_backward, low_precision) -> bool:
 
     The cell state stays float32 (its rounding would reach every later step); the activations are kept so
     that each of a and 1 - |a| keeps 8 significant bits (native_kernel.kept_bf16: rounded plainly, a gate
-    above 0.998 reads as 1, its derivative as 0, and a forget gate biased to stay open lost half its
-    gradient, as it does under nn.LSTM's bf16 autocast), and the backward's pointwise work reads them back
-    in float32; h and x are rounded just as the weight-gradient products round them (the same numbers). nn.LSTM under bf16
-    autocast keeps about as much: ~59 MB a layer at that size (resident memory after its forward).
-    Half the bytes of each: at 3x512, 64 streams of 128 steps, a layer keeps 64 MB instead of 112."""
+    above 0.998 reads as 1 and its derivative as 0, and a forget gate biased to 7 lost 14% of its bias
+    gradient), and the backward's pointwise work reads them back in float32; h and x are rounded just as
+    the weight-gradient products round them (the same numbers). Half the bytes of each: at 3x512, 64
+    streams of 128 steps, a layer keeps 64 MB instead of 112 (nn.LSTM under bf16 autocast ~59 MB)."""
     return keep_for_backward and low_precision is torch.bfloat16
 
 
@@ -80,10 +79,10 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
     T, B, I = x.shape
     H = weight_hh.shape[1]
     keep_low = keeps_bf16(keep_for_backward, low_precision)
-    x_low = x.to(torch.bfloat16, copy=True) if keep_low else None    # what the weight gradient of W_ih reads
-    # (a copy even of a bfloat16 x: kept outside save_for_backward, an in-place change to x would go unseen)
-    if _bf16_kernel_product(x, c, weight_hh, low_precision) is not None:
-        return _bf16_forward(x if x_low is None else x_low, h, c, weight_ih, weight_hh, bias_ih + bias_hh,
+    x_low = x.to(torch.bfloat16) if keep_low else None         # what the weight gradient of W_ih reads
+    product = _bf16_kernel_product(x, c, weight_hh, low_precision)
+    if product is not None:
+        return _bf16_forward(x if x_low is None else x_low, h, c, weight_ih, product, bias_ih + bias_hh,
                              keep_for_backward, x_low)
     kernel = native_kernel.for_tensors(x, c, weight_hh) if low_precision is None else None
     if (kernel is None or _chunk_kernel(x, c, weight_hh, None) is not None
@@ -107,12 +106,13 @@ def layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, keep_for_back
     return LayerForward(gates, hs, cs[-1], cs if keep_for_backward else None)
 
 
-def _bf16_forward(x, h, c, weight_ih, weight_hh, bias, keep_for_backward, x_low):
+def _bf16_forward(x, h, c, weight_ih, product, bias, keep_for_backward, x_low):
     """layer_forward with the C kernel's bfloat16 steps: each block of steps (a few MB) projected in bfloat16
     (widened, the bias added in float32: input_projection's numbers) into one float32 buffer, then its steps
-    run, each adding h_{t-1} W_hh^T in bfloat16. In training the activations and h are kept in bfloat16."""
+    run, each adding h_{t-1} W_hh^T in bfloat16 (product: _bf16_kernel_product's, its weight packed once).
+    In training the activations and h are kept in bfloat16."""
     T, B, I = x.shape
-    H = weight_hh.shape[1]
+    H = c.shape[1]
     bf16, keep = torch.bfloat16, keep_for_backward
     kept_steps = T if keep_for_backward else 1
     hs = c.new_empty(T, B, H)          # the output, kept by nothing here: its memory serves other work after it
@@ -122,7 +122,6 @@ def _bf16_forward(x, h, c, weight_ih, weight_hh, bias, keep_for_backward, x_low)
     h_low[0].copy_(h)
     block = max(1, _PROJECTION_BLOCK_BYTES // (B * 4 * H * 4))
     pre, weight_t = c.new_empty(min(block, T), B, 4 * H), weight_ih.t().to(bf16)
-    product = low_precision_product(weight_hh, B, bf16)
     step, h = _kernel_forward_steps_bf16(native_kernel.load(), gates, c, hs, cs, h_low), h_low[0]
     for start in range(0, T, block):
         steps = pre[: min(block, T - start)]
@@ -253,10 +252,12 @@ def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, wei
                                    pointer(grad_gates, (T, B, four_h), "grad_gates", bf16),
                                    pointer(grad_bias, (four_h,), "grad_bias"), threads)
     else:
-        grad_gates, panels, scratch = buffers.empty(gates.shape, cs), native_kernel.panels(weight_hh.t()), cs.new_empty(B, H)
+        grad_gates, panels = buffers.empty(gates.shape, cs), native_kernel.panels(weight_hh.t())
+        scratch = cs.new_empty(B, H)
         kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"),
                               None if low_gates else gates_at, gates_at if low_gates else None, *state,
-                              pointer(grad_gates, (T, B, four_h), "grad_gates"), pointer(grad_bias, (four_h,), "grad_bias"),
+                              pointer(grad_gates, (T, B, four_h), "grad_gates"),
+                              pointer(grad_bias, (four_h,), "grad_bias"),
                               pointer(scratch, (B, H), "scratch"), threads)
     return grad_gates, grad_h, grad_c, grad_bias
 

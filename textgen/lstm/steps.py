@@ -116,20 +116,18 @@ def _kernel_forward_steps_bf16(kernel, gates_low, c0, hs, cs, h_low):
     pointer, bf16 = native_kernel.pointer, torch.bfloat16                # checked whole, as in the float32 steps
     gates_at, hs_at = pointer(gates_low, (gates_low.shape[0], B, four_h), "gates", bf16), pointer(hs, (T, B, H), "hs")
     cs_at, c0_at = pointer(cs, (cs.shape[0], B, H), "cs"), pointer(c0, (B, H), "c0")
-    pointer(h_low, (h_low.shape[0], B, H), "h_low", bf16)
+    h_low_at, h_slots, h_views = pointer(h_low, (h_low.shape[0], B, H), "h_low", bf16), h_low.shape[0], h_low.unbind(0)
     gate_bytes = B * four_h * 2 if gates_low.shape[0] == T else 0
     state_bytes = B * H * 4
     cs_bytes = state_bytes if cs.shape[0] == T else 0
-    h_slots, h_views = h_low.shape[0], h_low.unbind(0)
     kernel_step, slices, product_shape = kernel.forward_step_bf16, native_kernel.step_slices(B, H), (B, four_h)
 
     def step(t, pre, product):
-        c_prev_at = c0_at if t == 0 else cs_at + (t - 1) * cs_bytes
-        h_next = h_views[(t + 1) % h_slots]
+        c_prev_at, slot = c0_at if t == 0 else cs_at + (t - 1) * cs_bytes, (t + 1) % h_slots
         kernel_step(B, H, slices, pointer(product, product_shape, "product", bf16),
                     pointer(pre, product_shape, "pre-activations"), gates_at + t * gate_bytes,
-                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes, h_next.data_ptr())
-        return h_next
+                    c_prev_at, cs_at + t * cs_bytes, hs_at + t * state_bytes, h_low_at + slot * B * H * 2)
+        return h_views[slot]
     step.keep_alive = (gates_low, c0, hs, cs, h_low)
     return step
 
