@@ -311,6 +311,44 @@ def test_a_bf16_layer_keeps_what_its_backward_reads_in_bf16(paths):
     assert saved["gates"].dtype == torch.float32 and saved["h_low"] is None
 
 
+def test_gate_gradients_overwrite_the_activations_only_once_the_graph_is_let_go(paths, monkeypatch):
+    """On the C kernel's paths a backward pass that is its graph's last writes the gate gradients over the
+    activations it reads them from (no (T, B, 4H) buffer of their own: one fewer at the backward's peak); under
+    retain_graph it leaves what the layer saved as it was, so that a second pass gives the same gradients bit for
+    bit. The PyTorch-op backend never overwrites (it reads a block's activations after writing its gradients)."""
+    B, H = 8, 64
+    inputs, upstream = make_case(B, H, seed=6)
+    gate_sized, real_empty = [], buffers.empty
+
+    def empty(shape, like, dtype=None, keep=True):
+        if tuple(shape) == (T, B, 4 * H):
+            gate_sized.append(dtype)
+        return real_empty(shape, like, dtype, keep)
+    monkeypatch.setattr(buffers, "empty", empty)
+    # (the bf16 "plain" path keeps bf16 activations but computes float32 gradients: nothing to overwrite)
+    for low, pointwise, products, overwrites in [
+            (None, "torch-ops", "plain", False), (None, "c-kernel", "plain", True), (None, "c-kernel", "blocks", True),
+            (None, "c-kernel", "chunk", True), (torch.bfloat16, "torch-ops", "packed", False),
+            (torch.bfloat16, "c-kernel", "packed", True), (torch.bfloat16, "c-kernel", "plain", False),
+            (torch.bfloat16, "c-kernel", "chunk", paths.bf16_dot)]:
+        if pointwise == "c-kernel" and not paths.has_kernel:
+            continue
+        label = f"{low} {pointwise} {products}"
+        paths(pointwise, 2, products)
+        leaves = [inputs[k].clone().requires_grad_() for k in ("x", "h0", "c0", "weight_ih", "weight_hh",
+                                                                 "bias_ih", "bias_hh")]
+        out, h, c = lstm_layer(*leaves, low_precision=low)
+        loss = (out * upstream["out"]).sum() + (h * upstream["h"]).sum() + (c * upstream["c"]).sum()
+        gate_sized.clear()
+        retained = torch.autograd.grad(loss, leaves, retain_graph=True)
+        assert len(gate_sized) == 1, f"{label}: under retain_graph the gradients need a buffer of their own"
+        gate_sized.clear()
+        last = torch.autograd.grad(loss, leaves)
+        assert len(gate_sized) == (0 if overwrites else 1), label
+        for name, a, b in zip(("x", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), retained, last):
+            assert torch.equal(a, b), f"{label}: grad {name} differs after a pass under retain_graph"
+
+
 def test_saturated_gates_keep_their_gradient_in_bf16(paths):
     """A forget gate biased to stay open (bias 7: f above 0.999) has a small derivative f(1 - f) that a bf16
     layer must not round away: its bias gradient stays as close to the float64 cell's as with float32

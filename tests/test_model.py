@@ -24,7 +24,8 @@ def as_nn_state(state):
 def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise, residual, inputs, hidden, steps, batch):
     """Plain: one 3-layer nn.LSTM takes our state dict as it is (same names, shapes, gate order).
     Residual: one nn.LSTM per layer (NNLSTMStack), layer k >= 1 handing up its input plus its output,
-    the first (input size differs) its output alone; the states are each layer's own LSTM state."""
+    the first (input size differs) its output alone; the states are each layer's own LSTM state. With
+    autograd and without."""
     torch.manual_seed(0)
     ours = StackedLSTM(inputs, hidden, layers=3, residual=residual)
     if residual:
@@ -43,6 +44,10 @@ def test_stack_equals_nn_lstm_outputs_final_state_and_gradients(pointwise, resid
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=0)
     torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=0)
+    with torch.no_grad():                     # inference: the layers run without autograd (and sum in place)
+        inferred, inferred_state = ours(x, state)
+    for name, a, b in [("out", inferred, ref_out), *zip(("h", "c"), as_nn_state(inferred_state), (ref_h, ref_c))]:
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=0, msg=f"{name} without autograd")
     weights = torch.randn_like(out)
     ((out * weights).sum() + h.sum() + 2 * c.sum()).backward()
     ((ref_out * weights).sum() + ref_h.sum() + 2 * ref_c.sum()).backward()

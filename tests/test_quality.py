@@ -257,9 +257,9 @@ def test_dropconnect_masks_the_recurrent_weights_once_per_chunk(monkeypatch):
     seen = []
     real = model_module.lstm_layer
 
-    def recording(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=None):
+    def recording(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=None, residual=False):
         seen.append((x, h, c, w_ih, w_hh.detach().clone(), b_ih, b_hh))
-        return real(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=low_precision)
+        return real(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=low_precision, residual=residual)
 
     monkeypatch.setattr(model_module, "lstm_layer", recording)
     torch.manual_seed(1)

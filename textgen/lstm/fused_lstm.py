@@ -134,18 +134,25 @@ def _bf16_forward(x, h, c, weight_ih, product, bias, keep_for_backward, x_low):
 
 
 def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
-    """input_projection with low-precision products, into a buffer of buffers.py a block of steps at a time:
-    the same numbers (each block's product widened, then its bias added in float32), without a (T, B, 4H)
-    tensor and its low-precision twin from fresh pages. x may come in low precision already."""
+    """input_projection with low-precision products, into a buffer of buffers.py: the same numbers, without a
+    (T, B, 4H) tensor and its low-precision twin from fresh pages. x may come in low precision already."""
     T, B, I = x.shape
     four_h = weight_ih.shape[0]
-    gates, weight_t = buffers.empty((T, B, four_h), bias, keep=keep), weight_ih.t().to(low_precision)
-    block = max(1, _PROJECTION_BLOCK_BYTES // (B * four_h * 4))
-    for start in range(0, T, block):
-        rows = x[start : start + block].reshape(-1, I).to(low_precision)
-        gates[start : start + block].view(-1, four_h).copy_(rows @ weight_t).add_(bias)   # (torch.add(out=) of
-        # a bfloat16 and a float32 tensor gives the same numbers in one pass, but 2-5 times slower here)
+    gates = buffers.empty((T, B, four_h), bias, keep=keep)
+    _low_precision_rows(x.reshape(T * B, I), weight_ih.t().to(low_precision), gates.view(T * B, four_h), bias)
     return gates
+
+
+def _low_precision_rows(rows, weight, out, bias=None):
+    """out (float32) = rows @ weight (+ bias), the product in weight's low precision and widened a few MB of
+    rows at a time, so that the whole product's low-precision twin never exists (grad x at 3x512, 64 streams
+    of 128 steps: 8 MB); the bias added in float32 after widening. The same numbers as low_precision_mm."""
+    block = max(1, _PROJECTION_BLOCK_BYTES // (out.shape[1] * 4))
+    for start in range(0, rows.shape[0], block):
+        part = out[start : start + block].copy_(rows[start : start + block].to(weight.dtype) @ weight)
+        if bias is not None:        # (torch.add(out=) of a bfloat16 and a float32 tensor gives the same numbers
+            part.add_(bias)         # in one pass, but 2-5 times slower here)
+    return out
 
 
 def recurrent_forward(x_proj, h, c, weight_hh, keep_for_backward, low_precision=None) -> LayerForward:
@@ -228,11 +235,12 @@ def _bf16_chunk(kernel, weight_hh, low_precision) -> bool:
     return low_precision is torch.bfloat16 and kernel.bf16_dot and weight_hh.shape[1] % native_kernel.PANEL == 0
 
 
-def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh, low_precision=None):
+def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, weight_hh, low_precision=None,
+                             overwrite=False):
     """recurrent_backward in one C call (lstm_backward_chunk): dL/d(pre-activations) (T, B, 4H), dL/dh0,
     dL/dc0 and dL/dbias. The activations may come in bfloat16 (keeps_bf16); the pre-activation gradients go
     out in bfloat16 where the loop's products are bfloat16 (_bf16_chunk), what every product that reads them
-    would round them to, else in float32."""
+    would round them to, else in float32: over the activations where overwrite and the dtypes agree."""
     T, B, four_h = gates.shape
     H = four_h // 4
     pointer, bf16, threads = native_kernel.pointer, torch.bfloat16, int(native_kernel.threads_pay_here())
@@ -246,13 +254,13 @@ def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, wei
              pointer(grad_h, (B, H), "grad_h"), pointer(grad_c, (B, H), "grad_c"))
     # dh_prev = dgates @ W_hh: W_hh^T's rows are the outputs
     if _bf16_chunk(kernel, weight_hh, low_precision):
-        grad_gates, panels = buffers.empty(gates.shape, cs, bf16), native_kernel.panels_bf16(weight_hh.t())
+        grad_gates, panels = _gradient_buffer(gates, cs, bf16, overwrite), native_kernel.panels_bf16(weight_hh.t())
         kernel.backward_chunk_bf16(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels", bf16),
                                    gates_at, *state,
                                    pointer(grad_gates, (T, B, four_h), "grad_gates", bf16),
                                    pointer(grad_bias, (four_h,), "grad_bias"), threads)
     else:
-        grad_gates, panels = buffers.empty(gates.shape, cs), native_kernel.panels(weight_hh.t())
+        grad_gates, panels = _gradient_buffer(gates, cs, cs.dtype, overwrite), native_kernel.panels(weight_hh.t())
         scratch = cs.new_empty(B, H)
         kernel.backward_chunk(T, B, H, pointer(panels, tuple(panels.shape), "W_hh^T panels"),
                               None if low_gates else gates_at, gates_at if low_gates else None, *state,
@@ -260,6 +268,13 @@ def recurrent_backward_chunk(kernel, gates, cs, c0, grad_hs, grad_h, grad_c, wei
                               pointer(grad_bias, (four_h,), "grad_bias"),
                               pointer(scratch, (B, H), "scratch"), threads)
     return grad_gates, grad_h, grad_c, grad_bias
+
+
+def _gradient_buffer(gates, like, dtype, overwrite):
+    """Where the gate gradients go: over the activations themselves where overwrite and the dtypes agree (the
+    C kernel reads each of a row's activations before it writes that row's gradients, at the same index, and
+    nothing reads them after), else a buffer of their own."""
+    return gates if overwrite and gates.dtype is dtype else buffers.empty(gates.shape, like, dtype)
 
 
 def _bf16_kernel_product(gates, c, weight, low_precision):
@@ -271,12 +286,12 @@ def _bf16_kernel_product(gates, c, weight, low_precision):
     return low_precision_product(weight, gates.shape[1], low_precision)
 
 
-def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
+def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t, overwrite=False):
     """recurrent_backward for the C kernel's bfloat16 steps, from the activations they kept in bfloat16:
-    dL/d(pre-activations) (T, B, 4H) in bfloat16, dL/dh0, dL/dc0 and dL/dbias. product_t: x -> x @ W_hh in
-    bfloat16 (low_precision_product)."""
+    dL/d(pre-activations) (T, B, 4H) in bfloat16 (over the activations where overwrite), dL/dh0, dL/dc0 and
+    dL/dbias. product_t: x -> x @ W_hh in bfloat16 (low_precision_product)."""
     T = gates.shape[0]
-    grad_gates = buffers.empty(gates.shape, cs, torch.bfloat16)
+    grad_gates = _gradient_buffer(gates, cs, torch.bfloat16, overwrite)
     step, finish = _kernel_backward_steps_bf16(native_kernel.load(), gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     step(T - 1, grad_h, None)
@@ -286,10 +301,13 @@ def recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c, product_t):
     return grad_gates, product_t(grad_gate_steps[0]).float(), grad_c0, grad_bias
 
 
-def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
-    """The backward time loop: dL/d(pre-activations) (T, B, 4H), dL/dh0, dL/dc0 and dL/dbias."""
+def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t, overwrite=False):
+    """The backward time loop: dL/d(pre-activations) (T, B, 4H), dL/dh0, dL/dc0 and dL/dbias. Over the
+    activations where overwrite and the C kernel's steps run (PyTorch's read a block's activations after
+    writing its gradients)."""
     T = gates.shape[0]
-    grad_gates = buffers.empty(gates.shape, cs)              # float32, also where gates are kept in bfloat16
+    overwrite = overwrite and native_kernel.for_tensors(gates, grad_c) is not None
+    grad_gates = _gradient_buffer(gates, cs, cs.dtype, overwrite)     # (float32 also where gates are bfloat16)
     step, finish = backward_steps(gates, cs, c0, grad_gates, grad_c)
     grad_gate_steps, grad_hs_steps = grad_gates.unbind(0), grad_hs.unbind(0)
     for t in range(T - 1, -1, -1):
@@ -300,11 +318,20 @@ def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t):
     return grad_gates, grad_h, grad_c0, grad_bias
 
 
+def _graph_let_go() -> bool:
+    """Whether the backward pass running now is its graph's last (neither retain_graph nor create_graph), so
+    that what a layer saved may be overwritten: PyTorch's own flag where it has one, else taken as not."""
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class FusedLSTMLayer(torch.autograd.Function):
     """One LSTM layer over a chunk with a hand-written backward pass."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None, residual=False):
         run = layer_forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, True, low_precision)
         # The activations, c and the bfloat16 h and x are intermediates; saved here, not kept on ctx, autograd
         # lets them go as soon as this backward has run (unless the graph is retained), so that the layers
@@ -313,15 +340,17 @@ class FusedLSTMLayer(torch.autograd.Function):
         keeps_low = run.h_low is not None
         ctx.save_for_backward(None if keeps_low else x, h0, c0, weight_ih, weight_hh, None if keeps_low else run.hs,
                               run.gates, run.cs, run.h_low, run.x_low)
-        ctx.low_precision = low_precision
+        ctx.low_precision, ctx.residual = low_precision, residual
         # Outputs are copies: h_last must not be a view of another output, and c_last must not
         # be a view of the saved cs, or output -> grad_fn -> cs -> output is a cycle that keeps
         # every chunk's graph alive (a memory leak).
-        return run.hs, run.hs[-1].clone(), run.c_last.clone()
+        h_last, c_last = run.hs[-1].clone(), run.c_last.clone()
+        return _with_residual(run.hs, x, residual, in_place=keeps_low), h_last, c_last
 
     @staticmethod
     @once_differentiable       # the backward is hand-written: a second derivative through it would be wrong
-    def backward(ctx, grad_hs, grad_h_last, grad_c_last):
+    def backward(ctx, grad_out, grad_h_last, grad_c_last):
+        grad_hs = grad_out                  # (with residual, out = hs + x: hs's gradient is out's)
         x, h0, c0, weight_ih, weight_hh, hs, gates, cs, h_low, x_low = ctx.saved_tensors
         # (gates: the activations (T, B, 4H); cs: the cell states (T, B, H))
         T, B, four_h = gates.shape
@@ -330,18 +359,21 @@ class FusedLSTMLayer(torch.autograd.Function):
         grad_h = grad_hs[-1] if grad_h_last is None else grad_hs[-1] + grad_h_last
         grad_c = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         low = ctx.low_precision
+        # Where this pass is the graph's last, the gate gradients overwrite the activations: one (T, B, 4H)
+        # buffer fewer at the backward's peak (3x512, 64 streams of 128 steps: 32 MB in bfloat16, 64 in float32).
+        overwrite = _graph_let_go()
         low_product_t = _bf16_kernel_product(cs, grad_c, weight_hh.t(), low)      # dh_prev = dgates @ W_hh
         chunk_kernel = _chunk_kernel(cs, grad_c, weight_hh, low)
         if chunk_kernel is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_chunk(chunk_kernel, gates, cs, c0, grad_hs,
-                                                                             grad_h, grad_c, weight_hh, low)
+                                                                             grad_h, grad_c, weight_hh, low, overwrite)
         elif low_product_t is not None:
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward_bf16(gates, cs, c0, grad_hs, grad_h, grad_c,
-                                                                            low_product_t)
+                                                                            low_product_t, overwrite)
         else:
             recurrent_t = recurrent_product(weight_hh.t(), B, low)
             grad_gates, grad_h, grad_c, grad_bias = recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c,
-                                                                       recurrent_t)
+                                                                       recurrent_t, overwrite)
         flat = grad_gates.view(T * B, 4 * H)
         dtype = cs.dtype
         if low is None and _onednn_float32(flat):
@@ -355,20 +387,32 @@ class FusedLSTMLayer(torch.autograd.Function):
                 flat = flat.to(low)                         # cast once for the three products
             grad_weight_hh = low_precision_mm(flat.t(), h_prev, low, dtype)
             grad_weight_ih = low_precision_mm(flat.t(), x_rows, low, dtype)
-        grad_x = (low_precision_mm(flat, weight_ih, low, dtype) if low is not None
+        grad_x = (_low_precision_rows(flat, weight_ih.to(low), cs.new_empty(T * B, I)) if low is not None
                   else _linear(flat, weight_ih.t())).view(T, B, I)
-        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None
+        if ctx.residual and grad_out is not None:
+            grad_x.add_(grad_out)           # (into grad_x, made here: autograd would sum the two in new memory)
+        return grad_x, grad_h, grad_c, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias, None, None
 
 
-def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None):
+def _with_residual(hs, x, residual, in_place):
+    """The layer's output: hs, or hs + x with residual, added into hs where nothing else keeps it (in_place)."""
+    if not residual:
+        return hs
+    return hs.add_(x) if in_place else hs + x
+
+
+def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=None, residual=False):
     """One layer over a chunk, x (T, B, I) -> outputs (T, B, H), final h, c.
 
     low_precision (torch.bfloat16, torch.float16 or None) runs the matrix products in that
     dtype; the cell state and every pointwise operation stay in float32. float16 gradients
     need loss scaling (the trainer's GradScaler). In training with bfloat16 products, what the
-    backward pass reads is kept in bfloat16 (keeps_bf16).
+    backward pass reads is kept in bfloat16 (keeps_bf16). With residual (I = H), the outputs are
+    x + each step's h (StackedLSTM's residual layers; h and c are the LSTM's own): summed in the
+    memory of h where nothing else keeps h, and in the backward pass into the gradient of x.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)):
-        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision)
+        return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision, residual)
     run = layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, False, low_precision)
-    return run.hs, run.hs[-1], run.c_last
+    h_last = run.hs[-1].clone() if residual else run.hs[-1]      # (hs is the layer's own: nothing else keeps it)
+    return _with_residual(run.hs, x, residual, in_place=True), h_last, run.c_last

@@ -12,9 +12,10 @@
  *
  * Layouts are those of model.py: row-major float32, one row per stream (B rows), gates
  * in nn.LSTM's order i, f, g, o, each H wide. The same pointer may be passed for an input
- * and an output (pre-activations overwritten by activations, a cell state updated in
- * place): every element is read before it is written, and only at its own index, which
- * is what `#pragma GCC ivdep` tells the compiler so that it vectorises the loops anyway.
+ * and an output (pre-activations overwritten by activations, activations by their gradients
+ * in the backward pass, a cell state updated in place): every element is read before it is
+ * written, and only at its own index, which is what `#pragma GCC ivdep` tells the compiler
+ * so that it vectorises the loops anyway.
  */
 #include <math.h>
 #include <stdint.h>

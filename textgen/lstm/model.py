@@ -194,19 +194,19 @@ class StackedLSTM(nn.Module):
 
     def _layer(self, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, reference: bool):
         """Layer k over the chunk: its output (plus its input from the second layer on, where residual), h, c.
-        (A function of its own, so that the layer's own output is let go as it returns: with bf16 products
-        nothing else keeps it.)"""
+        (The fast path adds the input inside the layer: in the memory of its output, and in the backward pass
+        into the input's gradient.)"""
         w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
         if self.training and self.weight_dropout > 0:
             # DropConnect (Wan et al. 2013; AWD-LSTM): one mask on W_hh for the whole chunk, so
             # every step of it loses the same recurrent connections. Masking the matrix once
             # costs one elementwise product per chunk, not one per step.
             w_hh = F.dropout(w_hh, self.weight_dropout, True)
+        residual = self.residual and k > 0
         if reference:
             out, h, c = lstm_layer_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
-        else:
-            out, h, c = lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype)
-        return (out + x if self.residual and k > 0 else out), h, c
+            return (out + x if residual else out), h, c
+        return lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, low_precision=self.matmul_dtype, residual=residual)
 
 
 def dropout(x: torch.Tensor, rate: float, training: bool, locked: bool) -> torch.Tensor:
