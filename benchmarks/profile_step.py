@@ -64,10 +64,10 @@ def category(name: str) -> str | None:
 
 
 class TimedKernel:
-    """The C kernel's two entry points, timed: the profiler cannot see a ctypes call."""
+    """The C kernel's entry points that a training step calls, timed: the profiler cannot see a ctypes call."""
 
     ENTRY_POINTS = ("forward_step", "backward_step", "forward_step_bf16", "backward_step_bf16", "transpose",
-                    "forward_chunk", "backward_chunk")
+                    "forward_chunk", "backward_chunk", "forward_chunk_bf16", "backward_chunk_bf16")
 
     def __init__(self, kernel):
         self.kernel, self.seconds, self.calls = kernel, 0.0, 0
