@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import textgen.lstm.fused_lstm
 from conftest import NNLSTMStack, c_kernel_or_skip, ran_the_chosen_path
 from textgen.lstm import native_kernel
-from textgen.lstm.fused_lstm import FusedLSTMLayer
+from textgen.lstm.fused_lstm import FusedLSTMLayer, lstm_layer
 from textgen.lstm import Stepper
 from textgen.lstm.model import CharLSTM, ModelConfig, StackedLSTM, detach_state
 
@@ -71,6 +71,20 @@ def test_fused_layer_matches_gate_by_gate_reference(pointwise):
     for g, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
     assert ran_the_chosen_path(pointwise)
+
+
+def test_a_residual_layer_refuses_an_input_it_cannot_add():
+    """A residual layer adds its input to its output: an input of another width (even one that would
+    broadcast) is refused in one sentence, with autograd and without, not summed into the wrong shape."""
+    T, B, H = 4, 3, 8
+    for I in (1, 5):
+        args = [torch.randn(T, B, I), torch.zeros(B, H), torch.zeros(B, H), torch.randn(4 * H, I),
+                torch.randn(4 * H, H), torch.zeros(4 * H), torch.zeros(4 * H)]
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                leaves = [a.clone().requires_grad_(grad) for a in args]
+                with pytest.raises(ValueError, match=f"input size must equal the hidden size \\({H}\\); got {I}"):
+                    lstm_layer(*leaves, residual=True)
 
 
 def test_gradcheck_fused_layer_float64():

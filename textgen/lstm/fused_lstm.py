@@ -146,7 +146,8 @@ def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
 def _low_precision_rows(rows, weight, out, bias=None):
     """out (float32) = rows @ weight (+ bias), the product in weight's low precision and widened a few MB of
     rows at a time, so that the whole product's low-precision twin never exists (grad x at 3x512, 64 streams
-    of 128 steps: 8 MB); the bias added in float32 after widening. The same numbers as low_precision_mm."""
+    of 128 steps: 8 MB); the bias added in float32 after widening, as low_precision_mm and input_projection
+    round. (A block of one or two rows may round a value one bf16 step apart from the whole product.)"""
     block = max(1, _PROJECTION_BLOCK_BYTES // (out.shape[1] * 4))
     for start in range(0, rows.shape[0], block):
         part = out[start : start + block].copy_(rows[start : start + block].to(weight.dtype) @ weight)
@@ -320,7 +321,8 @@ def recurrent_backward(gates, cs, c0, grad_hs, grad_h, grad_c, recurrent_t, over
 
 def _graph_let_go() -> bool:
     """Whether the backward pass running now is its graph's last (neither retain_graph nor create_graph), so
-    that what a layer saved may be overwritten: PyTorch's own flag where it has one, else taken as not."""
+    that what a layer saved may be overwritten: PyTorch's own flag where it has one, else taken as not. (A
+    post-hook on the layer's node that reads its saved tensors then finds gate gradients in the activations.)"""
     try:
         return not torch._C._autograd._get_current_graph_task_keep_graph()
     except (AttributeError, RuntimeError):
@@ -411,6 +413,9 @@ def lstm_layer(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision=No
     x + each step's h (StackedLSTM's residual layers; h and c are the LSTM's own): summed in the
     memory of h where nothing else keeps h, and in the backward pass into the gradient of x.
     """
+    if residual and x.shape[-1] != weight_hh.shape[1]:
+        raise ValueError(f"a residual layer adds its input to its output, so the input size must equal the hidden "
+                         f"size ({weight_hh.shape[1]}); got {x.shape[-1]}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)):
         return FusedLSTMLayer.apply(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, low_precision, residual)
     run = layer_forward(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh, False, low_precision)
