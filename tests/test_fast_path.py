@@ -570,6 +570,27 @@ def test_the_c_kernel_tests_skip_without_a_compiler_but_fail_under_ci(monkeypatc
         assert ("C compiler" if missing == "compiler" else "TEXTGEN_NATIVE=0") in str(outcome)
 
 
+def test_a_step_function_keeps_alive_every_tensor_it_points_into():
+    """The C kernel's step functions hold raw pointers, so every tensor they write into lives as long as they
+    do: also dL/dc and the bias gradient of the backward steps, which the steps update in place and only
+    finish() hands back. (A benchmark harness that dropped finish() had its steps write into freed memory:
+    "free(): corrupted unsorted chunks".)"""
+    import weakref
+
+    from textgen.lstm.steps import _kernel_backward_steps, _kernel_backward_steps_bf16
+    kernel = c_kernel_or_skip()
+    T_, B, H = 3, 2, 16
+    gates, cs, c0, grad_c = torch.rand(T_, B, 4 * H), torch.randn(T_, B, H), torch.randn(B, H), torch.randn(B, H)
+    for make, activations, grad_gates in [
+            (_kernel_backward_steps, gates, torch.empty(T_, B, 4 * H)),
+            (_kernel_backward_steps_bf16, native_kernel.kept_bf16(gates), torch.empty(T_, B, 4 * H, dtype=torch.bfloat16))]:
+        step, finish = make(kernel, activations, cs, c0, grad_gates, grad_c)
+        written = [weakref.ref(t) for t in finish()]
+        del finish
+        assert all(ref() is not None for ref in written), f"{make.__name__}: a tensor its step writes into was freed"
+        del step
+
+
 def test_pointer_refuses_any_tensor_the_kernel_would_misread():
     good = torch.zeros(3, 8)
     assert native_kernel.pointer(good, (3, 8), "h") == good.data_ptr()

@@ -95,7 +95,7 @@ def _kernel_backward_steps(kernel, gates, cs, c0, grad_gates, grad_c):
         c_prev_at = cs_at + (t - 1) * state_bytes if t > 0 else c0_at
         kernel_step(B, H, slices, gates_at + t * gate_bytes, cs_at + t * state_bytes, c_prev_at,
                     pointer(grad_h, state_shape, "grad_h"), grad_c_at, grad_gates_at + t * gate_bytes, grad_bias_at)
-    step.keep_alive = (gates, cs, c0, grad_gates)
+    step.keep_alive = (gates, cs, c0, grad_gates, grad_c, grad_bias)
     return step, lambda: (grad_c, grad_bias)
 
 
@@ -160,7 +160,7 @@ def _kernel_backward_steps_bf16(kernel, gates, cs, c0, grad_gates_low, grad_c):
         kernel_step(B, H, slices, gates_at + t * low_bytes, cs_at + t * state_bytes, c_prev_at,
                     pointer(grad_h, state_shape, "grad_h"), product_at, grad_c_at, grad_low_at + t * low_bytes,
                     grad_bias_at)
-    step.keep_alive = (gates, cs, c0, grad_gates_low)
+    step.keep_alive = (gates, cs, c0, grad_gates_low, grad_c, grad_bias)
     return step, lambda: (grad_c, grad_bias)
 
 
