@@ -134,8 +134,9 @@ def _bf16_forward(x, h, c, weight_ih, product, bias, keep_for_backward, x_low):
 
 
 def _low_precision_projection(x, weight_ih, bias, low_precision, keep):
-    """input_projection with low-precision products, into a buffer of buffers.py: the same numbers, without a
-    (T, B, 4H) tensor and its low-precision twin from fresh pages. x may come in low precision already."""
+    """input_projection with low-precision products, rounded as it rounds (_low_precision_rows), into a buffer
+    of buffers.py: without a (T, B, 4H) tensor and its low-precision twin from fresh pages. x may come in low
+    precision already."""
     T, B, I = x.shape
     four_h = weight_ih.shape[0]
     gates = buffers.empty((T, B, four_h), bias, keep=keep)
